@@ -1,0 +1,197 @@
+"""The Youtu-LLM decoder: DeepSeek-style multi-head latent attention (MLA), dense SwiGLU MLP.
+
+Spec ``youtu-vl-checkpoint.md`` sec. 5; parameter names are the checkpoint's ``model.*``.
+The KV cache is plain tensors passed in and returned (no hidden state), stacked over layers so a
+graph has one cache input and one output per tensor, in one of two layouts:
+
+``full``   k [layers, B, heads, S, qk_head_dim], v [layers, B, heads, S, v_head_dim]
+``latent`` c [layers, B, S, kv_lora_rank + qk_rope_head_dim]: the normalised latent and the
+           shared, already-rotated rope key; attention runs with kv_b absorbed into q and out.
+Both are exact; ``latent`` stores 576 values per token per layer instead of 32*(192+128).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import YoutuVLConfig
+from .layers import ACT2FN, RMSNorm, rotate_half
+
+CACHE_LAYOUTS = ("latent", "full")
+# The q_a / kv_a norms are built without the config eps in the reference implementation.
+LATENT_NORM_EPS = 1e-6
+
+Cache = tuple[torch.Tensor, ...]
+
+
+def rope_inv_freq(cfg: YoutuVLConfig) -> torch.Tensor:
+    d = cfg.qk_rope_head_dim
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """x [..., T, rope_dim], cos/sin [T, rope_dim/2] (one angle per rotated pair).
+
+    Interleaved (GPT-J) pairs (2i, 2i+1) rotate together; the result is written as
+    [evens ‖ odds], the lane order the reference implementation caches, so cached keys match it.
+    """
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    cos2, sin2 = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    return x * cos2 + rotate_half(x) * sin2
+
+
+def causal_mask(t: int, past_len: int | torch.Tensor, device) -> torch.Tensor:
+    """[T, P+T] bool: query i (absolute position P+i) sees keys 0..P+i."""
+    q = torch.arange(t, device=device) + past_len
+    k = torch.arange(t + past_len, device=device)
+    return k[None, :] <= q[:, None]
+
+
+class YoutuMLAttention(nn.Module):
+    def __init__(self, cfg: YoutuVLConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.num_attention_heads, cfg.hidden_size
+        self.num_heads = h
+        self.nope, self.rope, self.vdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.rope, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, eps=LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.rank, h * (self.nope + self.vdim), bias=False)
+        self.o_proj = nn.Linear(h * self.vdim, d, bias=cfg.attention_bias)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.q_lora_rank is None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                past: Cache | None, layout: str) -> tuple[torch.Tensor, Cache]:
+        b, t, _ = x.shape
+        q = self._query(x).view(b, t, self.num_heads, -1).transpose(1, 2)
+        q_nope, q_rot = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)                             # [B, T, rank]
+        il = self.cfg.rope_interleave
+        q_rot = apply_rope(q_rot, cos, sin, il)
+        k_rot = apply_rope(k_rot, cos, sin, il)                          # [B, T, rope], shared
+        scale = self.cfg.softmax_scale
+
+        if layout == "full":
+            kv = self.kv_b_proj(latent).view(b, t, self.num_heads, -1).transpose(1, 2)
+            k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
+            k = torch.cat([k_nope, k_rot[:, None].expand(-1, self.num_heads, -1, -1)], dim=-1)
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            qf = torch.cat([q_nope, q_rot], dim=-1)
+            o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
+            present = (k, v)
+        elif layout == "latent":
+            c = torch.cat([latent, k_rot], dim=-1)                       # [B, T, rank+rope]
+            if past is not None:
+                c = torch.cat([past[0], c], dim=1)
+            w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.vdim, self.rank)
+            w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
+            # Absorb kv_b's key half into the query: q_nope . (W_uk c) == (W_uk^T q_nope) . c
+            q_lat = torch.cat([torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk), q_rot], dim=-1)
+            scores = torch.matmul(q_lat, c.transpose(1, 2).unsqueeze(1)).float() * scale
+            scores = scores.masked_fill(~mask, float("-inf"))
+            p = scores.softmax(dim=-1).to(c.dtype)
+            o_lat = torch.matmul(p, c[..., : self.rank].unsqueeze(1))  # [B, H, T, rank]
+            o = torch.einsum("bhtc,hdc->bhtd", o_lat, w_uv)
+            present = (c,)
+        else:
+            raise ValueError(f"unknown cache layout {layout!r}; expected one of {CACHE_LAYOUTS}")
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1)), present
+
+
+class YoutuMLP(nn.Module):
+    def __init__(self, cfg: YoutuVLConfig):
+        super().__init__()
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, d, bias=cfg.mlp_bias)
+        self.act = ACT2FN[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class YoutuDecoderLayer(nn.Module):
+    def __init__(self, cfg: YoutuVLConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = YoutuMLAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = YoutuMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, past, layout):
+        a, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, layout)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+class YoutuModel(nn.Module):
+    """Embeddings, decoder layers and the final norm; names read ``model.*`` in the checkpoint."""
+
+    def __init__(self, cfg: YoutuVLConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(YoutuDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def rope(self, t: int, past_len, device) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = (torch.arange(t, device=device) + past_len).float()
+        ang = pos[:, None] * self.inv_freq.to(device)[None, :]
+        return ang.cos(), ang.sin()
+
+    def forward(self, inputs_embeds: torch.Tensor, past: Cache | None = None,
+                layout: str = "latent") -> tuple[torch.Tensor, Cache]:
+        """inputs_embeds [B, T, d]; past as returned by a previous call (or None) -> final-normed
+        hidden states [B, T, d] and the present cache (past + these T tokens)."""
+        if layout not in CACHE_LAYOUTS:
+            raise ValueError(f"unknown cache layout {layout!r}; expected one of {CACHE_LAYOUTS}")
+        t = inputs_embeds.shape[1]
+        past_len = 0 if past is None else past[0].shape[-2]
+        cos, sin = self.rope(t, past_len, inputs_embeds.device)
+        cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
+        mask = causal_mask(t, past_len, inputs_embeds.device)
+        h = inputs_embeds
+        presents: list[Cache] = []
+        for i, layer in enumerate(self.layers):
+            layer_past = None if past is None else tuple(p[i] for p in past)
+            h, pres = layer(h, cos, sin, mask, layer_past, layout)
+            presents.append(pres)
+        present = tuple(torch.stack(parts) for parts in zip(*presents))
+        return self.norm(h), present
+
+
+def empty_cache(cfg: YoutuVLConfig, layout: str, batch: int = 1, dtype=torch.float32,
+                device=None) -> Cache:
+    """A zero-length cache: the same code path serves prefill and decode."""
+    n = cfg.num_hidden_layers
+    if layout == "full":
+        h = cfg.num_attention_heads
+        return (torch.zeros(n, batch, h, 0, cfg.qk_head_dim, dtype=dtype, device=device),
+                torch.zeros(n, batch, h, 0, cfg.v_head_dim, dtype=dtype, device=device))
+    if layout == "latent":
+        return (torch.zeros(n, batch, 0, cfg.latent_cache_dim, dtype=dtype, device=device),)
+    raise ValueError(f"unknown cache layout {layout!r}; expected one of {CACHE_LAYOUTS}")
+
+
+def cache_length(past: Sequence[torch.Tensor] | None) -> int:
+    return 0 if past is None else int(past[0].shape[-2])
