@@ -1,0 +1,5 @@
+import sys
+
+from densert.cli import main
+
+sys.exit(main())

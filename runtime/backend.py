@@ -1,0 +1,73 @@
+"""The stages every backend runs, and the PyTorch reference backend.
+
+The runtime talks to a backend only through these three stages (the same split as the exported
+engines: ``vision.onnx``, ``llm_prefill.onnx``, ``llm_decode.onnx``), so torch, ONNX Runtime and
+TensorRT are interchangeable and can be compared stage by stage. The cache is opaque to the
+runtime: whatever a backend's ``prefill`` returns, its ``decode`` takes back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from ..config import YoutuVLConfig
+from ..vision_meta import VisionMeta
+
+
+@dataclass
+class PrefillResult:
+    vision_hidden: torch.Tensor | None  # [M, d] final-normed hidden states at the image-pad positions
+    # [d] hidden state one position before the first image pad (<|vision_start|>): with the
+    # k-1 token alignment (a runtime option) cell k is read from position k-1.
+    pre_vision_hidden: torch.Tensor | None
+    last_logits: torch.Tensor           # [V] next-token logits after the last prompt token
+    cache: Any                          # backend-specific KV cache, handed back to decode()
+
+
+class Backend(Protocol):
+    name: str
+    config: YoutuVLConfig
+
+    def encode_image(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
+        """[N, patch_dim] patches (merge-block order) -> [N/4, d] image embeddings (raster)."""
+
+    def prefill(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> PrefillResult:
+        """input_ids [1, T] with one image-pad per image_embeds row."""
+
+    def decode(self, token_id: int, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One generated token -> ([V] logits, the grown cache)."""
+
+
+class TorchBackend:
+    """Eager PyTorch: the reference every other backend is held against."""
+
+    name = "torch"
+
+    def __init__(self, model, cache_layout: str = "latent"):
+        self.model = model.eval()
+        self.config: YoutuVLConfig = model.config
+        self.cache_layout = cache_layout
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    @torch.inference_mode()
+    def encode_image(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
+        return self.model.encode_image(pixel_values.to(self.device, self.dtype), meta.to(self.device))
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> PrefillResult:
+        ids = input_ids.to(self.device)
+        h, cache = self.model.model(self.model.embed(ids, image_embeds), None, self.cache_layout)
+        pos = (ids[0] == self.config.image_token_id).nonzero().flatten()
+        vision = h[0, pos] if len(pos) else None
+        pre = h[0, pos[0] - 1] if len(pos) and int(pos[0]) > 0 else None
+        return PrefillResult(vision_hidden=vision, pre_vision_hidden=pre,
+                             last_logits=self.model.logits(h[0, -1]), cache=cache)
+
+    @torch.inference_mode()
+    def decode(self, token_id: int, cache: Any) -> tuple[torch.Tensor, Any]:
+        ids = torch.tensor([[token_id]], device=self.device)
+        h, cache = self.model.model(self.model.embed(ids), cache, self.cache_layout)
+        return self.model.logits(h[0, -1]), cache
