@@ -1,0 +1,161 @@
+"""Dense-prediction head: subset lm_head GEMM -> bilinear upsample -> argmax / probs / depth.
+
+DenseMLLM decodes a dense map from the vision-token logits of a handful of vocabulary ids
+(category names, depth bins). Averaging the logits of a category's sub-word ids equals one dot
+product with the averaged weight rows, so the head is an L x d by d x K GEMM on a pre-averaged
+K x d weight (``subset_weight``), never the full |V| logits (``naive_full_vocab_head`` keeps that
+path only as the baseline for tests and benchmarks).
+
+The upsample reproduces ``F.interpolate(mode="bilinear", align_corners=False, size=(H, W))``:
+scale = in/out in fp32, src = scale * (dst + 0.5) - 0.5 clamped at 0, i0 = floor(src),
+i1 = min(i0 + 1, in - 1), value = lh0 * (lw0 * x00 + lw1 * x01) + lh1 * (lw0 * x10 + lw1 * x11)
+(the order of ATen's CPU kernel). In ``argmax``/``depth`` mode the K x H x W upsampled scores are
+never materialised: the torch path works on bands of output rows, the CUDA path runs a fused Triton
+kernel that keeps a running (max, argmax) per pixel.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "subset_weight",
+    "dense_scores",
+    "dense_head",
+    "naive_full_vocab_head",
+    "bilinear_source_coords",
+]
+
+_MODES = ("argmax", "probs", "depth")
+
+
+def subset_weight(lm_head_weight: torch.Tensor, id_groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Per group, the fp32 mean of the lm_head rows: the K x d weight of the dense head."""
+    if lm_head_weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must be [V, d], got shape {tuple(lm_head_weight.shape)}")
+    V, d = lm_head_weight.shape
+    if len(id_groups) == 0:
+        raise ValueError("id_groups is empty: need at least one group")
+    flat: list[int] = []
+    seg: list[int] = []
+    for g, ids in enumerate(id_groups):
+        ids = [int(i) for i in ids]
+        if len(ids) == 0:
+            raise ValueError(f"id group {g} is empty")
+        bad = [i for i in ids if i < 0 or i >= V]
+        if bad:
+            raise ValueError(f"id group {g} has ids out of range [0, {V}): {bad[:8]}")
+        flat.extend(ids)
+        seg.extend([g] * len(ids))
+    dev = lm_head_weight.device
+    idx = torch.tensor(flat, dtype=torch.long, device=dev)
+    seg_t = torch.tensor(seg, dtype=torch.long, device=dev)
+    # Gather only the needed rows, upcast those: the full weight is never copied to fp32.
+    rows = lm_head_weight.index_select(0, idx).to(torch.float32)
+    out = torch.zeros(len(id_groups), d, dtype=torch.float32, device=dev)
+    out.index_add_(0, seg_t, rows)
+    counts = torch.tensor([len(g) for g in id_groups], dtype=torch.float32, device=dev)
+    return out / counts[:, None]
+
+
+def dense_scores(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[L, d] x [K, d] -> [L, K] fp32 scores."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    return hidden.to(torch.float32) @ weight.to(torch.float32).t()
+
+
+def bilinear_source_coords(in_size: int, out_size: int, device=None):
+    """(i0, i1, l0, l1) per output index, as ATen computes them for align_corners=False + size."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
+    dst = torch.arange(out_size, dtype=torch.float32)
+    src = scale * (dst + 0.5) - 0.5
+    src = torch.clamp(src, min=0.0)
+    i0 = torch.clamp(torch.floor(src).to(torch.long), max=in_size - 1)
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    l1 = torch.clamp(src - i0.to(torch.float32), 0.0, 1.0)
+    l0 = 1.0 - l1
+    return (i0.to(device), i1.to(device), l0.to(device), l1.to(device))
+
+
+def _check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values):
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    gh, gw = (int(x) for x in grid_hw)
+    H, W = (int(x) for x in out_hw)
+    if gh <= 0 or gw <= 0 or H <= 0 or W <= 0:
+        raise ValueError(f"grid_hw and out_hw must be positive, got {grid_hw}, {out_hw}")
+    if hidden.dim() != 2 or hidden.shape[0] != gh * gw:
+        raise ValueError(f"hidden must be [gh*gw={gh * gw}, d], got {tuple(hidden.shape)}")
+    K = weight.shape[0]
+    if mode == "depth":
+        if depth_values is None or depth_values.dim() != 1 or depth_values.shape[0] != K:
+            raise ValueError(f"mode='depth' needs depth_values of shape [{K}]")
+    if mode == "probs" and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return gh, gw, H, W
+
+
+def _band_rows(K: int, W: int, budget_bytes: int = 64 << 20) -> int:
+    return max(1, budget_bytes // max(1, K * W * 4))
+
+
+def _tail_torch(scores: torch.Tensor, gh: int, gw: int, H: int, W: int, mode: str,
+                temperature: float, depth_values):
+    K = scores.shape[1]
+    grid = scores.t().reshape(K, gh, gw)
+    if mode == "probs":
+        up = F.interpolate(grid[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        return torch.softmax(up / temperature, dim=0)
+    dev = scores.device
+    h0, h1, lh0, lh1 = bilinear_source_coords(gh, H, dev)
+    w0, w1, lw0, lw1 = bilinear_source_coords(gw, W, dev)
+    # Width pass once on the token rows: K x gh x W is small (gh is the token grid height).
+    rowmix = grid[:, :, w0] * lw0 + grid[:, :, w1] * lw1
+    labels = torch.empty(H, W, dtype=torch.long, device=dev)
+    step = _band_rows(K, W)
+    for r0 in range(0, H, step):
+        r1 = min(H, r0 + step)
+        band = rowmix[:, h0[r0:r1], :] * lh0[r0:r1, None] + rowmix[:, h1[r0:r1], :] * lh1[r0:r1, None]
+        labels[r0:r1] = torch.argmax(band, dim=0)
+    if mode == "argmax":
+        return labels
+    return depth_values.to(device=dev, dtype=torch.float32)[labels]
+
+
+def dense_head(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw, mode: str = "argmax",
+               temperature: float = 0.2, depth_values: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense map from vision-token hidden states.
+
+    Returns int64 [H, W] labels (``argmax``, ties to the lower index), float32 [K, H, W]
+    softmax(upsampled / temperature) (``probs``), or float32 [H, W] depth_values[argmax]
+    (``depth``). CUDA tensors run the fused Triton tail; anything else the torch path.
+    """
+    gh, gw, H, W = _check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values)
+    scores = dense_scores(hidden, weight)
+    if scores.is_cuda:
+        from . import _triton_dense_head as tdh
+        return tdh.dense_tail(scores, gh, gw, H, W, mode, float(temperature), depth_values)
+    return _tail_torch(scores, gh, gw, H, W, mode, float(temperature), depth_values)
+
+
+def naive_full_vocab_head(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                          id_groups: Sequence[Sequence[int]], grid_hw, out_hw,
+                          mode: str = "argmax", depth_values: torch.Tensor | None = None):
+    """Baseline: full-vocabulary logits, gather + average per group, full K x H x W upsample.
+
+    Logits are computed in the weight's dtype (as a model forward would) and then upcast.
+    """
+    gh, gw = (int(x) for x in grid_hw)
+    H, W = (int(x) for x in out_hw)
+    logits = hidden.to(lm_head_weight.dtype) @ lm_head_weight.t()  # [L, V]
+    cat = torch.stack([logits[:, list(g)].to(torch.float32).mean(dim=1) for g in id_groups], dim=1)
+    del logits
+    up = F.interpolate(cat.t().reshape(1, len(id_groups), gh, gw), size=(H, W), mode="bilinear",
+                       align_corners=False)[0]
+    labels = torch.argmax(up, dim=0)
+    if mode == "depth":
+        return depth_values.to(torch.float32)[labels]
+    return labels

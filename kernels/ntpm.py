@@ -1,0 +1,235 @@
+"""NTP-M loss (DenseMLLM eq. 5) without ever holding the L x |V| logits.
+
+Per valid token i with positives P_i and relevant negatives N_i (the k highest-logit ids that are
+valid and not positive; ties broken towards the lower id):
+
+    l_i = (1/|P_i|) sum_{v in P_i} softplus(-z_iv) + (1/k) sum_{v in N_i} softplus(z_iv)
+
+which is -(1/|P_i|) sum log sigmoid(z) - (1/k) sum log(1 - sigmoid(z)) in a form that does not
+overflow. Choices this module fixes (the paper leaves them open):
+
+* A token with no (valid) positive keeps only its negative term: its hard negatives are still
+  pushed down, and 0/0 never appears.
+* Positive ids are de-duplicated per token; positives whose vocab_mask is False are dropped.
+* If fewer than k valid candidates exist, N_i holds all of them and the divisor stays k.
+* ``reduction="mean"`` divides by the number of valid tokens (at least 1).
+
+Top-k over sigmoid probabilities equals top-k over logits (sigmoid is monotone), so selection
+runs on raw logits. The backward is exactly sparse: only |P_i| + k logits per token carry a
+gradient ((sigmoid(z) - 1)/|P_i| for positives, sigmoid(z)/k for negatives), so
+dH = G W and dW = G^T H are gathers/scatters over those entries, never dense GEMMs.
+
+The torch path streams the vocabulary in chunks (peak extra memory O(L x chunk_size)) with a
+running top-k. CUDA tensors go to the Triton kernels in ``_triton_ntpm``.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ntpm_loss", "ntpm_loss_reference", "prepare_positives", "ntpm_select_torch"]
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)) without overflow and without F.softplus's x > 20 cut-off (exact slope)."""
+    return torch.clamp(x, min=0) + torch.log1p(torch.exp(-torch.abs(x)))
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+
+
+def _check(hidden, weight, positives, k, token_mask, vocab_mask, reduction):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    L, V = hidden.shape[0], weight.shape[0]
+    if positives.dim() != 2 or positives.shape[0] != L:
+        raise ValueError(f"positives must be [L={L}, P], got {tuple(positives.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if token_mask is not None and (token_mask.shape != (L,) or token_mask.dtype != torch.bool):
+        raise ValueError("token_mask must be a bool tensor of shape [L]")
+    if vocab_mask is not None and (vocab_mask.shape != (V,) or vocab_mask.dtype != torch.bool):
+        raise ValueError("vocab_mask must be a bool tensor of shape [V]")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if positives.numel() and (positives.min() < -1 or positives.max() >= V):
+        raise ValueError(f"positives must be -1 (padding) or ids in [0, {V})")
+
+
+def prepare_positives(positives: torch.Tensor, vocab_mask: torch.Tensor | None) -> torch.Tensor:
+    """Sorted, de-duplicated positives with invalid ids set to -1 (padding)."""
+    pos = positives.to(torch.long)
+    if vocab_mask is not None and pos.numel():
+        ok = vocab_mask.to(pos.device)[pos.clamp(min=0)]
+        pos = torch.where(ok, pos, torch.full_like(pos, -1))
+    if pos.shape[1] == 0:
+        return pos
+    pos, _ = torch.sort(pos, dim=1)
+    dup = torch.zeros_like(pos, dtype=torch.bool)
+    dup[:, 1:] = (pos[:, 1:] == pos[:, :-1]) & (pos[:, 1:] >= 0)
+    return torch.where(dup, torch.full_like(pos, -1), pos)
+
+
+def _merge_topk(vals: torch.Tensor, ids: torch.Tensor, k: int):
+    """Exact top-k of candidate (value, id) pairs ordered by value desc, then id asc."""
+    order = torch.argsort(ids, dim=1, stable=True)
+    vals, ids = vals.gather(1, order), ids.gather(1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :k]
+    return vals.gather(1, order), ids.gather(1, order)
+
+
+def _chunk_topk(z: torch.Tensor, k: int):
+    """Top-k of one chunk as a set that is exact under lower-id-first tie-breaking."""
+    kk = min(k, z.shape[1])
+    tv, ti = torch.topk(z, kk, dim=1)
+    # torch.topk picks arbitrarily among ties at the k-th value; only then pay for a stable sort.
+    if bool(((z >= tv[:, -1:]).sum(dim=1) != kk).any()):
+        srt = torch.sort(z, dim=1, descending=True, stable=True)
+        tv, ti = srt.values[:, :kk], srt.indices[:, :kk]
+    return tv, ti
+
+
+def ntpm_select_torch(h: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, k: int,
+                      vocab_mask: torch.Tensor | None, chunk_size: int):
+    """Stream the vocabulary: positive logits [L, P] and top-k negatives (values, ids) [L, k].
+
+    Negatives that do not exist (fewer than k candidates) come back with value -inf.
+    """
+    L, V = h.shape[0], weight.shape[0]
+    cdt = h.dtype
+    dev = h.device
+    zpos = torch.zeros(pos.shape, dtype=cdt, device=dev)
+    run_v = torch.full((L, 0), float("-inf"), dtype=cdt, device=dev)
+    run_i = torch.zeros((L, 0), dtype=torch.long, device=dev)
+    for s in range(0, V, chunk_size):
+        e = min(V, s + chunk_size)
+        z = h @ weight[s:e].to(cdt).t()  # [L, C]
+        inc = (pos >= s) & (pos < e)
+        if bool(inc.any()):
+            r, c = inc.nonzero(as_tuple=True)
+            cols = pos[r, c] - s
+            zpos[r, c] = z[r, cols]
+            z[r, cols] = float("-inf")
+        if vocab_mask is not None:
+            bad = ~vocab_mask[s:e].to(dev)
+            if bool(bad.any()):
+                z[:, bad] = float("-inf")
+        tv, ti = _chunk_topk(z, k)
+        del z
+        run_v, run_i = _merge_topk(torch.cat([run_v, tv], 1), torch.cat([run_i, ti + s], 1), k)
+    return zpos, run_v, run_i
+
+
+class _NTPMSparse(torch.autograd.Function):
+    """Loss from selected logits; backward scatters the sparse G into dH and dW."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, h, rows, ids, coef_z, loss_terms, scale):
+        # ids [L', P+k] (-1 = no gradient), coef_z = d loss_i / d z_ij (before the output grad).
+        ctx.save_for_backward(hidden, weight, h, rows, ids, coef_z)
+        ctx.scale = scale
+        return loss_terms.sum() * scale
+
+    @staticmethod
+    def backward(ctx, gout):
+        hidden, weight, h, rows, ids, coef_z = ctx.saved_tensors
+        g = coef_z * (gout.to(coef_z.dtype) * ctx.scale)
+        cdt = h.dtype
+        d = h.shape[1]
+        dh = torch.zeros_like(h)
+        dW = None
+        need_w = ctx.needs_input_grad[1]
+        if need_w:
+            dW = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
+        ok = ids >= 0
+        safe = torch.where(ok, ids, torch.zeros_like(ids))
+        g = torch.where(ok, g, torch.zeros_like(g))
+        width = ids.shape[1]
+        # Token blocks keep the gathered [B, P+k, d] rows near 64 MB.
+        blk = max(1, (64 << 20) // max(1, width * d * h.element_size()))
+        for a in range(0, h.shape[0], blk):
+            b = min(h.shape[0], a + blk)
+            wrows = weight[safe[a:b]].to(cdt)  # [B, P+k, d]
+            dh[a:b] = torch.einsum("bj,bjd->bd", g[a:b], wrows)
+            del wrows
+            if need_w:
+                contrib = g[a:b, :, None] * h[a:b, None, :]
+                dW.index_add_(0, safe[a:b].reshape(-1), contrib.reshape(-1, d))
+        dhidden = None
+        if ctx.needs_input_grad[0]:
+            dhidden = torch.zeros(hidden.shape, dtype=cdt, device=hidden.device)
+            dhidden.index_copy_(0, rows, dh)
+            dhidden = dhidden.to(hidden.dtype)
+        if dW is not None:
+            dW = dW.to(weight.dtype)
+        return dhidden, dW, None, None, None, None, None, None
+
+
+def _loss_from_selection(zpos, pos, nval, nid, k):
+    """Per-token loss terms and d loss / d z for positives and negatives."""
+    pvalid = pos >= 0
+    nvalid = torch.isfinite(nval)
+    npos = pvalid.sum(dim=1, keepdim=True).to(zpos.dtype)
+    inv_p = torch.where(npos > 0, 1.0 / npos.clamp(min=1), torch.zeros_like(npos))
+    zp = torch.where(pvalid, zpos, torch.zeros_like(zpos))
+    zn = torch.where(nvalid, nval, torch.zeros_like(nval))
+    pos_term = (softplus(-zp) * pvalid).sum(dim=1) * inv_p[:, 0]
+    neg_term = (softplus(zn) * nvalid).sum(dim=1) / k
+    cpos = torch.where(pvalid, (torch.sigmoid(zp) - 1.0) * inv_p, torch.zeros_like(zp))
+    cneg = torch.where(nvalid, torch.sigmoid(zn) / k, torch.zeros_like(zn))
+    ids = torch.cat([torch.where(pvalid, pos, -1), torch.where(nvalid, nid, -1)], dim=1)
+    return pos_term + neg_term, ids, torch.cat([cpos, cneg], dim=1)
+
+
+def ntpm_loss(hidden: torch.Tensor, weight: torch.Tensor, positives: torch.Tensor, k: int = 32,
+              token_mask: torch.Tensor | None = None, vocab_mask: torch.Tensor | None = None,
+              chunk_size: int = 8192, reduction: str = "sum") -> torch.Tensor:
+    """NTP-M loss with a sparse exact backward to ``hidden`` and ``weight`` (see module doc)."""
+    _check(hidden, weight, positives, k, token_mask, vocab_mask, reduction)
+    if hidden.is_cuda:
+        from . import _triton_ntpm
+        return _triton_ntpm.ntpm_loss_triton(hidden, weight, positives, k, token_mask, vocab_mask,
+                                             reduction=reduction)
+    cdt = _compute_dtype(hidden, weight)
+    L = hidden.shape[0]
+    rows = (torch.arange(L, device=hidden.device) if token_mask is None
+            else token_mask.to(hidden.device).nonzero(as_tuple=True)[0])
+    n_tok = int(rows.numel())
+    scale = 1.0 / max(n_tok, 1) if reduction == "mean" else 1.0
+    pos = prepare_positives(positives.to(hidden.device)[rows], vocab_mask)
+    with torch.no_grad():
+        h = hidden.detach()[rows].to(cdt)
+        zpos, nval, nid = ntpm_select_torch(h, weight.detach(), pos, k, vocab_mask, chunk_size)
+        terms, ids, coef = _loss_from_selection(zpos, pos, nval, nid, k)
+    return _NTPMSparse.apply(hidden, weight, h, rows, ids, coef, terms, scale)
+
+
+def ntpm_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, positives: torch.Tensor,
+                        k: int = 32, token_mask: torch.Tensor | None = None,
+                        vocab_mask: torch.Tensor | None = None, reduction: str = "sum") -> torch.Tensor:
+    """Dense float64 autograd reference (materialises L x |V|; tests only)."""
+    _check(hidden, weight, positives, k, token_mask, vocab_mask, reduction)
+    L, V = hidden.shape[0], weight.shape[0]
+    z = hidden.to(torch.float64) @ weight.to(torch.float64).t()
+    pos = prepare_positives(positives.to(hidden.device), vocab_mask)
+    posmask = torch.zeros(L, V, dtype=torch.bool, device=z.device)
+    r, c = (pos >= 0).nonzero(as_tuple=True)
+    posmask[r, pos[r, c]] = True
+    cand = ~posmask
+    if vocab_mask is not None:
+        cand &= vocab_mask.to(z.device)[None, :]
+    zc = torch.where(cand, z.detach(), torch.full_like(z, float("-inf")))
+    # Stable descending sort = value desc, then lower id first.
+    sel = torch.sort(zc, dim=1, descending=True, stable=True).indices[:, :k]
+    selmask = torch.zeros_like(cand)
+    selmask.scatter_(1, sel, True)
+    selmask &= cand
+    npos = posmask.sum(1).to(torch.float64)
+    pos_term = (softplus(-z) * posmask).sum(1) / npos.clamp(min=1)
+    neg_term = (softplus(z) * selmask).sum(1) / k
+    per_tok = pos_term + neg_term
+    tm = torch.ones(L, dtype=torch.bool, device=z.device) if token_mask is None else token_mask
+    loss = (per_tok * tm).sum()
+    if reduction == "mean":
+        loss = loss / max(int(tm.sum()), 1)
+    return loss
