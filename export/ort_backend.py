@@ -1,0 +1,204 @@
+"""ONNX Runtime backend: the three exported graphs behind the runtime's ``Backend`` protocol.
+
+Sessions are created once per backend and reused for every frame. The KV cache stays an
+``OrtValue`` between steps (IO binding): a decode step binds the previous step's present cache as
+its past input without a round trip through numpy, and on CUDA the cache never leaves the GPU.
+
+Execution providers: ``providers=None`` picks TensorRT > CUDA > CPU among
+``onnxruntime.get_available_providers()`` (onnxruntime-gpu exposes the first two when a GPU and
+its libraries are present); pass an explicit list to override.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..config import YoutuVLConfig
+from ..runtime.backend import PrefillResult
+from ..vision_meta import VisionMeta
+from .manifest import EngineError, cache_root, checkpoint_identity, load_manifest
+
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+_PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+@dataclass
+class OrtCache:
+    """The present cache of the last step, as OrtValues in the graph's cache-output order."""
+    values: list[Any]
+    length: int
+
+
+@dataclass
+class OrtPrefillResult(PrefillResult):
+    # scores_<task> of the prefill graph: [M, K] subset scores (mean of each group's lm_head rows)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def default_engine_dir(model_dir: str | Path, precision: str = "fp32", cache_layout: str = "latent") -> Path:
+    """``<cache root>/engines/<checkpoint id[:16]>-<precision>-<layout>`` (see manifest.cache_root)."""
+    ident = checkpoint_identity(model_dir)["checkpoint_id"]
+    return cache_root() / "engines" / f"{ident[:16]}-{precision}-{cache_layout}"
+
+
+def pick_providers(requested: Sequence[str] | None = None) -> list[str]:
+    import onnxruntime as ort
+    avail = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in avail]
+        if missing:
+            raise EngineError(f"ONNX Runtime providers {missing} are not available (this onnxruntime "
+                              f"has {avail}); for CUDA / TensorRT install onnxruntime-gpu")
+        return list(requested)
+    return [p for p in _PREFERRED if p in avail]
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, engine_dir: str | Path, model_dir: str | Path | None = None,
+                 providers: Sequence[str] | None = None, intra_op_threads: int | None = None,
+                 tasks: Sequence[str] = (), check_hashes: bool = True):
+        import onnxruntime as ort
+        self.engine_dir = Path(engine_dir)
+        self.manifest = load_manifest(engine_dir, model_dir, tasks, check_hashes=check_hashes)
+        m = self.manifest
+        self.config = YoutuVLConfig.from_json_file(Path(model_dir or engine_dir) / "config.json")
+        self.cache_layout, self.precision = m["cache_layout"], m["precision"]
+        self.providers = pick_providers(providers)
+        self.on_gpu = self.providers[0] != "CPUExecutionProvider"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = intra_op_threads if intra_op_threads is not None else int(os.environ.get("DENSERT_ORT_THREADS", 0))
+        so.intra_op_num_threads = threads  # 0 = ORT default (one per physical core)
+        so.inter_op_num_threads = 1        # the graphs are one long chain; no parallel branches to run
+        so.log_severity_level = 3
+        self.sessions: dict[str, Any] = {}
+        for g, info in m["graphs"].items():
+            path = self.engine_dir / info["file"]
+            try:
+                sess = ort.InferenceSession(str(path), so, providers=self.providers)
+            except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+                raise EngineError(f"engine dir {self.engine_dir}: ONNX Runtime cannot load {info['file']} "
+                                  f"({type(e).__name__}: {str(e)[:300]}); re-run `densert export`") from None
+            names = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+            want = ([i["name"] for i in info["inputs"]], [o["name"] for o in info["outputs"]])
+            if names != want:
+                raise EngineError(f"engine dir {self.engine_dir}: {info['file']} has inputs/outputs {names}, "
+                                  f"the manifest says {want}; the graph and manifest are from different exports")
+            self.sessions[g] = sess
+        self._io = {g: {"in": {i["name"]: i for i in info["inputs"]},
+                        "out": [o["name"] for o in info["outputs"]]} for g, info in m["graphs"].items()}
+        self.cache_outputs = [o for o in self._io["llm_prefill"]["out"] if o.startswith("present_")]
+        self.float_dtype = _NP[m["io_float_dtype"]]
+        self._device = "cuda" if "CUDAExecutionProvider" in self.providers or "TensorrtExecutionProvider" in self.providers else "cpu"
+
+    # ---- construction from a checkpoint
+    @classmethod
+    def from_model(cls, model_dir: str | Path, engine_dir: str | Path | None = None, precision: str = "fp32",
+                   cache_layout: str = "latent", tasks: Sequence[str] | None = None, dtype=None,
+                   **kwargs) -> "OrtBackend":
+        """Open ``engine_dir``; with None, the per-checkpoint cache dir, exporting on first use.
+        ``dtype`` is accepted for the runtime's ``make_backend`` signature: precision is the
+        export's (``fp16`` when dtype is torch.float16)."""
+        if dtype is not None and precision == "fp32" and dtype == torch.float16:
+            precision = "fp16"
+        if engine_dir is None:
+            engine_dir = default_engine_dir(model_dir, precision, cache_layout)
+            if not (Path(engine_dir) / "manifest.json").is_file():
+                from .onnx_export import TASKS, export_engine
+                print(f"densert: no ONNX engine for {model_dir} yet; exporting to {engine_dir} "
+                      "(once per checkpoint)", file=sys.stderr)
+                export_engine(model_dir, engine_dir, precision=precision, cache_layout=cache_layout,
+                              tasks=list(tasks) if tasks else _tasks_available(model_dir, TASKS))
+        return cls(engine_dir, model_dir=model_dir, tasks=tasks or (), **kwargs)
+
+    # ---- helpers
+    def _feed(self, graph: str, name: str, value) -> np.ndarray:
+        spec = self._io[graph]["in"][name]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        arr = np.ascontiguousarray(value, dtype=_NP[spec["dtype"]])
+        shape = spec["shape"]
+        if arr.ndim != len(shape) or any(isinstance(s, int) and s != a for s, a in zip(shape, arr.shape)):
+            raise EngineError(f"{graph} input {name!r}: shape {list(arr.shape)}, the engine expects {shape} "
+                              f"(engine dir {self.engine_dir})")
+        return arr
+
+    def _run(self, graph: str, feeds: dict[str, Any], keep_on_device: Sequence[str] = ()):
+        import onnxruntime as ort
+        sess = self.sessions[graph]
+        io = sess.io_binding()
+        for k, v in feeds.items():
+            if isinstance(v, ort.OrtValue):
+                io.bind_ortvalue_input(k, v)
+            else:
+                io.bind_cpu_input(k, self._feed(graph, k, v))
+        for o in self._io[graph]["out"]:
+            io.bind_output(o, self._device if o in keep_on_device else "cpu")
+        sess.run_with_iobinding(io)
+        return dict(zip(self._io[graph]["out"], io.get_outputs()))
+
+    @staticmethod
+    def _t(v) -> torch.Tensor:
+        return torch.from_numpy(v.numpy())
+
+    # ---- Backend protocol
+    def encode_image(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
+        n = int(pixel_values.shape[0])
+        if n > self.manifest["max_patches"]:
+            raise EngineError(f"image has {n} patches, engine dir {self.engine_dir} was exported for at most "
+                              f"{self.manifest['max_patches']}; re-run `densert export ... --max-patches {n}`")
+        feeds = {"pixel_values": pixel_values, "cos": meta.cos, "sin": meta.sin,
+                 "window_index": meta.window_index, "reverse_index": meta.reverse_index,
+                 "window_segment_ids": meta.window_segment_ids, "image_segment_ids": meta.image_segment_ids}
+        out = self._run("vision", feeds)
+        return self._t(out["image_embeds"]).float()
+
+    def prefill(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> OrtPrefillResult:
+        img_id = self.manifest["config"]["image_token_id"]
+        ids = input_ids.reshape(1, -1).to(torch.int64)
+        n_slots = int((ids == img_id).sum())
+        d = self.manifest["config"]["hidden_size"]
+        if image_embeds is None:
+            image_embeds = torch.zeros(0, d)
+        if n_slots != image_embeds.shape[0]:
+            raise ValueError(f"input_ids hold {n_slots} image-pad tokens (id {img_id}) but "
+                             f"{image_embeds.shape[0]} image embeddings were given")
+        out = self._run("llm_prefill", {"input_ids": ids, "image_embeds": image_embeds},
+                        keep_on_device=self.cache_outputs)
+        pos = (ids[0] == img_id).nonzero().flatten()
+        vision = self._t(out["vision_hidden"]).float() if n_slots else None
+        pre = self._t(out["pre_vision_hidden"])[0].float() if n_slots and int(pos[0]) > 0 else None
+        scores = {k[len("scores_"):]: self._t(v).float() for k, v in out.items() if k.startswith("scores_")}
+        cache = OrtCache([out[c] for c in self.cache_outputs], int(ids.shape[1]))
+        return OrtPrefillResult(vision_hidden=vision, pre_vision_hidden=pre,
+                                last_logits=self._t(out["last_logits"])[0].float(), cache=cache,
+                                scores=scores)
+
+    def decode(self, token_id: int, cache: OrtCache) -> tuple[torch.Tensor, OrtCache]:
+        if "llm_decode" not in self.sessions:
+            raise EngineError(f"engine dir {self.engine_dir} has no llm_decode.onnx (exported without the "
+                              "chat task); re-run `densert export ... --tasks depth,segment,chat`")
+        if not isinstance(cache, OrtCache):
+            raise TypeError(f"OrtBackend.decode takes the cache its prefill returned, got {type(cache).__name__}")
+        past_names = [n for n in self._io["llm_decode"]["in"] if n.startswith("past_")]
+        feeds = {"input_ids": np.array([[token_id]], dtype=np.int64), **dict(zip(past_names, cache.values))}
+        out = self._run("llm_decode", feeds, keep_on_device=self.cache_outputs)
+        return (self._t(out["logits"])[0].float(),
+                OrtCache([out[c] for c in self.cache_outputs], cache.length + 1))
+
+    def cache_tensors(self, cache: OrtCache) -> tuple[torch.Tensor, ...]:
+        """The cache as torch tensors (parity checks), in the torch model's layout."""
+        return tuple(self._t(v).float() for v in cache.values)
+
+
+def _tasks_available(model_dir, tasks) -> list[str]:
+    """Without a tokenizer.json the dense tasks' vocab subsets are unknown: export chat only."""
+    return list(tasks) if (Path(model_dir) / "tokenizer.json").is_file() else ["chat"]
