@@ -1,2 +1,12 @@
 """densert: edge-deployment runtime for DenseMLLM (Youtu-VL)."""
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "load_model"]
+
+
+def __getattr__(name):
+    # Lazy so that `import densert` (and `densert --help`) does not import torch.
+    if name == "load_model":
+        from .loader import load_model
+        return load_model
+    raise AttributeError(f"module 'densert' has no attribute {name!r}")

@@ -1,0 +1,467 @@
+"""Checkpoint files in the released HF layout: the safetensors format, writing, test checkpoints.
+
+The safetensors format is read and written here directly (8-byte little-endian header length,
+JSON header, raw little-endian data) rather than through ``safetensors.torch`` because:
+- writing streams one tensor at a time, so a full-width test checkpoint never exists twice in RAM;
+- reading validates every header entry against the file size before any data is touched, which
+  gives a precise error for truncated or corrupt files;
+- reading with ``readinto`` (no mmap) keeps the page cache out of the process RSS, so loading
+  peaks near the size of the weights themselves (see ``densert.loader``).
+The files are byte-compatible with the ``safetensors`` library (tests read them with it).
+
+Layout written (spec ``youtu-vl-checkpoint.md`` sec. 0-2, 6): config.json, model.safetensors or
+model-0000k-of-0000n.safetensors + model.safetensors.index.json, tokenizer.json,
+tokenizer_config.json, special_tokens_map.json, chat_template.json, generation_config.json,
+preprocessor_config.json. A tied ``lm_head.weight`` is not written (the released convention).
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from . import tokens as T
+from .chat import CHAT_TEMPLATE
+from .config import PRESETS, YoutuVLConfig, preset
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 * 2**20
+
+# safetensors dtype names <-> torch dtypes (the ones a checkpoint may hold).
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+# dtypes a model can be loaded in / written as.
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be read as a Youtu-VL checkpoint."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in WEIGHT_DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str):
+        key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+               "float": "float32"}.get(dtype, dtype).removeprefix("torch.")
+        if key in WEIGHT_DTYPES:
+            return WEIGHT_DTYPES[key]
+    raise CheckpointError(f"dtype {dtype!r} is not supported; expected one of {sorted(WEIGHT_DTYPES)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------- reading headers
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str                 # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int                 # absolute file offsets
+    end: int
+    path: Path
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return ST_DTYPES[self.dtype]
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header; raises CheckpointError naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file "
+                                      "(truncated or not safetensors)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(f"{path}: header length field says {n} bytes but the file has "
+                                      f"{size} bytes (corrupt or truncated safetensors header)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e}); "
+                              "the file is corrupt") from None
+    header.pop("__metadata__", None)
+    data_start, data_len = 8 + n, size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for name, e in header.items():
+        try:
+            dt, shape, (b, en) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            b, en = int(b), int(en)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: header entry {name!r} is malformed: {e!r}") from None
+        if dt not in ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dt!r}, which densert does not "
+                                  f"read (supported: {sorted(ST_DTYPES)})")
+        nbytes = math.prod(shape) * ST_DTYPES[dt].itemsize
+        if any(s < 0 for s in shape) or not 0 <= b <= en or en - b != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} data_offsets [{b}, {en}] do not fit "
+                                  f"dtype {dt} shape {list(shape)} ({nbytes} bytes); corrupt header")
+        if en > data_len:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} needs data bytes up to {en} "
+                                  f"but the file holds only {data_len} after the header")
+        out[name] = TensorInfo(name, dt, shape, data_start + b, data_start + en, path)
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (give the checkpoint directory, not a file)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
+    return path
+
+
+def read_config(path: str | Path) -> YoutuVLConfig:
+    from .config import ConfigError
+    path = check_checkpoint_dir(path)
+    try:
+        return YoutuVLConfig.from_json_file(path / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards named by the index, else the single file."""
+    path = check_checkpoint_dir(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        d = _read_json(index)
+        wm = d.get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        shards = sorted(set(wm.values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard(s) that do not exist in {path}: {missing}")
+        return [path / s for s in shards]
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{path}: no weights ({SINGLE_FILE} or {INDEX_FILE}) found")
+
+
+def read_all_headers(path: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint (headers only), checked against the index if there is one."""
+    path = check_checkpoint_dir(path)
+    files = weight_files(path)
+    infos: dict[str, TensorInfo] = {}
+    for f in files:
+        for name, info in read_safetensors_header(f).items():
+            if name in infos:
+                raise CheckpointError(f"tensor {name!r} appears in both {infos[name].path.name} "
+                                      f"and {f.name}")
+            infos[name] = info
+    index = path / INDEX_FILE
+    if index.is_file():
+        wm = _read_json(index)["weight_map"]
+        wrong = sorted(n for n, s in wm.items() if n not in infos or infos[n].path.name != s)
+        if wrong:
+            raise CheckpointError(f"{index}: weight_map disagrees with the shards for "
+                                  f"{len(wrong)} tensor(s), e.g. {wrong[:5]}")
+    return infos
+
+
+# ---------------------------------------------------------------- writing
+def write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      produce: Callable[[str], torch.Tensor],
+                      on_tensor: Callable[[int], None] | None = None) -> None:
+    """Write ``specs`` (name, dtype, shape) in order, asking ``produce(name)`` for one tensor at a
+    time; the header is fixed up front from the specs and each tensor is checked against it."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, dt, shape in specs:
+        nbytes = math.prod(shape) * dt.itemsize
+        header[name] = {"dtype": TORCH_TO_ST[dt], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)   # data starts 8-byte aligned, as the reference writer does
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dt, shape in specs:
+            t = produce(name)
+            if t.dtype != dt or tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"{name}: produced {t.dtype} {tuple(t.shape)}, planned {dt} {shape}")
+            f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+            if on_tensor:
+                on_tensor(t.numel() * t.element_size())
+    tmp.replace(path)
+
+
+def _plan_shards(specs, max_shard_bytes: int | None) -> list[list]:
+    if not max_shard_bytes:
+        return [list(specs)]
+    shards: list[list] = [[]]
+    size = 0
+    for s in specs:
+        nbytes = math.prod(s[2]) * s[1].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += nbytes
+    return shards
+
+
+def _write_weights(out: Path, specs, produce, max_shard_bytes, progress: bool) -> list[str]:
+    total = sum(math.prod(s[2]) * s[1].itemsize for s in specs)
+    shards = _plan_shards(specs, max_shard_bytes)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing weights")
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    try:
+        for fname, shard in zip(names, shards):
+            write_safetensors(out / fname, shard, produce, bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {s[0]: fname for fname, shard in zip(names, shards) for s in shard}}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _dump(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_side_files(out: Path, cfg: YoutuVLConfig, tokenizer_json: str) -> None:
+    """config.json plus the tokenizer, template, generation and preprocessor files."""
+    vocab = T.Vocab.from_str(tokenizer_json, "tokenizer.json")
+    _check_ids(cfg, vocab)
+    cfg.to_json_file(out / "config.json")
+    (out / "tokenizer.json").write_text(tokenizer_json)
+    special = {"bos_token": T.BOS, "eos_token": T.EOS, "pad_token": T.EOS}
+    _dump(out / "special_tokens_map.json", special)
+    _dump(out / "tokenizer_config.json", {
+        **special, "add_bos_token": False, "add_eos_token": False, "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_position_embeddings,
+        "tokenizer_class": "PreTrainedTokenizerFast"})
+    _dump(out / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    # Decoding settings of the released README/demo (spec sec. 7): effectively greedy.
+    _dump(out / "generation_config.json", {
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id, "do_sample": True, "temperature": 0.1, "top_p": 0.001,
+        "repetition_penalty": 1.05})
+    vc = cfg.vision_config
+    # max_num_patches mirrors the released file (256); the processor really uses 36864 (spec sec. 3).
+    _dump(out / "preprocessor_config.json", {
+        "image_processor_type": "Siglip2ImageProcessorFast", "processor_class": "YoutuVLProcessor",
+        "do_resize": True, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "patch_size": vc.patch_size, "merge_size": vc.spatial_merge_size, "max_num_patches": 256,
+        "max_image_patches": 36864})
+
+
+def _check_ids(cfg: YoutuVLConfig, vocab: T.Vocab) -> None:
+    want = {"vocab_size": len(vocab), "bos_token_id": vocab.token_id(T.BOS),
+            "eos_token_id": vocab.token_id(T.EOS), "image_token_id": vocab.token_id(T.IMAGE_PAD),
+            "video_token_id": vocab.token_id(T.VIDEO_PAD),
+            "vision_start_token_id": vocab.token_id(T.VISION_START),
+            "vision_end_token_id": vocab.token_id(T.VISION_END)}
+    bad = {k: (getattr(cfg, k), v) for k, v in want.items() if getattr(cfg, k) != v}
+    if bad:
+        raise CheckpointError("config token ids disagree with tokenizer.json (config, tokenizer): "
+                              f"{bad}; use densert.tokenizer.apply_token_ids")
+
+
+def _tokenizer_text(tokenizer_json: str | Path) -> str:
+    if isinstance(tokenizer_json, Path) or not tokenizer_json.lstrip().startswith("{"):
+        return Path(tokenizer_json).read_text()
+    return tokenizer_json
+
+
+def _prepare_out(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: directory is not empty (use --force / overwrite=True)")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("*.safetensors")) + [out / INDEX_FILE]:
+        old.unlink(missing_ok=True)   # stale shards of a previous write would be picked up
+    return out
+
+
+def saved_names(model_or_cfg) -> list[str]:
+    """State-dict names written to disk, in order: everything but a tied lm_head."""
+    cfg = model_or_cfg.config
+    names = list(model_or_cfg.state_dict().keys())
+    if cfg.tie_word_embeddings:
+        names.remove("lm_head.weight")
+    return names
+
+
+def write_checkpoint(model, out_dir: str | Path, tokenizer_json: str | Path,
+                     dtype: str | torch.dtype = "bfloat16", max_shard_bytes: int | None = None,
+                     overwrite: bool = False, progress: bool = False) -> Path:
+    """Write ``model`` (a YoutuVLForConditionalGeneration) in the released layout.
+
+    ``tokenizer_json``: the JSON text or a path to a tokenizer.json. The config's token ids must
+    match it. ``max_shard_bytes``: None = one model.safetensors, else shards + index.
+    """
+    dt = resolve_dtype(dtype)
+    out = _prepare_out(out_dir, overwrite)
+    sd = model.state_dict()
+    specs = [(n, dt if sd[n].is_floating_point() else sd[n].dtype, tuple(sd[n].shape))
+             for n in saved_names(model)]
+    cfg = YoutuVLConfig.from_dict(model.config.to_dict())
+    cfg.torch_dtype = dtype_name(dt)
+    write_side_files(out, cfg, _tokenizer_text(tokenizer_json))
+    want = {n: d for n, d, _ in specs}
+    _write_weights(out, specs, lambda n: sd[n].to(want[n]), max_shard_bytes, progress)
+    return out
+
+
+# ---------------------------------------------------------------- random test checkpoints
+_INIT_CHUNK = 2**24   # values generated per step: bounds the fp32 scratch to 64 MB
+
+
+def init_kind(model, name: str) -> str:
+    """HF-style init of one parameter: "normal" (Linear/Embedding weights), "ones" (norm
+    weights) or "zeros" (biases)."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if leaf == "bias":
+        return "zeros"
+    if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+        return "normal"
+    return "ones"   # RMSNorm / LayerNorm weights
+
+
+def init_tensor(name: str, kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int,
+                std: float) -> torch.Tensor:
+    """A deterministic tensor that depends only on (seed, name, shape), generated in chunks."""
+    if kind == "zeros":
+        return torch.zeros(shape, dtype=dtype)
+    if kind == "ones":
+        return torch.ones(shape, dtype=dtype)
+    g = torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    for s in range(0, flat.numel(), _INIT_CHUNK):
+        n = min(_INIT_CHUNK, flat.numel() - s)
+        flat[s:s + n] = torch.randn(n, generator=g).mul_(std)
+    return out
+
+
+def preset_config(preset_name: str, text_layers: int | None = None, vision_layers: int | None = None
+                ) -> tuple[YoutuVLConfig, str]:
+    """The preset's config with token ids set from its tokenizer, and that tokenizer's JSON."""
+    from .tokenizer import apply_token_ids, build_tokenizer_json
+    if preset_name not in PRESETS:
+        raise CheckpointError(f"unknown preset {preset_name!r}; expected one of {PRESETS}")
+    cfg = preset(preset_name, text_layers, vision_layers)
+    tok = build_tokenizer_json(preset_name)
+    apply_token_ids(cfg, T.Vocab.from_str(tok))
+    cfg.validate()
+    return cfg, tok
+
+
+def make_test_checkpoint(out: str | Path, preset_name: str = "tiny", text_layers: int | None = None,
+                         vision_layers: int | None = None, seed: int = 0,
+                         dtype: str | torch.dtype = "bfloat16", max_shard_bytes: int | None = None,
+                         overwrite: bool = False, progress: bool = False) -> Path:
+    """A randomly initialised checkpoint (HF-style init, deterministic per seed).
+
+    The module is only built on the ``meta`` device to list names and shapes; every tensor is
+    generated straight in the target dtype and written before the next one is made, so peak
+    memory is about one tensor (the full-width embedding: 283386 x 2560).
+    """
+    from .modeling import YoutuVLForConditionalGeneration
+    dt = resolve_dtype(dtype)
+    cfg, tok = preset_config(preset_name, text_layers, vision_layers)
+    cfg.torch_dtype = dtype_name(dt)
+    with torch.device("meta"):
+        meta = YoutuVLForConditionalGeneration(cfg)
+    sd = meta.state_dict()
+    names = saved_names(meta)
+    kinds = {n: init_kind(meta, n) for n in names}
+    specs = [(n, dt, tuple(sd[n].shape)) for n in names]
+    outp = _prepare_out(out, overwrite)
+    write_side_files(outp, cfg, tok)
+    _write_weights(outp, specs, lambda n: init_tensor(n, kinds[n], tuple(sd[n].shape), dt, seed,
+                                                      cfg.initializer_range),
+                   max_shard_bytes, progress)
+    return outp
+
+
+# ---------------------------------------------------------------- CLI
+def configure(parser) -> None:
+    parser.add_argument("out", help="output directory (must be empty unless --force)")
+    parser.add_argument("--preset", choices=PRESETS, default="tiny")
+    parser.add_argument("--text-layers", type=int, default=None, help="override LLM layer count")
+    parser.add_argument("--vision-layers", type=int, default=None, help="override ViT layer count")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), default="bfloat16")
+    parser.add_argument("--shard-mb", type=float, default=None,
+                        help="split weights into shards of at most this many MB (+ index.json)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty directory")
+
+
+def run(args) -> int:
+    from .cli import CLIError
+    for flag in ("text_layers", "vision_layers"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    shard = None if args.shard_mb is None else int(args.shard_mb * 2**20)
+    try:
+        out = make_test_checkpoint(args.out, args.preset, args.text_layers, args.vision_layers,
+                                   args.seed, args.dtype, shard, overwrite=args.force, progress=True)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+    print(f"wrote {args.preset} test checkpoint to {out}")
+    return 0
+
+
+def total_bytes(infos: Iterable[TensorInfo]) -> int:
+    return sum(i.end - i.begin for i in infos)

@@ -1,0 +1,145 @@
+"""``load_model``: a checkpoint directory -> YoutuVLForConditionalGeneration in eval mode.
+
+Memory: parameters are created on the ``meta`` device (buffers stay real, so e.g. the RoPE
+frequencies are computed normally), then each tensor is read from disk into its own buffer with
+``readinto``, cast, and assigned. Peak RSS is the loaded weights plus one tensor of scratch when
+casting; no mmap pages or second copy of the model are held (measured in the slow test).
+
+Validation is strict and reports everything at once: missing, unexpected and mis-shaped tensors
+in one ``CheckpointError``. Known-unused keys (``IGNORED_KEYS``) are skipped on purpose.
+
+Tied lm_head (``tie_word_embeddings: true``): ``lm_head.weight`` is normally absent and the
+embedding is reused. If it is present anyway it must equal ``model.embed_tokens.weight`` exactly
+(then it is dropped); a different matrix is an error, because silently picking one of the two
+would run a different model than the one on disk. Set ``tie_word_embeddings: false`` to use it.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import (CheckpointError, TensorInfo, read_all_headers, read_config,
+                         resolve_dtype)
+
+# Present in some SigLIP2 exports but unused: Youtu-VL feeds patches through 2-D RoPE only
+# (spec youtu-vl-checkpoint.md sec. 2.1; mlx-vlm and mlxcel drop them too).
+IGNORED_KEYS = frozenset({
+    "siglip2.vision_model.embeddings.position_embedding.weight",
+    "siglip2.vision_model.embeddings.position_ids",
+})
+FLOAT_DISK_DTYPES = ("F32", "F16", "BF16")
+
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Create every nn.Parameter on ``meta`` (weights cost nothing and skip their init) while
+    buffers are built for real. Patches ``nn.Module.register_parameter``; not thread-safe."""
+    orig = nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        orig(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig
+
+
+def read_tensor(info: TensorInfo, f=None) -> torch.Tensor:
+    """One tensor from disk in its stored dtype (a fresh CPU buffer, no mmap)."""
+    out = torch.empty(info.shape, dtype=info.torch_dtype)
+    buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+    own = f is None
+    f = open(info.path, "rb") if own else f
+    try:
+        f.seek(info.begin)
+        n = f.readinto(buf) if buf is not None else 0
+    finally:
+        if own:
+            f.close()
+    if n != info.end - info.begin:
+        raise CheckpointError(f"{info.path}: truncated while reading {info.name!r} "
+                              f"({n} of {info.end - info.begin} bytes)")
+    return out
+
+
+def validate(expected: dict[str, tuple[int, ...]], infos: dict[str, TensorInfo], tied: bool,
+             where: Path) -> None:
+    """One error listing every missing, unexpected, mis-shaped or non-float tensor."""
+    problems: list[str] = []
+    need = dict(expected)
+    if tied:
+        need.pop("lm_head.weight", None)
+    have = {n: i for n, i in infos.items() if n not in IGNORED_KEYS}
+    if tied:
+        have.pop("lm_head.weight", None)   # compared with the embedding after loading
+    missing = sorted(set(need) - set(have))
+    unexpected = sorted(set(have) - set(need))
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): " + ", ".join(missing))
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): " + ", ".join(unexpected))
+    shapes = [f"{n}: checkpoint {list(have[n].shape)} vs model {list(need[n])}"
+              for n in sorted(set(need) & set(have)) if tuple(have[n].shape) != tuple(need[n])]
+    if tied and "lm_head.weight" in infos and tuple(infos["lm_head.weight"].shape) != tuple(
+            expected["lm_head.weight"]):
+        shapes.append(f"lm_head.weight: checkpoint {list(infos['lm_head.weight'].shape)} vs model "
+                      f"{list(expected['lm_head.weight'])}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es): " + "; ".join(shapes))
+    dtypes = [f"{n} ({i.dtype})" for n, i in sorted(have.items())
+              if n in need and i.dtype not in FLOAT_DISK_DTYPES]
+    if dtypes:
+        problems.append(f"unsupported dtype (expected one of {FLOAT_DISK_DTYPES}): " + ", ".join(dtypes))
+    if problems:
+        raise CheckpointError(f"{where}: checkpoint does not match config.json:\n  - "
+                              + "\n  - ".join(problems))
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu"):
+    """Load a Youtu-VL checkpoint directory (single-file or sharded safetensors)."""
+    from .modeling import YoutuVLForConditionalGeneration
+    dt = resolve_dtype(dtype)
+    path = Path(path)
+    cfg = read_config(path)
+    infos = read_all_headers(path)
+    with params_on_meta():
+        model = YoutuVLForConditionalGeneration(cfg)
+    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    tied = cfg.tie_word_embeddings
+    validate(expected, infos, tied, path)
+
+    state: dict[str, torch.Tensor] = {}
+    names = [n for n in expected if n in infos and not (tied and n == "lm_head.weight")]
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(infos[n].path, []).append(n)
+    for fpath, fnames in by_file.items():
+        with open(fpath, "rb") as f:
+            for n in sorted(fnames, key=lambda n: infos[n].begin):
+                t = read_tensor(infos[n], f)
+                state[n] = t.to(device=device, dtype=dt)
+                del t
+    if tied and "lm_head.weight" in infos:
+        head = read_tensor(infos["lm_head.weight"]).to(device=device, dtype=dt)
+        if not torch.equal(head, state["model.embed_tokens.weight"]):
+            raise CheckpointError(
+                f"{path}: config says tie_word_embeddings=true but lm_head.weight differs from "
+                "model.embed_tokens.weight; set tie_word_embeddings to false to use the separate head")
+        del head
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        # assign=True replaced the embedding Parameter; the head must point at the new one.
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.to(device)
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_meta:
+        raise CheckpointError(f"{path}: parameters left unloaded: {still_meta}")
+    return model.eval()

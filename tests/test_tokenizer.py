@@ -1,0 +1,168 @@
+"""Tokenizer builder (both layouts), Vocab look-ups and the chat template."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from densert import tokens as T
+from densert.chat import (CHAT_TEMPLATE, ChatError, encode_chat, expand_image_pads, render_chat,
+                          render_jinja, user_message)
+from densert.tokenizer import build_tokenizer_json
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return T.Vocab.from_str(build_tokenizer_json("tiny"), "tiny")
+
+
+@pytest.fixture(scope="module")
+def big():
+    return T.Vocab.from_str(build_tokenizer_json("youtu-vl-4b"), "youtu-vl-4b")
+
+
+def test_build_is_deterministic_across_processes():
+    code = ("import hashlib,sys; from densert.tokenizer import build_tokenizer_json as b; "
+            "sys.stdout.write(hashlib.sha256(b('tiny').encode()).hexdigest())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    here = hashlib.sha256(build_tokenizer_json("tiny").encode()).hexdigest()
+    assert other.stdout == here
+
+
+def test_youtu_layout_verified_ids(big):
+    assert len(big) == 283386
+    assert big.token_id(T.BOS) == 128000 and big.token_id(T.EOS) == 128001
+    assert [big.token_id(s) for s in (T.VISION_START, T.VISION_END, T.IMAGE_PAD, T.VIDEO_PAD)] == \
+        [128262, 128263, 128264, 128265]
+    for k in (0, 1, 777, 2047):
+        assert big.token_id(T.x_token(k)) == 278267 + 2 * k
+        assert big.token_id(T.y_token(k)) == 278268 + 2 * k
+        assert big.coord_value(278267 + 2 * k) == ("x", k)
+        assert big.coord_value(278268 + 2 * k) == ("y", k)
+    assert big.coord_value(128000) is None
+    bins = big.depth_bin_ids()
+    assert bins.dtype == torch.long and bins.shape == (1000,)
+    assert int(bins.min()) >= 282363 and int(bins.max()) <= 283385
+    assert torch.equal(bins, torch.arange(int(bins[0]), int(bins[0]) + 1000))
+    tags = [big.token_id(s) for s in T.TAG_TOKENS]
+    assert min(tags) == 282363 and len(set(tags) | set(bins.tolist())) == len(tags) + 1000
+
+
+def test_tiny_layout_contiguous(tiny):
+    n = len(tiny)
+    assert 1000 <= tiny.token_id(T.BOS) <= 2100   # base BPE vocab of ~1-2k
+    assert sorted(tiny.tok.get_vocab(with_added_tokens=True).values()) == list(range(n))
+    ids = [tiny.token_id(s) for s in T.CONTROL_TOKENS]
+    assert ids == list(range(ids[0], ids[0] + 6))
+    assert tiny.coord_value(tiny.token_id("<y_5>")) == ("y", 5)
+    assert tiny.depth_bin_ids()[-1] == n - 1
+
+
+@pytest.mark.parametrize("layout", ["tiny", "youtu-vl-4b"])
+def test_special_strings_encode_to_one_id(layout, tiny, big):
+    v = tiny if layout == "tiny" else big
+    text = "a <ref>floor</ref><box><x_12><y_2047></box><mask>(0,3)</mask><custom_1000><|image_pad|>"
+    ids = v.encode(text)
+    for s in ("<ref>", "</ref>", "<x_12>", "<y_2047>", "<custom_1000>", T.IMAGE_PAD, "<mask>"):
+        assert ids.count(v.token_id(s)) == 1, s
+    assert v.decode(ids) == text
+    assert T.BOS not in v.decode(v.encode("hello"))     # no implicit bos
+    assert v.decode(v.encode("hello") + [v.eos_id], skip_special_tokens=True) == "hello"
+
+
+def test_name_ids_leading_space(tiny):
+    spaced = tiny.name_ids("floor")
+    bare = tiny.name_ids("floor", leading_space=False)
+    assert tiny.decode(spaced) == " floor" and tiny.decode(bare) == "floor"
+    assert spaced != bare
+    assert len(tiny.name_ids("traffic light")) >= 2
+    with pytest.raises(ValueError, match="empty"):
+        tiny.name_ids("  ")
+
+
+def test_token_id_error_names_token_and_file(tiny):
+    with pytest.raises(T.TokenizerError, match=r"<nope>.*tiny"):
+        tiny.token_id("<nope>")
+    with pytest.raises(ValueError, match="depth bin"):
+        T.custom_token(0)
+    with pytest.raises(ValueError, match="x coordinate"):
+        T.x_token(2048)
+
+
+def test_vocab_from_missing_or_bad_file(tmp_path):
+    with pytest.raises(T.TokenizerError, match="tokenizer.json"):
+        T.Vocab.from_file(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(T.TokenizerError, match="not a valid"):
+        T.Vocab.from_file(tmp_path)
+
+
+# ---------------------------------------------------------------- chat template
+SPEC_ONE_TURN = ("<|begin_of_text|>system\nYou are a helpful assistant.<|end_of_text|>\n"
+                 "<|begin_of_text|>user\n<|vision_start|>" + "<|image_pad|>" * 3 +
+                 "<|vision_end|>Estimate the depth.<|end_of_text|>\n<|begin_of_text|>assistant\n")
+
+
+def test_render_matches_spec_string():
+    assert render_chat([user_message("Estimate the depth.")], [3]) == SPEC_ONE_TURN
+
+
+def test_prompt_before_image_and_multi_turn():
+    msgs = [{"role": "system", "content": "Be brief."},
+            user_message("Please estimate the depth of this image from the NYUv2 dataset.",
+                         image_first=False),
+            {"role": "assistant", "content": "<depth><mask>(1,4)</mask>"},
+            {"role": "user", "content": "Again."}]
+    want = ("<|begin_of_text|>system\nBe brief.<|end_of_text|>\n"
+            "<|begin_of_text|>user\nPlease estimate the depth of this image from the NYUv2 dataset."
+            "<|vision_start|><|image_pad|><|image_pad|><|vision_end|><|end_of_text|>\n"
+            "<|begin_of_text|>assistant\n<depth><mask>(1,4)</mask><|end_of_text|>\n"
+            "<|begin_of_text|>user\nAgain.<|end_of_text|>\n<|begin_of_text|>assistant\n")
+    assert render_chat(msgs, [2]) == want
+    assert render_chat(msgs, [2], add_generation_prompt=False) == want.removesuffix(
+        "<|begin_of_text|>assistant\n")
+
+
+@pytest.mark.parametrize("msgs,counts", [
+    ([user_message("Segment: floor, wall.")], [5]),
+    ([user_message("Estimate the depth.", image_first=False)], [1]),
+    ([{"role": "user", "content": "no image"}], []),
+    ([{"role": "system", "content": "S"}, {"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "compare"}, {"type": "image"}]},
+      {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and?"}], [4, 2]),
+])
+@pytest.mark.parametrize("gen", [True, False])
+def test_jinja_equals_python(msgs, counts, gen):
+    assert expand_image_pads(render_jinja(msgs, gen), counts) == render_chat(msgs, counts, gen)
+
+
+def test_encode_chat_ids(tiny):
+    msgs = [user_message("Segment: floor, wall.")]
+    ids = encode_chat(tiny, msgs, [7])
+    assert ids.shape[0] == 1 and ids.dtype == torch.long
+    assert ids[0].tolist() == tiny.encode(render_chat(msgs, [7]))
+    assert int((ids == tiny.image_pad_id).sum()) == 7
+    assert ids[0, 0] == tiny.bos_id and int((ids == tiny.bos_id).sum()) == 3
+
+
+def test_chat_errors(tiny):
+    with pytest.raises(ChatError, match="1 image.*0 entries"):
+        render_chat([user_message("x")], [])
+    with pytest.raises(ChatError, match="role"):
+        render_chat([{"role": "robot", "content": "x"}])
+    with pytest.raises(ChatError, match="segment 0"):
+        render_chat([{"role": "user", "content": [{"type": "video"}]}])
+    with pytest.raises(ChatError, match="control token"):
+        encode_chat(tiny, [{"role": "user", "content": "sneaky <|image_pad|>"}])
+
+
+def test_template_files_in_checkpoint(tiny_checkpoint):
+    ct = json.loads((tiny_checkpoint / "chat_template.json").read_text())["chat_template"]
+    tc = json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())
+    assert ct == tc["chat_template"] == CHAT_TEMPLATE
+    assert expand_image_pads(render_jinja([user_message("Estimate the depth.")], template=ct), [3]) \
+        == SPEC_ONE_TURN
