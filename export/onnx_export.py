@@ -215,7 +215,11 @@ class PrefillGraph(nn.Module):
         rows = torch.cat([image_embeds.to(emb.dtype), emb[0, :1] * 0], dim=0)
         x = torch.where(is_img[..., None], rows[slot.long()], emb)
         h, present = self.m.model(x, None, self.layout)
-        pos = torch.nonzero(is_img[0]).squeeze(1)                          # [M]
+        # Position of the k-th image pad = #positions whose running pad count is <= k. Shapes
+        # follow image_embeds (no NonZero), so TensorRT knows every output shape before running.
+        cum = torch.cumsum(is_img[0].to(torch.int32), dim=0)              # [T]
+        k = torch.arange(image_embeds.shape[0], dtype=torch.int32)        # [M]
+        pos = (cum[None, :] <= k[:, None]).to(torch.float32).sum(1).to(torch.int64)  # [M]
         vision_hidden = h[0].index_select(0, pos)
         first = torch.argmax(is_img[0].to(torch.int32)).reshape(1)
         pre = h[0].index_select(0, (first - 1).clamp(min=0))               # [1, d]

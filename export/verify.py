@@ -1,0 +1,217 @@
+"""Parity gate: every stage of an engine directory against the eager torch reference.
+
+Per image: vision embeddings, prefill outputs (vision hidden states, the hidden state before the
+first image pad, last logits, KV cache, task subset scores), and ``decode_steps`` greedy decode
+steps fed with the engine's own cache (logits per step, and the generated tokens). Per tensor:
+max abs error, relative error (max abs error / max |reference|) and cosine similarity. Dense maps:
+task scores bilinearly upsampled to the image's pixels (``pytorch_half_pixel``), argmax, and the
+share of pixels where the engine's argmax equals the reference's, counted over pixels whose
+reference top-2 margin is not a near-tie.
+
+Thresholds (``THRESHOLDS``), reference = fp32 torch on CPU:
+
+============  ===========  =============  =========================  ==============
+precision     cosine >=    rel. error <=  dense-map agreement >=     greedy tokens
+============  ===========  =============  =========================  ==============
+fp32          0.99999      1e-3           99.9 % (tie margin 1e-3)   identical
+fp16          0.999        5e-2           99.0 % (tie margin 2e-2)   reported only
+============  ===========  =============  =========================  ==============
+
+The tie margin is relative to the standard deviation of the reference scores of that map.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..generation import greedy_decode
+from ..runtime.backend import TorchBackend
+from ..vision_meta import build_vision_meta
+
+THRESHOLDS = {
+    "fp32": {"cosine": 0.99999, "rel": 1e-3, "dense": 0.999, "tie": 1e-3, "tokens": True},
+    "fp16": {"cosine": 0.999, "rel": 5e-2, "dense": 0.99, "tie": 2e-2, "tokens": False},
+}
+DEFAULT_GRIDS = ((8, 8), (12, 20), (34, 18))  # patches: square, wide with padded windows, tall
+
+
+@dataclass
+class TensorStat:
+    name: str
+    max_abs: float
+    rel: float
+    cosine: float
+    ok: bool
+
+
+@dataclass
+class Report:
+    precision: str
+    tensors: list[TensorStat] = field(default_factory=list)
+    dense: list[tuple[str, float, int, bool]] = field(default_factory=list)  # (name, agreement, pixels, ok)
+    tokens: list[tuple[str, list[int], list[int], bool]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (all(t.ok for t in self.tensors) and all(d[3] for d in self.dense)
+                and all(t[3] for t in self.tokens))
+
+    def format(self) -> str:
+        th = THRESHOLDS[self.precision]
+        lines = [f"parity vs torch fp32 ({self.precision}: cosine >= {th['cosine']}, rel <= {th['rel']}, "
+                 f"dense agreement >= {th['dense'] * 100:.1f}%)",
+                 f"{'tensor':<44}{'max_abs':>12}{'rel':>12}{'cosine':>12}  ok"]
+        for t in self.tensors:
+            lines.append(f"{t.name:<44}{t.max_abs:>12.3e}{t.rel:>12.3e}{t.cosine:>12.7f}  {'ok' if t.ok else 'FAIL'}")
+        for name, agree, n, ok in self.dense:
+            lines.append(f"{name:<44} argmax agreement {agree * 100:8.3f}% of {n} non-tie pixels  {'ok' if ok else 'FAIL'}")
+        for name, ref, got, ok in self.tokens:
+            lines.append(f"{name:<44} torch {ref} engine {got}  {'ok' if ok else 'FAIL'}")
+        lines.append("PASS" if self.ok else "FAIL")
+        return "\n".join(lines)
+
+
+def compare(name: str, ref: torch.Tensor, got: torch.Tensor, th: dict) -> TensorStat:
+    if tuple(ref.shape) != tuple(got.shape):
+        return TensorStat(f"{name} shape {tuple(got.shape)} != {tuple(ref.shape)}", math.inf, math.inf, 0.0, False)
+    r, g = ref.double().flatten(), got.double().flatten()
+    if r.numel() == 0:
+        return TensorStat(name, 0.0, 0.0, 1.0, True)
+    max_abs = float((r - g).abs().max())
+    rel = max_abs / max(float(r.abs().max()), 1e-12)
+    cos = float(F.cosine_similarity(r, g, dim=0)) if r.norm() > 0 or g.norm() > 0 else 1.0
+    return TensorStat(name, max_abs, rel, cos, cos >= th["cosine"] and rel <= th["rel"])
+
+
+def dense_agreement(ref_scores: torch.Tensor, got_scores: torch.Tensor, merged_grid: tuple[int, int],
+                    out_hw: tuple[int, int], tie: float) -> tuple[float, int]:
+    """[M, K] scores -> per-pixel argmax at out_hw; share equal over non-near-tie pixels."""
+    mh, mw = merged_grid
+
+    def up(s):
+        s = s.float().T.reshape(1, -1, mh, mw)
+        return F.interpolate(s, size=out_hw, mode="bilinear", align_corners=False)[0]
+
+    r, g = up(ref_scores), up(got_scores)
+    top2 = r.topk(2, dim=0).values
+    margin = top2[0] - top2[1]
+    keep = margin >= tie * float(ref_scores.float().std())
+    n = int(keep.sum())
+    if n == 0:
+        return 1.0, 0
+    return float((r.argmax(0) == g.argmax(0))[keep].float().mean()), n
+
+
+def synthetic_images(grids: Sequence[tuple[int, int]], seed: int = 0):
+    """Smooth synthetic images (low-frequency colour fields + edges) at the given patch grids,
+    through the real patchify of the runtime preprocessor."""
+    from ..runtime.preprocess import PATCH, normalize, patchify
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for gh, gw in grids:
+        H, W = gh * PATCH, gw * PATCH
+        low = torch.rand(1, 3, max(gh // 4, 2), max(gw // 4, 2), generator=g)
+        img = F.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)[0]
+        img[:, : H // 2, W // 3:] = 1 - img[:, : H // 2, W // 3:]
+        arr = (img.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        out.append((f"synthetic {H}x{W}", patchify(normalize(arr)), (gh, gw)))
+    return out
+
+
+def load_images(paths: Sequence[str], max_patches: int):
+    from ..runtime.preprocess import preprocess
+    out = []
+    for p in paths:
+        pre = preprocess(p, max_patches=max_patches)
+        out.append((Path(p).name, pre.pixel_values, pre.grid))
+    return out
+
+
+def prompt_ids(cfg, n_cells: int) -> torch.Tensor:
+    """bos, a few text tokens, the image block, more text: the shape of every densert prompt."""
+    v = cfg.vocab_size
+    ids = [cfg.bos_token_id, 17 % v, 23 % v, cfg.vision_start_token_id,
+           *([cfg.image_token_id] * n_cells), cfg.vision_end_token_id, 29 % v, 31 % v]
+    return torch.tensor([ids])
+
+
+@torch.no_grad()
+def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] = (),
+           grids: Sequence[tuple[int, int]] = DEFAULT_GRIDS, decode_steps: int = 6,
+           model=None, backend=None, log=print) -> Report:
+    from .onnx_export import load_model, subset_weight
+    from .ort_backend import OrtBackend
+    eng = backend or OrtBackend(engine_dir, model_dir=model_dir)
+    m = eng.manifest
+    th = THRESHOLDS[m["precision"]]
+    model = model if model is not None else load_model(model_dir, torch.float32)
+    ref = TorchBackend(model.float().eval(), cache_layout=m["cache_layout"])
+    cfg = model.config
+    subsets = {t: subset_weight(model.lm_head.weight, info["groups"])
+               for t, info in m["tasks"].items() if info.get("groups")}
+    rep = Report(m["precision"])
+    items = load_images(images, m["max_patches"]) if images else synthetic_images(grids)
+    for label, px, grid in items:
+        log(f"verify: {label} (grid {grid[0]}x{grid[1]} patches, {px.shape[0] // 4} image tokens)")
+        meta = build_vision_meta([grid], cfg.vision_config)
+        e_ref = ref.encode_image(px, meta)
+        e_got = eng.encode_image(px, meta)
+        rep.tensors.append(compare(f"[{label}] vision image_embeds", e_ref, e_got, th))
+        ids = prompt_ids(cfg, e_ref.shape[0])
+        # Both prefills take the reference embeddings so each stage is judged on its own.
+        p_ref, p_got = ref.prefill(ids, e_ref), eng.prefill(ids, e_ref)
+        rep.tensors.append(compare(f"[{label}] prefill vision_hidden", p_ref.vision_hidden, p_got.vision_hidden, th))
+        rep.tensors.append(compare(f"[{label}] prefill pre_vision_hidden", p_ref.pre_vision_hidden,
+                                   p_got.pre_vision_hidden, th))
+        rep.tensors.append(compare(f"[{label}] prefill last_logits", p_ref.last_logits, p_got.last_logits, th))
+        for i, (cr, cg) in enumerate(zip(p_ref.cache, eng.cache_tensors(p_got.cache))):
+            rep.tensors.append(compare(f"[{label}] prefill cache[{i}]", cr, cg, th))
+        out_hw = (grid[0] * cfg.vision_config.patch_size, grid[1] * cfg.vision_config.patch_size)
+        for t, w in subsets.items():
+            s_ref = p_ref.vision_hidden.float() @ w.T
+            s_got = p_got.scores[t]
+            rep.tensors.append(compare(f"[{label}] prefill scores_{t}", s_ref, s_got, th))
+            agree, n = dense_agreement(s_ref, s_got, (grid[0] // 2, grid[1] // 2), out_hw, th["tie"])
+            rep.dense.append((f"[{label}] {t} map {out_hw[0]}x{out_hw[1]}", agree, n, agree >= th["dense"]))
+        # End-to-end with the engine's own vision output: the dense map a user would get.
+        if subsets:
+            p_e2e = eng.prefill(ids, e_got)
+            for t, w in subsets.items():
+                agree, n = dense_agreement(p_ref.vision_hidden.float() @ w.T, p_e2e.scores[t],
+                                           (grid[0] // 2, grid[1] // 2), out_hw, th["tie"])
+                rep.dense.append((f"[{label}] {t} map end-to-end", agree, n, agree >= th["dense"]))
+        if "llm_decode" in m["graphs"] and decode_steps:
+            steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+            def ref_step(tok, cache):
+                return ref.decode(tok, cache)
+
+            def got_step(tok, cache):
+                lg, cache = eng.decode(tok, cache)
+                # Teacher-forced comparison: the engine's logits for the same token stream.
+                return lg, cache
+
+            toks_ref, cache_r = greedy_decode(ref_step, p_ref.last_logits, p_ref.cache, decode_steps)
+            toks_got, cache_g = greedy_decode(got_step, p_got.last_logits, p_got.cache, decode_steps)
+            rep.tokens.append((f"[{label}] greedy tokens", toks_ref, toks_got,
+                               toks_ref == toks_got or not th["tokens"]))
+            # Per-step logits on the reference token stream (independent of argmax flips).
+            cr, cg = p_ref.cache, p_got.cache
+            worst = None
+            for tok in toks_ref[:-1] or toks_ref:
+                lr, cr = ref.decode(tok, cr)
+                lg, cg = eng.decode(tok, cg)
+                s = compare(f"[{label}] decode logits", lr, lg, th)
+                if worst is None or s.cosine < worst.cosine or s.rel > worst.rel:
+                    worst = s
+            if worst is not None:
+                worst.name = f"[{label}] decode logits (worst of {len(toks_ref[:-1] or toks_ref)} steps)"
+                rep.tensors.append(worst)
+            for i, (a, b) in enumerate(zip(cr, eng.cache_tensors(cg))):
+                rep.tensors.append(compare(f"[{label}] decode cache[{i}] after {cg.length} tokens", a, b, th))
+    return rep
