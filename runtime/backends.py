@@ -1,0 +1,63 @@
+"""Backends by name, and the lm_head rows the dense head needs from whichever backend runs.
+
+``torch`` is the reference (``TorchBackend``); ``onnxruntime`` and ``tensorrt`` live in
+``densert.export`` and are imported only when asked for, so a torch-only install works.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be created here (unknown name, missing package or engine)."""
+
+
+def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "float32",
+                 engine_dir: str | Path | None = None, device: str | None = None):
+    if name == "torch":
+        from densert.loader import load_model
+
+        from .backend import TorchBackend
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return TorchBackend(load_model(model_dir, dtype, device=dev))
+    if name == "onnxruntime":
+        cls = _import("densert.export.ort_backend", "OrtBackend", name)
+    elif name == "tensorrt":
+        cls = _import("densert.export.trt_backend", "TrtBackend", name)
+    else:
+        raise BackendError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    from densert.checkpoint import resolve_dtype
+    return cls.from_model(model_dir, engine_dir=engine_dir, dtype=resolve_dtype(dtype))
+
+
+def _import(module: str, attr: str, name: str):
+    import importlib
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        raise BackendError(f"backend {name!r} is not available in this install ({module}: {e}); "
+                           "use --backend torch") from None
+    except AttributeError:
+        raise BackendError(f"backend {name!r}: {module} has no {attr}") from None
+
+
+def lm_head_weight(backend, model_dir: str | Path | None) -> torch.Tensor:
+    """[V, d] lm_head weight. From the torch model when there is one (no copy), else read from
+    the checkpoint's safetensors (``lm_head.weight``, or the tied ``model.embed_tokens.weight``).
+    Only a few rows are ever used (``kernels.dense_head.subset_weight``)."""
+    model = getattr(backend, "model", None)
+    if model is not None and hasattr(model, "lm_head"):
+        return model.lm_head.weight.detach()
+    if model_dir is None:
+        raise BackendError(f"backend {backend.name!r} exposes no lm_head and no model_dir was given")
+    from densert.checkpoint import read_all_headers
+    from densert.loader import read_tensor
+    infos = read_all_headers(model_dir)
+    for key in ("lm_head.weight", "model.embed_tokens.weight"):
+        if key in infos:
+            return read_tensor(infos[key]).float()
+    raise BackendError(f"{model_dir}: neither lm_head.weight nor model.embed_tokens.weight found")

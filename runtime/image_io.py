@@ -1,0 +1,158 @@
+"""Decoding real-world image files into the uint8 RGB array the processor expects.
+
+What the released processor sees is ``PIL.Image.open(...).convert("RGB")`` through transformers'
+``convert_to_rgb``; we reproduce that and handle the cases it leaves to chance:
+
+- EXIF orientation is applied (a phone portrait is processed upright, as a person sees it).
+- Alpha (RGBA, LA, PA, palette with transparency) is composited on **white**, as transformers'
+  ``convert_to_rgb`` does, rather than dropped (dropping alpha exposes arbitrary colours that
+  were hidden under transparent pixels).
+- 16-bit and 32-bit integer greyscale (PNG ``I;16``/``I``) is scaled to 8 bit by value/257
+  (65535 -> 255), rounded; float images (``F``) are clipped to 0..255.
+- Very large JPEGs are decoded with ``Image.draft`` at the smallest DCT scale that still covers
+  ``min_side`` pixels, so a 200 MP photo never allocates its full-resolution buffer. Only files
+  above ``DRAFT_ABOVE_PIXELS`` take this path: below it decoding is exact, as in the processor.
+- Anything PIL cannot decode (corrupt, empty, truncated, not an image) raises ``ImageError``
+  naming the file.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm")
+
+# Files with more pixels than this are decoded at reduced scale where the codec allows (JPEG).
+DRAFT_ABOVE_PIXELS = 64_000_000
+# Hard ceiling on what we agree to decode at all (PIL's own bomb guard is 2x178 MP).
+MAX_DECODE_PIXELS = 1_000_000_000
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message names the file and the problem."""
+
+
+def load_rgb(source, min_side: int | None = None) -> np.ndarray:
+    """Decode ``source`` (path, bytes, PIL image or HxWx3/HxW array) to uint8 RGB [H, W, 3].
+
+    ``min_side``: the decoder may reduce huge JPEGs but never below this many pixels on the
+    shorter side (callers pass the processor's target size so no detail that survives the
+    final resize is lost).
+    """
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source, "<array>")
+    if isinstance(source, Image.Image):
+        return _pil_to_rgb(source, "<PIL image>")
+    name = str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>"
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if not p.exists():
+            raise ImageError(f"{p}: no such file")
+        if p.is_dir():
+            raise ImageError(f"{p}: is a directory, not an image file")
+        if p.stat().st_size == 0:
+            raise ImageError(f"{p}: empty file (0 bytes), not an image")
+        fp = open(p, "rb")
+    else:
+        if not source:
+            raise ImageError(f"{name}: empty input (0 bytes), not an image")
+        fp = io.BytesIO(bytes(source))
+    try:
+        with fp, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS
+            try:
+                img = Image.open(fp)
+            except UnidentifiedImageError:
+                raise ImageError(f"{name}: not a recognised image format (corrupt or not an "
+                                 "image file)") from None
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise ImageError(f"{name}: image has an impossible size {w}x{h}")
+            if w * h > DRAFT_ABOVE_PIXELS and img.format == "JPEG":
+                floor = max(1, min_side or 1)
+                # draft picks the largest reduction whose result is still >= the requested size.
+                short = min(w, h)
+                img.draft("RGB", (max(1, w * floor // short), max(1, h * floor // short)))
+            try:
+                img.load()
+            except (OSError, SyntaxError, ValueError) as e:
+                raise ImageError(f"{name}: cannot decode image data ({e}); the file is corrupt "
+                                 "or truncated") from None
+            return _pil_to_rgb(img, name)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: image too large to decode safely ({e})") from None
+    except Image.DecompressionBombWarning as e:
+        raise ImageError(f"{name}: image too large to decode safely ({e})") from None
+    except MemoryError:
+        raise ImageError(f"{name}: out of memory while decoding the image") from None
+
+
+def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not make a readable image fail
+        pass
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img).astype(np.float64)
+        # 'I' also holds plain 8-bit data promoted by some codecs: only rescale real 16-bit ranges.
+        if mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0
+        return _gray_to_rgb(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    if mode == "F":
+        return _gray_to_rgb(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8))
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode in ("LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    elif mode == "L" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        bg.alpha_composite(img)
+        img = bg
+    out = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    if out.ndim != 3 or out.shape[2] != 3 or out.shape[0] == 0 or out.shape[1] == 0:
+        raise ImageError(f"{name}: decoded to an unusable array of shape {out.shape}")
+    return np.ascontiguousarray(out)
+
+
+def _gray_to_rgb(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=2))
+
+
+def _array_to_rgb(a: np.ndarray, name: str) -> np.ndarray:
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ImageError(f"{name}: expected an HxW, HxWx1, HxWx3 or HxWx4 array, got shape "
+                         f"{a.shape}")
+    if a.dtype == np.uint16:
+        a = np.rint(a / 257.0)
+    elif a.dtype.kind == "f" and a.max(initial=0) <= 1.0:
+        a = a * 255.0
+    a = np.clip(np.rint(a), 0, 255).astype(np.uint8) if a.dtype != np.uint8 else a
+    if a.shape[2] == 4:
+        alpha = a[..., 3:4].astype(np.float32) / 255.0
+        a = np.rint(a[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    return np.ascontiguousarray(a)
+
+
+def list_images(paths) -> list[Path]:
+    """Expand directories (sorted, image extensions only, not recursive); keep files as given."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            out.append(p)
+    return out
