@@ -346,7 +346,8 @@ def write_checkpoint(model, out_dir: str | Path, tokenizer_json: str | Path,
     """Write ``model`` (a YoutuVLForConditionalGeneration) in the released layout.
 
     ``tokenizer_json``: the JSON text or a path to a tokenizer.json. The config's token ids must
-    match it. ``max_shard_bytes``: None = one model.safetensors, else shards + index.
+    match it. ``max_shard_bytes``: None = one model.safetensors, else shards + index; a single
+    tensor larger than the limit gets a shard of its own.
     """
     dt = resolve_dtype(dtype)
     out = _prepare_out(out_dir, overwrite)

@@ -1,0 +1,148 @@
+"""``densert inspect MODEL_DIR``: what a checkpoint holds, from its headers only (no weights read).
+
+Exit 0 with a summary when the checkpoint would load; exit 2 with the reason when it would not
+(the same validation as ``load_model``: config, safetensors headers against file sizes, the
+index, and every tensor name and shape against the architecture in config.json).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from . import tokens as T
+from .checkpoint import CheckpointError, read_all_headers, read_config
+
+
+def summarize(path: str | Path) -> dict:
+    """The inspection result as a JSON-able dict; raises CheckpointError if broken."""
+    import torch
+
+    from .loader import IGNORED_KEYS, validate
+    from .modeling import YoutuVLForConditionalGeneration
+    path = Path(path)
+    cfg = read_config(path)
+    infos = read_all_headers(path)
+    with torch.device("meta"):
+        meta = YoutuVLForConditionalGeneration(cfg)
+    validate({n: tuple(p.shape) for n, p in meta.state_dict().items()}, infos,
+             cfg.tie_word_embeddings, path)
+
+    params: Counter = Counter()
+    dtypes: Counter = Counter()
+    for name, info in infos.items():
+        if name in IGNORED_KEYS:
+            continue
+        params[name.split(".")[0]] += info.numel
+        dtypes[info.dtype] += info.numel
+    tied = cfg.tie_word_embeddings
+    if tied:
+        params["lm_head"] = 0
+    vc = cfg.vision_config
+    out = {
+        "path": str(path),
+        "architecture": {
+            "text": {"layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+                     "heads": cfg.num_attention_heads, "q_lora_rank": cfg.q_lora_rank,
+                     "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+                     "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
+                     "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
+                     "rope_theta": cfg.rope_theta},
+            "vision": {"layers": vc.num_hidden_layers, "hidden_size": vc.hidden_size,
+                       "heads": vc.num_attention_heads, "patch_size": vc.patch_size,
+                       "spatial_merge_size": vc.spatial_merge_size, "window_size": vc.window_size,
+                       "fullatt_block_indexes": vc.fullatt_block_indexes},
+        },
+        "parameters": {k: params.get(k, 0) for k in ("siglip2", "merger", "model", "lm_head")},
+        "parameters_total": sum(params.values()),
+        "dtypes_on_disk": dict(sorted(dtypes.items())),
+        "bytes_on_disk": sum(i.end - i.begin for i in infos.values()),
+        "files": sorted({i.path.name for i in infos.values()}),
+        "tied_lm_head": tied,
+        "lm_head_on_disk": "lm_head.weight" in infos,
+        "ignored_tensors": sorted(set(infos) & IGNORED_KEYS),
+        "config_token_ids": {k: getattr(cfg, k) for k in (
+            "bos_token_id", "eos_token_id", "pad_token_id", "image_token_id", "video_token_id",
+            "vision_start_token_id", "vision_end_token_id")},
+    }
+    out.update(_tokenizer_summary(path, cfg))
+    return out
+
+
+def _tokenizer_summary(path: Path, cfg) -> dict:
+    if not (path / "tokenizer.json").is_file():
+        return {"tokenizer": None}
+    try:
+        vocab = T.Vocab.from_file(path / "tokenizer.json")
+    except T.TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    special = vocab.special_ids()
+    if special.get(T.IMAGE_PAD) not in (None, cfg.image_token_id):
+        raise CheckpointError(f"{path}: config image_token_id {cfg.image_token_id} but tokenizer.json "
+                              f"has {T.IMAGE_PAD} = {special[T.IMAGE_PAD]}")
+    if len(vocab) > cfg.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer.json has {len(vocab)} ids but vocab_size is "
+                              f"{cfg.vocab_size}")
+    try:
+        bins = vocab.depth_bin_ids()
+        depth = {"first": int(bins[0]), "last": int(bins[-1]),
+                 "contiguous": bool((bins.diff() == 1).all())}
+    except T.TokenizerError:
+        depth = None
+    coords = [vocab.tok.token_to_id(s) for s in (T.x_token(0), T.y_token(T.N_COORDS - 1))]
+    return {"tokenizer": {"size": len(vocab), "special_ids": special, "depth_bins": depth,
+                          "coord_ids": coords if None not in coords else None}}
+
+
+def format_text(s: dict) -> str:
+    a, p = s["architecture"], s["parameters"]
+    t, v = a["text"], a["vision"]
+    m = lambda n: f"{n / 1e6:,.2f} M"  # noqa: E731
+    lines = [
+        f"checkpoint  {s['path']}",
+        f"text        {t['layers']} layers, d={t['hidden_size']}, {t['heads']} heads, MLA q_lora "
+        f"{t['q_lora_rank']} kv_lora {t['kv_lora_rank']} (nope {t['qk_nope_head_dim']} + rope "
+        f"{t['qk_rope_head_dim']}, v {t['v_head_dim']}), mlp {t['intermediate_size']}, "
+        f"vocab {t['vocab_size']}",
+        f"vision      {v['layers']} layers, d={v['hidden_size']}, {v['heads']} heads, patch "
+        f"{v['patch_size']}, merge {v['spatial_merge_size']}, window {v['window_size']} px, "
+        f"full attention at {v['fullatt_block_indexes']}",
+        "parameters  " + ", ".join(f"{k} {m(n)}" for k, n in p.items())
+        + f"  (total {m(s['parameters_total'])})",
+        f"lm_head     {'tied to model.embed_tokens' if s['tied_lm_head'] else 'separate'}"
+        f"{' (also stored on disk)' if s['lm_head_on_disk'] and s['tied_lm_head'] else ''}",
+        "on disk     " + ", ".join(f"{d}: {m(n)}" for d, n in s["dtypes_on_disk"].items())
+        + f"; {s['bytes_on_disk'] / 2**20:,.1f} MiB in {len(s['files'])} file(s)",
+        "token ids   " + ", ".join(f"{k.removesuffix('_token_id')}={v}"
+                                   for k, v in s["config_token_ids"].items()),
+    ]
+    if s["ignored_tensors"]:
+        lines.append(f"ignored     {', '.join(s['ignored_tensors'])}")
+    tok = s["tokenizer"]
+    if tok is None:
+        lines.append("tokenizer   (no tokenizer.json)")
+    else:
+        lines.append(f"tokenizer   {tok['size']} ids; " + ", ".join(
+            f"{k}={i}" for k, i in tok["special_ids"].items()))
+        d = tok["depth_bins"]
+        lines.append("depth bins  " + ("not in vocabulary" if d is None else
+                                       f"<custom_1>..<custom_1000> = {d['first']}..{d['last']}"
+                                       f"{'' if d['contiguous'] else ' (not contiguous)'}"))
+        if tok["coord_ids"]:
+            lines.append(f"coords      <x_0>={tok['coord_ids'][0]} .. <y_2047>={tok['coord_ids'][1]}")
+    return "\n".join(lines)
+
+
+def configure(parser) -> None:
+    parser.add_argument("model_dir", help="checkpoint directory")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run(args) -> int:
+    from .cli import CLIError
+    try:
+        s = summarize(args.model_dir)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+    print(json.dumps(s, indent=2) if args.json else format_text(s))
+    return 0
