@@ -1,0 +1,262 @@
+"""``densert bench``: per-stage latency, memory and roofline, backend against backend.
+
+Each backend runs in its own worker process (``densert.benchmarks.harness``) so its peak RSS is
+its own; the parent measures this CPU's GEMM / copy peaks first (workers not yet running), then
+collects the workers' records, adds the analytic roofline per stage (``roofline.py``), the
+ratios against the baselines, machine and library versions, and writes JSON (schema:
+``benchmarks/schema.json``), Markdown and PNG plots.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+QUICK = {"sizes": ["64x64", "96x128"], "runs": 3, "warmup": 1, "decode_cap": 4}
+
+
+def configure(parser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory (default: the bundled densert-tiny)")
+    parser.add_argument("--backend", nargs="+", default=list(BACKENDS), choices=BACKENDS,
+                        help="backends to compare (unavailable ones are reported as skipped)")
+    parser.add_argument("--task", nargs="+", default=["depth", "segment"], choices=["depth", "segment"])
+    parser.add_argument("--sizes", nargs="+", default=None, metavar="HxW",
+                        help="image sizes (default 256x256 480x640; --quick: 64x64 96x128)")
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per case (default 10)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2)")
+    parser.add_argument("--decode-cap", type=int, default=None,
+                        help="max decode steps of the generate-everything path (default 32); "
+                             "the rest is extrapolated")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--engine-dir", default=None, help="engine directory for onnxruntime/tensorrt")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the naive full-vocab head")
+    parser.add_argument("--json", default=None, metavar="FILE")
+    parser.add_argument("--md", default=None, metavar="FILE")
+    parser.add_argument("--plots", default=None, metavar="DIR")
+    parser.add_argument("--label", default=None,
+                        help="free text stored with the results (e.g. 'shared machine, 6 users')")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"CI mode: {QUICK['sizes']}, {QUICK['runs']} runs, "
+                             f"{QUICK['warmup']} warm-up, {QUICK['decode_cap']} decode steps")
+
+
+def _resolve_model(arg):
+    from densert.cli import CLIError
+    if arg is None:
+        from densert.runtime.predictor import ModelDirError, default_model_dir
+        try:
+            return default_model_dir()
+        except ModelDirError as e:
+            raise CLIError(str(e)) from None
+    p = Path(arg)
+    if not (p / "config.json").is_file() or not (p / "tokenizer.json").is_file():
+        raise CLIError(f"{p}: not a checkpoint directory (needs config.json and tokenizer.json)")
+    return p.resolve()
+
+
+def command_line(args, model) -> str:
+    """The canonical command that reproduces this run (rebuilt from the parsed arguments)."""
+    parts = ["densert", "bench", "--model", str(model), "--backend", *args.backend,
+             "--task", *args.task]
+    if args.quick:
+        parts.append("--quick")
+    for flag in ("sizes", "runs", "warmup", "decode_cap", "device", "engine_dir", "threads",
+                 "json", "md", "plots", "label"):
+        v = getattr(args, flag)
+        if v is not None:
+            parts += [f"--{flag.replace('_', '-')}", *(map(str, v) if isinstance(v, list) else [str(v)])]
+    if args.dtype != "float32":
+        parts += ["--dtype", args.dtype]
+    if args.no_baselines:
+        parts.append("--no-baselines")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def machine_info() -> dict:
+    import numpy
+    import torch
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                ram = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    libs = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    for mod in ("onnxruntime", "onnx", "tensorrt", "matplotlib", "triton"):
+        try:
+            libs[mod] = __import__(mod).__version__
+        except Exception:
+            libs[mod] = None
+    from densert import __version__
+    libs["densert"] = __version__
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "ram_gb": ram, "gpu": gpu, "cuda": torch.version.cuda if gpu else None,
+            "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+            "loadavg_at_start": load, "libraries": libs}
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _run_worker(spec: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="densert-bench-") as td:
+        sp, op = Path(td) / "spec.json", Path(td) / "out.json"
+        sp.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-m", "densert.benchmarks.harness", str(sp), str(op)],
+                              capture_output=True, text=True)
+        if op.is_file():
+            rec = json.loads(op.read_text())
+        else:
+            rec = {"backend": spec["backend"], "status": "error", "cases": [], "memory": {},
+                   "reason": f"worker exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
+        if proc.returncode != 0 and rec.get("status") == "ok":
+            rec.update(status="error", reason=f"worker exited {proc.returncode}")
+        return rec
+
+
+def add_roofline(report: dict, cfg) -> None:
+    from . import roofline as R
+    cpu = report["this_cpu_peaks"]
+    b_cpu = 4 if report["settings"]["dtype"] == "float32" else 2
+    for be in report["backends"]:
+        for c in be["cases"]:
+            req = R.Request(grid=tuple(c["grid"]), window_seqlens=c["window_seqlens"],
+                            prompt_tokens=c["prompt_tokens"], num_classes=c["num_classes"],
+                            out_hw=tuple(c["head_out_hw"]))
+            costs = R.stage_costs(cfg, req, R.DEVICE_BYTES_PER_VALUE)
+            cpu_costs = R.stage_costs(cfg, req, b_cpu)
+            c["roofline"] = {
+                "costs_fp16": costs,
+                "devices_s": {dev: {s: v["seconds"] for s, v in st.items()}
+                              for dev, st in R.device_bounds(cfg, req).items()},
+                "this_cpu_s": {s: R.bound_seconds(v, cpu["flops"], cpu["bandwidth"])["seconds"]
+                               for s, v in cpu_costs.items()},
+            }
+
+
+def add_ratios(report: dict) -> None:
+    """Each backend against eager torch, stage by stage and end to end (p50 / p50)."""
+    ref = next((b for b in report["backends"] if b["backend"] == "torch" and b["status"] == "ok"), None)
+    if ref is None:
+        return
+    ref_cases = {(c["task"], c["size"]): c for c in ref["cases"]}
+    for be in report["backends"]:
+        if be is ref or be["status"] != "ok":
+            continue
+        for c in be["cases"]:
+            r = ref_cases.get((c["task"], c["size"]))
+            if r is None:
+                continue
+            out = {s: c["stages"][s]["p50"] / r["stages"][s]["p50"]
+                   for s in c["stages"] if r["stages"][s]["p50"]}
+            out["end_to_end"] = c["end_to_end"]["p50"] / r["end_to_end"]["p50"]
+            c["vs_torch_p50"] = out
+
+
+def run(args) -> int:
+    from densert.cli import CLIError
+    from densert.config import YoutuVLConfig
+    from . import roofline as R
+    from .harness import parse_size
+
+    model = _resolve_model(args.model)
+    q = QUICK if args.quick else {"sizes": ["256x256", "480x640"], "runs": 10, "warmup": 2,
+                                  "decode_cap": 32}
+    sizes = args.sizes or q["sizes"]
+    for s in sizes:
+        try:
+            parse_size(s)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    runs = q["runs"] if args.runs is None else args.runs
+    warmup = q["warmup"] if args.warmup is None else args.warmup
+    cap = q["decode_cap"] if args.decode_cap is None else args.decode_cap
+    if runs < 1 or warmup < 0 or cap < 1:
+        raise CLIError("--runs and --decode-cap must be >= 1, --warmup >= 0")
+    cfg = YoutuVLConfig.from_json_file(model / "config.json")
+    started = time.time()
+    machine = machine_info()
+    print(f"densert bench: measuring this CPU's GEMM / copy peaks ({machine['cpu']})", file=sys.stderr)
+    cpu = R.measure_cpu_peaks(args.dtype if args.dtype == "float32" else "bfloat16",
+                              **({"gemm_n": 512, "copy_mb": 64, "repeats": 5} if args.quick else {}))
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "command": command_line(args, model),
+        "label": args.label,
+        "started_unix": started,
+        "git_commit": _git_commit(),
+        "machine": machine,
+        "model": {"dir": str(model), "name": model.name, "vocab_size": cfg.vocab_size,
+                  "hidden_size": cfg.hidden_size, "text_layers": cfg.num_hidden_layers,
+                  "vision_layers": cfg.vision_config.num_hidden_layers,
+                  "vision_hidden_size": cfg.vision_config.hidden_size},
+        "settings": {"backends": args.backend, "tasks": args.task, "sizes": sizes, "runs": runs,
+                     "warmup": warmup, "decode_cap": cap, "dtype": args.dtype, "quick": args.quick,
+                     "device": args.device, "threads": args.threads},
+        "this_cpu_peaks": cpu,
+        "devices": {k: {"name": d.name, "flops": d.flops, "bandwidth": d.bandwidth, "source": d.source}
+                    for k, d in R.DEVICES.items()},
+        "backends": [],
+    }
+    for name in args.backend:
+        print(f"densert bench: backend {name} ...", file=sys.stderr)
+        spec = {"backend": name, "model": str(model), "dtype": args.dtype, "device": args.device,
+                "engine_dir": args.engine_dir, "tasks": args.task, "sizes": sizes, "runs": runs,
+                "warmup": warmup, "decode_cap": cap, "threads": args.threads,
+                "baselines": not args.no_baselines}
+        rec = _run_worker(spec)
+        if rec["status"] != "ok":
+            print(f"densert bench: backend {name} {rec['status']}: {rec.get('reason')}", file=sys.stderr)
+        report["backends"].append(rec)
+    report["wall_s"] = time.time() - started
+    add_roofline(report, cfg)
+    add_ratios(report)
+    from . import report as rep
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    md = rep.markdown(report)
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(md)
+    if args.plots:
+        rep.plots(report, args.plots)
+    if not (args.json or args.md):
+        print(md)
+    ok = any(b["status"] == "ok" for b in report["backends"])
+    errors = [b for b in report["backends"] if b["status"] == "error"]
+    for b in errors:
+        print(f"densert bench: backend {b['backend']} failed: {b.get('reason')}\n"
+              f"{b.get('traceback', '')}", file=sys.stderr)
+    return 0 if ok and not errors else 1

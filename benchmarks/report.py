@@ -1,0 +1,202 @@
+"""Markdown tables and PNG plots (matplotlib, Agg) of a ``densert bench`` JSON report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+STAGE_ORDER = ("preprocess", "vision_encoder", "llm_prefill", "dense_head", "postprocess")
+ROOF_STAGES = ("vision_encoder", "llm_prefill", "dense_head")
+
+
+def _ms(x) -> str:
+    if x is None:
+        return "-"
+    v = x * 1e3
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+def _x(x) -> str:
+    return "-" if x is None else (f"{x:.3g}x" if x < 100 else f"{x:.0f}x")
+
+
+def markdown(rep: dict) -> str:
+    m = rep["machine"]
+    cpu = rep["this_cpu_peaks"]
+    L = [f"# densert bench: {rep['model']['name']}", ""]
+    if rep.get("label"):
+        L += [f"**{rep['label']}**", ""]
+    L += ["Command:", "", "```", rep["command"], "```", "",
+          f"Machine: {m['cpu']}, {m['cores']} cores ({m['affinity_cores']} usable), "
+          f"{(m['ram_gb'] or 0):.0f} GB RAM, GPU: {m['gpu'] or 'none'}; load average at start "
+          f"{m['loadavg_at_start']}; torch threads {m['torch_threads']}.  ",
+          "Libraries: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v) + ".  ",
+          f"Model: `{rep['model']['dir']}` (hidden {rep['model']['hidden_size']}, "
+          f"{rep['model']['text_layers']} text layers, {rep['model']['vision_layers']} vision layers, "
+          f"vocab {rep['model']['vocab_size']}), dtype {rep['settings']['dtype']}.  ",
+          f"Runs: {rep['settings']['warmup']} warm-up + {rep['settings']['runs']} timed per case; "
+          "latencies are p50 / p90 / p99 in ms.  ",
+          f"This CPU, measured (not a datasheet): GEMM {cpu['flops'] / 1e9:.1f} GFLOP/s "
+          f"({cpu['gemm']}), copy {cpu['bandwidth'] / 1e9:.1f} GB/s ({cpu['copy']}).", ""]
+
+    skipped = [b for b in rep["backends"] if b["status"] != "ok"]
+    if skipped:
+        L += ["| backend | status | reason |", "|---|---|---|"]
+        L += [f"| {b['backend']} | {b['status']} | {str(b.get('reason')).splitlines()[0][:200]} |"
+              for b in skipped]
+        L.append("")
+
+    ok = [b for b in rep["backends"] if b["status"] == "ok"]
+    # ---- stage latency table
+    L += ["## Per-stage latency (ms, p50 / p90 / p99)", "",
+          "| backend | task | size | tokens (img/prompt) | " + " | ".join(STAGE_ORDER)
+          + " | end-to-end | decode tok/s |",
+          "|---|---|---|---|" + "---|" * (len(STAGE_ORDER) + 2)]
+    for b in ok:
+        for c in b["cases"]:
+            cells = [f"{_ms(c['stages'][s]['p50'])} / {_ms(c['stages'][s]['p90'])} / "
+                     f"{_ms(c['stages'][s]['p99'])}" for s in STAGE_ORDER]
+            e = c["end_to_end"]
+            tps = c["generate_path"]["tokens_per_s"]
+            L.append(f"| {b['backend']} | {c['task']} | {c['size']} | {c['image_tokens']}/"
+                     f"{c['prompt_tokens']} | " + " | ".join(cells)
+                     + f" | {_ms(e['p50'])} / {_ms(e['p90'])} / {_ms(e['p99'])} | "
+                     + ("-" if tps is None else f"{tps:.3g}") + " |")
+    L.append("")
+
+    # ---- roofline beside measured
+    devs = list(rep["devices"])
+    L += ["## Roofline: measured p50 vs analytic lower bound (ms)", "",
+          "Lower bound = max(FLOPs / peak, bytes / bandwidth) per stage (`benchmarks/roofline.py`); "
+          "devices at FP16 with peaks from edge-anchors.md sec. 6.1, this CPU at the benchmark dtype "
+          "with the measured peaks above. `x bound` = measured / this-CPU bound.", "",
+          "| backend | task | size | stage | GFLOP | MB | measured | this CPU bound | x bound | "
+          + " | ".join(devs) + " |",
+          "|---|---|---|---|---|---|---|---|---|" + "---|" * len(devs)]
+    for b in ok:
+        for c in b["cases"]:
+            rf = c["roofline"]
+            for s in ROOF_STAGES + ("decode_step",):
+                meas = (c["generate_path"]["step_s"]["p50"] if s == "decode_step"
+                        else c["stages"][s]["p50"])
+                cb = rf["this_cpu_s"][s]
+                L.append(f"| {b['backend']} | {c['task']} | {c['size']} | {s} | "
+                         f"{rf['costs_fp16'][s]['flops'] / 1e9:.3g} | "
+                         f"{rf['costs_fp16'][s]['bytes'] / 2**20:.3g} | {_ms(meas)} | {_ms(cb)} | "
+                         f"{_x(meas / cb if meas and cb else None)} | "
+                         + " | ".join(_ms(rf["devices_s"][d][s]) for d in devs) + " |")
+    L += ["", "GFLOP / MB columns are the FP16 counts; decode_step is one token at the prompt's "
+          "cache length.", ""]
+
+    # ---- baselines
+    L += ["## Baselines (ratios > 1: the baseline is slower)", "",
+          "| task | size | image tokens | subset head p50 | naive full-vocab head p50 | naive / subset | "
+          "argmax agreement | full logits MB |", "|---|---|---|---|---|---|---|---|"]
+    for b in ok:
+        for c in b["cases"]:
+            nh = c.get("naive_head")
+            if nh:
+                L.append(f"| {c['task']} | {c['size']} | {c['image_tokens']} | {_ms(nh['subset']['p50'])} | "
+                         f"{_ms(nh['naive']['p50'])} | {_x(nh['ratio_p50'])} | "
+                         f"{nh['argmax_agreement']:.4f} | {nh['logits_bytes'] / 2**20:.4g} |")
+    L += ["", "Naive head: full-vocabulary logits at every vision token, gather + mean per group, "
+          "materialised upsample, argmax (`kernels.dense_head.naive_full_vocab_head`), on the same "
+          "hidden states and output size as the subset head.", ""]
+    L += ["| backend | task | size | RLE tokens | steps run | step p50 ms | tok/s | est. decode s | "
+          "generate / dense head | generate / dense end-to-end |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for b in ok:
+        for c in b["cases"]:
+            g = c["generate_path"]
+            L.append(f"| {b['backend']} | {c['task']} | {c['size']} | {g['rle_tokens']} | "
+                     f"{g['decode_steps_run']}{'*' if g['extrapolated'] else ''} | "
+                     f"{_ms(g['step_s']['p50'])} | "
+                     f"{'-' if g['tokens_per_s'] is None else format(g['tokens_per_s'], '.3g')} | "
+                     f"{g['estimated_decode_s']:.3g} | {_x(g['ratio_vs_dense_head'])} | "
+                     f"{_x(g['ratio_end_to_end'])} |")
+    L += ["", "Generate-everything path: the released model writes the map as `<mask>(v,n),...` "
+          "RLE text (depth on the H/16 x W/16 grid, segmentation at full resolution). Its tokens "
+          "(this checkpoint's tokenizer, on the map this run produced) are fed through "
+          "`backend.decode` one per step after the same prefill. `*` = capped: the total is "
+          "extrapolated with the mean measured step time, a lower bound since attention grows "
+          "with the cache.", ""]
+    others = [b for b in ok if b["backend"] != "torch"]
+    if others:
+        L += ["| backend | task | size | " + " | ".join(STAGE_ORDER) + " | end-to-end |",
+              "|---|---|---|" + "---|" * (len(STAGE_ORDER) + 1)]
+        for b in others:
+            for c in b["cases"]:
+                v = c.get("vs_torch_p50")
+                if v:
+                    L.append(f"| {b['backend']} vs torch | {c['task']} | {c['size']} | "
+                             + " | ".join(_x(v.get(s)) for s in STAGE_ORDER)
+                             + f" | {_x(v['end_to_end'])} |")
+        L += ["", "Backend / eager torch, p50 over p50 (< 1: faster than torch).", ""]
+
+    # ---- memory
+    L += ["## Memory (each backend in its own process; MB)", "",
+          "| backend | device | setup s | RSS after imports | after setup | peak, pipeline | "
+          "peak, with naive head | CUDA max allocated |", "|---|---|---|---|---|---|---|---|"]
+    for b in ok:
+        mm = b["memory"]
+        f = lambda k: "-" if mm.get(k) is None else f"{mm[k]:.0f}"  # noqa: E731
+        L.append(f"| {b['backend']} | {b.get('device')} | {b.get('setup_s', 0):.1f} | "
+                 f"{f('rss_mb_after_imports')} | {f('rss_mb_after_setup')} | {f('peak_rss_mb_pipeline')} | "
+                 f"{f('peak_rss_mb_with_naive_head')} | {f('cuda_max_allocated_mb')} |")
+    L += ["", "RSS = high-water mark (`VmHWM`) of the backend's worker process; the pipeline "
+          "snapshot is taken before the naive-head baseline runs. Setup includes loading (and, for "
+          "onnxruntime without an engine dir, exporting) the model.", ""]
+    return "\n".join(L) + "\n"
+
+
+def plots(rep: dict, out_dir) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = rep["model"]["name"]
+    ok = [b for b in rep["backends"] if b["status"] == "ok"]
+    files = []
+    # latency vs image size (end-to-end p50, p10-p90 band not stored: error bars p50..p90)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for b in ok:
+        for task in sorted({c["task"] for c in b["cases"]}):
+            cs = sorted((c for c in b["cases"] if c["task"] == task), key=lambda c: c["image_tokens"])
+            x = [c["image_tokens"] for c in cs]
+            y = [c["end_to_end"]["p50"] * 1e3 for c in cs]
+            hi = [(c["end_to_end"]["p90"] - c["end_to_end"]["p50"]) * 1e3 for c in cs]
+            ax.errorbar(x, y, yerr=[[0] * len(hi), hi], marker="o", capsize=3,
+                        label=f"{b['backend']} {task}")
+    ax.set_xlabel("image tokens (merged 32x32 px cells)")
+    ax.set_ylabel("end-to-end latency, ms (p50, bar to p90)")
+    ax.set_title(f"latency vs image size: {tag}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out / f"bench_{tag}_latency_vs_size.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    files.append(p)
+    # stacked stage breakdown
+    labels, rows = [], []
+    for b in ok:
+        for c in b["cases"]:
+            labels.append(f"{b['backend']}\n{c['task']}\n{c['size']}")
+            rows.append([c["stages"][s]["p50"] * 1e3 for s in STAGE_ORDER])
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(labels) + 2), 4.6))
+    bottom = [0.0] * len(labels)
+    for i, s in enumerate(STAGE_ORDER):
+        vals = [r[i] for r in rows]
+        ax.bar(range(len(labels)), vals, bottom=bottom, label=s)
+        bottom = [a + v for a, v in zip(bottom, vals)]
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("ms (p50 per stage)")
+    ax.set_title(f"stage breakdown: {tag}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out / f"bench_{tag}_stages.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    files.append(p)
+    return files
