@@ -150,7 +150,11 @@ def test_write_samples(tmp_path):
     assert paths == [tmp_path / "scene_3.png"]
     img = np.asarray(Image.open(paths[0]))
     np.testing.assert_array_equal(img, render_scene(3, 32, 64, "indoor").image)
-    assert np.load(tmp_path / "scene_3_depth.npy").shape == (32, 64)
+    from densert.training.data import load_depth
+    from densert.training.scenes import DEPTH_PNG_SCALE
+
+    d = load_depth(tmp_path / "scene_3_depth.png", scale=DEPTH_PNG_SCALE)
+    np.testing.assert_allclose(d, render_scene(3, 32, 64, "indoor").depth, atol=0.5 / DEPTH_PNG_SCALE)
     assert (tmp_path / "scene_3_label.png").is_file() and (tmp_path / "scene_3_meta.json").is_file()
 
 

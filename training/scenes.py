@@ -31,6 +31,7 @@ import numpy as np
 from .classes import CLASS_IDS, CLASS_NAMES
 
 OUTDOOR_MAX_DEPTH = 80.0
+DEPTH_PNG_SCALE = 256.0  # KITTI convention: 16-bit PNG value / 256 = metres; 80 m fits, 4 mm steps
 _EPS = 1e-4
 _INF = np.inf
 
@@ -939,8 +940,9 @@ def render_scene(seed: int, height: int = 256, width: int = 256, kind: str = "an
 
 def write_samples(out_dir: str | Path, seeds: Sequence[int] = (0, 1, 2, 3), height: int = 256, width: int = 320,
                   kind: str = "any") -> list[Path]:
-    """Write ``scene_<seed>.png`` (RGB), ``_depth.npy`` (float16 metres), ``_label.png`` (class ids)
-    and ``_meta.json`` (kind, intrinsics, class names) per seed; returns the RGB paths."""
+    """Write ``scene_<seed>.png`` (RGB), ``_depth.png`` (16-bit, metres * DEPTH_PNG_SCALE, 0 = invalid),
+    ``_label.png`` (class ids) and ``_meta.json`` (kind, intrinsics, class names) per seed; returns the
+    RGB paths. Read depth back with ``training.data.load_depth(path, scale=DEPTH_PNG_SCALE)``."""
     from PIL import Image
 
     out = Path(out_dir)
@@ -951,8 +953,8 @@ def write_samples(out_dir: str | Path, seeds: Sequence[int] = (0, 1, 2, 3), heig
         stem = out / f"scene_{seed}"
         Image.fromarray(s.image).save(f"{stem}.png", optimize=True)
         Image.fromarray(s.labels).save(f"{stem}_label.png", optimize=True)
-        np.save(f"{stem}_depth.npy", s.depth.astype(np.float16))
-        meta = {"seed": s.seed, "kind": s.kind, "height": height, "width": width,
+        Image.fromarray(np.round(s.depth * DEPTH_PNG_SCALE).astype(np.uint16)).save(f"{stem}_depth.png", optimize=True)
+        meta = {"seed": s.seed, "kind": s.kind, "height": height, "width": width, "depth_scale": DEPTH_PNG_SCALE,
                 "intrinsics": dict(fx=s.intrinsics.fx, fy=s.intrinsics.fy, cx=s.intrinsics.cx, cy=s.intrinsics.cy),
                 "classes_present": s.class_names_present(), "class_names": list(CLASS_NAMES)}
         Path(f"{stem}_meta.json").write_text(json.dumps(meta, indent=1))
