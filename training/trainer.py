@@ -68,6 +68,8 @@ REFER_ANSWER = f"{T.REF}{T.FG}{T.REF_END}{T.REF}{T.BG}{T.REF_END}"
 class TrainConfig:
     out: str = "runs/densert-tiny"
     preset: str = "tiny"
+    text_layers: int | None = None   # override the preset's depth (tests, quick experiments)
+    vision_layers: int | None = None
     steps: int = 1000
     batch: int = 8
     image_size: tuple[int, int] = (256, 256)
@@ -125,11 +127,12 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # Model, vocabulary, label space
 # ---------------------------------------------------------------------------------------------
-def build_model(preset: str, seed: int):
+def build_model(preset: str, seed: int, text_layers: int | None = None,
+                vision_layers: int | None = None):
     """A freshly initialised model (HF-style init, deterministic per seed) and its tokenizer."""
     from densert.checkpoint import init_kind, init_tensor, preset_config
     from densert.modeling import YoutuVLForConditionalGeneration
-    cfg, tok_json = preset_config(preset)
+    cfg, tok_json = preset_config(preset, text_layers, vision_layers)
     model = YoutuVLForConditionalGeneration(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -182,16 +185,15 @@ def presence_targets(values: np.ndarray, n: int, valid: np.ndarray | None = None
 
 
 def depth_cell_targets(depth: np.ndarray, preset: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Occurring bins per cell and the bin of the cell's median valid depth (0 = none)."""
+    """Occurring bins per cell and the cell's (lower) median valid bin, -1 where none: the
+    single label of the softmax baseline is always a bin that occurs in the cell."""
     bins = depth_bins.quantize(depth, preset)
     pos, _ = presence_targets(bins, depth_bins.NUM_BINS + 1, bins > 0)
-    cells_d, cells_b = _cells(depth.astype(np.float64)), _cells(bins)
-    med = np.zeros(cells_b.shape[0], dtype=np.int64)
-    for i in range(cells_b.shape[0]):
-        ok = cells_b[i] > 0
-        if ok.any():
-            med[i] = int(depth_bins.quantize(np.median(cells_d[i][ok]), preset))
-    return pos, torch.from_numpy(np.where(med > 0, med, -1))
+    cb = _cells(bins)
+    n = (cb > 0).sum(1)
+    srt = np.sort(np.where(cb > 0, cb, np.iinfo(np.int64).max), axis=1)
+    med = srt[np.arange(cb.shape[0]), np.maximum(n - 1, 0) // 2]
+    return pos, torch.from_numpy(np.where(n > 0, med, -1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +435,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.model, self.tok_json = build_model(cfg.preset, cfg.seed)
+        self.model, self.tok_json = build_model(cfg.preset, cfg.seed, cfg.text_layers,
+                                                 cfg.vision_layers)
         self.step = 0
         state = None
         if resume:

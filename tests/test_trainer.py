@@ -1,0 +1,169 @@
+"""Trainer: loss goes down, checkpoints round-trip through the runtime loader, resume is exact,
+DDP ranks stay identical, targets and samples are what the docs say."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from densert import tokens as T
+from densert.training import trainer as TR
+from densert.training.classes import CLASS_NAMES
+
+SMALL = dict(text_layers=1, vision_layers=1, batch=2, image_size=(64, 64), scenes=4,
+             eval_n=0, progress=False, warmup=2, threads=1)
+
+
+def _cfg(tmp, **kw):
+    d = dict(SMALL, out=str(tmp))
+    d.update(kw)
+    return TR.TrainConfig(**d)
+
+
+def test_presence_targets_per_cell():
+    a = np.zeros((64, 64), dtype=np.int64)
+    a[:32, :32] = 3
+    a[:4, :4] = 5                      # a minority class in cell 0
+    a[40:, 40:] = 7
+    pos, major = TR.presence_targets(a, 10)
+    rows = [sorted(int(v) for v in r if v >= 0) for r in pos]
+    assert rows == [[3, 5], [0], [0], [0, 7]]
+    assert major.tolist() == [3, 0, 0, 7]
+
+
+def test_depth_targets_ignore_invalid_and_take_median_bin():
+    d = np.full((32, 64), 8.0, dtype=np.float32)
+    d[:, 32:] = 0.0                    # invalid cell
+    d[:16, :32] = 16.0
+    pos, med = TR.depth_cell_targets(d, "cityscapes")
+    assert sorted(int(v) for v in pos[0] if v >= 0) == [101, 201]   # 8 m -> bin 101, 16 m -> 201
+    assert (pos[1] < 0).all() and int(med[1]) == -1
+    assert int(med[0]) == 101       # lower median of 512 x bin 101 and 512 x bin 201
+
+
+def test_samples_follow_the_documented_chat_layout(tmp_path):
+    tr = TR.Trainer(_cfg(tmp_path, tasks=("depth", "segment", "refer"), batch=3))
+    v = tr.vocab
+    for s in tr.samples_for_step(0):
+        text = v.decode(s.ids)
+        img = text.index(T.VISION_START)
+        if s.task == "depth":
+            assert text.index("Cityscapes") < img           # prompt before the image
+            assert v.decode(s.ids[s.answer_start:]) == T.DEPTH + T.EOS
+        elif s.task == "segment":
+            assert text.index("Segment:") > img
+            ans = v.decode(s.ids[s.answer_start:])
+            assert ans.startswith(T.REF) and ans.endswith(T.EOS)
+            for name in ans[: -len(T.EOS)].replace(T.REF_END, "").split(T.REF)[1:]:
+                assert name in CLASS_NAMES
+        else:
+            assert "Segment the core target." in text
+            assert v.decode(s.ids[s.answer_start:]) == TR.REFER_ANSWER + T.EOS
+        assert s.ids.count(v.image_pad_id) == s.labels.shape[0] == 4
+
+
+def test_family_masks_exclude_other_tasks_labels(tmp_path):
+    tr = TR.Trainer(_cfg(tmp_path))
+    m, sp = tr.masks, tr.space
+    fg, b1 = sp.fg_id, int(sp.depth_table[1])
+    cls0 = sp.class_ids[0][0]
+    assert m["segment"][cls0] and not m["segment"][fg] and not m["segment"][b1]
+    assert m["depth"][b1] and not m["depth"][cls0] and not m["depth"][fg]
+    assert m["refer"][fg] and not m["refer"][cls0] and not m["refer"][b1]
+    assert m["segment"][tr.vocab.token_id(T.REF)]    # text ids stay valid negatives
+
+
+def test_short_run_lowers_loss_and_roundtrips_through_loader(tmp_path):
+    from densert.loader import load_model
+    tr = TR.Trainer(_cfg(tmp_path / "a", steps=12, lr=3e-3))
+    batch = tr.samples_for_step(0)
+    losses = [tr.train_step(batch)["loss"] for _ in range(12)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    p = tr.save(str(tmp_path / "ckpt"))
+    back = load_model(p, "float32")
+    img = batch[0].image
+    tr.model.eval()
+    h1 = TR.vision_hidden(tr.model, tr.vocab, img, "Estimate the depth.", True)
+    h2 = TR.vision_hidden(back, T.Vocab.from_file(p / "tokenizer.json"), img, "Estimate the depth.", True)
+    torch.testing.assert_close(h1, h2, rtol=0, atol=0)
+    cfg = json.loads((p / "train_config.json").read_text())
+    assert cfg["text_layers"] == 1
+
+
+def test_resume_is_exact(tmp_path):
+    straight = TR.Trainer(_cfg(tmp_path / "s", steps=4))
+    for _ in range(4):
+        straight.train_step(straight.samples_for_step(straight.step))
+    first = TR.Trainer(_cfg(tmp_path / "r", steps=4))
+    for _ in range(2):
+        first.train_step(first.samples_for_step(first.step))
+    p = first.save(str(tmp_path / "half"))
+    resumed = TR.Trainer(_cfg(tmp_path / "r", steps=4), resume=str(p))
+    assert resumed.step == 2
+    for _ in range(2):
+        resumed.train_step(resumed.samples_for_step(resumed.step))
+    for (n, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TR.TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1, progress=False)
+    f = [TR.lr_factor(s, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert TR.lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+def test_softmax_and_bce_losses_train(tmp_path):
+    for kind in ("softmax", "bce"):
+        tr = TR.Trainer(_cfg(tmp_path / kind, loss=kind, steps=3))
+        r = tr.train_step(tr.samples_for_step(0))
+        assert np.isfinite(r["loss"]) and r["vision"] > 0
+
+
+_DDP_SCRIPT = r"""
+import hashlib, json, sys, torch
+from densert.training import trainer as TR
+cfg = TR.TrainConfig(**json.loads(sys.argv[1]))
+tr = TR.Trainer(cfg)
+assert tr.distributed and tr.world == 2
+for _ in range(2):
+    tr.train_step(tr.samples_for_step(tr.step))
+h = hashlib.sha256()
+for n, p in tr.model.state_dict().items():
+    h.update(p.detach().numpy().tobytes())
+print("HASH", tr.rank, h.hexdigest(), flush=True)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_end_with_identical_weights(tmp_path):
+    cfg = dict(SMALL, out=str(tmp_path / "ddp"), image_size=[64, 64])
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", _DDP_SCRIPT, json.dumps(cfg)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    hashes = {}
+    for o, _ in outs:
+        for line in o.splitlines():
+            if line.startswith("HASH"):
+                _, r, hsh = line.split()
+                hashes[int(r)] = hsh
+    assert set(hashes) == {0, 1} and hashes[0] == hashes[1]
