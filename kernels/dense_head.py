@@ -10,7 +10,8 @@ The upsample reproduces ``F.interpolate(mode="bilinear", align_corners=False, si
 scale = in/out in fp32, src = scale * (dst + 0.5) - 0.5 clamped at 0, i0 = floor(src),
 i1 = min(i0 + 1, in - 1), value = lh0 * (lw0 * x00 + lw1 * x01) + lh1 * (lw0 * x10 + lw1 * x11)
 (the order of ATen's CPU kernel). In ``argmax``/``depth`` mode the K x H x W upsampled scores are
-never materialised: the torch path works on bands of output rows, the CUDA path runs a fused Triton
+never materialised: the torch path interpolates only pixels whose four corner tokens disagree on the label
+(chunked), the CUDA path runs a fused Triton
 kernel that keeps a running (max, argmax) per pixel.
 """
 from __future__ import annotations
@@ -98,10 +99,6 @@ def _check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values
     return gh, gw, H, W
 
 
-def _band_rows(K: int, W: int, budget_bytes: int = 64 << 20) -> int:
-    return max(1, budget_bytes // max(1, K * W * 4))
-
-
 def _tail_torch(scores: torch.Tensor, gh: int, gw: int, H: int, W: int, mode: str,
                 temperature: float, depth_values):
     K = scores.shape[1]
@@ -112,14 +109,25 @@ def _tail_torch(scores: torch.Tensor, gh: int, gw: int, H: int, W: int, mode: st
     dev = scores.device
     h0, h1, lh0, lh1 = bilinear_source_coords(gh, H, dev)
     w0, w1, lw0, lw1 = bilinear_source_coords(gw, W, dev)
-    # Width pass once on the token rows: K x gh x W is small (gh is the token grid height).
-    rowmix = grid[:, :, w0] * lw0 + grid[:, :, w1] * lw1
-    labels = torch.empty(H, W, dtype=torch.long, device=dev)
-    step = _band_rows(K, W)
-    for r0 in range(0, H, step):
-        r1 = min(H, r0 + step)
-        band = rowmix[:, h0[r0:r1], :] * lh0[r0:r1, None] + rowmix[:, h1[r0:r1], :] * lh1[r0:r1, None]
-        labels[r0:r1] = torch.argmax(band, dim=0)
+    # Bilinear output is a convex combination of 4 corner vectors: where all four corners have
+    # the same argmax c, c stays maximal after interpolation (fp rounding is monotone), so only
+    # pixels whose corners disagree need the K-channel interpolation.
+    tok = torch.argmax(scores, dim=1).reshape(gh, gw)
+    c00, c01 = tok[h0][:, w0], tok[h0][:, w1]
+    c10, c11 = tok[h1][:, w0], tok[h1][:, w1]
+    labels = c00.clone()
+    todo = ((c00 != c01) | (c00 != c10) | (c00 != c11)).reshape(-1).nonzero(as_tuple=True)[0]
+    flat = labels.view(-1)
+    step = max(1, (16 << 20) // max(1, K * 4 * 6))  # ~16 MB of [n, K] temporaries per step
+    for a in range(0, todo.numel(), step):
+        pix = todo[a:a + step]
+        r, c = pix // W, pix % W
+        rh0, rh1, rw0, rw1 = h0[r] * gw, h1[r] * gw, w0[c], w1[c]
+        a_lw0, a_lw1 = lw0[c][:, None], lw1[c][:, None]
+        top = scores[rh0 + rw0] * a_lw0 + scores[rh0 + rw1] * a_lw1
+        bot = scores[rh1 + rw0] * a_lw0 + scores[rh1 + rw1] * a_lw1
+        v = top * lh0[r][:, None] + bot * lh1[r][:, None]
+        flat[pix] = torch.argmax(v, dim=1)
     if mode == "argmax":
         return labels
     return depth_values.to(device=dev, dtype=torch.float32)[labels]

@@ -98,12 +98,19 @@ def ntpm_select_torch(h: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, 
     L, V = h.shape[0], weight.shape[0]
     cdt = h.dtype
     dev = h.device
+    lowp = weight.dtype in (torch.bfloat16, torch.float16)
+    h_lp = h.to(weight.dtype) if lowp else None
     zpos = torch.zeros(pos.shape, dtype=cdt, device=dev)
     run_v = torch.full((L, 0), float("-inf"), dtype=cdt, device=dev)
     run_i = torch.zeros((L, 0), dtype=torch.long, device=dev)
     for s in range(0, V, chunk_size):
         e = min(V, s + chunk_size)
-        z = h @ weight[s:e].to(cdt).t()  # [L, C]
+        if lowp:
+            # bf16/fp16 model: the GEMM runs in the model dtype (as the model's own lm_head would),
+            # selection and loss in fp32.
+            z = (h_lp @ weight[s:e].t()).to(cdt)
+        else:
+            z = h @ weight[s:e].to(cdt).t()  # [L, C]
         inc = (pos >= s) & (pos < e)
         if bool(inc.any()):
             r, c = inc.nonzero(as_tuple=True)
@@ -124,16 +131,28 @@ class _NTPMSparse(torch.autograd.Function):
     """Loss from selected logits; backward scatters the sparse G into dH and dW."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, h, rows, ids, coef_z, loss_terms, scale):
+    def forward(ctx, hidden, weight, h, rows, ids, coef_z, loss_terms, scale, use_triton=False):
         # ids [L', P+k] (-1 = no gradient), coef_z = d loss_i / d z_ij (before the output grad).
         ctx.save_for_backward(hidden, weight, h, rows, ids, coef_z)
         ctx.scale = scale
+        ctx.use_triton = use_triton
         return loss_terms.sum() * scale
 
     @staticmethod
     def backward(ctx, gout):
         hidden, weight, h, rows, ids, coef_z = ctx.saved_tensors
         g = coef_z * (gout.to(coef_z.dtype) * ctx.scale)
+        if ctx.use_triton:
+            from ._triton_ntpm import sparse_backward
+            dh, dW = sparse_backward(h, weight, ids, g, need_w=ctx.needs_input_grad[1])
+            dhidden = None
+            if ctx.needs_input_grad[0]:
+                dhidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+                dhidden.index_copy_(0, rows, dh)
+                dhidden = dhidden.to(hidden.dtype)
+            if dW is not None:
+                dW = dW.to(weight.dtype)
+            return dhidden, dW, None, None, None, None, None, None, None
         cdt = h.dtype
         d = h.shape[1]
         dh = torch.zeros_like(h)
@@ -162,7 +181,7 @@ class _NTPMSparse(torch.autograd.Function):
             dhidden = dhidden.to(hidden.dtype)
         if dW is not None:
             dW = dW.to(weight.dtype)
-        return dhidden, dW, None, None, None, None, None, None
+        return dhidden, dW, None, None, None, None, None, None, None
 
 
 def _loss_from_selection(zpos, pos, nval, nid, k):
