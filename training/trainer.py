@@ -402,11 +402,15 @@ def maybe_init_distributed() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine from 1 to ``min_lr_ratio`` at ``cfg.steps``."""
+def lr_factor(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
+    """Linear warmup, then cosine from 1 to ``min_lr_ratio`` at ``cfg.steps``.
+
+    ``time_frac`` (elapsed / ``max_minutes``) lets a wall-clock-limited run still anneal: the
+    cosine follows whichever of the step count and the clock is further along. On a shared
+    machine the step rate varies several-fold, so a pure step schedule would stop mid-decay."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    t = min(1.0, max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), time_frac))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -452,7 +456,9 @@ class Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=cfg.lr, betas=(0.9, 0.95))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.time_frac = 0.0
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg, self.time_frac))
         if state is not None:
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
@@ -533,13 +539,15 @@ class Trainer:
                 self._eval_and_log()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save(cfg.out)
-            want_stop = bool(cfg.max_minutes and (time.time() - t0) / 60 >= cfg.max_minutes)
-            if self.distributed:
-                # Ranks must agree on stopping: their wall clocks differ.
-                import torch.distributed as dist
-                flag = torch.tensor([int(want_stop)])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                want_stop = bool(flag.item())
+            if cfg.max_minutes:
+                tf = torch.tensor([min(1.0, (time.time() - t0) / 60 / cfg.max_minutes)],
+                                  dtype=torch.float64)
+                if self.distributed:
+                    # Ranks must share the schedule and the stop: their wall clocks differ.
+                    import torch.distributed as dist
+                    dist.all_reduce(tf, op=dist.ReduceOp.MAX)
+                self.time_frac = float(tf)
+            want_stop = bool(cfg.max_minutes and self.time_frac >= 1.0)
             if want_stop:
                 stop_reason = "max_minutes"
                 break
