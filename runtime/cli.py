@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from densert.cli import CLIError
@@ -128,7 +129,11 @@ def run(args) -> int:
                file=sys.stderr)
     for path in bar:
         try:
-            files = _process(pred, command, args, path, out)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                files = _process(pred, command, args, path, out)
+            for w in caught:
+                tqdm.write(f"densert {command}: warning: {path}: {w.message}", file=sys.stderr)
         except (ImageError, ValueError, OSError) as e:
             failures += 1
             msg = str(e) if str(path) in str(e) else f"{path}: {e}"

@@ -1,0 +1,148 @@
+"""End to end on a tiny random checkpoint: every CLI command exits 0 and writes its files; bad
+inputs get a clear error and leave no output file. Random weights generate garbage text, so the
+generation paths also exercise the forgiving parsers (no <ref> -> background only, no box ->
+whole image)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from densert.cli import main
+from densert.runtime import rle
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (70, 90, 3), np.uint8)).save(d / "a.png")
+    Image.fromarray(rng.integers(0, 256, (40, 33, 3), np.uint8)).save(d / "b.jpg")
+    return d
+
+
+def _run(args, capsys):
+    rc = main(args)
+    return rc, capsys.readouterr()
+
+
+def _no_temp_files(out):
+    return not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_depth(tiny_checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, cap = _run(["depth", str(images), "--model", str(tiny_checkpoint), "--out", str(out),
+                    "--preset", "nyuv2"], capsys)
+    assert rc == 0, cap.err
+    for stem, hw in (("a", (70, 90)), ("b", (40, 33))):
+        d = np.load(out / f"{stem}.depth.npy")
+        assert d.dtype == np.float32 and d.shape == hw and (d > 0).all() and (d <= 10).all()
+        assert Image.open(out / f"{stem}.depth.png").size[1] == hw[0]
+        codes = rle.decode_depth((out / f"{stem}.depth.txt").read_text(), hw)
+        assert codes.shape == (max(1, hw[0] // 16), max(1, hw[1] // 16))
+        side = json.loads((out / f"{stem}.json").read_text())
+        assert side["task"] == "depth" and side["preset"] == "nyuv2" and side["metric"] is True
+        assert side["backend"] == "torch" and "densert_version" in side
+        assert {"preprocess", "vision", "prefill", "dense_head"} <= set(side["timings_s"])
+    assert _no_temp_files(out)
+
+
+def test_depth_open_world_focal(tiny_checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, cap = _run(["depth", str(images / "a.png"), "--model", str(tiny_checkpoint), "--out",
+                    str(out), "--focal", "500"], capsys)
+    assert rc == 0, cap.err
+    side = json.loads((out / "a.json").read_text())
+    assert side["metric"] is True and side["focal"] == 500 and side["effective_focal"] > 1000
+
+
+def test_segment_closed_set(tiny_checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, cap = _run(["segment", str(images / "a.png"), "--model", str(tiny_checkpoint), "--out",
+                    str(out), "--classes", "floor, wall,traffic light"], capsys)
+    assert rc == 0, cap.err
+    lab = np.load(out / "a.labels.npy")
+    assert lab.dtype == np.uint16 and lab.shape == (70, 90) and lab.max() <= 2
+    names, back = rle.decode_segmentation((out / "a.seg.txt").read_text(), (70, 90))
+    assert names == ["floor", "wall", "traffic light"] and np.array_equal(back, lab)
+    for f in ("a.seg.png", "a.overlay.png"):
+        assert Image.open(out / f).size == (90, 70)
+    side = json.loads((out / "a.json").read_text())
+    assert side["mode"] == "closed-set" and side["class_names"] == names
+
+
+def test_segment_open_set_generates(tiny_checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, cap = _run(["segment", str(images / "b.jpg"), "--model", str(tiny_checkpoint), "--out",
+                    str(out), "--max-new-tokens", "6"], capsys)
+    assert rc == 0, cap.err
+    side = json.loads((out / "b.json").read_text())
+    assert side["mode"] == "open-set" and side["generated_text"] is not None
+    assert side["class_names"][-1] == "<OTHERS>"
+    assert np.load(out / "b.labels.npy").shape == (40, 33)
+
+
+def test_refer(tiny_checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, cap = _run(["refer", str(images / "a.png"), "--model", str(tiny_checkpoint), "--out",
+                    str(out), "--expression", "the red ball", "--refer-short-side", "64",
+                    "--max-new-tokens", "6"], capsys)
+    assert rc == 0, cap.err
+    m = np.load(out / "a.mask.npy")
+    assert m.dtype == np.uint8 and m.shape == (70, 90) and set(np.unique(m)) <= {0, 1}
+    side = json.loads((out / "a.json").read_text())
+    assert side["expression"] == "the red ball" and side["crop_box"] is not None
+    assert (out / "a.refer.png").is_file() and (out / "a.refer.txt").is_file()
+
+
+def test_chat_with_and_without_image(tiny_checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, cap = _run(["chat", str(images / "a.png"), "--model", str(tiny_checkpoint), "--out",
+                    str(out), "--prompt", "What is this?", "--max-new-tokens", "5"], capsys)
+    assert rc == 0, cap.err
+    assert (out / "a.chat.txt").is_file() and json.loads((out / "a.json").read_text())["tokens"] <= 5
+    rc, cap = _run(["chat", "--model", str(tiny_checkpoint), "--out", str(out), "--prompt", "Hi",
+                    "--max-new-tokens", "3"], capsys)
+    assert rc == 0, cap.err
+
+
+def test_bad_files_reported_others_processed(tiny_checkpoint, images, tmp_path, capsys):
+    src = tmp_path / "mixed"
+    src.mkdir()
+    (src / "good.png").write_bytes((images / "a.png").read_bytes())
+    (src / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
+    (src / "empty.png").write_bytes(b"")
+    (src / "text.png").write_text("not an image at all")
+    (src / "notes.txt").write_text("ignored: not an image extension")
+    out = tmp_path / "o"
+    rc, cap = _run(["depth", str(src), "--model", str(tiny_checkpoint), "--out", str(out)], capsys)
+    assert rc == 1
+    for name in ("corrupt.jpg", "empty.png", "text.png"):
+        assert f"error: {src / name}" in cap.err
+    assert "empty file" in cap.err and "3 of 4 image(s) failed" in cap.err
+    assert sorted(p.name for p in out.iterdir()) == ["good.depth.npy", "good.depth.png",
+                                                       "good.depth.txt", "good.json"]
+
+
+def test_missing_model_dir_and_impossible_size(images, tmp_path, capsys):
+    rc, cap = _run(["depth", str(images / "a.png"), "--model", str(tmp_path / "nope"), "--out",
+                    str(tmp_path / "o")], capsys)
+    assert rc == 2 and f"model directory {tmp_path / 'nope'} does not exist" in cap.err
+    assert not (tmp_path / "o").exists()
+    rc, cap = _run(["depth", str(images / "a.png"), "--model", str(tmp_path), "--out",
+                    str(tmp_path / "o")], capsys)
+    assert rc == 2 and "has no config.json" in cap.err
+    rc, cap = _run(["depth", str(images / "a.png"), "--max-patches", "2", "--out",
+                    str(tmp_path / "o")], capsys)
+    assert rc == 2 and "--max-patches 2" in cap.err
+
+
+def test_missing_image_file(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, cap = _run(["segment", str(tmp_path / "ghost.png"), "--classes", "a", "--model",
+                    str(tiny_checkpoint), "--out", str(out)], capsys)
+    assert rc == 1 and f"{tmp_path / 'ghost.png'}: no such file" in cap.err
+    assert list(out.iterdir()) == []
