@@ -1,0 +1,193 @@
+"""ONNX export + ONNX Runtime backend + parity gate + manifest refusal (densert.export)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from densert.export.manifest import MANIFEST, EngineError, load_manifest
+from densert.export.onnx_export import TRT_SUPPORTED_OPS, export_engine, load_model
+from densert.export.ort_backend import OrtBackend
+from densert.export.verify import verify
+from densert.generation import generate, greedy_decode
+from densert.vision_meta import build_vision_meta
+
+GRIDS = ((8, 8), (12, 20), (34, 18), (2, 2))  # one export serves all of them
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load_model(tiny_checkpoint, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint, model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eng") / "tiny-fp32"
+    export_engine(tiny_checkpoint, out, progress=False, model=model)
+    return out
+
+
+def test_manifest_describes_every_graph(engine, tiny_checkpoint):
+    m = load_manifest(engine, tiny_checkpoint)
+    assert set(m["graphs"]) == {"vision", "llm_prefill", "llm_decode"}
+    assert m["precision"] == "fp32" and m["cache_layout"] == "latent" and m["exporter"]["onnx_opset"] >= 17
+    v = {i["name"]: i for i in m["graphs"]["vision"]["inputs"]}
+    assert v["pixel_values"]["shape"] == ["patches", 768] and v["window_index"]["shape"] == ["cells"]
+    dec = {i["name"]: i for i in m["graphs"]["llm_decode"]["inputs"]}
+    cfg = m["config"]
+    assert dec["past_latent"]["shape"] == [cfg["num_hidden_layers"], 1, "past_seq", cfg["latent_cache_dim"]]
+    assert len(m["tasks"]["depth"]["groups"]) == 1000 and m["tasks"]["segment"]["labels"] == ["FG", "BG", "OTHERS"]
+    assert set(m["checkpoint"]["files"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
+    for g, info in m["graphs"].items():
+        assert not set(info["op_types"]) - TRT_SUPPORTED_OPS, f"{g} uses ops TensorRT's ONNX parser lacks"
+
+
+def test_parity_gate_several_sizes_one_export(engine, tiny_checkpoint, model):
+    rep = verify(engine, tiny_checkpoint, grids=GRIDS, decode_steps=4, model=model, log=lambda s: None)
+    assert rep.ok, rep.format()
+    # every stage was checked at every size, dense maps included
+    assert len([t for t in rep.tensors if "vision image_embeds" in t.name]) == len(GRIDS)
+    assert len(rep.dense) == 4 * len(GRIDS) and all(n > 0 for _, _, n, _ in rep.dense)
+
+
+def test_decode_matches_torch_generator(engine, tiny_checkpoint, model):
+    cfg = model.config
+    ob = OrtBackend(engine, model_dir=tiny_checkpoint)
+    gh, gw = 12, 20
+    px = torch.randn(gh * gw, 768)
+    meta = build_vision_meta([(gh, gw)], cfg.vision_config)
+    ids = torch.tensor([[cfg.bos_token_id, cfg.vision_start_token_id, *[cfg.image_token_id] * (gh * gw // 4),
+                         cfg.vision_end_token_id, 40, 41]])
+    ref = generate(model, ids, px, meta, max_new_tokens=8, stop_ids=[])
+    pre = ob.prefill(ids, ob.encode_image(px, meta))
+    got, cache = greedy_decode(ob.decode, pre.last_logits, pre.cache, 8)
+    assert got == ref
+    assert cache.length == ids.shape[1] + len(got) - 1
+
+
+def test_text_only_prefill(engine, tiny_checkpoint, model):
+    ob = OrtBackend(engine, model_dir=tiny_checkpoint)
+    ids = torch.tensor([[model.config.bos_token_id, 40, 41, 42]])
+    p = ob.prefill(ids, None)
+    with torch.no_grad():
+        h, _ = model.model(model.embed(ids), None, "latent")
+    assert p.vision_hidden is None and p.scores["depth"].shape == (0, 1000)
+    torch.testing.assert_close(p.last_logits, model.logits(h[0, -1]), atol=1e-3, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- refusal of bad engine dirs
+def _copy(engine, tmp_path):
+    dst = tmp_path / "eng"
+    shutil.copytree(engine, dst)
+    return dst
+
+
+def test_engine_of_another_checkpoint_is_refused(engine, tmp_path):
+    from densert.checkpoint import make_test_checkpoint
+    other = make_test_checkpoint(tmp_path / "other", "tiny", seed=1, dtype="bfloat16")
+    with pytest.raises(EngineError, match=r"was exported from checkpoint .* this checkpoint .*re-run `densert export --model"):
+        OrtBackend(engine, model_dir=other)
+    # a different config (more layers) names the config hash
+    bigger = make_test_checkpoint(tmp_path / "bigger", "tiny", text_layers=5, seed=0, dtype="bfloat16")
+    with pytest.raises(EngineError, match="with config hash [0-9a-f]{16}, this checkpoint .* has [0-9a-f]{16}"):
+        OrtBackend(engine, model_dir=bigger)
+
+
+def test_missing_file_is_refused(engine, tmp_path, tiny_checkpoint):
+    d = _copy(engine, tmp_path)
+    (d / "llm_decode.onnx").unlink()
+    with pytest.raises(EngineError, match="is missing llm_decode.onnx"):
+        OrtBackend(d, model_dir=tiny_checkpoint)
+    (d / MANIFEST).unlink()
+    with pytest.raises(EngineError, match="has no manifest.json"):
+        OrtBackend(d, model_dir=tiny_checkpoint)
+    with pytest.raises(EngineError, match="does not exist"):
+        OrtBackend(tmp_path / "nope", model_dir=tiny_checkpoint)
+
+
+def test_tampered_manifest_is_refused(engine, tmp_path, tiny_checkpoint):
+    d = _copy(engine, tmp_path)
+    m = json.loads((d / MANIFEST).read_text())
+    m["max_patches"] = 10 ** 9
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="modified after export"):
+        OrtBackend(d, model_dir=tiny_checkpoint)
+    (d / MANIFEST).write_text("{not json")
+    with pytest.raises(EngineError, match="not valid JSON"):
+        OrtBackend(d, model_dir=tiny_checkpoint)
+
+
+def test_replaced_graph_file_is_refused(engine, tmp_path, tiny_checkpoint):
+    d = _copy(engine, tmp_path)
+    shutil.copyfile(d / "llm_prefill.onnx", d / "llm_decode.onnx")
+    with pytest.raises(EngineError, match="llm_decode.onnx .* was replaced or damaged"):
+        OrtBackend(d, model_dir=tiny_checkpoint)
+
+
+def test_task_not_exported_is_refused(tiny_checkpoint, model, tmp_path):
+    out = tmp_path / "depth-only"
+    m = export_engine(tiny_checkpoint, out, tasks=["depth"], progress=False, model=model)
+    assert set(m["graphs"]) == {"vision", "llm_prefill"}
+    with pytest.raises(EngineError, match=r"exported for tasks \['depth'\], not \['chat'\]"):
+        OrtBackend(out, model_dir=tiny_checkpoint, tasks=["chat"])
+    ob = OrtBackend(out, model_dir=tiny_checkpoint, tasks=["depth"])
+    pre = ob.prefill(torch.tensor([[1, 2, 3]]), None)
+    with pytest.raises(EngineError, match="no llm_decode.onnx"):
+        ob.decode(5, pre.cache)
+
+
+def test_too_many_patches_is_refused(tiny_checkpoint, model, tmp_path):
+    out = tmp_path / "small"
+    export_engine(tiny_checkpoint, out, tasks=["chat"], max_patches=256, progress=False, model=model)
+    ob = OrtBackend(out, model_dir=tiny_checkpoint)
+    meta = build_vision_meta([(16, 20)], model.config.vision_config)
+    with pytest.raises(EngineError, match="320 patches.*at most 256.*--max-patches 320"):
+        ob.encode_image(torch.randn(320, 768), meta)
+
+
+# ---------------------------------------------------------------- variants
+def test_full_cache_layout_and_external_data(tiny_checkpoint, model, tmp_path):
+    out = tmp_path / "full-ext"
+    m = export_engine(tiny_checkpoint, out, tasks=["chat"], cache_layout="full", progress=False, model=model,
+                      external_data_threshold=0)
+    assert all(info["external_data"] == [info["file"] + ".data"] for info in m["graphs"].values())
+    assert [o["name"] for o in m["graphs"]["llm_decode"]["outputs"]] == ["logits", "present_key", "present_value"]
+    rep = verify(out, tiny_checkpoint, grids=((8, 12), (4, 4)), decode_steps=3, model=model, log=lambda s: None)
+    assert rep.ok, rep.format()
+
+
+def test_cli_export_and_verify(tiny_checkpoint, tmp_path, capsys):
+    from densert.cli import main
+    out = tmp_path / "cli-eng"
+    assert main(["export", "--model", str(tiny_checkpoint), "--out", str(out), "--tasks", "depth,chat",
+                 "--quiet"]) == 0
+    assert main(["verify", str(out), "--model", str(tiny_checkpoint), "--grids", "4x6", "--decode-steps", "2"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "missing"), "--model", str(tiny_checkpoint)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_from_model_exports_once_into_cache(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DENSERT_CACHE_DIR", str(tmp_path / "cache"))
+    b1 = OrtBackend.from_model(tiny_checkpoint, tasks=["chat"])
+    assert "exporting to" in capsys.readouterr().err
+    assert str(b1.engine_dir).startswith(str(tmp_path / "cache" / "engines"))
+    b2 = OrtBackend.from_model(tiny_checkpoint, tasks=["chat"])
+    assert "exporting" not in capsys.readouterr().err and b2.engine_dir == b1.engine_dir
+
+
+@pytest.mark.slow
+def test_youtu_vl_4b_widths_few_layers(tmp_path):
+    """Real widths (vision 1152/16 heads, LLM 2560/32 heads, MLA 512+64, vocab 283386), 1+1 layers:
+    external data (> 2 GiB fp32 graphs) and parity at several sizes with one export."""
+    from densert.checkpoint import make_test_checkpoint
+    ck = make_test_checkpoint(tmp_path / "4b", "youtu-vl-4b", text_layers=1, vision_layers=1, seed=0,
+                              dtype="bfloat16")
+    model = load_model(ck, torch.float32)
+    out = tmp_path / "eng"
+    m = export_engine(ck, out, tasks=["depth", "segment", "chat"], progress=False, model=model)
+    assert m["graphs"]["llm_prefill"]["external_data"] == ["llm_prefill.onnx.data"]
+    rep = verify(out, ck, grids=((16, 16), (20, 36)), decode_steps=3, model=model, log=lambda s: None)
+    assert rep.ok, rep.format()
