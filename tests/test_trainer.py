@@ -167,3 +167,18 @@ def test_ddp_two_ranks_end_with_identical_weights(tmp_path):
                 _, r, hsh = line.split()
                 hashes[int(r)] = hsh
     assert set(hashes) == {0, 1} and hashes[0] == hashes[1]
+
+
+def test_metrics_standard_definitions():
+    from densert.training.metrics import DepthMeter, SegmentationMeter
+    m = SegmentationMeter(3)
+    gt = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pr = np.array([[0, 1, 1, 1], [2, 0, 0, 1]])
+    m.update(pr, gt)
+    # class 0: I=1, U=3 (gt 2 + pred 2 - 1); class 1: I=3, U=4; class 2: I=1, U=2 (ignore px dropped)
+    assert m.miou() == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    d = DepthMeter()
+    d.update(np.array([1.0, 2.0, 3.0, 9.0]), np.array([1.0, 2.5, 0.0, 4.0]))
+    r = d.result()
+    assert r["delta1"] == pytest.approx(1 / 3)       # 2.5/2.0 = 1.25 is NOT < 1.25; 9/4 misses
+    assert r["abs_rel"] == pytest.approx((0 + 0.2 + 1.25) / 3)
