@@ -166,3 +166,31 @@ def test_template_files_in_checkpoint(tiny_checkpoint):
     assert ct == tc["chat_template"] == CHAT_TEMPLATE
     assert expand_image_pads(render_jinja([user_message("Estimate the depth.")], template=ct), [3]) \
         == SPEC_ONE_TURN
+
+
+def test_config_ids_come_from_tokenizer(big, tiny):
+    from densert.config import YoutuVLConfig, preset
+    from densert.tokenizer import apply_token_ids
+    cfg = apply_token_ids(preset("youtu-vl-4b"), big)
+    released = YoutuVLConfig()   # the spec's verified ids are the config defaults
+    for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "image_token_id",
+              "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        assert getattr(cfg, k) == getattr(released, k), k
+    small = apply_token_ids(preset("tiny"), tiny)
+    assert small.vocab_size == len(tiny) and small.image_token_id == tiny.image_pad_id
+    small.validate()
+
+
+@pytest.mark.slow
+def test_hf_transformers_reads_the_checkpoint_tokenizer(tiny_checkpoint, tiny):
+    """An independent consumer: HF AutoTokenizer + apply_chat_template on our files."""
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    msgs = [{"role": "system", "content": "S"}, user_message("Segment: floor, wall."),
+            {"role": "assistant", "content": "<ref>floor</ref>"}, {"role": "user", "content": "ok"}]
+    text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == render_chat(msgs, [1])
+    ids = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert list(ids) == encode_chat(tiny, msgs, [1])[0].tolist()
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tiny.bos_id, tiny.eos_id, tiny.eos_id)
