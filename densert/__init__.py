@@ -1,7 +1,7 @@
 """densert: edge-deployment runtime for DenseMLLM (Youtu-VL)."""
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "load_model", "DensePredictor"]
 
 
 def __getattr__(name):
@@ -9,4 +9,7 @@ def __getattr__(name):
     if name == "load_model":
         from .loader import load_model
         return load_model
+    if name == "DensePredictor":
+        from .runtime.predictor import DensePredictor
+        return DensePredictor
     raise AttributeError(f"module 'densert' has no attribute {name!r}")
