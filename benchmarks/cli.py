@@ -20,7 +20,7 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-QUICK = {"sizes": ["64x64", "96x128"], "runs": 3, "warmup": 1, "decode_cap": 4}
+QUICK = {"sizes": ["64x64", "96x128"], "runs": 3, "warmup": 1, "decode_cap": 4, "decode_runs": 1}
 
 
 def configure(parser) -> None:
@@ -46,6 +46,8 @@ def configure(parser) -> None:
     parser.add_argument("--plots", default=None, metavar="DIR")
     parser.add_argument("--label", default=None,
                         help="free text stored with the results (e.g. 'shared machine, 6 users')")
+    parser.add_argument("--from-json", default=None, metavar="FILE",
+                        help="re-render --md / --plots from an earlier --json report (no measuring)")
     parser.add_argument("--quick", action="store_true",
                         help=f"CI mode: {QUICK['sizes']}, {QUICK['runs']} runs, "
                              f"{QUICK['warmup']} warm-up, {QUICK['decode_cap']} decode steps")
@@ -190,9 +192,22 @@ def run(args) -> int:
     from . import roofline as R
     from .harness import parse_size
 
+    if args.from_json:
+        from . import report as rep
+        try:
+            report = json.loads(Path(args.from_json).read_text())
+        except (OSError, ValueError) as e:
+            raise CLIError(f"{args.from_json}: cannot read a bench report ({e})") from None
+        if args.md:
+            Path(args.md).write_text(rep.markdown(report))
+        if args.plots:
+            rep.plots(report, args.plots, Path(args.from_json).stem)
+        if not args.md:
+            print(rep.markdown(report))
+        return 0
     model = _resolve_model(args.model)
     q = QUICK if args.quick else {"sizes": ["256x256", "480x640"], "runs": 10, "warmup": 2,
-                                  "decode_cap": 32}
+                                  "decode_cap": 32, "decode_runs": 3}
     sizes = args.sizes or q["sizes"]
     for s in sizes:
         try:
@@ -233,7 +248,8 @@ def run(args) -> int:
         print(f"densert bench: backend {name} ...", file=sys.stderr)
         spec = {"backend": name, "model": str(model), "dtype": args.dtype, "device": args.device,
                 "engine_dir": args.engine_dir, "tasks": args.task, "sizes": sizes, "runs": runs,
-                "warmup": warmup, "decode_cap": cap, "threads": args.threads,
+                "warmup": warmup, "decode_cap": cap, "decode_runs": q["decode_runs"],
+                "threads": args.threads,
                 "baselines": not args.no_baselines}
         rec = _run_worker(spec)
         if rec["status"] != "ok":
@@ -251,7 +267,7 @@ def run(args) -> int:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(md)
     if args.plots:
-        rep.plots(report, args.plots)
+        rep.plots(report, args.plots, Path(args.json).stem if args.json else None)
     if not (args.json or args.md):
         print(md)
     ok = any(b["status"] == "ok" for b in report["backends"])

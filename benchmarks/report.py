@@ -147,7 +147,8 @@ def markdown(rep: dict) -> str:
     return "\n".join(L) + "\n"
 
 
-def plots(rep: dict, out_dir) -> list[Path]:
+def plots(rep: dict, out_dir, prefix: str | None = None) -> list[Path]:
+    """``<prefix>_latency_vs_size.png`` and ``<prefix>_stages.png`` (prefix: bench_<model>)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -155,6 +156,7 @@ def plots(rep: dict, out_dir) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tag = rep["model"]["name"]
+    prefix = prefix or f"bench_{tag}"
     ok = [b for b in rep["backends"] if b["status"] == "ok"]
     files = []
     # latency vs image size (end-to-end p50, p10-p90 band not stored: error bars p50..p90)
@@ -173,7 +175,7 @@ def plots(rep: dict, out_dir) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p = out / f"bench_{tag}_latency_vs_size.png"
+    p = out / f"{prefix}_latency_vs_size.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     files.append(p)
@@ -195,7 +197,7 @@ def plots(rep: dict, out_dir) -> list[Path]:
     ax.set_title(f"stage breakdown: {tag}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p = out / f"bench_{tag}_stages.png"
+    p = out / f"{prefix}_stages.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     files.append(p)
