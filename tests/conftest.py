@@ -1,6 +1,16 @@
 """Shared fixtures. Keep this small: fixtures used by more than one test file only."""
 from __future__ import annotations
 
+import os
+
+# Triton reads TRITON_INTERPRET at import time, and any test module may import it first: without
+# a GPU, every Triton kernel in the suite runs under the interpreter (bf16-free tiles).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 
 
