@@ -30,8 +30,12 @@ __all__ = ["ntpm_loss", "ntpm_loss_reference", "prepare_positives", "ntpm_select
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
-    """log(1 + exp(x)) without overflow and without F.softplus's x > 20 cut-off (exact slope)."""
-    return torch.clamp(x, min=0) + torch.log1p(torch.exp(-torch.abs(x)))
+    """log(1 + exp(x)) without overflow and without F.softplus's x > 20 cut-off.
+
+    logaddexp(x, 0) also has the exact autograd slope sigmoid(x) everywhere, including x == 0
+    (clamp + abs formulations give slope 1 there).
+    """
+    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
