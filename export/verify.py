@@ -88,23 +88,40 @@ def compare(name: str, ref: torch.Tensor, got: torch.Tensor, th: dict) -> Tensor
     return TensorStat(name, max_abs, rel, cos, cos >= th["cosine"] and rel <= th["rel"])
 
 
+def bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] weights of 1-D bilinear resizing with half-pixel centres (torch
+    ``align_corners=False`` = ONNX Resize ``pytorch_half_pixel``)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    w1 = src - i0
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    m[torch.arange(n_out), i0] += 1 - w1
+    m[torch.arange(n_out), i1] += w1
+    return m.float()
+
+
 def dense_agreement(ref_scores: torch.Tensor, got_scores: torch.Tensor, merged_grid: tuple[int, int],
-                    out_hw: tuple[int, int], tie: float) -> tuple[float, int]:
-    """[M, K] scores -> per-pixel argmax at out_hw; share equal over non-near-tie pixels."""
+                    out_hw: tuple[int, int], tie: float, band: int = 64) -> tuple[float, int]:
+    """[M, K] scores -> per-pixel argmax at out_hw; share equal over non-near-tie pixels.
+
+    Bilinear upsampling is separable, done as two small matmuls, band by band, so a 1000-bin map
+    of a large image never materialises [H, W, K] at once."""
     mh, mw = merged_grid
-
-    def up(s):
-        s = s.float().T.reshape(1, -1, mh, mw)
-        return F.interpolate(s, size=out_hw, mode="bilinear", align_corners=False)[0]
-
-    r, g = up(ref_scores), up(got_scores)
-    top2 = r.topk(2, dim=0).values
-    margin = top2[0] - top2[1]
-    keep = margin >= tie * float(ref_scores.float().std())
-    n = int(keep.sum())
-    if n == 0:
-        return 1.0, 0
-    return float((r.argmax(0) == g.argmax(0))[keep].float().mean()), n
+    H, W = out_hw
+    thr = tie * float(ref_scores.float().std())
+    wy, wx = bilinear_matrix(mh, H), bilinear_matrix(mw, W)
+    r_rows = torch.einsum("hm,mnk->hnk", wy, ref_scores.float().reshape(mh, mw, -1))  # [H, mw, K]
+    g_rows = torch.einsum("hm,mnk->hnk", wy, got_scores.float().reshape(mh, mw, -1))
+    equal = kept = 0
+    for y in range(0, H, band):
+        r = torch.einsum("wn,bnk->bwk", wx, r_rows[y:y + band]).reshape(-1, r_rows.shape[-1])
+        g = torch.einsum("wn,bnk->bwk", wx, g_rows[y:y + band]).reshape(-1, r_rows.shape[-1])
+        top2 = r.topk(2, dim=1)
+        keep = (top2.values[:, 0] - top2.values[:, 1]) >= thr
+        kept += int(keep.sum())
+        equal += int((top2.indices[:, 0] == g.argmax(1))[keep].sum())
+    return (equal / kept if kept else 1.0), kept
 
 
 def synthetic_images(grids: Sequence[tuple[int, int]], seed: int = 0):
