@@ -136,7 +136,8 @@ for _ in range(2):
     tr.train_step(tr.samples_for_step(tr.step))
 h = hashlib.sha256()
 for n, p in tr.model.state_dict().items():
-    h.update(p.detach().numpy().tobytes())
+    p = p.detach()
+    h.update((p.full_tensor() if hasattr(p, "full_tensor") else p).numpy().tobytes())
 print("HASH", tr.rank, h.hexdigest(), flush=True)
 """
 
@@ -148,8 +149,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_end_with_identical_weights(tmp_path):
-    cfg = dict(SMALL, out=str(tmp_path / "ddp"), image_size=[64, 64])
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_ddp_two_ranks_end_with_identical_weights(tmp_path, fsdp):
+    cfg = dict(SMALL, out=str(tmp_path / "ddp"), image_size=[64, 64], fsdp=fsdp)
     port = _free_port()
     procs = []
     for rank in range(2):
