@@ -41,7 +41,7 @@ from .manifest import FORMAT, FORMAT_VERSION, EngineError, checkpoint_identity, 
 OPSET = 17
 PRECISIONS = ("fp32", "fp16")
 TASKS = ("depth", "segment", "chat")
-DEFAULT_MAX_PATCHES = 16384          # 2048 merged tokens, the released image-token budget
+DEFAULT_MAX_PATCHES = 36864          # = runtime.preprocess.DEFAULT_MAX_PATCHES (the processor default)
 EXTERNAL_DATA_THRESHOLD = 2 << 30    # protobuf's hard 2 GiB message limit
 
 VISION_INPUTS = ("pixel_values", "cos", "sin", "window_index", "reverse_index",

@@ -191,3 +191,16 @@ def test_youtu_vl_4b_widths_few_layers(tmp_path):
     assert m["graphs"]["llm_prefill"]["external_data"] == ["llm_prefill.onnx.data"]
     rep = verify(out, ck, grids=((16, 16), (20, 36)), decode_steps=3, model=model, log=lambda s: None)
     assert rep.ok, rep.format()
+
+
+def test_depth_onnxruntime_equals_torch(engine, tiny_checkpoint):
+    """The runtime's depth flow over both backends: same bin map (fp32 engine)."""
+    import numpy as np
+    pytest.importorskip("densert.runtime.predictor")
+    from densert.runtime.predictor import DensePredictor
+    rng = np.random.default_rng(0)
+    img = (rng.random((96, 160, 3)) * 255).astype(np.uint8)
+    ref = DensePredictor(tiny_checkpoint, backend="torch", max_patches=256).depth(img)
+    got = DensePredictor(tiny_checkpoint, backend="onnxruntime", engine_dir=engine, max_patches=256).depth(img)
+    assert got.bins.shape == ref.bins.shape == (96, 160)
+    assert (got.bins == ref.bins).mean() >= 0.999
