@@ -204,3 +204,15 @@ def test_depth_onnxruntime_equals_torch(engine, tiny_checkpoint):
     got = DensePredictor(tiny_checkpoint, backend="onnxruntime", engine_dir=engine, max_patches=256).depth(img)
     assert got.bins.shape == ref.bins.shape == (96, 160)
     assert (got.bins == ref.bins).mean() >= 0.999
+
+
+def test_fp16_export_keeps_fp32_islands_and_passes_gate(tiny_checkpoint, model, tmp_path):
+    import onnx
+    out = tmp_path / "fp16"
+    m = export_engine(tiny_checkpoint, out, precision="fp16", tasks=["depth", "chat"], progress=False, model=model)
+    assert m["io_float_dtype"] == "float16" and next(model.parameters()).dtype == torch.float32
+    g = onnx.load(str(out / "vision.onnx"))
+    f32 = {n.name for n in g.graph.initializer if n.data_type == onnx.TensorProto.FLOAT}
+    assert any("layer_norm" in n or "layernorm" in n for n in f32), "LayerNorm weights must stay fp32"
+    rep = verify(out, tiny_checkpoint, grids=((8, 8), (12, 20)), decode_steps=3, model=model, log=lambda s: None)
+    assert rep.ok, rep.format()
