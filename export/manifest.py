@@ -78,7 +78,8 @@ def file_sha256(path: str | Path) -> str:
     digest = h.hexdigest()
     with _lock:
         _memo[key] = digest
-        db = _load_db()
+        # Drop entries of files that no longer exist so the table does not grow without bound.
+        db = {k: v for k, v in _load_db().items() if os.path.exists(k.rsplit("|", 2)[0])}
         db[db_key] = digest
         try:
             _hash_db().parent.mkdir(parents=True, exist_ok=True)
