@@ -195,6 +195,14 @@ def cache_names(layout: str) -> tuple[list[str], list[str]]:
     raise EngineError(f"unknown cache layout {layout!r}; expected one of {CACHE_LAYOUTS}")
 
 
+def _last_logits(model: YoutuVLForConditionalGeneration, h: torch.Tensor) -> torch.Tensor:
+    """[1, V] logits of the last position as W @ h^T: a plain ``Linear`` exports as
+    MatMul(h, Transpose(W)) and constant folding then stores a transposed copy of the
+    [V, d] matrix (1.45 G values at 4B widths) next to the tied embedding table."""
+    w = model.lm_head.weight
+    return torch.matmul(w, h[0, -1:].transpose(0, 1)).transpose(0, 1)
+
+
 class PrefillGraph(nn.Module):
     def __init__(self, model: YoutuVLForConditionalGeneration, layout: str,
                  subsets: dict[str, torch.Tensor]):
@@ -223,7 +231,7 @@ class PrefillGraph(nn.Module):
         vision_hidden = h[0].index_select(0, pos)
         first = torch.argmax(is_img[0].to(torch.int32)).reshape(1)
         pre = h[0].index_select(0, (first - 1).clamp(min=0))               # [1, d]
-        last_logits = self.m.lm_head(h[:, -1])                             # [1, V]
+        last_logits = _last_logits(self.m, h)                              # [1, V]
         scores = [torch.matmul(vision_hidden, getattr(self, f"subset_{t}").t()) for t in self.tasks]
         return (vision_hidden, pre, last_logits, *scores, *present)
 
@@ -235,7 +243,7 @@ class DecodeGraph(nn.Module):
 
     def forward(self, input_ids, *past):
         h, present = self.m.model(self.m.model.embed_tokens(input_ids), tuple(past), self.layout)
-        return (self.m.lm_head(h[:, -1]), *present)
+        return (_last_logits(self.m, h), *present)
 
 
 # ---------------------------------------------------------------- export
