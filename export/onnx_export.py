@@ -255,10 +255,31 @@ def _io_spec(names, example, dyn: dict[str, dict[int, str]]) -> list[dict[str, A
     return out
 
 
-def _save(tmp_onnx: Path, out_dir: Path, stem: str, threshold: int) -> tuple[list[str], list[str]]:
+_ONNX_TYPES = {"float32": 1, "int64": 7, "int32": 6, "float16": 10}
+
+
+def _restore_inputs(model, inputs: list[dict[str, Any]]) -> None:
+    """The tracer drops inputs the graph never reads (e.g. window_segment_ids when every vision
+    layer is a full-attention layer). Put them back, in order, so every engine has one interface."""
+    import onnx
+    have = {i.name: i for i in model.graph.input}
+    ordered = []
+    for spec in inputs:
+        if spec["name"] in have:
+            ordered.append(have[spec["name"]])
+        else:
+            ordered.append(onnx.helper.make_tensor_value_info(spec["name"], _ONNX_TYPES[spec["dtype"]], spec["shape"]))
+    extra = [i for i in model.graph.input if i.name not in {s["name"] for s in inputs}]
+    del model.graph.input[:]
+    model.graph.input.extend(ordered + extra)
+
+
+def _save(tmp_onnx: Path, out_dir: Path, stem: str, threshold: int,
+          inputs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """Re-save the exported graph inline, or with one external data file when over threshold."""
     import onnx
     model = onnx.load(str(tmp_onnx), load_external_data=True)
+    _restore_inputs(model, inputs)
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     dst = out_dir / f"{stem}.onnx"
     for p in (dst, out_dir / f"{stem}.onnx.data"):
@@ -356,8 +377,9 @@ def export_engine(model_dir: str | Path, out_dir: str | Path, precision: str = "
             vg = VisionGraph(model)
             v_out = vg(*v_args)
             _export_one(vg, v_args, tmp / "vision.onnx", VISION_INPUTS, ["image_embeds"], v_dyn)
-            files, ops = _save(tmp / "vision.onnx", out_dir, "vision", external_data_threshold)
-            graphs["vision"] = _graph_entry(files, ops, _io_spec(VISION_INPUTS, v_args, v_dyn),
+            v_in = _io_spec(VISION_INPUTS, v_args, v_dyn)
+            files, ops = _save(tmp / "vision.onnx", out_dir, "vision", external_data_threshold, v_in)
+            graphs["vision"] = _graph_entry(files, ops, v_in,
                                             _io_spec(["image_embeds"], [v_out], v_dyn))
             (tmp / "vision.onnx").unlink(missing_ok=True)
             bar.update()
@@ -378,8 +400,9 @@ def export_engine(model_dir: str | Path, out_dir: str | Path, precision: str = "
             pg = PrefillGraph(model, cache_layout, subsets)
             p_out = pg(*p_args)
             _export_one(pg, p_args, tmp / "llm_prefill.onnx", ["input_ids", "image_embeds"], p_out_names, p_dyn)
-            files, ops = _save(tmp / "llm_prefill.onnx", out_dir, "llm_prefill", external_data_threshold)
-            graphs["llm_prefill"] = _graph_entry(files, ops, _io_spec(["input_ids", "image_embeds"], p_args, p_dyn),
+            p_in = _io_spec(["input_ids", "image_embeds"], p_args, p_dyn)
+            files, ops = _save(tmp / "llm_prefill.onnx", out_dir, "llm_prefill", external_data_threshold, p_in)
+            graphs["llm_prefill"] = _graph_entry(files, ops, p_in,
                                                  _io_spec(p_out_names, p_out, p_dyn))
             (tmp / "llm_prefill.onnx").unlink(missing_ok=True)
             bar.update()
@@ -395,8 +418,9 @@ def export_engine(model_dir: str | Path, out_dir: str | Path, precision: str = "
                 d_out = dg(*d_args)
                 _export_one(dg, d_args, tmp / "llm_decode.onnx", ["input_ids", *past_in],
                             ["logits", *pres_out], d_dyn)
-                files, ops = _save(tmp / "llm_decode.onnx", out_dir, "llm_decode", external_data_threshold)
-                graphs["llm_decode"] = _graph_entry(files, ops, _io_spec(["input_ids", *past_in], d_args, d_dyn),
+                d_in = _io_spec(["input_ids", *past_in], d_args, d_dyn)
+                files, ops = _save(tmp / "llm_decode.onnx", out_dir, "llm_decode", external_data_threshold, d_in)
+                graphs["llm_decode"] = _graph_entry(files, ops, d_in,
                                                     _io_spec(["logits", *pres_out], d_out, d_dyn))
                 (tmp / "llm_decode.onnx").unlink(missing_ok=True)
                 bar.update()

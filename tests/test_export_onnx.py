@@ -224,3 +224,13 @@ def test_fp16_export_keeps_fp32_islands_and_passes_gate(tiny_checkpoint, model, 
     assert any("layer_norm" in n or "layernorm" in n for n in f32), "LayerNorm weights must stay fp32"
     rep = verify(out, tiny_checkpoint, grids=((8, 12),), decode_steps=2, model=model, log=lambda s: None)
     assert rep.ok, rep.format()
+
+
+def test_unused_vision_input_is_kept(tmp_path):
+    """One vision layer = all full attention: window_segment_ids is unused but stays an input."""
+    from densert.checkpoint import make_test_checkpoint
+    ck = make_test_checkpoint(tmp_path / "ck", "tiny", text_layers=1, vision_layers=1, seed=0, dtype="bfloat16")
+    m = export_engine(ck, tmp_path / "eng", tasks=["chat"], progress=False)
+    assert [i["name"] for i in m["graphs"]["vision"]["inputs"]][5] == "window_segment_ids"
+    rep = verify(tmp_path / "eng", ck, grids=((8, 8),), decode_steps=2, log=lambda s: None)
+    assert rep.ok, rep.format()
