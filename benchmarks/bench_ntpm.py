@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     res = {}
     for variant in ("naive", "chunked"):
         cmd = [sys.executable, "-m", "densert.benchmarks.bench_ntpm", "--worker", variant, str(a.reps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-3000:])
         res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
