@@ -251,7 +251,18 @@ def run(args) -> int:
                 "warmup": warmup, "decode_cap": cap, "decode_runs": q["decode_runs"],
                 "threads": args.threads,
                 "baselines": not args.no_baselines}
-        rec = _run_worker(spec)
+        prep = None
+        if name != "torch" and args.engine_dir is None:
+            # Build / export the engine in a throw-away process first, so the measuring worker's
+            # RSS high-water mark is the runtime's, not the exporter's.
+            prep = _run_worker({**spec, "prepare_only": True})
+        if prep is not None and prep["status"] != "ok":
+            rec = prep
+        else:
+            rec = _run_worker(spec)
+            if prep is not None:
+                rec["prepare_s"] = prep.get("setup_s")
+                rec["memory"]["peak_rss_mb_prepare_process"] = prep["memory"].get("rss_mb_after_setup")
         if rec["status"] != "ok":
             print(f"densert bench: backend {name} {rec['status']}: {rec.get('reason')}", file=sys.stderr)
         report["backends"].append(rec)

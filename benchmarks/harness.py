@@ -174,6 +174,8 @@ def run_worker(spec: dict) -> dict:
         return rec
     rec["setup_s"] = time.perf_counter() - t0
     rec["memory"]["rss_mb_after_setup"] = max_rss_mb()
+    if spec.get("prepare_only"):
+        return rec
     on_gpu = torch.device(getattr(backend, "device", "cpu")).type == "cuda"
     rec["device"] = "cuda" if on_gpu else (
         "cpu" if name == "torch" else str(getattr(backend, "providers", ["cpu"])[0]))

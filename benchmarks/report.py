@@ -142,8 +142,9 @@ def markdown(rep: dict) -> str:
                  f"{f('rss_mb_after_imports')} | {f('rss_mb_after_setup')} | {f('peak_rss_mb_pipeline')} | "
                  f"{f('peak_rss_mb_with_naive_head')} | {f('cuda_max_allocated_mb')} |")
     L += ["", "RSS = high-water mark (`VmHWM`) of the backend's worker process; the pipeline "
-          "snapshot is taken before the naive-head baseline runs. Setup includes loading (and, for "
-          "onnxruntime without an engine dir, exporting) the model.", ""]
+          "snapshot is taken before the naive-head baseline runs. Setup = loading the model / opening "
+          "the engine; an engine missing from the cache is exported first in a separate process "
+          "(`peak_rss_mb_prepare_process` in the JSON), not counted here.", ""]
     return "\n".join(L) + "\n"
 
 

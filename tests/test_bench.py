@@ -28,7 +28,7 @@ def _check(doc):
 
 
 def test_bench_quick_cli(tiny_checkpoint, tmp_path):
-    out = tmp_path / "b.json"
+    out = tmp_path / "bench_quick.json"
     md = tmp_path / "b.md"
     proc = subprocess.run([sys.executable, "-m", "densert", "bench", "--model", str(tiny_checkpoint),
                            "--backend", "torch", "tensorrt", "--quick", "--json", str(out),
@@ -53,7 +53,7 @@ def test_bench_quick_cli(tiny_checkpoint, tmp_path):
     assert by["torch"]["memory"]["peak_rss_mb_pipeline"] > 0
     text = md.read_text()
     assert doc["command"] in text and "| tensorrt | skipped |" in text
-    assert len(list((tmp_path / "plots").glob("bench_*.png"))) == 2
+    assert len(list((tmp_path / "plots").glob("bench_quick_*.png"))) == 2
 
 
 def test_bench_bad_size_is_user_error(tiny_checkpoint):
