@@ -196,11 +196,11 @@ def cache_names(layout: str) -> tuple[list[str], list[str]]:
 
 
 def _last_logits(model: YoutuVLForConditionalGeneration, h: torch.Tensor) -> torch.Tensor:
-    """[1, V] logits of the last position as W @ h^T: a plain ``Linear`` exports as
-    MatMul(h, Transpose(W)) and constant folding then stores a transposed copy of the
-    [V, d] matrix (1.45 G values at 4B widths) next to the tied embedding table."""
+    """[1, V] logits of the last position. A 2-D ``linear`` with a bias exports as one
+    Gemm(transB=1) on the tied [V, d] table; without a bias it becomes MatMul(h, Transpose(W))
+    and constant folding stores a transposed copy (1.45 G values at 4B widths)."""
     w = model.lm_head.weight
-    return torch.matmul(w, h[0, -1:].transpose(0, 1)).transpose(0, 1)
+    return F.linear(h[0, -1:], w, torch.zeros(w.shape[0], dtype=w.dtype))
 
 
 class PrefillGraph(nn.Module):
