@@ -67,7 +67,8 @@ def markdown(rep: dict) -> str:
     L += ["## Roofline: measured p50 vs analytic lower bound (ms)", "",
           "Lower bound = max(FLOPs / peak, bytes / bandwidth) per stage (`benchmarks/roofline.py`); "
           "devices at FP16 with peaks from edge-anchors.md sec. 6.1, this CPU at the benchmark dtype "
-          "with the measured peaks above. `x bound` = measured / this-CPU bound.", "",
+          "with the measured peaks above. `x bound` = measured / this-CPU bound; on a shared, loaded "
+          "machine the measured peak is itself noisy, so x bound < 1 can occur.", "",
           "| backend | task | size | stage | GFLOP | MB | measured | this CPU bound | x bound | "
           + " | ".join(devs) + " |",
           "|---|---|---|---|---|---|---|---|---|" + "---|" * len(devs)]
@@ -141,10 +142,14 @@ def markdown(rep: dict) -> str:
         L.append(f"| {b['backend']} | {b.get('device')} | {b.get('setup_s', 0):.1f} | "
                  f"{f('rss_mb_after_imports')} | {f('rss_mb_after_setup')} | {f('peak_rss_mb_pipeline')} | "
                  f"{f('peak_rss_mb_with_naive_head')} | {f('cuda_max_allocated_mb')} |")
+    inproc = [b["backend"] for b in ok if b["backend"] != "torch" and "prepare_s" not in b]
     L += ["", "RSS = high-water mark (`VmHWM`) of the backend's worker process; the pipeline "
           "snapshot is taken before the naive-head baseline runs. Setup = loading the model / opening "
           "the engine; an engine missing from the cache is exported first in a separate process "
-          "(`peak_rss_mb_prepare_process` in the JSON), not counted here.", ""]
+          "(`peak_rss_mb_prepare_process` in the JSON), not counted here."
+          + (f" **This report predates that split: for {', '.join(inproc)} the setup time and the "
+             "RSS columns include the ONNX export done inside the worker, so they overstate the "
+             "runtime's memory.**" if inproc else ""), ""]
     return "\n".join(L) + "\n"
 
 
