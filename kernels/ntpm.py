@@ -162,11 +162,15 @@ class _NTPMSparse(torch.autograd.Function):
         dh = torch.zeros_like(h)
         dW = None
         need_w = ctx.needs_input_grad[1]
-        if need_w:
-            dW = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
         ok = ids >= 0
         safe = torch.where(ok, ids, torch.zeros_like(ids))
         g = torch.where(ok, g, torch.zeros_like(g))
+        if need_w:
+            # Accumulate in the compute dtype only over the touched rows (<= L' (P + k)); the dense
+            # |V| x d gradient is allocated once, in the weight's own dtype.
+            touched, inv = torch.unique(safe.reshape(-1), return_inverse=True)
+            inv = inv.reshape(safe.shape)
+            acc = torch.zeros(touched.numel(), d, dtype=cdt, device=weight.device)
         width = ids.shape[1]
         # Token blocks keep the gathered [B, P+k, d] rows near 64 MB.
         blk = max(1, (64 << 20) // max(1, width * d * h.element_size()))
@@ -177,14 +181,15 @@ class _NTPMSparse(torch.autograd.Function):
             del wrows
             if need_w:
                 contrib = g[a:b, :, None] * h[a:b, None, :]
-                dW.index_add_(0, safe[a:b].reshape(-1), contrib.reshape(-1, d))
+                acc.index_add_(0, inv[a:b].reshape(-1), contrib.reshape(-1, d))
         dhidden = None
         if ctx.needs_input_grad[0]:
             dhidden = torch.zeros(hidden.shape, dtype=cdt, device=hidden.device)
             dhidden.index_copy_(0, rows, dh)
             dhidden = dhidden.to(hidden.dtype)
-        if dW is not None:
-            dW = dW.to(weight.dtype)
+        if need_w:
+            dW = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+            dW[touched] = acc.to(weight.dtype)
         return dhidden, dW, None, None, None, None, None, None, None
 
 
