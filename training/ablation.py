@@ -187,5 +187,6 @@ Does this reproduce the paper's direction?
 
 Caveats: a ~{args.steps}-step run of a tiny model from scratch on synthetic scenes is far from the
 paper's 4B-model ADE20K setting; absolute numbers are not comparable, only the direction is
-meaningful, and with one seed small gaps are within noise.
+meaningful, and with one seed small gaps are within noise. "train s" is wall clock on a shared
+machine: it tracks the other jobs' load, not the cost of the loss.
 """
