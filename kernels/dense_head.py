@@ -10,9 +10,10 @@ The upsample reproduces ``F.interpolate(mode="bilinear", align_corners=False, si
 scale = in/out in fp32, src = scale * (dst + 0.5) - 0.5 clamped at 0, i0 = floor(src),
 i1 = min(i0 + 1, in - 1), value = lh0 * (lw0 * x00 + lw1 * x01) + lh1 * (lw0 * x10 + lw1 * x11)
 (the order of ATen's CPU kernel). In ``argmax``/``depth`` mode the K x H x W upsampled scores are
-never materialised: the torch path interpolates only pixels whose four corner tokens disagree on the label
-(chunked), the CUDA path runs a fused Triton
-kernel that keeps a running (max, argmax) per pixel.
+never materialised: the torch path interpolates only pixels whose four corner tokens disagree on
+the label (per pixel; or, when boundaries are dense, the plain upsample over chunks of channels with a
+running max), the CUDA path runs a
+fused Triton kernel that keeps a running (max, argmax) per pixel.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ __all__ = [
 ]
 
 _MODES = ("argmax", "probs", "depth")
+# Below this size the upsampled scores are cheaper to write than to avoid (e.g. depth on the
+# 16-px patch grid); above it they are never held whole.
+_SMALL_TAIL_BYTES = 64 << 20
 
 
 def subset_weight(lm_head_weight: torch.Tensor, id_groups: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -106,6 +110,17 @@ def _tail_torch(scores: torch.Tensor, gh: int, gw: int, H: int, W: int, mode: st
     if mode == "probs":
         up = F.interpolate(grid[None], size=(H, W), mode="bilinear", align_corners=False)[0]
         return torch.softmax(up / temperature, dim=0)
+    labels = _labels_torch(scores, grid, H, W)
+    if mode == "argmax":
+        return labels
+    return depth_values.to(device=scores.device, dtype=torch.float32)[labels]
+
+
+def _labels_torch(scores: torch.Tensor, grid: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    K, gh, gw = grid.shape
+    if K * H * W * 4 <= _SMALL_TAIL_BYTES:
+        return torch.argmax(F.interpolate(grid[None], size=(H, W), mode="bilinear",
+                                          align_corners=False)[0], dim=0)
     dev = scores.device
     h0, h1, lh0, lh1 = bilinear_source_coords(gh, H, dev)
     w0, w1, lw0, lw1 = bilinear_source_coords(gw, W, dev)
@@ -115,8 +130,41 @@ def _tail_torch(scores: torch.Tensor, gh: int, gw: int, H: int, W: int, mode: st
     tok = torch.argmax(scores, dim=1).reshape(gh, gw)
     c00, c01 = tok[h0][:, w0], tok[h0][:, w1]
     c10, c11 = tok[h1][:, w0], tok[h1][:, w1]
+    boundary = (c00 != c01) | (c00 != c10) | (c00 != c11)
+    if int(boundary.sum()) * 8 > H * W:
+        # Dense boundaries: random-access gathers per pixel cost more than ATen's upsample.
+        return _channels_chunked(grid, H, W)
     labels = c00.clone()
-    todo = ((c00 != c01) | (c00 != c10) | (c00 != c11)).reshape(-1).nonzero(as_tuple=True)[0]
+    _pixels_gathered(scores, labels, boundary, gw, W, h0, h1, lh0, lh1, w0, w1, lw0, lw1)
+    return labels
+
+
+def _channels_chunked(grid, H, W):
+    """Argmax of the full upsample, K channels at a time with a running (max, argmax).
+
+    Channels are interpolated independently, so each chunk's values are exactly F.interpolate's;
+    a later chunk wins only when strictly greater, keeping torch.argmax's lower-index ties.
+    """
+    K = grid.shape[0]
+    chunk = max(1, _SMALL_TAIL_BYTES // max(1, H * W * 4))
+    best = labels = None
+    for a in range(0, K, chunk):
+        up = F.interpolate(grid[None, a:a + chunk], size=(H, W), mode="bilinear",
+                           align_corners=False)[0]
+        v, i = up.max(dim=0)
+        if best is None:
+            best, labels = v, i
+        else:
+            win = v > best
+            best = torch.where(win, v, best)
+            labels = torch.where(win, i + a, labels)
+    return labels
+
+
+def _pixels_gathered(scores, labels, boundary, gw, W, h0, h1, lh0, lh1, w0, w1, lw0, lw1):
+    """K-channel interpolation at the given boundary pixels only, in bounded chunks."""
+    K = scores.shape[1]
+    todo = boundary.reshape(-1).nonzero(as_tuple=True)[0]
     flat = labels.view(-1)
     step = max(1, (16 << 20) // max(1, K * 4 * 6))  # ~16 MB of [n, K] temporaries per step
     for a in range(0, todo.numel(), step):
@@ -128,9 +176,6 @@ def _tail_torch(scores: torch.Tensor, gh: int, gw: int, H: int, W: int, mode: st
         bot = scores[rh1 + rw0] * a_lw0 + scores[rh1 + rw1] * a_lw1
         v = top * lh0[r][:, None] + bot * lh1[r][:, None]
         flat[pix] = torch.argmax(v, dim=1)
-    if mode == "argmax":
-        return labels
-    return depth_values.to(device=dev, dtype=torch.float32)[labels]
 
 
 def dense_head(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw, mode: str = "argmax",

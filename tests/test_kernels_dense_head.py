@@ -58,6 +58,27 @@ def test_torch_tail_matches_interpolate(gh, gw, H, W, K):
     torch.testing.assert_close(pr, torch.softmax(up / 0.2, dim=0), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("gh,gw,H,W,K", [(12, 12, 40, 52, 150), (12, 14, 61, 37, 100), (8, 12, 9, 45, 1000)])
+def test_large_output_paths_match_interpolate(monkeypatch, structured, gh, gw, H, W, K):
+    """Outputs too big to upsample whole: random maps (dense boundaries: channel chunks with a
+    running max) and two-region maps (sparse boundaries: per-pixel interpolation)."""
+    import densert.kernels.dense_head as dh
+    monkeypatch.setattr(dh, "_SMALL_TAIL_BYTES", 4 * H * W)  # force the large-output routes
+    routes = []
+    for name in ("_channels_chunked", "_pixels_gathered"):
+        fn = getattr(dh, name)
+        monkeypatch.setattr(dh, name, lambda *a, _fn=fn, _n=name: (routes.append(_n), _fn(*a))[1])
+    h, w = _inputs(gh, gw, K)
+    if structured:
+        region = (torch.arange(gw)[None, :] * 2 // gw).expand(gh, gw)
+        h = 4 * torch.randn(2, h.shape[1])[region.reshape(-1)] + 0.05 * h
+    up = _ref_up(dense_scores(h, w), gh, gw, H, W)
+    got = dense_head(h, w, (gh, gw), (H, W), "argmax")
+    assert int((got != up.argmax(0))[_margin_ok(up)].sum()) == 0
+    assert routes == ["_pixels_gathered" if structured else "_channels_chunked"]
+
+
 def test_argmax_ties_go_to_lower_index():
     # Two identical channels: every pixel ties between 1 and 3; torch.argmax picks 1.
     h = torch.randn(6, 8)
