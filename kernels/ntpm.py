@@ -159,38 +159,55 @@ class _NTPMSparse(torch.autograd.Function):
             return dhidden, dW, None, None, None, None, None, None, None
         cdt = h.dtype
         d = h.shape[1]
-        dh = torch.zeros_like(h)
-        dW = None
-        need_w = ctx.needs_input_grad[1]
         ok = ids >= 0
         safe = torch.where(ok, ids, torch.zeros_like(ids))
         g = torch.where(ok, g, torch.zeros_like(g))
-        if need_w:
-            # Accumulate in the compute dtype only over the touched rows (<= L' (P + k)); the dense
-            # |V| x d gradient is allocated once, in the weight's own dtype.
-            touched, inv = torch.unique(safe.reshape(-1), return_inverse=True)
-            inv = inv.reshape(safe.shape)
-            acc = torch.zeros(touched.numel(), d, dtype=cdt, device=weight.device)
-        width = ids.shape[1]
+        dh = torch.zeros_like(h)
         # Token blocks keep the gathered [B, P+k, d] rows near 64 MB.
-        blk = max(1, (64 << 20) // max(1, width * d * h.element_size()))
+        blk = max(1, (64 << 20) // max(1, ids.shape[1] * d * h.element_size()))
         for a in range(0, h.shape[0], blk):
             b = min(h.shape[0], a + blk)
-            wrows = weight[safe[a:b]].to(cdt)  # [B, P+k, d]
-            dh[a:b] = torch.einsum("bj,bjd->bd", g[a:b], wrows)
-            del wrows
-            if need_w:
-                contrib = g[a:b, :, None] * h[a:b, None, :]
-                acc.index_add_(0, inv[a:b].reshape(-1), contrib.reshape(-1, d))
+            dh[a:b] = torch.einsum("bj,bjd->bd", g[a:b], weight[safe[a:b]].to(cdt))
         dhidden = None
         if ctx.needs_input_grad[0]:
             dhidden = torch.zeros(hidden.shape, dtype=cdt, device=hidden.device)
             dhidden.index_copy_(0, rows, dh)
             dhidden = dhidden.to(hidden.dtype)
-        if need_w:
-            dW = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-            dW[touched] = acc.to(weight.dtype)
+        dW = _sparse_weight_grad(h, ids, g, weight) if ctx.needs_input_grad[1] else None
         return dhidden, dW, None, None, None, None, None, None, None
+
+
+def _sparse_weight_grad(h: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
+                        block_bytes: int = 32 << 20) -> torch.Tensor:
+    """dW = G^T H over the non-zeros of G, in the weight's dtype.
+
+    Entries are sorted by vocabulary id and summed in blocks of whole rows (ordered, so the result
+    is deterministic), each block in the compute dtype: the extra memory is one ~32 MB block, not
+    the touched rows' fp32 sums at once. Rows never selected stay zero pages of the dense output.
+    """
+    d = h.shape[1]
+    keep = (ids >= 0).reshape(-1).nonzero(as_tuple=True)[0]
+    vid = ids.reshape(-1)[keep]
+    tok = keep // ids.shape[1]
+    val = g.reshape(-1)[keep]
+    order = torch.argsort(vid, stable=True)
+    vid, tok, val = vid[order], tok[order], val[order]
+    touched, counts = torch.unique_consecutive(vid, return_counts=True)
+    run_end = torch.cumsum(counts, 0)
+    dW = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    per_block = max(1, block_bytes // (d * h.element_size()))
+    e0, r0 = 0, 0
+    while r0 < touched.numel():
+        # Extend the block to the end of the row run containing entry e0 + per_block.
+        r1 = int(torch.searchsorted(run_end, min(e0 + per_block, vid.numel()))) + 1
+        r1 = min(r1, touched.numel())
+        e1 = int(run_end[r1 - 1])
+        local = torch.repeat_interleave(torch.arange(r1 - r0, device=h.device), counts[r0:r1])
+        acc = torch.zeros(r1 - r0, d, dtype=h.dtype, device=h.device)
+        acc.index_add_(0, local, val[e0:e1, None] * h[tok[e0:e1]])
+        dW[touched[r0:r1]] = acc.to(weight.dtype)
+        e0, r0 = e1, r1
+    return dW
 
 
 def _loss_from_selection(zpos, pos, nval, nid, k):
