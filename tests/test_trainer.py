@@ -25,27 +25,6 @@ def _cfg(tmp, **kw):
     return TR.TrainConfig(**d)
 
 
-def test_presence_targets_per_cell():
-    a = np.zeros((64, 64), dtype=np.int64)
-    a[:32, :32] = 3
-    a[:4, :4] = 5                      # a minority class in cell 0
-    a[40:, 40:] = 7
-    pos, major = TR.presence_targets(a, 10)
-    rows = [sorted(int(v) for v in r if v >= 0) for r in pos]
-    assert rows == [[3, 5], [0], [0], [0, 7]]
-    assert major.tolist() == [3, 0, 0, 7]
-
-
-def test_depth_targets_ignore_invalid_and_take_median_bin():
-    d = np.full((32, 64), 8.0, dtype=np.float32)
-    d[:, 32:] = 0.0                    # invalid cell
-    d[:16, :32] = 16.0
-    pos, med = TR.depth_cell_targets(d, "cityscapes")
-    assert sorted(int(v) for v in pos[0] if v >= 0) == [101, 201]   # 8 m -> bin 101, 16 m -> 201
-    assert (pos[1] < 0).all() and int(med[1]) == -1
-    assert int(med[0]) == 101       # lower median of 512 x bin 101 and 512 x bin 201
-
-
 def test_samples_follow_the_documented_chat_layout(tmp_path):
     tr = TR.Trainer(_cfg(tmp_path, tasks=("depth", "segment", "refer"), batch=3))
     v = tr.vocab

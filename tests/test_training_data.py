@@ -323,3 +323,16 @@ def test_resize_sample_keeps_depth_values_and_scales_intrinsics():
     assert set(np.unique(d2)) == {0.0, 7.0}
     assert k2 == Intrinsics(75, 25, 48, 16)
     assert fit_to_multiple(10, 100) == (32, 96)
+
+
+def test_majority_is_the_most_frequent_index_per_cell():
+    from densert.training.data import fgbg_targets, segmentation_targets
+    a = np.zeros((64, 64), dtype=np.int64)
+    a[:32, :32] = 3
+    a[:4, :4] = 5                      # a minority class in cell 0
+    a[40:, 40:] = 7                    # 7 covers 24x24 of cell 3's 32x32: the majority
+    t = segmentation_targets(a, 10)
+    assert t.majority.tolist() == [3, 0, 0, 7]
+    fg = np.zeros((32, 64), dtype=bool)
+    fg[:, 40:] = True
+    assert fgbg_targets(fg).majority.tolist() == [0, 1]

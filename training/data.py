@@ -43,6 +43,7 @@ class TokenTargets:
     valid: torch.Tensor  # bool [L]
     grid: tuple[int, int]  # (gh, gw)
     median: torch.Tensor | None = None  # int64 [L], depth only: bin of the cell's median depth, 0 = invalid
+    majority: torch.Tensor | None = None  # int64 [L], classes / FG-BG: most frequent index, PAD if none
 
     def multi_hot(self, num: int) -> torch.Tensor:
         """bool [L, num] dense form (num = class count, NUM_BINS + 1, or 2 for FG/BG)."""
@@ -78,7 +79,8 @@ def padded_indices(present: np.ndarray) -> torch.Tensor:
 
 
 def _cell_presence(values: np.ndarray, valid: np.ndarray, num: int, cell: int, min_fraction: float):
-    """Per-cell histogram of integer values in [0, num) over valid pixels -> (present [L, num], valid [L])."""
+    """Per-cell histogram of integer values in [0, num) over valid pixels
+    -> (present [L, num], valid [L], most frequent value [L] (PAD where no valid pixel))."""
     v = _cells(values, cell)
     ok = _cells(valid, cell)
     n_cells = v.shape[0]
@@ -90,7 +92,8 @@ def _cell_presence(values: np.ndarray, valid: np.ndarray, num: int, cell: int, m
         present &= counts >= min_fraction * np.maximum(n_valid, 1)[:, None]
         # A valid cell always keeps at least its most frequent value as a positive.
         present |= (counts == counts.max(1, keepdims=True)) & (n_valid > 0)[:, None]
-    return present, n_valid > 0
+    majority = np.where(n_valid > 0, counts.argmax(1), PAD)
+    return present, n_valid > 0, torch.from_numpy(majority.astype(np.int64))
 
 
 def segmentation_targets(labels: np.ndarray, num_classes: int = NUM_CLASSES, cell: int = CELL,
@@ -109,8 +112,9 @@ def segmentation_targets(labels: np.ndarray, num_classes: int = NUM_CLASSES, cel
     if bad.any():
         raise ValueError(f"label values {np.unique(lab[bad])[:10].tolist()} outside 0..{num_classes - 1} "
                          f"(ignore index {ignore_index})")
-    present, ok = _cell_presence(np.where(valid, lab, 0), valid, num_classes, cell, min_fraction)
-    return TokenTargets(padded_indices(present), torch.from_numpy(ok), token_grid(*lab.shape, cell))
+    present, ok, major = _cell_presence(np.where(valid, lab, 0), valid, num_classes, cell, min_fraction)
+    return TokenTargets(padded_indices(present), torch.from_numpy(ok), token_grid(*lab.shape, cell),
+                        majority=major)
 
 
 def depth_targets(depth: np.ndarray, preset: str = "nyuv2", fx: float | None = None, cell: int = CELL,
@@ -126,7 +130,7 @@ def depth_targets(depth: np.ndarray, preset: str = "nyuv2", fx: float | None = N
         raise ValueError(f"depth must be [H, W], got shape {d.shape}")
     bins = quantize(d, preset, fx)
     valid = bins > 0
-    present, ok = _cell_presence(bins, valid, NUM_BINS + 1, cell, min_fraction)
+    present, ok, _ = _cell_presence(bins, valid, NUM_BINS + 1, cell, min_fraction)
     present[:, 0] = False
     cb = np.sort(np.where(_cells(valid, cell), _cells(bins, cell), NUM_BINS + 1), axis=1)
     n = _cells(valid, cell).sum(1)
@@ -139,8 +143,9 @@ def fgbg_targets(fg: np.ndarray, cell: int = CELL, ignore: np.ndarray | None = N
     """FG/BG sets per token from a foreground mask: index 0 = BG, 1 = FG (both if the cell straddles)."""
     m = np.asarray(fg).astype(bool)
     valid = np.ones_like(m) if ignore is None else ~np.asarray(ignore, dtype=bool)
-    present, ok = _cell_presence(np.where(m, FG, BG), valid, 2, cell, 0.0)
-    return TokenTargets(padded_indices(present), torch.from_numpy(ok), token_grid(*m.shape, cell))
+    present, ok, major = _cell_presence(np.where(m, FG, BG), valid, 2, cell, 0.0)
+    return TokenTargets(padded_indices(present), torch.from_numpy(ok), token_grid(*m.shape, cell),
+                        majority=major)
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,12 +50,12 @@ from densert import tokens as T
 from densert.chat import encode_chat, user_message
 from densert.vision_meta import build_vision_meta
 
-from . import depth_bins
+from . import data, depth_bins
+from .data import CELL
 from .classes import CLASS_NAMES, NUM_CLASSES
 from .losses import LOSSES, LabelSpace, pad_cat, vision_loss
 
 TASKS = ("depth", "segment", "refer")
-CELL = 32
 HELD_OUT_SEED_BASE = 1_000_000_000     # eval scenes; training scene seeds stay below this
 STATE_FILE = "trainer_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -155,48 +155,6 @@ def family_masks(space: LabelSpace, vocab_size: int) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-cell targets
-# ---------------------------------------------------------------------------------------------
-def _cells(a: np.ndarray) -> np.ndarray:
-    """[H, W] -> [L, CELL*CELL] pixels of each merged cell, raster order over cells."""
-    H, W = a.shape
-    return a.reshape(H // CELL, CELL, W // CELL, CELL).transpose(0, 2, 1, 3).reshape(-1, CELL * CELL)
-
-
-def presence_targets(values: np.ndarray, n: int, valid: np.ndarray | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per cell, every value in 0..n-1 that occurs (padded with -1) and the most frequent one
-    (-1 if none). ``valid`` masks pixels out."""
-    v = _cells(values.astype(np.int64))
-    ok = np.ones_like(v, dtype=bool) if valid is None else _cells(valid)
-    ok &= (v >= 0) & (v < n)
-    L = v.shape[0]
-    counts = np.zeros((L, n), dtype=np.int64)
-    rows = np.broadcast_to(np.arange(L)[:, None], v.shape)
-    np.add.at(counts, (rows[ok], v[ok]), 1)
-    present = counts > 0
-    width = max(1, int(present.sum(1).max()))
-    out = np.full((L, width), -1, dtype=np.int64)
-    r, c = np.nonzero(present)
-    slot = np.concatenate([np.arange(k) for k in present.sum(1)]) if len(r) else np.zeros(0, int)
-    out[r, slot] = c
-    major = np.where(present.any(1), counts.argmax(1), -1)
-    return torch.from_numpy(out), torch.from_numpy(major)
-
-
-def depth_cell_targets(depth: np.ndarray, preset: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Occurring bins per cell and the cell's (lower) median valid bin, -1 where none: the
-    single label of the softmax baseline is always a bin that occurs in the cell."""
-    bins = depth_bins.quantize(depth, preset)
-    pos, _ = presence_targets(bins, depth_bins.NUM_BINS + 1, bins > 0)
-    cb = _cells(bins)
-    n = (cb > 0).sum(1)
-    srt = np.sort(np.where(cb > 0, cb, np.iinfo(np.int64).max), axis=1)
-    med = srt[np.arange(cb.shape[0]), np.maximum(n - 1, 0) // 2]
-    return pos, torch.from_numpy(np.where(n > 0, med, -1))
-
-
-# ---------------------------------------------------------------------------------------------
 # Samples
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -276,7 +234,9 @@ def make_sample(task: str, scene, vocab: T.Vocab, cfg: TrainConfig, rng: random.
     if task == "depth":
         prompt, first = depth_prompt(cfg.depth_preset)
         ids, start = chat_ids(vocab, prompt, first, n_img, T.DEPTH)
-        lab, single = depth_cell_targets(depth, cfg.depth_preset)
+        t = data.depth_targets(depth, cfg.depth_preset)
+        # The softmax baseline's single label is the cell's median bin (-1 where none).
+        lab, single = t.indices, torch.where(t.median > 0, t.median, -1)
         return Sample(task, ids, start, np.ascontiguousarray(image), lab, single,
                       {"depth": depth, "fx": scene.intrinsics.fx})
     if task == "segment":
@@ -287,12 +247,14 @@ def make_sample(task: str, scene, vocab: T.Vocab, cfg: TrainConfig, rng: random.
         prompt = "Segment: " + ", ".join(CLASS_NAMES[c] for c in asked) + SEG_PROMPT_TAIL
         answer = "".join(f"{T.REF}{CLASS_NAMES[c]}{T.REF_END}" for c in asked if c in present)
         ids, start = chat_ids(vocab, prompt, True, n_img, answer)
-        lab, single = presence_targets(labels, NUM_CLASSES)
+        t = data.segmentation_targets(labels, NUM_CLASSES)
+        lab, single = t.indices, t.majority
         return Sample(task, ids, start, np.ascontiguousarray(image), lab, single,
                       {"labels": np.ascontiguousarray(labels)})
     crop, fg = _crop_refer(scene, rng, (H, W))
     ids, start = chat_ids(vocab, REFER_PROMPT, True, n_img, REFER_ANSWER)
-    lab, single = presence_targets(fg.astype(np.int64), 2)
+    t = data.fgbg_targets(fg)
+    lab, single = t.indices, t.majority
     return Sample("refer", ids, start, np.ascontiguousarray(crop), lab, single, {"fg": fg})
 
 
