@@ -124,7 +124,7 @@ def run(args) -> int:
         r = pred.chat(None, args.prompt)
         print(r.text)
         return 0
-    failures = 0
+    failures = written = 0
     bar = tqdm(images, desc=f"densert {command}", unit="img", disable=len(images) < 2,
                file=sys.stderr)
     for path in bar:
@@ -146,6 +146,8 @@ def run(args) -> int:
             continue
         for f in files:
             f()
+        written += 1
+    print(f"densert {command}: wrote results for {written} image(s) to {out}", file=sys.stderr)
     if failures:
         print(f"densert {command}: {failures} of {len(images)} image(s) failed", file=sys.stderr)
         return 1
