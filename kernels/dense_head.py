@@ -33,7 +33,9 @@ __all__ = [
 _MODES = ("argmax", "probs", "depth")
 # Below this size the upsampled scores are cheaper to write than to avoid (e.g. depth on the
 # 16-px patch grid); above it they are never held whole.
-_SMALL_TAIL_BYTES = 64 << 20
+_SMALL_TAIL_BYTES = 8 << 20
+_CHUNK_BYTES = 16 << 20
+_ROUNDING_SLACK = 1e-5
 
 
 def subset_weight(lm_head_weight: torch.Tensor, id_groups: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -122,20 +124,45 @@ def _labels_torch(scores: torch.Tensor, grid: torch.Tensor, H: int, W: int) -> t
         return torch.argmax(F.interpolate(grid[None], size=(H, W), mode="bilinear",
                                           align_corners=False)[0], dim=0)
     dev = scores.device
-    h0, h1, lh0, lh1 = bilinear_source_coords(gh, H, dev)
-    w0, w1, lw0, lw1 = bilinear_source_coords(gw, W, dev)
-    # Bilinear output is a convex combination of 4 corner vectors: where all four corners have
-    # the same argmax c, c stays maximal after interpolation (fp rounding is monotone), so only
-    # pixels whose corners disagree need the K-channel interpolation.
-    tok = torch.argmax(scores, dim=1).reshape(gh, gw)
-    c00, c01 = tok[h0][:, w0], tok[h0][:, w1]
-    c10, c11 = tok[h1][:, w0], tok[h1][:, w1]
-    boundary = (c00 != c01) | (c00 != c10) | (c00 != c11)
-    if int(boundary.sum()) * 8 > H * W:
-        # Dense boundaries: random-access gathers per pixel cost more than ATen's upsample.
+    h0, _, lh0, lh1 = bilinear_source_coords(gh, H, dev)
+    w0, _, lw0, lw1 = bilinear_source_coords(gw, W, dev)
+    # Pixels with the same top-left source token share all four corners: a "quad", a rectangle
+    # of output pixels. Every bilinear value there is a convex combination of the corner scores,
+    # so class c can only win if its max over the corners reaches the best min over the corners,
+    # and where all four corners share an argmax, that argmax wins everywhere (fp rounding is
+    # monotone). Only the quads left undecided are interpolated, over their candidates only.
+    qh1 = torch.clamp(torch.arange(1, gh + 1, device=dev), max=gh - 1)
+    qw1 = torch.clamp(torch.arange(1, gw + 1, device=dev), max=gw - 1)
+    c01, c10 = grid[:, :, qw1], grid[:, qh1]
+    c11 = c10[:, :, qw1]
+    lo = torch.minimum(torch.minimum(grid, c01), torch.minimum(c10, c11))
+    hi = torch.maximum(torch.maximum(grid, c01), torch.maximum(c10, c11))
+    # The slack covers the few roundings of one interpolated value.
+    cand = hi >= lo.amax(dim=0) - _ROUNDING_SLACK * grid.abs().amax()
+    ncand = cand.sum(dim=0)
+    t00, t01, t10, t11 = (x.argmax(dim=0) for x in (grid, c01, c10, c11))
+    agree = (t00 == t01) & (t00 == t10) & (t00 == t11)
+    quad_label = torch.where(agree, t00, torch.where(ncand == 1, cand.to(torch.uint8).argmax(0), -1))
+    q = torch.arange(max(gh, gw), device=dev)
+    r0, r1 = torch.searchsorted(h0, q[:gh]), torch.searchsorted(h0, q[:gh], right=True)
+    s0, s1 = torch.searchsorted(w0, q[:gw]), torch.searchsorted(w0, q[:gw], right=True)
+    open_q = (quad_label < 0).nonzero().tolist()
+    work = sum(int(ncand[i, j]) * int(r1[i] - r0[i]) * int(s1[j] - s0[j]) for i, j in open_q)
+    if work * 3 > K * H * W:
+        # Near-random maps: per-quad work approaches the whole upsample; stream it instead.
         return _channels_chunked(grid, H, W)
-    labels = c00.clone()
-    _pixels_gathered(scores, labels, boundary, gw, W, h0, h1, lh0, lh1, w0, w1, lw0, lw1)
+    labels = quad_label[h0][:, w0]
+    for i, j in open_q:
+        ra, rb, ca, cb = int(r0[i]), int(r1[i]), int(s0[j]), int(s1[j])
+        if ra == rb or ca == cb:
+            continue
+        cls = cand[:, i, j].nonzero(as_tuple=True)[0]          # ascending: ties to the lower id
+        x00, x01, x10, x11 = grid[cls, i, j], c01[cls, i, j], c10[cls, i, j], c11[cls, i, j]
+        a0, a1 = lw0[ca:cb], lw1[ca:cb]
+        top = x00[:, None] * a0 + x01[:, None] * a1            # [n, cols]: ATen's order
+        bot = x10[:, None] * a0 + x11[:, None] * a1
+        v = top[:, None] * lh0[ra:rb, None] + bot[:, None] * lh1[ra:rb, None]
+        labels[ra:rb, ca:cb] = cls[v.argmax(dim=0)]
     return labels
 
 
@@ -146,7 +173,7 @@ def _channels_chunked(grid, H, W):
     a later chunk wins only when strictly greater, keeping torch.argmax's lower-index ties.
     """
     K = grid.shape[0]
-    chunk = max(1, _SMALL_TAIL_BYTES // max(1, H * W * 4))
+    chunk = max(1, _CHUNK_BYTES // max(1, H * W * 4))
     best = labels = None
     for a in range(0, K, chunk):
         up = F.interpolate(grid[None, a:a + chunk], size=(H, W), mode="bilinear",
@@ -159,23 +186,6 @@ def _channels_chunked(grid, H, W):
             best = torch.where(win, v, best)
             labels = torch.where(win, i + a, labels)
     return labels
-
-
-def _pixels_gathered(scores, labels, boundary, gw, W, h0, h1, lh0, lh1, w0, w1, lw0, lw1):
-    """K-channel interpolation at the given boundary pixels only, in bounded chunks."""
-    K = scores.shape[1]
-    todo = boundary.reshape(-1).nonzero(as_tuple=True)[0]
-    flat = labels.view(-1)
-    step = max(1, (16 << 20) // max(1, K * 4 * 6))  # ~16 MB of [n, K] temporaries per step
-    for a in range(0, todo.numel(), step):
-        pix = todo[a:a + step]
-        r, c = pix // W, pix % W
-        rh0, rh1, rw0, rw1 = h0[r] * gw, h1[r] * gw, w0[c], w1[c]
-        a_lw0, a_lw1 = lw0[c][:, None], lw1[c][:, None]
-        top = scores[rh0 + rw0] * a_lw0 + scores[rh0 + rw1] * a_lw1
-        bot = scores[rh1 + rw0] * a_lw0 + scores[rh1 + rw1] * a_lw1
-        v = top * lh0[r][:, None] + bot * lh1[r][:, None]
-        flat[pix] = torch.argmax(v, dim=1)
 
 
 def dense_head(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw, mode: str = "argmax",

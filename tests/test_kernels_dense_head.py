@@ -62,13 +62,12 @@ def test_torch_tail_matches_interpolate(gh, gw, H, W, K):
 @pytest.mark.parametrize("gh,gw,H,W,K", [(12, 12, 40, 52, 150), (12, 14, 61, 37, 100), (8, 12, 9, 45, 1000)])
 def test_large_output_paths_match_interpolate(monkeypatch, structured, gh, gw, H, W, K):
     """Outputs too big to upsample whole: random maps (dense boundaries: channel chunks with a
-    running max) and two-region maps (sparse boundaries: per-pixel interpolation)."""
+    running max) and two-region maps (few boundary quads, interpolated over candidates only)."""
     import densert.kernels.dense_head as dh
     monkeypatch.setattr(dh, "_SMALL_TAIL_BYTES", 4 * H * W)  # force the large-output routes
     routes = []
-    for name in ("_channels_chunked", "_pixels_gathered"):
-        fn = getattr(dh, name)
-        monkeypatch.setattr(dh, name, lambda *a, _fn=fn, _n=name: (routes.append(_n), _fn(*a))[1])
+    fn = dh._channels_chunked
+    monkeypatch.setattr(dh, "_channels_chunked", lambda *a: (routes.append("chunked"), fn(*a))[1])
     h, w = _inputs(gh, gw, K)
     if structured:
         region = (torch.arange(gw)[None, :] * 2 // gw).expand(gh, gw)
@@ -76,7 +75,20 @@ def test_large_output_paths_match_interpolate(monkeypatch, structured, gh, gw, H
     up = _ref_up(dense_scores(h, w), gh, gw, H, W)
     got = dense_head(h, w, (gh, gw), (H, W), "argmax")
     assert int((got != up.argmax(0))[_margin_ok(up)].sum()) == 0
-    assert routes == ["_pixels_gathered" if structured else "_channels_chunked"]
+    assert routes == ([] if structured else ["chunked"])
+
+
+def test_class_that_wins_only_between_tokens(monkeypatch):
+    """Class 2 is never the argmax at a token but wins midway between two tokens: the quad
+    pruning must keep it as a candidate."""
+    import densert.kernels.dense_head as dh
+    monkeypatch.setattr(dh, "_SMALL_TAIL_BYTES", 0)
+    hidden = torch.eye(3)[:2]                                   # tokens A, B side by side
+    weight = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.7, 0.7, 0.0]])  # A: 1,0,.7  B: 0,1,.7
+    up = _ref_up(dense_scores(hidden, weight), 1, 2, 4, 40)
+    got = dense_head(hidden, weight, (1, 2), (4, 40), "argmax")
+    assert (up.argmax(0) == 2).any()
+    assert torch.equal(got, up.argmax(0))
 
 
 def test_argmax_ties_go_to_lower_index():
