@@ -85,17 +85,20 @@ def command_line(args, model) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def machine_info() -> dict:
-    import numpy
-    import torch
-    cpu = platform.processor() or "unknown"
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info() -> dict:
+    import numpy
+    import torch
+    cpu = cpu_model()
     ram = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

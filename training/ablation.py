@@ -43,15 +43,9 @@ def configure(parser) -> None:
 
 def _machine() -> str:
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores (shared), torch {torch.__version__}, "
+
+    from densert.benchmarks.cli import cpu_model
+    return (f"{cpu_model()}, {os.cpu_count()} cores (shared), torch {torch.__version__}, "
             f"{torch.get_num_threads()} torch thread(s), python {platform.python_version()}")
 
 
