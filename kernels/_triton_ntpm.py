@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ntpm import (_NTPMSparse, _check, _compute_dtype, _loss_from_selection, prepare_positives)
+from .ntpm import (_NTPMSparse, _check, _compute_dtype, _loss_from_selection, select_tokens)
 
 _INT64_MIN = -(2 ** 63)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -216,12 +216,7 @@ def ntpm_loss_triton(hidden, weight, positives, k=32, token_mask=None, vocab_mas
                      reduction="sum", **select_kw):
     """The Triton route of ``ntpm_loss`` regardless of device (tests run it in the interpreter)."""
     _check(hidden, weight, positives, k, token_mask, vocab_mask, reduction)
-    L = hidden.shape[0]
-    rows = (torch.arange(L, device=hidden.device) if token_mask is None
-            else token_mask.to(hidden.device).nonzero(as_tuple=True)[0])
-    n_tok = int(rows.numel())
-    scale = 1.0 / max(n_tok, 1) if reduction == "mean" else 1.0
-    pos = prepare_positives(positives.to(hidden.device)[rows], vocab_mask)
+    rows, pos, scale = select_tokens(hidden, positives, token_mask, vocab_mask, reduction)
     with torch.no_grad():
         h = hidden.detach()[rows]
         zpos, nval, nid = ntpm_select_triton(h, weight.detach(), pos, k, vocab_mask, **select_kw)

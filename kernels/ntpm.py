@@ -226,6 +226,14 @@ def _loss_from_selection(zpos, pos, nval, nid, k):
     return pos_term + neg_term, ids, torch.cat([cpos, cneg], dim=1)
 
 
+def select_tokens(hidden, positives, token_mask, vocab_mask, reduction):
+    """The valid token rows, their cleaned positives, and the loss scale for ``reduction``."""
+    rows = (torch.arange(hidden.shape[0], device=hidden.device) if token_mask is None
+            else token_mask.to(hidden.device).nonzero(as_tuple=True)[0])
+    scale = 1.0 / max(int(rows.numel()), 1) if reduction == "mean" else 1.0
+    return rows, prepare_positives(positives.to(hidden.device)[rows], vocab_mask), scale
+
+
 def ntpm_loss(hidden: torch.Tensor, weight: torch.Tensor, positives: torch.Tensor, k: int = 32,
               token_mask: torch.Tensor | None = None, vocab_mask: torch.Tensor | None = None,
               chunk_size: int = 8192, reduction: str = "sum") -> torch.Tensor:
@@ -236,12 +244,7 @@ def ntpm_loss(hidden: torch.Tensor, weight: torch.Tensor, positives: torch.Tenso
         return _triton_ntpm.ntpm_loss_triton(hidden, weight, positives, k, token_mask, vocab_mask,
                                              reduction=reduction)
     cdt = _compute_dtype(hidden, weight)
-    L = hidden.shape[0]
-    rows = (torch.arange(L, device=hidden.device) if token_mask is None
-            else token_mask.to(hidden.device).nonzero(as_tuple=True)[0])
-    n_tok = int(rows.numel())
-    scale = 1.0 / max(n_tok, 1) if reduction == "mean" else 1.0
-    pos = prepare_positives(positives.to(hidden.device)[rows], vocab_mask)
+    rows, pos, scale = select_tokens(hidden, positives, token_mask, vocab_mask, reduction)
     with torch.no_grad():
         h = hidden.detach()[rows].to(cdt)
         zpos, nval, nid = ntpm_select_torch(h, weight.detach(), pos, k, vocab_mask, chunk_size)
