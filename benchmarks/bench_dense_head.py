@@ -47,6 +47,16 @@ def peak_extra_mb(base_kb: int) -> float:
     return (_status_kb("VmHWM") - base_kb) / 1024.0
 
 
+def write_report(out: str, text: str, payload: dict) -> None:
+    """Print the Markdown table and write it as OUT.md beside the raw numbers in OUT.json."""
+    print(text)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".md", "w") as f:
+        f.write(text)
+    with open(out + ".json", "w") as f:
+        json.dump(payload, f, indent=1)
+
+
 def run_worker(args: list[str], timeout: int = 1800) -> dict:
     cmd = [sys.executable, "-m", __spec_name(), "--worker", *args]
     # Large blocks via mmap and immediate trim: freed memory leaves RSS, so the high-water mark
@@ -162,13 +172,7 @@ def main(argv=None) -> int:
                      f"{n['median_s'] * 1e3:.1f} | {s['median_s'] * 1e3:.2f} | {r['speedup']:.0f}x | "
                      f"{n['peak_extra_mb']:.1f} | {s['peak_extra_mb']:.1f} | {r['mem_ratio']:.0f}x | "
                      f"{s['prep_s'] * 1e3:.1f} |")
-    text = hdr + "\n".join(lines) + "\n"
-    print(text)
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out + ".md", "w") as f:
-        f.write(text)
-    with open(a.out + ".json", "w") as f:
-        json.dump({"command": cmd.strip(), "rows": rows}, f, indent=1)
+    write_report(a.out, hdr + "\n".join(lines) + "\n", {"command": cmd.strip(), "rows": rows})
     return 0
 
 

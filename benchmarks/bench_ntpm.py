@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from densert.benchmarks.bench_dense_head import D, V, peak_extra_mb, reset_peak
+from densert.benchmarks.bench_dense_head import D, V, peak_extra_mb, reset_peak, write_report
 
 L, K, P = 1024, 32, 8
 DW_MB = V * D * 2 / 2**20  # the bf16 weight gradient both variants return
@@ -115,12 +115,7 @@ def main(argv=None) -> int:
              f"peak memory {c['peak_extra_mb'] / n['peak_extra_mb']:.3f}x, working memory "
              f"{(c['peak_extra_mb'] - DW_MB) / (n['peak_extra_mb'] - DW_MB):.3f}x; "
              f"loss rel. diff {abs(c['loss'] - n['loss']) / abs(n['loss']):.2e}\n")
-    print(text)
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out + ".md", "w") as f:
-        f.write(text)
-    with open(a.out + ".json", "w") as f:
-        json.dump({"command": cmdline.strip(), "results": res}, f, indent=1)
+    write_report(a.out, text, {"command": cmdline.strip(), "results": res})
     return 0
 
 

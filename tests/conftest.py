@@ -14,6 +14,14 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Engine cache and hash memo in a temp dir: no test writes to the user's ~/.cache/densert."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DENSERT_CACHE_DIR", str(tmp_path_factory.mktemp("densert-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Path to a tiny random Youtu-VL checkpoint (preset ``tiny``, seed 0, bfloat16 on disk, single

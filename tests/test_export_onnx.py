@@ -18,12 +18,6 @@ GRIDS = ((8, 8), (12, 20), (18, 10), (2, 2))  # one export serves all of them
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Hash memo and engine cache in a temp dir, never the user's ~/.cache/densert."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DENSERT_CACHE_DIR", str(tmp_path_factory.mktemp("densert-cache")))
-        yield
 
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):

@@ -16,12 +16,6 @@ NO_TRT_REASON = "TensorRT Python bindings not installed (JetPack ships them; x86
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Hash memo and engine cache in a temp dir, never the user's ~/.cache/densert."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DENSERT_CACHE_DIR", str(tmp_path_factory.mktemp("densert-cache")))
-        yield
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint, tmp_path_factory):
