@@ -4,7 +4,7 @@ One frame = vision encode + prefill (dense outputs) [+ ``--decode-steps`` greedy
 timed as the runtime calls them, median over ``--runs`` after ``--warmup`` runs. Both backends get
 the same thread count. Example:
 
-    python -m densert.benchmarks.bench_backends --preset tiny --grid 32x32 --threads 2
+    python -m densert.benchmarks.bench_backends --model-size tiny --grid 32x32 --threads 2
     python -m densert.benchmarks.bench_backends --model CKPT --engine-dir ENG --grid 24x32
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from densert.model.config import MODEL_SIZES
 
 
 def _frame(backend, px, meta, ids, decode_steps):
@@ -43,8 +45,8 @@ def bench(backend, px, meta, ids, runs, warmup, decode_steps):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="checkpoint dir (default: a fresh --preset checkpoint in a temp dir)")
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--model", help="checkpoint dir (default: a fresh --model-size checkpoint in a temp dir)")
+    ap.add_argument("--model-size", choices=MODEL_SIZES, default="tiny", help="size of the fresh checkpoint")
     ap.add_argument("--text-layers", type=int, default=None)
     ap.add_argument("--vision-layers", type=int, default=None)
     ap.add_argument("--engine-dir", default=None, help="default: export into a temp dir")
@@ -56,18 +58,19 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
-    from densert.export.onnx_export import export_engine, load_model
+    from densert.checkpoint.loader import load_model
+    from densert.export.onnx_export import export_engine
     from densert.export.ort_backend import OrtBackend
     from densert.export.verify import prompt_ids
-    from densert.runtime.backend import TorchBackend
-    from densert.vision_meta import build_vision_meta
+    from densert.backend import TorchBackend
+    from densert.model.vision_meta import build_vision_meta
 
     torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp(prefix="densert-bench-"))
     model_dir = a.model
     if model_dir is None:
-        from densert.checkpoint import make_test_checkpoint
-        model_dir = make_test_checkpoint(tmp / "ckpt", a.preset, a.text_layers, a.vision_layers, seed=0,
+        from densert.checkpoint.random_init import make_test_checkpoint
+        model_dir = make_test_checkpoint(tmp / "ckpt", a.model_size, a.text_layers, a.vision_layers, seed=0,
                                          dtype="float32")
     model = load_model(model_dir, torch.float32)
     engine_dir = a.engine_dir

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from densert.benchmarks.bench_dense_head import D, V, peak_extra_mb, reset_peak, write_report
+from .bench_dense_head import D, V, peak_extra_mb, reset_peak, write_report
 
 L, K, P = 1024, 32, 8
 DW_MB = V * D * 2 / 2**20  # the bf16 weight gradient both variants return

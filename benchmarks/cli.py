@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from densert.machine import cpu_model
+
 SCHEMA_VERSION = 1
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 QUICK = {"sizes": ["64x64", "96x128"], "runs": 3, "warmup": 1, "decode_cap": 4, "decode_runs": 1}
@@ -54,7 +56,7 @@ def configure(parser) -> None:
 
 
 def _resolve_model(arg):
-    from densert.cli import CLIError
+    from densert.errors import CLIError
     if arg is None:
         from densert.runtime.predictor import ModelDirError, default_model_dir
         try:
@@ -83,16 +85,6 @@ def command_line(args, model) -> str:
     if args.no_baselines:
         parts.append("--no-baselines")
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def machine_info() -> dict:
@@ -190,10 +182,10 @@ def add_ratios(report: dict) -> None:
 
 
 def run(args) -> int:
-    from densert.cli import CLIError
-    from densert.config import YoutuVLConfig
+    from densert.errors import CLIError
+    from densert.model.config import YoutuVLConfig
     from . import roofline as R
-    from .harness import parse_size
+    from densert.options import hw_size
 
     if args.from_json:
         from . import report as rep
@@ -214,7 +206,7 @@ def run(args) -> int:
     sizes = args.sizes or q["sizes"]
     for s in sizes:
         try:
-            parse_size(s)
+            hw_size(s)
         except ValueError as e:
             raise CLIError(str(e)) from None
     runs = q["runs"] if args.runs is None else args.runs

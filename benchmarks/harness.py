@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from densert.options import hw_size
+
 STAGES = ("preprocess", "vision_encoder", "llm_prefill", "dense_head", "postprocess")
 TASKS = ("depth", "segment")
 # Classes of the segmentation benchmark prompt (names of the bundled model's scenes).
@@ -58,16 +60,6 @@ def max_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def parse_size(s: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in s.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"size {s!r} is not HxW (e.g. 480x640)") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"size {s!r} must be positive")
-    return h, w
 
 
 def synthetic_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -113,7 +105,7 @@ def _head_rows(backend, model_dir: Path, ids: list[int]):
     if model is not None and hasattr(model, "lm_head"):
         return model.lm_head.weight.detach()[torch.as_tensor(ids)].float()
     from safetensors import safe_open
-    from densert.checkpoint import weight_files
+    from densert.checkpoint.files import weight_files
     for f in weight_files(model_dir):
         with safe_open(str(f), framework="pt") as sf:
             keys = set(sf.keys())
@@ -127,7 +119,7 @@ def _head_rows(backend, model_dir: Path, ids: list[int]):
 def _subset_weights(backend, model_dir, vocab, opts):
     """task -> (K x d weight, id groups, class names). Static per task: built once, not timed."""
     from densert.kernels.dense_head import subset_weight
-    from densert.runtime.dense import class_id_groups
+    from densert.tasks.classes import class_id_groups
     groups = {"depth": [[int(i)] for i in vocab.depth_bin_ids().tolist()],
               "segment": class_id_groups(vocab, list(SEG_CLASSES), opts.name_leading_space)}
     out = {}
@@ -150,15 +142,16 @@ def _make_backend(spec: dict):
 def run_worker(spec: dict) -> dict:
     """Measure one backend. Returns a dict for the ``backends[]`` entry of the report."""
     import torch
-    from densert import tokens as T
-    from densert.chat import encode_chat, user_message
+    from densert.text import tokens as T
+    from densert.text.chat import encode_chat, user_message
     from densert.kernels.dense_head import dense_head, naive_full_vocab_head
-    from densert.runtime import prompts
-    from densert.runtime.dense import DenseOptions, depth_map, segment_labels
-    from densert.runtime.preprocess import preprocess
-    from densert.runtime.rle import depth_grid_shape, encode_depth, encode_segmentation
-    from densert.tokens import Vocab
-    from densert.vision_meta import build_vision_meta
+    from densert.tasks import prompts
+    from densert.runtime.dense import depth_map, segment_labels
+    from densert.runtime.options import DenseOptions
+    from densert.image.preprocess import preprocess
+    from densert.tasks.rle import depth_grid_shape, encode_depth, encode_segmentation
+    from densert.text.tokens import Vocab
+    from densert.model.vision_meta import build_vision_meta
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -192,7 +185,7 @@ def run_worker(spec: dict) -> dict:
     for task in spec["tasks"]:
         W, groups = weights[task]
         for size in spec["sizes"]:
-            h, w = parse_size(size)
+            h, w = hw_size(size)
             img = synthetic_image(h, w, seed=0)
             prompt = prompts.depth() if task == "depth" else prompts.semantic(list(SEG_CLASSES))
             samples = {s: [] for s in STAGES}
@@ -212,7 +205,7 @@ def run_worker(spec: dict) -> dict:
                 hid = pf.vision_hidden
                 if task == "depth":
                     out, t["dense_head"] = timer(depth_map, hid, W, pre.merged_grid,
-                                                 pre.original_hw, opts, "open_world")
+                                                 pre.original_hw, opts, "open-world")
 
                     def post():
                         mm = np.clip(np.rint(out.depth * 1000.0), 0, 65535).astype(np.uint16)

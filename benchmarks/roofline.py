@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from densert.config import YoutuVLConfig
+from densert.model.config import YoutuVLConfig
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,28 @@
-"""``densert <command>``: one entry point; each command lives in the module that owns it.
+"""``densert <command>``: one entry point; each command lives in the CLI module that owns it.
 
-A command module defines ``configure(parser)`` (add its arguments) and ``run(args) -> int``.
-Modules are imported only for the command being run, so ``densert --help`` stays instant.
+A command module defines ``configure(parser[, command])`` (add its arguments) and
+``run(args) -> int``. Modules are imported only for the command being run, and no ``configure``
+imports torch, so ``densert --help`` and ``densert <command> --help`` stay instant.
+
+Errors: a ``densert.errors.DensertError`` is printed as one line (``densert CMD: error: ...``)
+with its exit code; a missing optional package names the extra that installs it.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import inspect
 import sys
+from typing import Any, Iterable
+
+from .errors import DensertError
+from .options import field_default
 
 # name -> (module, one-line help). One table; adding a command is one line here.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "make-test-checkpoint": ("densert.checkpoint", "write a randomly initialised checkpoint in the released layout"),
-    "inspect": ("densert.inspect", "summarise a checkpoint; non-zero exit if it is broken"),
+    "make-test-checkpoint": ("densert.checkpoint.cli", "write a randomly initialised checkpoint in the released layout"),
+    "inspect": ("densert.checkpoint.cli", "summarise a checkpoint; non-zero exit if it is broken"),
     "depth": ("densert.runtime.cli", "metric depth maps from images"),
     "segment": ("densert.runtime.cli", "semantic / open-set segmentation maps from images"),
     "refer": ("densert.runtime.cli", "referring segmentation of an expression"),
@@ -28,15 +38,79 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class CLIError(Exception):
-    """An error the user can fix; printed without a traceback, exit code 2."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help already says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default is argparse.SUPPRESS or not action.option_strings
+                or "default" in text or isinstance(action, argparse._HelpAction)):
+            return text
+        if action.default is None:
+            return text  # the help text must say what happens without the flag
+        return f"{text} (default: {show_default(action.default)})"
+
+
+def show_default(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, (tuple, list)):
+        if len(v) == 2 and all(isinstance(x, int) for x in v):
+            return f"{v[0]}x{v[1]}"
+        return ",".join(str(x) for x in v)
+    return str(v).replace("%", "%%")
+
+
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, names: Iterable[str] | None = None,
+                            exclude: Iterable[str] = ()) -> list[str]:
+    """One flag per field of ``cls`` (declared with ``densert.options.opt``): default, help,
+    choices and parser from the field. Booleans become ``--x/--no-x``. Returns the field names
+    added, for ``dataclass_kwargs``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    wanted = list(fields) if names is None else list(names)
+    added = []
+    for name in wanted:
+        if name in exclude:
+            continue
+        f = fields[name]
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        default = field_default(f)
+        flag = meta.get("flag") or "--" + name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": name, "default": default, "help": meta.get("help", "")}
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = meta.get("type") or (type(default) if default is not None else str)
+            if meta.get("choices"):
+                kw["choices"] = meta["choices"]
+            if meta.get("metavar"):
+                kw["metavar"] = meta["metavar"]
+        parser.add_argument(flag, **kw)
+        added.append(name)
+    return added
+
+
+def dataclass_kwargs(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    """The parsed values of ``names`` (the ones the parser has), for the dataclass."""
+    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+
+
+def fields_of(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def _top_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="densert", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="commands:\n" + "\n".join(
-                                    f"  {n:<22}{h}" for n, (_, h) in COMMANDS.items()))
+                                    f"  {n:<22}{h}" for n, (_, h) in COMMANDS.items())
+                                + "\n\n`densert COMMAND --help` lists a command's options.")
     p.add_argument("command", choices=list(COMMANDS), metavar="command")
     p.add_argument("--version", action="version", version=_version())
     return p
@@ -56,28 +130,27 @@ def main(argv: list[str] | None = None) -> int:
     module_name, help_text = COMMANDS[name]
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("densert"):
-            print(f"densert {name}: not available in this build ({e.name} is missing)", file=sys.stderr)
-            return 2
-        raise
-    parser = argparse.ArgumentParser(prog=f"densert {name}", description=help_text)
-    module.configure(parser, name) if _takes_name(module.configure) else module.configure(parser)
-    args = parser.parse_args(rest)
-    args.command = name
-    try:
+        parser = new_parser(f"densert {name}", help_text)
+        if len(inspect.signature(module.configure).parameters) >= 2:
+            module.configure(parser, name)
+        else:
+            module.configure(parser)
+        args = parser.parse_args(rest)
+        args.command = name
         return int(module.run(args) or 0)
-    except CLIError as e:
+    except DensertError as e:
         print(f"densert {name}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ModuleNotFoundError as e:
+        from .extras import message
+        hint = message(e.name or "", f"densert {name}")
+        if hint is None:
+            raise
+        print(f"densert {name}: error: {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"densert {name}: interrupted", file=sys.stderr)
         return 130
-
-
-def _takes_name(fn) -> bool:
-    import inspect
-    return len(inspect.signature(fn).parameters) >= 2
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import CLIError
+from densert.cli import add_dataclass_arguments, dataclass_kwargs, fields_of
+from densert.errors import CLIError
+
+from .options import VERIFY_DECODE_STEPS, VERIFY_GRIDS, BuildRequest, ExportOptions
 
 
 def _grid(s: str) -> tuple[int, int]:
@@ -18,37 +21,25 @@ def _grid(s: str) -> tuple[int, int]:
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "export":
-        from .onnx_export import DEFAULT_MAX_PATCHES
         parser.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
         parser.add_argument("--out", required=True, help="engine directory to write")
-        parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-        parser.add_argument("--max-patches", type=int, default=DEFAULT_MAX_PATCHES,
-                            help="largest image (16x16 patches) the engine accepts; recorded in the manifest "
-                                 "and used as the TensorRT profile maximum")
-        parser.add_argument("--tasks", default="depth,segment,chat",
-                            help="comma list of depth, segment, chat (chat adds llm_decode.onnx)")
-        parser.add_argument("--cache-layout", choices=["latent", "full"], default="latent")
+        add_dataclass_arguments(parser, ExportOptions)
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
     elif command == "verify":
-        parser.add_argument("engine_dir")
+        from densert.runtime.options import BACKENDS
+        parser.add_argument("engine_dir", help="engine directory written by `densert export`")
         parser.add_argument("images", nargs="*", help="images to check (default: synthetic images of several sizes)")
         parser.add_argument("--model", required=True, help="checkpoint directory the engine was exported from")
         parser.add_argument("--grids", type=_grid, nargs="+", default=None,
-                            help="patch grids of the synthetic images, e.g. 8x8 12x20 34x18")
-        parser.add_argument("--decode-steps", type=int, default=6)
-        parser.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+                            help="patch grids of the synthetic images (default: "
+                                 + " ".join(f"{h}x{w}" for h, w in VERIFY_GRIDS) + ")")
+        parser.add_argument("--decode-steps", type=int, default=VERIFY_DECODE_STEPS,
+                            help="greedy decode steps compared")
+        parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "torch"],
+                            default="onnxruntime", help="engine backend under test")
     elif command == "build-engine":
-        parser.add_argument("engine_dir")
-        parser.add_argument("--fp16", action="store_true", help="allow fp16 tactics (with an fp32 ONNX export; "
-                                                                "an fp16 export is built strongly typed)")
-        parser.add_argument("--min-patches", type=int, default=4)
-        parser.add_argument("--opt-patches", type=int, default=1024)
-        parser.add_argument("--max-patches", type=int, default=None, help="default: the manifest's max_patches")
-        parser.add_argument("--max-seq", type=int, default=None,
-                            help="longest prompt + generated tokens (default: max image tokens + 512)")
-        parser.add_argument("--opt-seq", type=int, default=None)
-        parser.add_argument("--workspace-gb", type=float, default=4.0)
-        parser.add_argument("--timing-cache", default=None, help="default: ENGINE_DIR/timing.cache")
+        parser.add_argument("engine_dir", help="engine directory written by `densert export`")
+        add_dataclass_arguments(parser, BuildRequest)
         parser.add_argument("--print-only", action="store_true", help="only print the trtexec commands")
     else:
         raise CLIError(f"densert.export.cli has no command {command!r}")
@@ -57,9 +48,11 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
 def run(args) -> int:
     if args.command == "export":
         from .onnx_export import export_engine
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        m = export_engine(args.model, args.out, precision=args.precision, max_patches=args.max_patches,
-                          tasks=tasks, cache_layout=args.cache_layout, progress=not args.quiet)
+        try:
+            opts = ExportOptions(**dataclass_kwargs(args, fields_of(ExportOptions)))
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        m = export_engine(args.model, args.out, opts, progress=not args.quiet)
         sizes = {g: sum((Path(args.out) / f).stat().st_size for f in [i["file"], *i["external_data"]])
                  for g, i in m["graphs"].items()}
         for g, s in sizes.items():
@@ -68,12 +61,12 @@ def run(args) -> int:
               f"{','.join(m['tasks'])}, checkpoint {m['checkpoint']['checkpoint_id'][:16]}")
         return 0
     if args.command == "verify":
-        from .verify import DEFAULT_GRIDS, verify
+        from .verify import verify
         backend = None
         if args.backend == "tensorrt":
             from .trt_backend import TrtBackend
             backend = TrtBackend(args.engine_dir, model_dir=args.model)
-        rep = verify(args.engine_dir, args.model, images=args.images, grids=args.grids or DEFAULT_GRIDS,
+        rep = verify(args.engine_dir, args.model, images=args.images, grids=args.grids or VERIFY_GRIDS,
                      decode_steps=args.decode_steps, backend=backend,
                      log=lambda s: print(s, file=sys.stderr))
         print(rep.format())
@@ -82,10 +75,7 @@ def run(args) -> int:
         from .tensorrt import BuildOptions, build_engines, trtexec_commands
         from .manifest import read_manifest
         m = read_manifest(args.engine_dir)
-        opts = BuildOptions.from_manifest(m, fp16=args.fp16, min_patches=args.min_patches,
-                                          opt_patches=args.opt_patches, max_patches=args.max_patches,
-                                          max_seq=args.max_seq, opt_seq=args.opt_seq,
-                                          workspace_gb=args.workspace_gb, timing_cache=args.timing_cache)
+        opts = BuildOptions.from_manifest(m, BuildRequest(**dataclass_kwargs(args, fields_of(BuildRequest))))
         print("equivalent trtexec command lines:")
         for line in trtexec_commands(args.engine_dir, m, opts):
             print("  " + line)

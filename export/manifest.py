@@ -18,17 +18,12 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..cli import CLIError
+from densert.errors import EngineError
 
 MANIFEST = "manifest.json"
 FORMAT = "densert-engine"
 FORMAT_VERSION = 1
 CHECKPOINT_FILES_GLOB = ("config.json", "*.safetensors", "tokenizer.json")
-
-
-class EngineError(CLIError):
-    """An engine directory that cannot serve this checkpoint / task; the message says why and
-    how to rebuild it. Subclasses CLIError so ``densert`` prints it without a traceback."""
 
 
 def cache_root() -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -31,17 +32,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import __version__
-from ..config import YoutuVLConfig
-from ..llm import CACHE_LAYOUTS
-from ..modeling import YoutuVLForConditionalGeneration
-from ..vision_meta import VisionMeta, build_vision_meta
-from .manifest import FORMAT, FORMAT_VERSION, EngineError, checkpoint_identity, file_sha256, write_manifest
+from densert import __version__
+from densert.model.config import YoutuVLConfig
+from densert.model.config import CACHE_LAYOUTS
+from densert.model.modeling import YoutuVLForConditionalGeneration
+from densert.model.vision_meta import VisionMeta, build_vision_meta
+from densert.checkpoint.loader import load_model
+from densert.errors import EngineError
+from densert.kernels.dense_head import subset_weight
+from densert.tasks import DENSE_TASKS, GENERATING_TASKS, TASKS
+
+from .options import PRECISIONS, ExportOptions
+from .manifest import FORMAT, FORMAT_VERSION, checkpoint_identity, file_sha256, write_manifest
 
 OPSET = 17
-PRECISIONS = ("fp32", "fp16")
-TASKS = ("depth", "segment", "chat")
-DEFAULT_MAX_PATCHES = 36864          # = runtime.preprocess.DEFAULT_MAX_PATCHES (the processor default)
 EXTERNAL_DATA_THRESHOLD = 2 << 30    # protobuf's hard 2 GiB message limit
 
 VISION_INPUTS = ("pixel_values", "cos", "sin", "window_index", "reverse_index",
@@ -59,67 +63,32 @@ Unsqueeze Where Xor
 """.split())
 
 
-# ---------------------------------------------------------------- loading
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> YoutuVLForConditionalGeneration:
-    """The team loader when present; otherwise config.json + every *.safetensors, strictly."""
-    try:
-        from .. import load_model as team_loader  # densert.loader, being written by another engineer
-    except ImportError:
-        team_loader = None
-    if team_loader is not None:
-        return team_loader(model_dir, dtype=dtype).eval()
-    from safetensors.torch import load_file
-    d = Path(model_dir)
-    cfg = YoutuVLConfig.from_json_file(d / "config.json")
-    model = YoutuVLForConditionalGeneration(cfg)
-    sd: dict[str, torch.Tensor] = {}
-    for f in sorted(d.glob("*.safetensors")):
-        sd.update(load_file(str(f)))
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if k != "lm_head.weight"]
-    else:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise EngineError(f"{d}: checkpoint does not match its config.json: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
-    return model.to(dtype).eval()
-
-
+# ---------------------------------------------------------------- task subsets
 def resolve_task_groups(model_dir: str | Path, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Vocab subsets baked into the prefill graph, from the checkpoint's tokenizer.json.
 
-    depth: 1000 single-id groups (``<custom_1>``..``<custom_1000>``); segment: FG/BG/OTHERS.
-    Class-name subsets of open-vocabulary segmentation depend on the request, so they are not
-    baked: the runtime scores them on ``vision_hidden``.
+    depth: 1000 single-id groups (``<custom_1>``..``<custom_1000>``); segment: FG/BG/OTHERS;
+    refer: FG/BG. Class-name subsets of open-vocabulary segmentation depend on the request, so
+    they are not baked: the runtime scores them on ``vision_hidden``.
     """
     out: dict[str, dict[str, Any]] = {}
     tok = Path(model_dir) / "tokenizer.json"
-    dense = [t for t in tasks if t in ("depth", "segment")]
+    dense = [t for t in tasks if t in DENSE_TASKS]
     if not dense:
         return out
     if not tok.is_file():
         raise EngineError(f"{model_dir}: no tokenizer.json, so the vocab subsets of tasks {dense} "
                           "cannot be resolved; export with --tasks chat, or add the tokenizer")
-    from ..tokens import BG, FG, OTHERS, Vocab
+    from densert.text.tokens import BG, FG, OTHERS, Vocab
     vocab = Vocab.from_file(tok)
     if "depth" in tasks:
         out["depth"] = {"groups": [[int(i)] for i in vocab.depth_bin_ids().tolist()],
                         "labels": [f"bin_{k}" for k in range(1, 1001)]}
-    if "segment" in tasks:
-        out["segment"] = {"groups": [[vocab.token_id(FG)], [vocab.token_id(BG)], [vocab.token_id(OTHERS)]],
-                          "labels": ["FG", "BG", "OTHERS"]}
+    for task, names in (("segment", (FG, BG, OTHERS)), ("refer", (FG, BG))):
+        if task in tasks:
+            out[task] = {"groups": [[vocab.token_id(n)] for n in names],
+                         "labels": [n.strip("<>") for n in names]}
     return out
-
-
-def subset_weight(lm_head_w: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
-    """[K, d]: row k = mean of the lm_head rows of group k (sub-word averaged class score)."""
-    v = lm_head_w.shape[0]
-    for k, g in enumerate(groups):
-        if not g or any(not 0 <= int(i) < v for i in g):
-            raise EngineError(f"vocab subset group {k} = {list(g)} is empty or outside the vocabulary (size {v})")
-    return torch.stack([lm_head_w[torch.as_tensor(list(g))].float().mean(0) for g in groups])
 
 
 # ---------------------------------------------------------------- precision policy
@@ -311,29 +280,29 @@ def example_grid(max_patches: int) -> tuple[int, int]:
     return (12, 20) if max_patches >= 240 else (4, 6)
 
 
-def export_engine(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32",
-                  max_patches: int = DEFAULT_MAX_PATCHES, tasks: Iterable[str] = TASKS,
-                  cache_layout: str = "latent", task_groups: dict[str, dict[str, Any]] | None = None,
+def export_engine(model_dir: str | Path, out_dir: str | Path, options: ExportOptions | None = None,
+                  *, task_groups: dict[str, dict[str, Any]] | None = None,
                   external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, progress: bool = True,
-                  model: YoutuVLForConditionalGeneration | None = None) -> dict[str, Any]:
-    """Write vision.onnx, llm_prefill.onnx, llm_decode.onnx (when "chat" is a task) and
+                  model: YoutuVLForConditionalGeneration | None = None, **overrides) -> dict[str, Any]:
+    """Write vision.onnx, llm_prefill.onnx, llm_decode.onnx (when a task generates text) and
     manifest.json into ``out_dir``; returns the manifest.
 
-    ``task_groups`` overrides the subsets read from tokenizer.json ({task: {"groups": [[ids]],
-    "labels": [...]}}); ``model`` skips loading when the caller already holds the checkpoint.
+    ``options`` (or ``overrides``: its fields precision, max_patches, tasks, cache_layout) say
+    what to export. ``task_groups`` overrides the subsets read from tokenizer.json ({task:
+    {"groups": [[ids]], "labels": [...]}}); ``model`` skips loading when the caller already holds
+    the checkpoint.
     """
     from tqdm.auto import tqdm
 
-    tasks = list(dict.fromkeys(tasks))
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise EngineError(f"unknown tasks {bad or tasks}; expected a subset of {TASKS}")
-    cache_names(cache_layout)
-    if precision not in PRECISIONS:
-        raise EngineError(f"precision {precision!r}; expected one of {PRECISIONS}")
+    try:
+        o = dataclasses.replace(options or ExportOptions(), **overrides)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+    precision, max_patches, tasks, cache_layout = o.precision, o.max_patches, list(o.tasks), o.cache_layout
+    decode = any(t in GENERATING_TASKS for t in tasks)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     steps = ["hash checkpoint", "load model", "vision.onnx", "llm_prefill.onnx"]
-    if "chat" in tasks:
+    if decode:
         steps.append("llm_decode.onnx")
     steps.append("manifest.json")
     bar = tqdm(total=len(steps), desc="densert export", unit="step", disable=not progress)
@@ -408,7 +377,7 @@ def export_engine(model_dir: str | Path, out_dir: str | Path, precision: str = "
             bar.update()
 
             # ---- decode
-            if "chat" in tasks:
+            if decode:
                 step("llm_decode.onnx")
                 past = p_out[len(p_out) - len(pres_out):]
                 d_args = [torch.tensor([[13 % cfg.vocab_size]]), *past]

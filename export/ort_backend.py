@@ -19,10 +19,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..config import YoutuVLConfig
-from ..runtime.backend import PrefillResult
-from ..vision_meta import VisionMeta
-from .manifest import EngineError, cache_root, checkpoint_identity, load_manifest
+from densert.model.config import YoutuVLConfig
+from densert.backend import PrefillResult
+from densert.model.vision_meta import VisionMeta
+from densert.errors import EngineError
+
+from .manifest import cache_root, checkpoint_identity, load_manifest
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 _PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -112,7 +114,9 @@ class OrtBackend:
         if engine_dir is None:
             engine_dir = default_engine_dir(model_dir, precision, cache_layout)
             if not (Path(engine_dir) / "manifest.json").is_file():
-                from .onnx_export import TASKS, export_engine
+                from densert.tasks import TASKS
+
+                from .onnx_export import export_engine
                 print(f"densert: no ONNX engine for {model_dir} yet; exporting to {engine_dir} "
                       "(once per checkpoint)", file=sys.stderr)
                 export_engine(model_dir, engine_dir, precision=precision, cache_layout=cache_layout,

@@ -16,13 +16,17 @@ missing when a TensorRT path is asked for.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .manifest import EngineError
+from densert.errors import EngineError
+
+from .options import BuildRequest
+
 
 TRT_MISSING = (
     "TensorRT's Python bindings (`import tensorrt`) are not installed. On Jetson they ship with "
@@ -58,10 +62,13 @@ class BuildOptions:
     strongly_typed: bool
 
     @classmethod
-    def from_manifest(cls, m: dict[str, Any], fp16: bool = False, min_patches: int = 4,
-                      opt_patches: int = 1024, max_patches: int | None = None, max_seq: int | None = None,
-                      opt_seq: int | None = None, workspace_gb: float = 4.0,
-                      timing_cache: str | None = None) -> "BuildOptions":
+    def from_manifest(cls, m: dict[str, Any], request: BuildRequest | None = None, **overrides
+                      ) -> "BuildOptions":
+        """``request`` (or ``overrides``: its fields) resolved against the manifest."""
+        r = dataclasses.replace(request or BuildRequest(), **overrides)
+        fp16, min_patches, opt_patches = r.fp16, r.min_patches, r.opt_patches
+        max_patches, max_seq, opt_seq = r.max_patches, r.max_seq, r.opt_seq
+        workspace_gb, timing_cache = r.workspace_gb, r.timing_cache
         unit = m["config"]["vision"]["merge_unit"]
         max_patches = int(max_patches or m["max_patches"])
         if max_patches > m["max_patches"]:

@@ -14,9 +14,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import YoutuVLConfig
-from ..vision_meta import VisionMeta
-from .manifest import EngineError, load_manifest
+from densert.model.config import YoutuVLConfig
+from densert.model.vision_meta import VisionMeta
+from densert.errors import EngineError
+
+from .manifest import load_manifest
 from .ort_backend import OrtPrefillResult
 from .tensorrt import check_engine_metadata, import_tensorrt
 

@@ -29,15 +29,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..generation import greedy_decode
-from ..runtime.backend import TorchBackend
-from ..vision_meta import build_vision_meta
+from densert.model.generation import greedy_decode
+from densert.backend import TorchBackend
+from densert.model.vision_meta import build_vision_meta
+
+from .options import VERIFY_DECODE_STEPS, VERIFY_GRIDS
 
 THRESHOLDS = {
     "fp32": {"cosine": 0.99999, "rel": 1e-3, "dense": 0.999, "tie": 1e-3, "tokens": True},
     "fp16": {"cosine": 0.999, "rel": 5e-2, "dense": 0.99, "tie": 2e-2, "tokens": False},
 }
-DEFAULT_GRIDS = ((8, 8), (12, 20), (34, 18))  # patches: square, wide with padded windows, tall
 
 
 @dataclass
@@ -127,7 +128,7 @@ def dense_agreement(ref_scores: torch.Tensor, got_scores: torch.Tensor, merged_g
 def synthetic_images(grids: Sequence[tuple[int, int]], seed: int = 0):
     """Smooth synthetic images (low-frequency colour fields + edges) at the given patch grids,
     through the real patchify of the runtime preprocessor."""
-    from ..runtime.preprocess import PATCH, normalize, patchify
+    from densert.image.preprocess import PATCH, normalize, patchify
     g = torch.Generator().manual_seed(seed)
     out = []
     for gh, gw in grids:
@@ -141,7 +142,7 @@ def synthetic_images(grids: Sequence[tuple[int, int]], seed: int = 0):
 
 
 def load_images(paths: Sequence[str], max_patches: int):
-    from ..runtime.preprocess import preprocess
+    from densert.image.preprocess import preprocess
     out = []
     for p in paths:
         pre = preprocess(p, max_patches=max_patches)
@@ -159,9 +160,11 @@ def prompt_ids(cfg, n_cells: int) -> torch.Tensor:
 
 @torch.no_grad()
 def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] = (),
-           grids: Sequence[tuple[int, int]] = DEFAULT_GRIDS, decode_steps: int = 6,
+           grids: Sequence[tuple[int, int]] = VERIFY_GRIDS, decode_steps: int = VERIFY_DECODE_STEPS,
            model=None, backend=None, log=print) -> Report:
-    from .onnx_export import load_model, subset_weight
+    from densert.checkpoint.loader import load_model
+    from densert.kernels.dense_head import subset_weight
+
     from .ort_backend import OrtBackend
     eng = backend or OrtBackend(engine_dir, model_dir=model_dir)
     m = eng.manifest
@@ -186,7 +189,7 @@ def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] 
         rep.tensors.append(compare(f"[{label}] prefill pre_vision_hidden", p_ref.pre_vision_hidden,
                                    p_got.pre_vision_hidden, th))
         rep.tensors.append(compare(f"[{label}] prefill last_logits", p_ref.last_logits, p_got.last_logits, th))
-        for i, (cr, cg) in enumerate(zip(p_ref.cache, eng.cache_tensors(p_got.cache))):
+        for i, (cr, cg) in enumerate(zip(ref.cache_tensors(p_ref.cache), eng.cache_tensors(p_got.cache))):
             rep.tensors.append(compare(f"[{label}] prefill cache[{i}]", cr, cg, th))
         out_hw = (grid[0] * cfg.vision_config.patch_size, grid[1] * cfg.vision_config.patch_size)
         for t, w in subsets.items():
@@ -217,8 +220,9 @@ def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] 
             toks_got, cache_g = greedy_decode(got_step, p_got.last_logits, p_got.cache, decode_steps)
             rep.tokens.append((f"[{label}] greedy tokens", toks_ref, toks_got,
                                toks_ref == toks_got or not th["tokens"]))
-            # Per-step logits on the reference token stream (independent of argmax flips).
-            cr, cg = p_ref.cache, p_got.cache
+            # Per-step logits on the reference token stream (independent of argmax flips). The
+            # torch cache grows in place, so the reference starts again from a new prefill.
+            cr, cg = ref.prefill(ids, e_ref).cache, p_got.cache
             worst = None
             for tok in toks_ref[:-1] or toks_ref:
                 lr, cr = ref.decode(tok, cr)
@@ -229,6 +233,6 @@ def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] 
             if worst is not None:
                 worst.name = f"[{label}] decode logits (worst of {len(toks_ref[:-1] or toks_ref)} steps)"
                 rep.tensors.append(worst)
-            for i, (a, b) in enumerate(zip(cr, eng.cache_tensors(cg))):
+            for i, (a, b) in enumerate(zip(ref.cache_tensors(cr), eng.cache_tensors(cg))):
                 rep.tensors.append(compare(f"[{label}] decode cache[{i}] after {cg.length} tokens", a, b, th))
     return rep

@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import triton_available
+
 __all__ = [
     "subset_weight",
     "dense_scores",
@@ -194,11 +196,12 @@ def dense_head(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw, mode
 
     Returns int64 [H, W] labels (``argmax``, ties to the lower index), float32 [K, H, W]
     softmax(upsampled / temperature) (``probs``), or float32 [H, W] depth_values[argmax]
-    (``depth``). CUDA tensors run the fused Triton tail; anything else the torch path.
+    (``depth``). CUDA tensors run the fused Triton tail when triton is installed; anything else
+    the torch path.
     """
     gh, gw, H, W = _check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values)
     scores = dense_scores(hidden, weight)
-    if scores.is_cuda:
+    if scores.is_cuda and triton_available():
         from . import _triton_dense_head as tdh
         return tdh.dense_tail(scores, gh, gw, H, W, mode, float(temperature), depth_values)
     return _tail_torch(scores, gh, gw, H, W, mode, float(temperature), depth_values)

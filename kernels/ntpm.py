@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from . import triton_available
+
 __all__ = ["ntpm_loss", "ntpm_loss_reference", "prepare_positives", "ntpm_select_torch"]
 
 
@@ -239,7 +241,7 @@ def ntpm_loss(hidden: torch.Tensor, weight: torch.Tensor, positives: torch.Tenso
               chunk_size: int = 8192, reduction: str = "sum") -> torch.Tensor:
     """NTP-M loss with a sparse exact backward to ``hidden`` and ``weight`` (see module doc)."""
     _check(hidden, weight, positives, k, token_mask, vocab_mask, reduction)
-    if hidden.is_cuda:
+    if hidden.is_cuda and triton_available():
         from . import _triton_ntpm
         return _triton_ntpm.ntpm_loss_triton(hidden, weight, positives, k, token_mask, vocab_mask,
                                              reduction=reduction)

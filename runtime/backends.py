@@ -9,20 +9,19 @@ from pathlib import Path
 
 import torch
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+from densert.errors import BackendError
 
-
-class BackendError(RuntimeError):
-    """A backend that cannot be created here (unknown name, missing package or engine)."""
+from .options import BACKENDS
 
 
 def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "float32",
                  engine_dir: str | Path | None = None, device: str | None = None):
+    """``device``: torch's device for the torch backend (None or "auto": cuda when available)."""
     if name == "torch":
-        from densert.loader import load_model
-
-        from .backend import TorchBackend
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from densert.backend import TorchBackend
+        from densert.checkpoint.loader import load_model
+        dev = device if device not in (None, "auto") else (
+            "cuda" if torch.cuda.is_available() else "cpu")
         return TorchBackend(load_model(model_dir, dtype, device=dev))
     if name == "onnxruntime":
         cls = _import("densert.export.ort_backend", "OrtBackend", name)
@@ -30,7 +29,7 @@ def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "f
         cls = _import("densert.export.trt_backend", "TrtBackend", name)
     else:
         raise BackendError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    from densert.checkpoint import resolve_dtype
+    from densert.checkpoint.files import resolve_dtype
     return cls.from_model(model_dir, engine_dir=engine_dir, dtype=resolve_dtype(dtype))
 
 
@@ -54,8 +53,8 @@ def lm_head_weight(backend, model_dir: str | Path | None) -> torch.Tensor:
         return model.lm_head.weight.detach()
     if model_dir is None:
         raise BackendError(f"backend {backend.name!r} exposes no lm_head and no model_dir was given")
-    from densert.checkpoint import read_all_headers
-    from densert.loader import read_tensor
+    from densert.checkpoint.files import read_all_headers
+    from densert.checkpoint.loader import read_tensor
     infos = read_all_headers(model_dir)
     for key in ("lm_head.weight", "model.embed_tokens.weight"):
         if key in infos:

@@ -19,71 +19,55 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
-from densert.cli import CLIError
+from densert.cli import add_dataclass_arguments, dataclass_kwargs, fields_of
+from densert.errors import CLIError
+from densert.tasks.depth_bins import OPEN_WORLD, PRESETS
 
-from . import outputs as O
+from .options import DenseOptions, PredictorOptions
 
-TASKS = ("depth", "segment", "refer", "chat")
+# DenseOptions fields each command exposes as flags (the rest keep their documented defaults).
+DENSE_FLAGS = {
+    "depth": ("alignment", "temperature", "depth_mode", "depth_upsample"),
+    "segment": ("alignment", "temperature", "crf"),
+    "refer": ("alignment", "temperature", "crf", "refer_short_side"),
+    "chat": (),
+}
 
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
-    from .dense import ALIGNMENTS, DEPTH_MODES, DEPTH_UPSAMPLES
-    from .backends import BACKENDS
-    from .preprocess import DEFAULT_MAX_PATCHES
-    from .prompts import DEPTH_PRESETS
     parser.add_argument("images", nargs="*" if command == "chat" else "+", metavar="IMAGE",
-                        help="image files or directories of images")
+                        help="image files or directories of images" + (
+                            " (none: a text-only prompt)" if command == "chat" else ""))
     parser.add_argument("--model", default=None,
                         help="checkpoint directory (default: the bundled densert-tiny)")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch")
-    parser.add_argument("--engine-dir", default=None, help="engine directory (onnxruntime/tensorrt)")
-    parser.add_argument("--dtype", default="float32", help="torch dtype (float32, bfloat16, float16)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--out", default="densert-out", help="output directory (created)")
-    parser.add_argument("--max-patches", type=int, default=DEFAULT_MAX_PATCHES,
-                        help="processor patch cap (16x16 patches; default %(default)s)")
-    parser.add_argument("--upscale", type=int, default=1, choices=(1, 2, 3, 4),
-                        help="upscale factor before the size search (paper: x2-x4 for small images)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--alignment", choices=ALIGNMENTS, default="k",
-                        help="hidden state that scores merged cell k (default: k)")
-    parser.add_argument("--temperature", type=float, default=0.2,
-                        help="softmax temperature (CRF unary, depth expectation)")
-    if command in ("segment", "refer"):
-        parser.add_argument("--crf", action="store_true", help="DenseCRF refinement")
+    add_dataclass_arguments(parser, PredictorOptions)
+    add_dataclass_arguments(parser, DenseOptions, DENSE_FLAGS[command])
     if command == "depth":
-        parser.add_argument("--preset", choices=DEPTH_PRESETS, default="open-world")
+        parser.add_argument("--preset", choices=tuple(PRESETS), default=OPEN_WORLD,
+                            help="depth preset: the bins' range and spacing, and the prompt")
         parser.add_argument("--focal", type=float, default=None,
                             help="focal length in px (open world: image rescaled to 2000 px focal; "
-                                 "without it depth is relative)")
-        parser.add_argument("--depth-mode", choices=DEPTH_MODES, default="argmax")
-        parser.add_argument("--depth-upsample", choices=DEPTH_UPSAMPLES, default="patch")
+                                 "default: none, depth is then relative)")
     if command == "segment":
         parser.add_argument("--classes", default=None,
                             help="comma-separated class names (closed set, no generation); "
-                                 "omit to let the model name them (open set)")
+                                 "default: none, the model names them (open set)")
         parser.add_argument("--background", action="store_true",
                             help="closed set with the <OTHERS> background rule")
     if command == "refer":
         parser.add_argument("--expression", required=True, help='what to segment, e.g. "the red cup"')
-        parser.add_argument("--refer-short-side", type=int, default=1280,
-                            help="short side of the refinement crop (default %(default)s)")
     if command == "chat":
-        parser.add_argument("--prompt", required=True)
+        parser.add_argument("--prompt", required=True, help="the user's question")
 
 
-def _options(args):
-    from .dense import DenseOptions
-    kw = dict(temperature=args.temperature, alignment=args.alignment,
-              crf=getattr(args, "crf", False))
-    if args.command == "depth":
-        kw.update(depth_mode=args.depth_mode, depth_upsample=args.depth_upsample)
-    if args.command == "refer":
-        kw.update(refer_short_side=args.refer_short_side)
+def _options(args) -> tuple[DenseOptions, PredictorOptions]:
     try:
-        return DenseOptions(**kw)
+        return (DenseOptions(**dataclass_kwargs(args, DENSE_FLAGS[args.command])),
+                PredictorOptions(**dataclass_kwargs(args, fields_of(PredictorOptions))))
     except ValueError as e:
         raise CLIError(str(e)) from None
 
@@ -92,14 +76,13 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .backends import BackendError
-    from .image_io import ImageError, list_images
-    from .predictor import DensePredictor, ModelDirError
+    from densert.errors import ImageError
+    from densert.image.decode import list_images
+
+    from .predictor import DensePredictor
 
     command = args.command
-    opts = _options(args)
-    if args.max_patches < 4:
-        raise CLIError(f"--max-patches {args.max_patches} is below 4 (one merged token)")
+    opts, settings = _options(args)
     images = list_images(args.images)
     missing_dirs = [p for p in map(Path, args.images) if p.is_dir() and not any(
         q.parent == p for q in images)]
@@ -107,13 +90,7 @@ def run(args) -> int:
         print(f"densert {command}: warning: {d} holds no image files", file=sys.stderr)
     if command != "chat" and not images:
         raise CLIError("no images to process")
-    try:
-        pred = DensePredictor(args.model, backend=args.backend, dtype=args.dtype, options=opts,
-                              engine_dir=args.engine_dir, max_patches=args.max_patches,
-                              upscale=args.upscale, max_new_tokens=args.max_new_tokens,
-                              device=args.device)
-    except (ModelDirError, BackendError) as e:
-        raise CLIError(str(e)) from None
+    pred = DensePredictor(args.model, opts, **asdict(settings))
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -155,6 +132,8 @@ def run(args) -> int:
 
 
 def _process(pred, command, args, path: Path, out: Path):
+    from . import outputs as O
+
     """Run one image; returns the writers (called only when everything was computed, so a
     failure leaves nothing behind)."""
     stem = out / path.stem
@@ -212,7 +191,7 @@ def _process(pred, command, args, path: Path, out: Path):
 
 
 def _image(path, hw):
-    from .image_io import load_rgb
-    from .preprocess import resize_uint8
+    from densert.image.decode import load_rgb
+    from densert.image.preprocess import resize_uint8
     img = load_rgb(path, min_side=min(hw))
     return img if img.shape[:2] == tuple(hw) else resize_uint8(img, hw)

@@ -3,7 +3,8 @@
 Only the lm_head rows of the candidate ids are used (``densert.kernels.dense_head``): a
 [L, d] x [d, K] GEMM, bilinear upsample, argmax. Full-vocabulary logits are never formed at
 vision positions. The released decoder lives in unpublished remote code (spec sec. 9.2), so
-every choice it hides is a documented field of ``DenseOptions``; the defaults are ours.
+every choice it hides is a documented field of ``DenseOptions`` (``options.py``); the defaults
+are ours.
 
 Background / open set (``<OTHERS>``), precisely: with class scores s_k (mean sub-word logits,
 bilinearly upsampled), p_k = sigmoid(s_k * logit_scale) (logit_scale 1/4); a pixel is background
@@ -14,85 +15,17 @@ logit_scale (= 0 for 0.5) in the same GEMM, so it costs no extra pass.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from densert.extras import require
 from densert.kernels.dense_head import dense_head
-from densert.training import depth_bins
+from densert.tasks import depth_bins
+from densert.tasks.rle import depth_grid_shape, resize_codes
 
-from .rle import depth_grid_shape, resize_codes
-
-ALIGNMENTS = ("k", "k-1")
-DEPTH_MODES = ("argmax", "expectation")
-DEPTH_UPSAMPLES = ("patch", "full")
-
-
-@dataclass
-class DenseOptions:
-    """Dense decoding options. The released values are unknown unless a comment says otherwise."""
-
-    # Softmax temperature over class scores (paper D.1: 0.2). Softmax never changes an argmax,
-    # so it only matters for the CRF unary and for ``depth_mode="expectation"``.
-    temperature: float = 0.2
-    # DenseCRF refinement (paper D.1 uses it for benchmark numbers; the demo defaults to it).
-    # Parameters are OUR defaults (the common DeepLab settings); the released ones are unknown.
-    crf: bool = False
-    crf_gaussian_sxy: float = 3.0
-    crf_gaussian_compat: float = 3.0
-    crf_bilateral_sxy: float = 50.0
-    crf_bilateral_srgb: float = 13.0
-    crf_bilateral_compat: float = 10.0
-    crf_iterations: int = 5
-    # The <OTHERS> rule (paper D.1/"open world": logits/4 -> sigmoid, background at 0.5).
-    background_logit_scale: float = 0.25
-    background_threshold: float = 0.5
-    # Which hidden state scores merged cell k: "k" = the k-th image-pad position itself (our
-    # default: the paper reads each vision token's own output), "k-1" = next-token shift, cell 0
-    # read from <|vision_start|> (spec sec. 9.2, unknown 1).
-    alignment: str = "k"
-    # Class names are tokenised bare ("tree"), the way the model spells them after <ref> in its
-    # own answers, not " tree" as inside a sentence (spec sec. 9.2, unknown 2).
-    name_leading_space: bool = False
-    # Depth: "argmax" bin (paper) or "expectation" (softmax(scores/temperature)-weighted bin).
-    depth_mode: str = "argmax"
-    # Depth upsampling order. "patch" (default; paper D.3 and the demo): bin scores upsampled to
-    # the (H//16, W//16) grid (x2 of the merged grid when the image was not resized), argmax
-    # there, then the codes bilinearly resized to H x W and rounded. "full": scores upsampled to
-    # H x W and argmax per pixel (exact bilinear-of-logits, more work per pixel).
-    depth_upsample: str = "patch"
-    # Referring segmentation crop: padding factor and short side (paper D.2 / demo: 1.2, 1280).
-    refer_padding: float = 1.2
-    refer_short_side: int = 1280
-    # Seed of the random box colour drawn on the referring crop (reproducible runs).
-    seed: int = 0
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        def need(ok, msg):
-            if not ok:
-                raise ValueError(f"DenseOptions: {msg}")
-        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        need(self.alignment in ALIGNMENTS, f"alignment {self.alignment!r} not in {ALIGNMENTS}")
-        need(self.depth_mode in DEPTH_MODES, f"depth_mode {self.depth_mode!r} not in {DEPTH_MODES}")
-        need(self.depth_upsample in DEPTH_UPSAMPLES,
-             f"depth_upsample {self.depth_upsample!r} not in {DEPTH_UPSAMPLES}")
-        need(0 < self.background_threshold < 1,
-             f"background_threshold must be in (0, 1), got {self.background_threshold}")
-        need(self.background_logit_scale > 0, "background_logit_scale must be > 0")
-        need(self.crf_iterations >= 1, "crf_iterations must be >= 1")
-        need(self.refer_padding >= 1.0, f"refer_padding must be >= 1, got {self.refer_padding}")
-        need(self.refer_short_side >= 32, f"refer_short_side must be >= 32, got {self.refer_short_side}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+from .options import DenseOptions
 
 
 def align_hidden(vision_hidden: torch.Tensor, pre_vision_hidden: torch.Tensor | None,
@@ -145,7 +78,7 @@ def segment_labels(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw,
 
 def crf_refine(probs: np.ndarray, image: np.ndarray, opts: DenseOptions) -> np.ndarray:
     """Fully connected CRF (Kraehenbuehl & Koltun 2011) over probs [K, H, W] and the RGB image."""
-    import pydensecrf.densecrf as dcrf
+    dcrf = require("pydensecrf.densecrf", "DenseCRF refinement (--crf)")
 
     K, H, W = probs.shape
     if image.shape[:2] != (H, W):
@@ -192,23 +125,10 @@ def depth_map(hidden: torch.Tensor, bin_weight: torch.Tensor, grid_hw, out_hw,
         full = codes_at((H, W))
         grid_codes = resize_codes(full, pgrid)
     bins = np.clip(np.rint(full), 1, n).astype(np.uint16)
-    key = _preset_key(preset)
     # argmax: dequantise the rounded codes, as the demo rounds; expectation: keep it continuous.
     depth = depth_bins.dequantize(bins if opts.depth_mode == "argmax" else np.clip(full, 0.5, n),
-                                  key, fx)
+                                  preset, fx)
     return DepthMap(depth=np.asarray(depth, dtype=np.float32), bins=bins,
                     codes_grid=np.clip(np.rint(grid_codes), 1, n).astype(np.uint16))
 
 
-def _preset_key(preset: str) -> str:
-    return preset.replace("-", "_")
-
-
-def class_id_groups(vocab, names: list[str], leading_space: bool) -> list[list[int]]:
-    """Token ids per class: a special token (``<FG>``, ``<OTHERS>``) is its own single id,
-    anything else the sub-word ids of its name."""
-    groups = []
-    for n in names:
-        tid = vocab.tok.token_to_id(n) if n.startswith("<") and n.endswith(">") else None
-        groups.append([tid] if tid is not None else vocab.name_ids(n, leading_space=leading_space))
-    return groups

@@ -23,33 +23,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densert import tokens as T
-from densert.chat import encode_chat, user_message
-from densert.generation import greedy_decode
-from densert.training import depth_bins
-from densert.vision_meta import build_vision_meta
+from densert.errors import ModelDirError
+from densert.image.preprocess import Preprocessed, preprocess
+from densert.model.generation import greedy_decode
+from densert.model.vision_meta import build_vision_meta
+from densert.resources import bundled_model_dir
+from densert.tasks import depth_bins, grounding, prompts
+from densert.tasks.classes import class_id_groups
+from densert.tasks.rle import encode_depth, encode_segmentation
+from densert.text import tokens as T
+from densert.text.chat import encode_chat, user_message
 
-from . import grounding, prompts
 from .backends import lm_head_weight, make_backend
-from .dense import DenseOptions, align_hidden, class_id_groups, depth_map, segment_labels
-from .preprocess import DEFAULT_MAX_PATCHES, Preprocessed, preprocess
-from .rle import encode_depth, encode_segmentation
+from .dense import align_hidden, depth_map, segment_labels
+from .options import DenseOptions, PredictorOptions
 
 BACKGROUND_NAME = T.OTHERS
-
-
-class ModelDirError(ValueError):
-    """A model directory that is missing or is not a densert/Youtu-VL checkpoint."""
-
-
-def default_model_dir() -> Path:
-    """The bundled model, ``densert/assets/densert-tiny``."""
-    import densert
-    p = Path(densert.__file__).resolve().parent / "assets" / "densert-tiny"
-    if not (p / "config.json").is_file():
-        raise ModelDirError(f"no bundled model at {p} (it ships with trained releases); pass "
-                            "--model DIR (e.g. one written by `densert make-test-checkpoint`)")
-    return p
 
 
 def check_model_dir(path) -> Path:
@@ -140,30 +129,34 @@ class ChatResult:
 
 
 class DensePredictor:
-    def __init__(self, model_dir=None, backend: str = "torch", dtype="float32",
-                 options: DenseOptions | None = None, engine_dir=None,
-                 max_patches: int = DEFAULT_MAX_PATCHES, upscale: float = 1.0,
-                 max_new_tokens: int = 256, device: str | None = None):
-        from densert.tokens import Vocab
-        self.model_dir = check_model_dir(model_dir if model_dir is not None else default_model_dir())
-        be = make_backend(backend, self.model_dir, dtype, engine_dir, device=device)
-        self._setup(be, Vocab.from_file(self.model_dir), options, max_patches, upscale, max_new_tokens)
+    """``DensePredictor(model_dir=None, options=None, **settings)``: ``model_dir`` None = the
+    bundled densert-tiny; ``options`` = ``DenseOptions`` (decoding); ``settings`` = the fields of
+    ``PredictorOptions`` (backend, engine_dir, dtype, device, max_patches, upscale,
+    max_new_tokens), with the defaults declared there."""
+
+    def __init__(self, model_dir=None, options: DenseOptions | None = None, **settings):
+        from densert.text.tokens import Vocab
+        s = PredictorOptions(**settings)
+        self.model_dir = check_model_dir(model_dir if model_dir is not None else bundled_model_dir())
+        be = make_backend(s.backend, self.model_dir, s.dtype, s.engine_dir, device=s.device)
+        self._setup(be, Vocab.from_file(self.model_dir), options, s)
 
     @classmethod
-    def from_backend(cls, backend, vocab, options: DenseOptions | None = None,
-                     max_patches: int = DEFAULT_MAX_PATCHES, upscale: float = 1.0,
-                     max_new_tokens: int = 256, model_dir=None) -> "DensePredictor":
+    def from_backend(cls, backend, vocab, options: DenseOptions | None = None, model_dir=None,
+                     **settings) -> "DensePredictor":
         self = cls.__new__(cls)
         self.model_dir = Path(model_dir) if model_dir is not None else None
-        self._setup(backend, vocab, options, max_patches, upscale, max_new_tokens)
+        self._setup(backend, vocab, options, PredictorOptions(**settings))
         return self
 
-    def _setup(self, backend, vocab, options, max_patches, upscale, max_new_tokens):
+    def _setup(self, backend, vocab, options, settings: PredictorOptions):
         self.backend = backend
         self.vocab = vocab
         self.config = backend.config
         self.options = options or DenseOptions()
-        self.max_patches, self.upscale, self.max_new_tokens = max_patches, upscale, max_new_tokens
+        self.settings = settings
+        self.max_patches, self.upscale = settings.max_patches, settings.upscale
+        self.max_new_tokens = settings.max_new_tokens
         self._head = lm_head_weight(backend, self.model_dir)
         self._weights: dict[tuple, torch.Tensor] = {}
         self._metas: dict[tuple[int, int], object] = {}
@@ -228,11 +221,10 @@ class DensePredictor:
             return preprocess(image, self.max_patches, self.upscale if upscale is None else upscale)
 
     # ---- tasks ----
-    def depth(self, image, preset: str = "open-world", focal: float | None = None) -> DepthResult:
+    def depth(self, image, preset: str = depth_bins.OPEN_WORLD, focal: float | None = None
+              ) -> DepthResult:
         tm = Timings()
-        key = preset.replace("-", "_")
-        depth_bins.get_preset(key)  # unknown presets fail before any work
-        open_world = key == "open_world"
+        open_world = depth_bins.get_preset(preset).focal is not None  # unknown presets fail here
         scale = self.upscale
         if focal is not None:
             if not open_world:
@@ -250,8 +242,8 @@ class DensePredictor:
         pf = self._run_prompt(pre, prompts.depth(preset), tm)
         with tm.stage("dense_head"):
             dm = depth_map(self._hidden(pf), self._depth_weight(), pre.merged_grid, pre.original_hw,
-                           self.options, key, fx=eff)
-        return DepthResult(depth=dm.depth, bins=dm.bins, codes_grid=dm.codes_grid, preset=key,
+                           self.options, preset, fx=eff)
+        return DepthResult(depth=dm.depth, bins=dm.bins, codes_grid=dm.codes_grid, preset=preset,
                            metric=not open_world or focal is not None, focal=focal,
                            effective_focal=eff, original_hw=pre.original_hw,
                            resized_hw=pre.resized_hw, timings=dict(tm))
@@ -318,9 +310,9 @@ class DensePredictor:
                             "segmenting the whole image")
             poly_mask = grounding.rasterize_polygons(polys, (H, W)) if polys else None
             rng = np.random.default_rng(self.options.seed)
-            crop = grounding.refine_crop(self._image_at(pre), box or (0, 0, W, H),
-                                         self.options.refer_padding,
-                                         self.options.refer_short_side, rng)
+            crop = grounding.referring_crop(self._image_at(pre), box or (0, 0, W, H), rng,
+                                            self.options.refer_padding,
+                                            self.options.refer_short_side)
         cpre = self._pre(crop.image, tm, upscale=1.0)
         cpf = self._run_prompt(cpre, prompts.core_target(), tm)
         with tm.stage("dense_head"):
@@ -328,7 +320,7 @@ class DensePredictor:
                                  cpre.original_hw, self.options,
                                  image=cpre.image if self.options.crf else None)
         with tm.stage("postprocess"):
-            mask = grounding.paste_mask(lab == 1, crop, (H, W))
+            mask = crop.paste(lab == 1, (H, W))
         for w in warn:
             warnings.warn(w, stacklevel=2)
         return ReferResult(mask=mask, expression=expression, box=box, polygons=polys,
@@ -347,5 +339,5 @@ class DensePredictor:
         """The decoded image at the original size (drafted huge JPEGs are scaled back up)."""
         if pre.image.shape[:2] == tuple(pre.original_hw):
             return pre.image
-        from .preprocess import resize_uint8
+        from densert.image.preprocess import resize_uint8
         return resize_uint8(pre.image, pre.original_hw)

@@ -2,6 +2,15 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# `python -m pytest` puts the repo root on sys.path, where the top-level source folders (kernels/,
+# export/, ...) would shadow real packages of the same name (transformers probes for the
+# `kernels` package) and could be imported a second time beside densert.*; the tests import
+# densert only, through the installed package.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 # Triton reads TRITON_INTERPRET at import time, and any test module may import it first: without
 # a GPU, every Triton kernel in the suite runs under the interpreter (bf16-free tiles).
@@ -26,6 +35,6 @@ def _private_cache(tmp_path_factory):
 def tiny_checkpoint(tmp_path_factory):
     """Path to a tiny random Youtu-VL checkpoint (preset ``tiny``, seed 0, bfloat16 on disk, single
     model.safetensors, tied lm_head). Read-only: copy it before modifying files in it."""
-    from densert.checkpoint import make_test_checkpoint
+    from densert.checkpoint.random_init import make_test_checkpoint
     return make_test_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0,
                                 dtype="bfloat16")

@@ -11,7 +11,7 @@ import pytest
 
 from densert.benchmarks import roofline as R
 from densert.benchmarks.schema_check import validate
-from densert.config import preset
+from densert.model.config import sized_config
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "schema.json").read_text())
 
@@ -69,7 +69,7 @@ def _req(**kw):
 
 
 def test_roofline_head_matches_kernel_anchors():
-    cfg = preset("youtu-vl-4b")
+    cfg = sized_config("youtu-vl-4b")
     # kernel-anchors sec. 8.2: L=1024, d=2560, |S|=1000 -> 5.24 GFLOP; |V|=283,386 -> 1.486 TFLOP
     c = R.stage_costs(cfg, _req(grid=(64, 64)))
     assert c["dense_head"]["detail"]["gemm_flops"] == pytest.approx(5.24e9, rel=1e-3)
@@ -80,7 +80,7 @@ def test_roofline_head_matches_kernel_anchors():
 
 
 def test_roofline_prefill_and_vision_shapes():
-    cfg = preset("youtu-vl-4b")
+    cfg = sized_config("youtu-vl-4b")
     c = R.stage_costs(cfg, _req())
     # Linear FLOPs = 2 * T * (params per layer) * layers; 104.2 M params/layer (spec sec. 2.3)
     per_layer = c["llm_prefill"]["detail"]["linear_flops"] / (2 * 300 * 40)

@@ -13,10 +13,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import densert
-from densert.checkpoint import (INDEX_FILE, CheckpointError, make_test_checkpoint, write_checkpoint)
+from densert.checkpoint.files import INDEX_FILE, write_checkpoint
+from densert.checkpoint.random_init import make_test_checkpoint
+from densert.errors import CheckpointError
 from densert.cli import main as cli_main
-from densert.loader import load_model
-from densert.vision_meta import build_vision_meta, num_image_tokens
+from densert.checkpoint.loader import load_model
+from densert.model.vision_meta import build_vision_meta, num_image_tokens
 
 
 @pytest.fixture
@@ -294,7 +296,7 @@ def test_youtu_width_two_layers_loads_within_memory_budget(tmp_path):
     out = make_test_checkpoint(tmp_path / "big", "youtu-vl-4b", text_layers=2, vision_layers=2)
     code = textwrap.dedent(f"""
         import json, os, time, torch
-        import densert.loader, densert.modeling
+        import densert.checkpoint.loader, densert.model.modeling
         def hwm():
             for line in open("/proc/self/status"):
                 if line.startswith("VmHWM:"):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from densert.cli import main
-from densert.runtime import rle
+from densert.tasks import rle
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_missing_model_dir_and_impossible_size(images, tmp_path, capsys):
     assert rc == 2 and "has no config.json" in cap.err
     rc, cap = _run(["depth", str(images / "a.png"), "--max-patches", "2", "--out",
                     str(tmp_path / "o")], capsys)
-    assert rc == 2 and "--max-patches 2" in cap.err
+    assert rc == 2 and "max_patches 2 is below 4" in cap.err
 
 
 def test_missing_image_file(tiny_checkpoint, tmp_path, capsys):

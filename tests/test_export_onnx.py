@@ -7,12 +7,15 @@ import shutil
 import pytest
 import torch
 
-from densert.export.manifest import MANIFEST, EngineError, load_manifest
-from densert.export.onnx_export import TRT_SUPPORTED_OPS, export_engine, load_model
+from densert.errors import EngineError
+from densert.tasks import DENSE_TASKS
+from densert.export.manifest import MANIFEST, load_manifest
+from densert.checkpoint.loader import load_model
+from densert.export.onnx_export import TRT_SUPPORTED_OPS, export_engine
 from densert.export.ort_backend import OrtBackend
 from densert.export.verify import verify
-from densert.generation import generate, greedy_decode
-from densert.vision_meta import build_vision_meta
+from densert.model.generation import generate, greedy_decode
+from densert.model.vision_meta import build_vision_meta
 
 GRIDS = ((8, 8), (12, 20), (18, 10), (2, 2))  # one export serves all of them
 
@@ -51,7 +54,9 @@ def test_parity_gate_several_sizes_one_export(engine, tiny_checkpoint, model):
     assert rep.ok, rep.format()
     # every stage was checked at every size, dense maps included
     assert len([t for t in rep.tensors if "vision image_embeds" in t.name]) == len(GRIDS)
-    assert len(rep.dense) == 4 * len(GRIDS) and all(n > 0 for _, _, n, _ in rep.dense)
+    # per size and dense task (depth, segment, refer): the map from the reference's vision output
+    # and the end-to-end one
+    assert len(rep.dense) == 2 * len(DENSE_TASKS) * len(GRIDS) and all(n > 0 for _, _, n, _ in rep.dense)
 
 
 def test_decode_matches_torch_generator(engine, tiny_checkpoint, model):
@@ -87,7 +92,7 @@ def _copy(engine, tmp_path):
 
 
 def test_engine_of_another_checkpoint_is_refused(engine, tmp_path):
-    from densert.checkpoint import make_test_checkpoint
+    from densert.checkpoint.random_init import make_test_checkpoint
     other = make_test_checkpoint(tmp_path / "other", "tiny", seed=1, dtype="bfloat16")
     with pytest.raises(EngineError, match=r"was exported from checkpoint .* this checkpoint .*re-run `densert export --model"):
         OrtBackend(engine, model_dir=other)
@@ -184,7 +189,7 @@ def test_from_model_exports_once_into_cache(tiny_checkpoint, tmp_path, monkeypat
 def test_youtu_vl_4b_widths_few_layers(tmp_path):
     """Real widths (vision 1152/16 heads, LLM 2560/32 heads, MLA 512+64, vocab 283386), 1+1 layers:
     external data (> 2 GiB fp32 graphs) and parity at several sizes with one export."""
-    from densert.checkpoint import make_test_checkpoint
+    from densert.checkpoint.random_init import make_test_checkpoint
     ck = make_test_checkpoint(tmp_path / "4b", "youtu-vl-4b", text_layers=1, vision_layers=1, seed=0,
                               dtype="bfloat16")
     model = load_model(ck, torch.float32)
@@ -222,7 +227,7 @@ def test_fp16_export_keeps_fp32_islands_and_passes_gate(tiny_checkpoint, model, 
 
 def test_unused_vision_input_is_kept(tmp_path):
     """One vision layer = all full attention: window_segment_ids is unused but stays an input."""
-    from densert.checkpoint import make_test_checkpoint
+    from densert.checkpoint.random_init import make_test_checkpoint
     ck = make_test_checkpoint(tmp_path / "ck", "tiny", text_layers=1, vision_layers=1, seed=0, dtype="bfloat16")
     m = export_engine(ck, tmp_path / "eng", tasks=["chat"], progress=False)
     assert [i["name"] for i in m["graphs"]["vision"]["inputs"]][5] == "window_segment_ids"

@@ -7,8 +7,10 @@ import importlib.util
 import pytest
 import torch
 
-from densert.export.manifest import EngineError, read_manifest
-from densert.export.onnx_export import export_engine, load_model
+from densert.errors import EngineError
+from densert.export.manifest import read_manifest
+from densert.checkpoint.loader import load_model
+from densert.export.onnx_export import export_engine
 from densert.export.tensorrt import BuildOptions, profile_shapes, trtexec_commands
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

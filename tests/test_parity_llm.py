@@ -3,16 +3,16 @@ import pytest
 import torch
 import transformers
 
-from densert.config import preset
-from densert.generation import generate
-from densert.llm import CACHE_LAYOUTS, empty_cache
-from densert.modeling import YoutuVLForConditionalGeneration
+from densert.model.config import sized_config
+from densert.model.generation import generate
+from densert.model.llm import CACHE_LAYOUTS, empty_cache
+from densert.model.modeling import YoutuVLForConditionalGeneration
 
 VOCAB = 512
 
 
 def small_config(tie: bool, q_lora: bool = True):
-    cfg = preset("tiny", text_layers=3, vision_layers=2)
+    cfg = sized_config("tiny", text_layers=3, vision_layers=2)
     cfg.vocab_size = VOCAB
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 2
     cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id, cfg.video_token_id = 3, 4, 5, 6

@@ -8,10 +8,10 @@ from transformers.models.siglip2.configuration_siglip2 import Siglip2VisionConfi
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer as OracleLayer
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
-from densert.config import VisionConfig, preset
-from densert.modeling import YoutuVLForConditionalGeneration
-from densert.vision import Siglip2EncoderLayer
-from densert.vision_meta import build_vision_meta, merge_block_positions, window_index
+from densert.model.config import VisionConfig, sized_config
+from densert.model.modeling import YoutuVLForConditionalGeneration
+from densert.model.vision import Siglip2EncoderLayer
+from densert.model.vision_meta import build_vision_meta, merge_block_positions, window_index
 
 RELEASED = VisionConfig()
 GRIDS = [(2, 2), (2, 30), (30, 40), (24, 32), (16, 16), (18, 34), (32, 32), (34, 2), (68, 120), (166, 220)]
@@ -66,7 +66,7 @@ def test_rope_against_straightforward_computation():
                     n += 1
     # Rotation: pairs (i, i+36) rotate by the same angle.
     x = torch.randn(1, n, 72)
-    from densert.vision import apply_vision_rope
+    from densert.model.vision import apply_vision_rope
     y = apply_vision_rope(x, meta.cos, meta.sin)
     a = torch.atan2(meta.sin, meta.cos)[:, :36]
     x1, x2 = x[0, :, :36], x[0, :, 36:]
@@ -131,7 +131,7 @@ def test_tower_window_mechanics_equal_masked_reference(gh, gw):
     un-permute path equals attention restricted by an explicit window mask in raster order;
     both the eager block loop and the single masked call (the export path)."""
     torch.manual_seed(1)
-    cfg = preset("tiny", vision_layers=3)
+    cfg = sized_config("tiny", vision_layers=3)
     cfg.vision_config.hidden_size, cfg.vision_config.num_attention_heads = 144, 2  # head_dim 72
     cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 64, 1, 2, 2
     cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id, cfg.video_token_id = 3, 4, 5, 6

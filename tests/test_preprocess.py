@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from densert.runtime import image_io
-from densert.runtime.image_io import ImageError, load_rgb
-from densert.runtime.preprocess import (patchify, preprocess, resize_uint8, target_size,
+from densert.errors import ImageError
+from densert.image import decode as image_io
+from densert.image.decode import load_rgb
+from densert.image.preprocess import (patchify, preprocess, resize_uint8, target_size,
                                         unpatchify)
 
 

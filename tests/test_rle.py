@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from densert.runtime import rle
+from densert.errors import RLEError
+from densert.tasks import rle
 
 
 def test_segmentation_round_trip():
@@ -43,11 +44,11 @@ def test_depth_form_and_demo_expansion():
 
 
 def test_bad_strings_fail_clearly():
-    with pytest.raises(rle.RLEError, match="expands to 5 values, expected 6"):
+    with pytest.raises(RLEError, match="expands to 5 values, expected 6"):
         rle.decode_runs("(0,5)", (2, 3))
-    with pytest.raises(rle.RLEError, match="no <mask>"):
+    with pytest.raises(RLEError, match="no <mask>"):
         rle.decode_segmentation("<ref>a</ref>", (1, 1))
-    with pytest.raises(rle.RLEError, match="no <depth>"):
+    with pytest.raises(RLEError, match="no <depth>"):
         rle.decode_depth("<mask>(1,1)</mask>", (16, 16))
-    with pytest.raises(rle.RLEError, match="no \\(value,count\\) pairs"):
+    with pytest.raises(RLEError, match="no \\(value,count\\) pairs"):
         rle.decode_runs("1,2,3")

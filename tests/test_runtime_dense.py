@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from densert.kernels.dense_head import naive_full_vocab_head, subset_weight
-from densert.runtime.dense import (DenseOptions, align_hidden, depth_map, segment_labels)
-from densert.training import depth_bins
+from densert.runtime.dense import align_hidden, depth_map, segment_labels
+from densert.runtime.options import DenseOptions
+from densert.tasks import depth_bins
 
 
 def _random_head(V, d=48, L=6 * 8, seed=0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from densert.runtime import grounding as G
+from densert.tasks import grounding as G
 
 
 def test_parse_refs_box_polygons():
@@ -26,24 +26,24 @@ def test_rasterize_and_crop_and_paste():
     m = G.rasterize_polygons([[(2, 2), (8, 2), (8, 6), (2, 6)], [(0, 0), (1, 1)]], (10, 12))
     assert m.dtype == bool and m[4, 5] and not m[0, 11] and m.sum() == 7 * 5
     img = np.zeros((100, 200, 3), np.uint8)
-    crop = G.refine_crop(img, (50, 20, 100, 60), 1.2, 64, np.random.default_rng(0))
+    crop = G.referring_crop(img, (50, 20, 100, 60), np.random.default_rng(0), 1.2, 64)
     assert crop.box == (45, 16, 105, 64)            # 1.2x around the centre (75, 40), int()
     assert min(crop.image.shape[:2]) == 64
     assert crop.image.sum() > 0                     # the 1-px box was drawn
-    full = G.paste_mask(np.ones(crop.image.shape[:2], bool), crop, (100, 200))
+    full = crop.paste(np.ones(crop.image.shape[:2], bool), (100, 200))
     assert full.sum() == 60 * 48 and full[16:64, 45:105].all()
 
 
 def test_degenerate_box_takes_whole_image():
-    crop = G.refine_crop(np.zeros((40, 50, 3), np.uint8), (10, 10, 10, 10), 1.2, 32,
-                         np.random.default_rng(0))
+    crop = G.referring_crop(np.zeros((40, 50, 3), np.uint8), (10, 10, 10, 10),
+                            np.random.default_rng(0), 1.2, 32)
     assert crop.box == (0, 0, 50, 40)
 
 
 def test_refer_flow_uses_the_box(tiny_checkpoint, monkeypatch):
     """The grounding stage's answer is replaced by a fixed one so the box path (mapping from
     resized to original pixels, crop, paste) is checked on the real model."""
-    from densert.runtime.dense import DenseOptions
+    from densert.runtime.options import DenseOptions
     from densert.runtime.predictor import DensePredictor
     p = DensePredictor(tiny_checkpoint, options=DenseOptions(refer_short_side=64), max_new_tokens=4)
     answer = p.vocab.encode("<box><x_16><y_8><x_48><y_40></box>") + [p.vocab.eos_id]

@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
-from densert import tokens as T
-from densert.chat import (CHAT_TEMPLATE, ChatError, encode_chat, expand_image_pads, render_chat,
+from densert.errors import TokenizerError
+from densert.text import tokens as T
+from densert.errors import ChatError
+from densert.text.chat import (CHAT_TEMPLATE, encode_chat, expand_image_pads, render_chat,
                           render_jinja, user_message)
-from densert.tokenizer import build_tokenizer_json
+from densert.text.tokenizer import build_tokenizer_json
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def big():
 
 
 def test_build_is_deterministic_across_processes():
-    code = ("import hashlib,sys; from densert.tokenizer import build_tokenizer_json as b; "
+    code = ("import hashlib,sys; from densert.text.tokenizer import build_tokenizer_json as b; "
             "sys.stdout.write(hashlib.sha256(b('tiny').encode()).hexdigest())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     here = hashlib.sha256(build_tokenizer_json("tiny").encode()).hexdigest()
@@ -75,17 +77,19 @@ def test_special_strings_encode_to_one_id(layout, tiny, big):
 
 
 def test_name_ids_leading_space(tiny):
-    spaced = tiny.name_ids("floor")
-    bare = tiny.name_ids("floor", leading_space=False)
+    from densert.tasks.classes import NAME_LEADING_SPACE, name_ids
+    spaced = name_ids(tiny, "floor", leading_space=True)
+    bare = name_ids(tiny, "floor", leading_space=False)
     assert tiny.decode(spaced) == " floor" and tiny.decode(bare) == "floor"
     assert spaced != bare
-    assert len(tiny.name_ids("traffic light")) >= 2
+    assert name_ids(tiny, "floor") == (spaced if NAME_LEADING_SPACE else bare)
+    assert len(name_ids(tiny, "traffic light")) >= 2
     with pytest.raises(ValueError, match="empty"):
-        tiny.name_ids("  ")
+        name_ids(tiny, "  ")
 
 
 def test_token_id_error_names_token_and_file(tiny):
-    with pytest.raises(T.TokenizerError, match=r"<nope>.*tiny"):
+    with pytest.raises(TokenizerError, match=r"<nope>.*tiny"):
         tiny.token_id("<nope>")
     with pytest.raises(ValueError, match="depth bin"):
         T.custom_token(0)
@@ -94,10 +98,10 @@ def test_token_id_error_names_token_and_file(tiny):
 
 
 def test_vocab_from_missing_or_bad_file(tmp_path):
-    with pytest.raises(T.TokenizerError, match="tokenizer.json"):
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
         T.Vocab.from_file(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(T.TokenizerError, match="not a valid"):
+    with pytest.raises(TokenizerError, match="not a valid"):
         T.Vocab.from_file(tmp_path)
 
 
@@ -169,14 +173,14 @@ def test_template_files_in_checkpoint(tiny_checkpoint):
 
 
 def test_config_ids_come_from_tokenizer(big, tiny):
-    from densert.config import YoutuVLConfig, preset
-    from densert.tokenizer import apply_token_ids
-    cfg = apply_token_ids(preset("youtu-vl-4b"), big)
+    from densert.model.config import YoutuVLConfig, sized_config
+    from densert.text.tokenizer import apply_token_ids
+    cfg = apply_token_ids(sized_config("youtu-vl-4b"), big)
     released = YoutuVLConfig()   # the spec's verified ids are the config defaults
     for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "image_token_id",
               "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         assert getattr(cfg, k) == getattr(released, k), k
-    small = apply_token_ids(preset("tiny"), tiny)
+    small = apply_token_ids(sized_config("tiny"), tiny)
     assert small.vocab_size == len(tiny) and small.image_token_id == tiny.image_pad_id
     small.validate()
 

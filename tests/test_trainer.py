@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from densert import tokens as T
+from densert.text import tokens as T
 from densert.training import trainer as TR
+from densert.tasks.prompts import CORE_TARGET_CLASSES
+from densert.tasks.rle import ref_tags
 from densert.training.classes import CLASS_NAMES
 
 SMALL = dict(text_layers=1, vision_layers=1, batch=2, image_size=(64, 64), scenes=4,
@@ -42,7 +44,7 @@ def test_samples_follow_the_documented_chat_layout(tmp_path):
                 assert name in CLASS_NAMES
         else:
             assert "Segment the core target." in text
-            assert v.decode(s.ids[s.answer_start:]) == TR.REFER_ANSWER + T.EOS
+            assert v.decode(s.ids[s.answer_start:]) == ref_tags(CORE_TARGET_CLASSES) + T.EOS
         assert s.ids.count(v.image_pad_id) == s.labels.shape[0] == 4
 
 
@@ -58,7 +60,7 @@ def test_family_masks_exclude_other_tasks_labels(tmp_path):
 
 
 def test_short_run_lowers_loss_and_roundtrips_through_loader(tmp_path):
-    from densert.loader import load_model
+    from densert.checkpoint.loader import load_model
     tr = TR.Trainer(_cfg(tmp_path / "a", steps=12, lr=3e-3))
     batch = tr.samples_for_step(0)
     losses = [tr.train_step(batch)["loss"] for _ in range(12)]

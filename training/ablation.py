@@ -11,89 +11,59 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_LOSSES = "bce,indep,softmax,ntpm"
+from .config import AblationConfig
+
 PAPER = {"bce": 16.7, "indep": 32.7, "softmax": 35.3, "ntpm": 51.2, "focal": 5.4, "ohem": 27.7,
          "balanced": 33.2}
 LABELS = {"bce": "plain BCE (mean over vocab)", "indep": "independent pos/neg means",
           "softmax": "single-label softmax NTP", "ntpm": "NTP-M (k relevant negatives)",
           "focal": "focal", "ohem": "OHEM (spatial)", "balanced": "balanced BCE"}
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "ablation.md"
-
-
-def configure(parser) -> None:
-    parser.add_argument("--losses", default=DEFAULT_LOSSES)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--image-size", default="128x128")
-    parser.add_argument("--tasks", default="segment")
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--scenes", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-n", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="markdown report")
 
 
 def _machine() -> str:
     import torch
 
-    from densert.benchmarks.cli import cpu_model
+    from densert.machine import cpu_model
     return (f"{cpu_model()}, {os.cpu_count()} cores (shared), torch {torch.__version__}, "
             f"{torch.get_num_threads()} torch thread(s), python {platform.python_version()}")
 
 
-def run(args) -> int:
+def run_ablation(a: AblationConfig, out: str | Path, command: str) -> str:
+    """Train and score one model per loss; writes the Markdown report to ``out`` (and the rows
+    as JSON beside it) and returns the report."""
     import torch
-    from densert.cli import CLIError
-    from .cli import _size
-    from .losses import LOSSES
-    from .trainer import TrainConfig, Trainer, evaluate
-    losses = [s.strip() for s in args.losses.split(",") if s.strip()]
-    bad = [s for s in losses if s not in LOSSES]
-    if bad or not losses:
-        raise CLIError(f"--losses: unknown {bad}; expected a subset of {LOSSES}")
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    size = _size(args.image_size)
-    eval_tasks = tuple(t for t in ("depth", "segment") if t in tasks) or ("segment",)
+
+    from .trainer import Trainer, evaluate
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    eval_tasks = tuple(t for t in ("depth", "segment") if t in a.tasks) or ("segment",)
     rows = []
     t_all = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in losses:
-            cfg = TrainConfig(out=str(Path(tmp, kind)), steps=args.steps, batch=args.batch,
-                              image_size=size, tasks=tasks, loss=kind, k=args.k, lr=args.lr,
-                              warmup=max(1, args.steps // 10), seed=args.seed, scenes=args.scenes,
-                              eval_n=0, progress=False, threads=args.threads)
+        for kind in a.losses:
+            cfg = a.train_config(str(Path(tmp, kind)), kind)
             t0 = time.time()
             tr = Trainer(cfg, log=lambda s: None)
             while tr.step < cfg.steps:
                 last = tr.train_step(tr.samples_for_step(tr.step))
             train_s = time.time() - t0
             tr.model.eval()
-            sc = evaluate(tr.model, tr.vocab, n=args.eval_n, cfg=cfg, tasks=eval_tasks)
+            sc = evaluate(tr.model, tr.vocab, n=a.eval_n, cfg=cfg, tasks=eval_tasks)
             row = {"loss": kind, "train_seconds": train_s, "final_text_loss": last["text"],
                    "final_vision_loss": last["vision"], **sc}
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
                   flush=True)
-    total = time.time() - t_all
-    cmd = "densert ablation " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-        if len(sys.argv) > 1 and sys.argv[1] == "ablation" else "densert ablation"
-    text = report(rows, args, cmd, total, eval_tasks)
-    out = Path(args.out)
+    text = report(rows, a, command, time.time() - t_all, eval_tasks)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    Path(out.with_suffix(".json")).write_text(json.dumps(rows, indent=1) + "\n")
-    print(text)
-    return 0
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    return text
 
 
 def _ordering(rows, key: str) -> str:
@@ -136,7 +106,7 @@ def verdict(rows) -> str:
     return "\n".join(lines)
 
 
-def report(rows, args, cmd: str, total_s: float, eval_tasks) -> str:
+def report(rows, a: AblationConfig, cmd: str, total_s: float, eval_tasks) -> str:
     has_depth = "depth" in eval_tasks
     head = "| vision loss | mIoU (all classes) | mIoU (present classes) |"
     sep = "|---|---|---|"
@@ -161,10 +131,10 @@ Produced by `training/ablation.py`; rerun with:
 {cmd}
 ```
 
-Setup: `densert-tiny` architecture (`preset("tiny")`) from the same random init (seed {args.seed}),
-tasks `{args.tasks}`, {args.steps} steps x batch {args.batch} at {args.image_size}
-({args.scenes} distinct rendered training scenes, identical sample stream for every loss), AdamW
-lr {args.lr}, cosine, NTP-M k = {args.k}. Evaluation: {args.eval_n} held-out rendered scenes
+Setup: `densert-tiny` architecture (`sized_config("tiny")`) from the same random init (seed {a.seed}),
+tasks `{",".join(a.tasks)}`, {a.steps} steps x batch {a.batch} at {a.image_size[0]}x{a.image_size[1]}
+({a.scenes} distinct rendered training scenes, identical sample stream for every loss), AdamW
+lr {a.lr}, cosine, NTP-M k = {a.k}. Evaluation: {a.eval_n} held-out rendered scenes
 (seeds 1e9 + i), dense decoding as in the runtime (subset lm_head rows, bilinear upsample,
 argmax); "all classes" = argmax over all 26 classes, "present classes" = over the classes present
 in the scene (what a prompt listing them gives). Text CE is identical in every run.
@@ -179,7 +149,7 @@ Does this reproduce the paper's direction?
 
 {verdict(rows)}
 
-Caveats: a ~{args.steps}-step run of a tiny model from scratch on synthetic scenes is far from the
+Caveats: a ~{a.steps}-step run of a tiny model from scratch on synthetic scenes is far from the
 paper's 4B-model ADE20K setting; absolute numbers are not comparable, only the direction is
 meaningful, and with one seed small gaps are within noise. "train s" is wall clock on a shared
 machine: it tracks the other jobs' load, not the cost of the loss.

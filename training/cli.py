@@ -2,21 +2,28 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
-from densert.cli import CLIError
+from densert.cli import add_dataclass_arguments, dataclass_kwargs, fields_of
+from densert.errors import CLIError
+from densert.image import BLOCK
+from densert.model.config import DTYPES
+from densert.options import hw_size
+from densert.tasks import ALIGNMENTS
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "densert" / "assets" / "densert-tiny"
+from .config import SCENE_KINDS, AblationConfig, TrainConfig
 
 
 def _size(s: str) -> tuple[int, int]:
+    """An image size the model takes whole: HxW, both sides multiples of one vision token."""
     try:
-        h, w = (int(v) for v in s.lower().split("x"))
-    except ValueError:
-        raise CLIError(f"image size {s!r}: expected HxW, e.g. 256x256") from None
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise CLIError(f"image size {s!r}: sides must be positive multiples of 32")
+        h, w = hw_size(s)
+    except ValueError as e:
+        raise CLIError(f"image size: {e}") from None
+    if h % BLOCK or w % BLOCK:
+        raise CLIError(f"image size {s!r}: sides must be positive multiples of {BLOCK}")
     return h, w
 
 
@@ -25,49 +32,37 @@ def configure(parser, command: str) -> None:
         parser.add_argument("out", help="output directory")
         parser.add_argument("--n", type=int, default=4, help="number of scenes")
         parser.add_argument("--seed-base", type=int, default=0, help="first scene seed")
-        parser.add_argument("--image-size", default="256x320", help="HxW (default 256x320)")
-        parser.add_argument("--kind", choices=["any", "indoor", "outdoor"], default="any")
+        parser.add_argument("--image-size", default="256x320", help="HxW of the scenes")
+        parser.add_argument("--kind", choices=SCENE_KINDS, default="any", help="scene kind")
     elif command == "train":
-        from .losses import LOSSES
-        parser.add_argument("--out", required=True, help="checkpoint directory (HF layout + trainer state)")
-        parser.add_argument("--preset", default="tiny")
-        parser.add_argument("--steps", type=int, default=1000)
-        parser.add_argument("--batch", type=int, default=8)
-        parser.add_argument("--image-size", default="256x256")
-        parser.add_argument("--tasks", default="depth,segment,refer")
-        parser.add_argument("--loss", choices=LOSSES, default="ntpm")
-        parser.add_argument("--k", type=int, default=32, help="NTP-M relevant negatives per token")
-        parser.add_argument("--lr", type=float, default=1e-3)
-        parser.add_argument("--warmup", type=int, default=50)
-        parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-        parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--scenes", type=int, default=1000, help="distinct training scenes")
-        parser.add_argument("--alignment", choices=["k", "k-1"], default="k")
-        parser.add_argument("--eval-every", type=int, default=0)
-        parser.add_argument("--eval-n", type=int, default=16)
-        parser.add_argument("--save-every", type=int, default=0)
-        parser.add_argument("--resume", default=None, help="checkpoint directory written by train")
-        parser.add_argument("--max-minutes", type=float, default=0.0)
-        parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-        parser.add_argument("--fsdp", action="store_true", help="FSDP instead of DDP under torchrun")
+        parser.add_argument("--out", required=True,
+                            help=TrainConfig.__dataclass_fields__["out"].metadata["help"])
+        add_dataclass_arguments(parser, TrainConfig)
+        parser.add_argument("--resume", default=None,
+                            help="continue the run in this directory (default: start fresh)")
         parser.add_argument("--export", default=None,
-                            help="also write the final weights (no trainer state) here")
-        parser.add_argument("--export-dtype", default="bfloat16", choices=["float32", "bfloat16"])
-        parser.add_argument("--no-progress", action="store_true")
+                            help="also write the final weights, without trainer state, here "
+                                 "(default: none)")
+        parser.add_argument("--export-dtype", default="bfloat16", choices=DTYPES,
+                            help="dtype of --export")
     elif command == "eval":
-        parser.add_argument("--model", default=str(DEFAULT_MODEL))
+        parser.add_argument("--model", default=None,
+                            help="checkpoint directory (default: the bundled densert-tiny)")
         parser.add_argument("--seeds", choices=["held-out", "train"], default="held-out",
                             help="held-out: scene seeds 1e9+i (never trained on); train: seeds of "
                                  "the training stream")
-        parser.add_argument("--n", type=int, default=64)
-        parser.add_argument("--image-size", default=None, help="default: the model's training size")
-        parser.add_argument("--alignment", choices=["k", "k-1"], default=None)
-        parser.add_argument("--json", default=None, help="write the scores here (default: "
-                                                         "<model>/eval_<seeds>.json)")
-        parser.add_argument("--threads", type=int, default=0)
+        parser.add_argument("--n", type=int, default=64, help="scenes scored")
+        parser.add_argument("--image-size", default=None,
+                            help="HxW (default: the model's training size, from train_config.json)")
+        parser.add_argument("--alignment", choices=ALIGNMENTS, default=None,
+                            help="default: the model's training alignment")
+        parser.add_argument("--json", default=None,
+                            help="also write the scores to this file (default: stdout only)")
+        parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     elif command == "ablation":
-        from .ablation import configure as ab_configure
-        ab_configure(parser)
+        add_dataclass_arguments(parser, AblationConfig)
+        parser.add_argument("--out", required=True,
+                            help="Markdown report to write (the rows go beside it as .json)")
 
 
 def run(args) -> int:
@@ -85,17 +80,9 @@ def _render(args) -> int:
 
 
 def _train(args) -> int:
-    import torch
-    from .trainer import TrainConfig, Trainer
+    from .trainer import Trainer
     try:
-        cfg = TrainConfig(out=args.out, preset=args.preset, steps=args.steps, batch=args.batch,
-                          image_size=_size(args.image_size),
-                          tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-                          loss=args.loss, k=args.k, lr=args.lr, warmup=args.warmup,
-                          precision=args.precision, seed=args.seed, scenes=args.scenes,
-                          alignment=args.alignment, eval_every=args.eval_every, eval_n=args.eval_n,
-                          save_every=args.save_every, max_minutes=args.max_minutes,
-                          fsdp=args.fsdp, threads=args.threads, progress=not args.no_progress)
+        cfg = TrainConfig(out=args.out, **dataclass_kwargs(args, fields_of(TrainConfig)))
     except ValueError as e:
         raise CLIError(str(e)) from None
     if args.resume and not Path(args.resume, "trainer_state.pt").is_file():
@@ -103,7 +90,7 @@ def _train(args) -> int:
     tr = Trainer(cfg, resume=args.resume, log=lambda s: print(s, file=sys.stderr, flush=True))
     summary = tr.fit()
     if args.export and tr.rank == 0:
-        from densert.checkpoint import write_checkpoint
+        from densert.checkpoint.files import write_checkpoint
         p = write_checkpoint(tr.model, args.export, tr.tok_json, dtype=args.export_dtype, overwrite=True)
         Path(p, "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         Path(p, "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -118,12 +105,14 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     import torch
-    from densert import tokens as T
-    from densert.loader import load_model
-    from .trainer import HELD_OUT_SEED_BASE, TrainConfig, evaluate
+    from densert.checkpoint.loader import load_model
+    from densert.resources import bundled_model_dir
+    from densert.text import tokens as T
+
+    from .trainer import HELD_OUT_SEED_BASE, evaluate
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = Path(args.model)
+    path = Path(args.model) if args.model else bundled_model_dir()
     if not (path / "config.json").is_file():
         raise CLIError(f"--model {path}: not a checkpoint directory (no config.json)")
     tc = Path(path, "train_config.json")
@@ -138,14 +127,19 @@ def _eval(args) -> int:
     scores["seeds"] = args.seeds
     text = json.dumps(scores, indent=1)
     print(text)
-    out = Path(args.json) if args.json else path / f"eval_{args.seeds}.json"
-    try:
-        out.write_text(text + "\n")
-    except OSError as e:
-        print(f"densert eval: could not write {out}: {e}", file=sys.stderr)
+    if args.json:
+        try:
+            Path(args.json).write_text(text + "\n")
+        except OSError as e:
+            raise CLIError(f"cannot write --json {args.json}: {e.strerror}") from None
     return 0
 
 
 def _ablation(args) -> int:
-    from .ablation import run as ab_run
-    return ab_run(args)
+    from .ablation import run_ablation
+    try:
+        a = AblationConfig(**dataclass_kwargs(args, fields_of(AblationConfig)))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(run_ablation(a, args.out, "densert " + shlex.join(sys.argv[1:])))
+    return 0

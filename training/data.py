@@ -22,15 +22,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from densert.image import BLOCK
+from densert.tasks import DENSE_TASKS, grounding
+from densert.tasks.grounding import REFER_PADDING
+
 from .classes import BG, CLASS_NAMES, FG, IGNORE_LABEL, NUM_CLASSES
-from .depth_bins import NUM_BINS, get_preset, quantize
+from densert.tasks.depth_bins import NUM_BINS, OPEN_WORLD, get_preset, quantize
+from .config import SCENE_KINDS
 from .scenes import Intrinsics, Scene, render_scene
 
-CELL = 32
+CELL = BLOCK  # pixels per side of one merged vision token
 PAD = -1
 TRAIN_SEED_BASE = 0
 EVAL_SEED_BASE = 1_000_000  # held-out split: train seeds must stay below this
-TASKS = ("seg", "depth", "referring", "all")
+TASKS = (*DENSE_TASKS, "all")  # "all": segment and depth targets of one scene
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +211,7 @@ def cutout(image: np.ndarray, depth: np.ndarray | None, rng: np.random.Generator
 
 
 # --------------------------------------------------------------------------------------------
-# Referring crops (appendix D.2: box drawn in a random colour, 1.2x padded crop, short side resized)
+# Referring crops: the runtime's crop (densert.tasks.grounding.referring_crop) of one instance
 # --------------------------------------------------------------------------------------------
 
 @dataclass
@@ -233,41 +238,23 @@ def pick_instance(scene: Scene, rng: np.random.Generator, min_pixels: int = 64) 
     return None if ok.size == 0 else int(ok[rng.integers(ok.size)])
 
 
-def draw_box(image: np.ndarray, box: tuple[int, int, int, int], color) -> np.ndarray:
-    """1-px rectangle on the box's border pixels."""
-    x0, y0, x1, y1 = box
-    out = image.copy()
-    out[y0, x0:x1] = color
-    out[y1 - 1, x0:x1] = color
-    out[y0:y1, x0] = color
-    out[y0:y1, x1 - 1] = color
-    return out
-
-
 def referring_crop(image: np.ndarray, instances: np.ndarray, instance_id: int, rng: np.random.Generator,
-                   short_side: int = 256, pad: float = 1.2, multiple: int = CELL,
+                   short_side: int = 256, pad: float = REFER_PADDING, multiple: int = CELL,
                    instance_classes: dict[int, int] | None = None) -> ReferringCrop:
-    """Draw the instance's box, crop the box grown ``pad`` times (clipped to the image), resize so
-    the short side is ``short_side`` and the long side the nearest multiple of ``multiple``."""
+    """The runtime's referring crop around one instance's box, resized so the short side is
+    ``short_side`` and the long side the nearest multiple of ``multiple``, with its fg mask."""
     if short_side % multiple:
         raise ValueError(f"short_side {short_side} must be a multiple of {multiple}")
     box = instance_box(instances, instance_id)
-    color = tuple(int(c) for c in rng.integers(0, 256, 3))
-    drawn = draw_box(image, box, color)
+    crop = grounding.referring_crop(image, box, rng, pad, short_side, multiple=multiple)
+    a0, b0, a1, b1 = crop.box
+    h, w = crop.image.shape[:2]
+    sy, sx = h / (b1 - b0), w / (a1 - a0)
     x0, y0, x1, y1 = box
-    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * pad / 2, (y1 - y0) * pad / 2
-    H, W = instances.shape
-    c0, c1 = max(0, int(np.floor(cx - hw))), min(W, int(np.ceil(cx + hw)))
-    r0, r1 = max(0, int(np.floor(cy - hh))), min(H, int(np.ceil(cy + hh)))
-    crop, fg = drawn[r0:r1, c0:c1], instances[r0:r1, c0:c1] == instance_id
-    h, w = crop.shape[:2]
-    s = short_side / min(h, w)
-    size = (short_side, max(multiple, round(w * s / multiple) * multiple)) if h <= w else \
-        (max(multiple, round(h * s / multiple) * multiple), short_side)
-    sy, sx = size[0] / h, size[1] / w
-    out_box = ((x0 - c0) * sx, (y0 - r0) * sy, (x1 - c0) * sx, (y1 - r0) * sy)
+    out_box = ((x0 - a0) * sx, (y0 - b0) * sy, (x1 - a0) * sx, (y1 - b0) * sy)
     cls = -1 if instance_classes is None else instance_classes[instance_id]
-    return ReferringCrop(_resize(crop, size, False), _resize(fg, size, True), out_box, instance_id, cls, color)
+    return ReferringCrop(crop.image, crop.take(instances == instance_id), out_box, instance_id, cls,
+                         crop.color)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,10 +286,10 @@ class SceneDataset(torch.utils.data.Dataset):
     """Rendered on the fly: item ``i`` is ``render_scene(seeds[i], H, W, kind)``, so a dataset is
     fully described by its seeds and settings (no files).
 
-    task: "seg" (class sets), "depth" (bin sets + median bin), "all" (both), "referring" (crop of a
+    task: "segment" (class sets), "depth" (bin sets + median bin), "all" (both), "refer" (crop of a
     random object with its box drawn, FG/BG sets). depth_preset: "auto" = NYUv2 indoors, Cityscapes
-    outdoors; "open_world" quantises the canonical depth d * 2000 / fx.
-    augment: colour jitter always; horizontal flip for "seg" only and cutout for "depth" only
+    outdoors; "open-world" quantises the canonical depth d * 2000 / fx.
+    augment: colour jitter always; horizontal flip for "segment" only and cutout for "depth" only
     (the method applies no flip/resize to depth). Augmentation is seeded by (seed, epoch):
     call ``set_epoch`` to vary it between epochs.
     """
@@ -315,8 +302,8 @@ class SceneDataset(torch.utils.data.Dataset):
         token_grid(*self.size, cell)
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if kind not in ("indoor", "outdoor", "any"):
-            raise ValueError(f"kind must be 'indoor', 'outdoor' or 'any', got {kind!r}")
+        if kind not in SCENE_KINDS:
+            raise ValueError(f"kind must be one of {SCENE_KINDS}, got {kind!r}")
         if depth_preset != "auto":
             get_preset(depth_preset)
         self.kind, self.task, self.depth_preset, self.augment = kind, task, depth_preset, augment
@@ -336,16 +323,16 @@ class SceneDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([seed, 0xA06, self.epoch])
         image = color_jitter(scene.image, rng) if self.augment else scene.image
         item: dict[str, Any] = {"seed": seed, "kind": scene.kind, "intrinsics": torch.from_numpy(scene.intrinsics.as_array())}
-        if self.task == "referring":
+        if self.task == "refer":
             return item | self._referring(scene, image, rng)
         depth, labels = scene.depth, scene.labels
-        if self.augment and self.task == "seg" and rng.random() < 0.5:
+        if self.augment and self.task == "segment" and rng.random() < 0.5:
             image, labels = image[:, ::-1].copy(), labels[:, ::-1].copy()
         if self.augment and self.task == "depth" and rng.random() < 0.5:
             image, depth = cutout(image, depth, rng)
         item |= {"image": torch.from_numpy(np.ascontiguousarray(image)), "depth": torch.from_numpy(depth),
                  "labels": torch.from_numpy(labels.astype(np.int64))}
-        if self.task in ("seg", "all"):
+        if self.task in ("segment", "all"):
             t = segmentation_targets(labels, NUM_CLASSES, self.cell, self.min_fraction)
             item |= {"seg_targets": t.indices, "seg_valid": t.valid}
         if self.task in ("depth", "all"):
@@ -527,23 +514,23 @@ class UserDataset(torch.utils.data.Dataset):
     targets built exactly as for rendered scenes.
 
     task "depth": pairs of (image, depth .npy / 16-bit .png), ``depth_scale``, ``depth_preset`` and
-    ``fx`` (needed by the open-world preset; scaled with the resize). task "seg": pairs of
+    ``fx`` (needed by the open-world preset; scaled with the resize). task "segment": pairs of
     (image, label PNG) and ``class_names`` (list / .txt / .json).
     """
 
     def __init__(self, pairs: Sequence[tuple[Any, Any]], task: str, size: tuple[int, int] | None = None,
-                 class_names=None, depth_scale: float | None = None, depth_preset: str = "open_world",
+                 class_names=None, depth_scale: float | None = None, depth_preset: str = OPEN_WORLD,
                  fx: float | None = None, cell: int = CELL, min_fraction: float = 0.0):
-        if task not in ("seg", "depth"):
-            raise ValueError(f"task must be 'seg' or 'depth', got {task!r}")
-        if task == "seg" and class_names is None:
-            raise ValueError("task 'seg' needs class_names")
+        if task not in ("segment", "depth"):
+            raise ValueError(f"task must be 'segment' or 'depth', got {task!r}")
+        if task == "segment" and class_names is None:
+            raise ValueError("task 'segment' needs class_names")
         if task == "depth" and get_preset(depth_preset).focal is not None and fx is None:
             raise ValueError(f"depth preset {depth_preset!r} quantises depth at a 2000 px focal length: pass fx")
         if size is not None:
             token_grid(*size, cell)
         self.pairs, self.task, self.size = list(pairs), task, size
-        self.class_names = load_class_names(class_names) if task == "seg" else None
+        self.class_names = load_class_names(class_names) if task == "segment" else None
         self.depth_scale, self.depth_preset, self.fx = depth_scale, depth_preset, fx
         self.cell, self.min_fraction = cell, min_fraction
 

@@ -40,7 +40,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("ntpm", "indep", "bce", "balanced", "focal", "ohem", "softmax")
+from .config import LOSSES
+
 
 
 def _valid_tokens(positives: torch.Tensor, token_mask: torch.Tensor | None,

@@ -20,7 +20,6 @@ bounding box, and shadow rays only for the points inside its bounding box seen f
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from .classes import CLASS_IDS, CLASS_NAMES
+from .config import SCENE_KINDS
 
 OUTDOOR_MAX_DEPTH = 80.0
 DEPTH_PNG_SCALE = 256.0  # KITTI convention: 16-bit PNG value / 256 = metres; 80 m fits, 4 mm steps
@@ -803,8 +803,8 @@ def _shadowed(prims: list[_Prim], points: np.ndarray, light: np.ndarray) -> np.n
 
 def render_scene(seed: int, height: int = 256, width: int = 256, kind: str = "any") -> Scene:
     """Render one procedural scene; the same (seed, height, width, kind) always gives the same scene."""
-    if kind not in ("indoor", "outdoor", "any"):
-        raise ValueError(f"kind must be 'indoor', 'outdoor' or 'any', got {kind!r}")
+    if kind not in SCENE_KINDS:
+        raise ValueError(f"kind must be one of {SCENE_KINDS}, got {kind!r}")
     if height < 8 or width < 8:
         raise ValueError(f"image must be at least 8x8 pixels, got {height}x{width}")
     rng = np.random.default_rng([int(seed), 0xD5E5])
@@ -960,20 +960,3 @@ def write_samples(out_dir: str | Path, seeds: Sequence[int] = (0, 1, 2, 3), heig
         Path(f"{stem}_meta.json").write_text(json.dumps(meta, indent=1))
         paths.append(Path(f"{stem}.png"))
     return paths
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Render procedural DenseMLLM training scenes to disk.")
-    ap.add_argument("out_dir")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--height", type=int, default=256)
-    ap.add_argument("--width", type=int, default=320)
-    ap.add_argument("--kind", default="any", choices=["indoor", "outdoor", "any"])
-    a = ap.parse_args(argv)
-    for path in write_samples(a.out_dir, a.seeds, a.height, a.width, a.kind):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

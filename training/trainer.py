@@ -1,6 +1,6 @@
 """NTP-M training of a Youtu-VL model on procedurally rendered scenes (method spec sec. 3).
 
-One sample = one chat sequence (``densert.chat.encode_chat``) + its image:
+One sample = one chat sequence (``densert.text.chat.encode_chat``) + its image:
 
 ==========  =====================================================  ================================
 task        user turn                                              assistant answer (text CE)
@@ -46,93 +46,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densert import tokens as T
-from densert.chat import encode_chat, user_message
-from densert.vision_meta import build_vision_meta
+from densert.text import tokens as T
+from densert.text.chat import encode_chat, user_message
+from densert.model.vision_meta import build_vision_meta
 
-from . import data, depth_bins
+from densert.tasks import DENSE_TASKS, classes, grounding, prompts, rle
+
+from . import data
 from .data import CELL
 from .classes import CLASS_NAMES, NUM_CLASSES
-from .losses import LOSSES, LabelSpace, pad_cat, vision_loss
+from .config import TrainConfig
+from .losses import LabelSpace, pad_cat, vision_loss
 
-TASKS = ("depth", "segment", "refer")
+TASKS = DENSE_TASKS
 HELD_OUT_SEED_BASE = 1_000_000_000     # eval scenes; training scene seeds stay below this
 STATE_FILE = "trainer_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
-SEG_PROMPT_TAIL = ", without the background class."
-REFER_PROMPT = "Segment the core target."
-REFER_ANSWER = f"{T.REF}{T.FG}{T.REF_END}{T.REF}{T.BG}{T.REF_END}"
-
-
-@dataclass
-class TrainConfig:
-    out: str = "runs/densert-tiny"
-    preset: str = "tiny"
-    text_layers: int | None = None   # override the preset's depth (tests, quick experiments)
-    vision_layers: int | None = None
-    steps: int = 1000
-    batch: int = 8
-    image_size: tuple[int, int] = (256, 256)
-    tasks: tuple[str, ...] = TASKS
-    loss: str = "ntpm"
-    k: int = 32                      # NTP-M relevant negatives per token (paper's best)
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 50
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    precision: str = "fp32"          # fp32 | bf16 (autocast)
-    seed: int = 0
-    scenes: int = 1000               # distinct training scenes (rendered once, then reused)
-    alignment: str = "k"
-    depth_preset: str = "cityscapes"
-    text_weight: float = 1.0
-    vision_weight: float = 1.0
-    eval_every: int = 0              # steps; 0 = only at the end
-    eval_n: int = 16
-    save_every: int = 0              # steps; 0 = only at the end
-    max_minutes: float = 0.0         # 0 = no wall-clock limit
-    save_dtype: str = "float32"
-    fsdp: bool = False
-    threads: int = 0                 # torch threads; 0 = leave torch's default
-    progress: bool = True
-
-    def __post_init__(self):
-        self.image_size = tuple(int(v) for v in self.image_size)
-        self.tasks = tuple(self.tasks)
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad or not self.tasks:
-            raise ValueError(f"tasks {list(self.tasks)}: expected a non-empty subset of {TASKS}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss {self.loss!r}: expected one of {LOSSES}")
-        if self.alignment not in ("k", "k-1"):
-            raise ValueError(f"alignment {self.alignment!r}: expected 'k' or 'k-1'")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision {self.precision!r}: expected fp32 or bf16")
-        h, w = self.image_size
-        if h % CELL or w % CELL or h <= 0 or w <= 0:
-            raise ValueError(f"image size {h}x{w} must be positive multiples of {CELL}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["image_size"], d["tasks"] = list(self.image_size), list(self.tasks)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ---------------------------------------------------------------------------------------------
 # Model, vocabulary, label space
 # ---------------------------------------------------------------------------------------------
-def build_model(preset: str, seed: int, text_layers: int | None = None,
+def build_model(model_size: str, seed: int, text_layers: int | None = None,
                 vision_layers: int | None = None):
     """A freshly initialised model (HF-style init, deterministic per seed) and its tokenizer."""
-    from densert.checkpoint import init_kind, init_tensor, preset_config
-    from densert.modeling import YoutuVLForConditionalGeneration
-    cfg, tok_json = preset_config(preset, text_layers, vision_layers)
+    from densert.checkpoint.random_init import init_kind, init_tensor, sized_config_and_tokenizer
+    from densert.model.modeling import YoutuVLForConditionalGeneration
+    cfg, tok_json = sized_config_and_tokenizer(model_size, text_layers, vision_layers)
     model = YoutuVLForConditionalGeneration(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -142,7 +82,7 @@ def build_model(preset: str, seed: int, text_layers: int | None = None,
 
 
 def label_space(vocab: T.Vocab) -> LabelSpace:
-    return LabelSpace(class_ids=[vocab.name_ids(n, leading_space=False) for n in CLASS_NAMES],
+    return LabelSpace(class_ids=[classes.name_ids(vocab, n) for n in CLASS_NAMES],
                       depth_ids=[-1] + vocab.depth_bin_ids().tolist(),
                       fg_id=vocab.token_id(T.FG), bg_id=vocab.token_id(T.BG))
 
@@ -183,30 +123,16 @@ class SceneCache:
         return self._d[j]
 
 
-def _crop_refer(scene, rng: random.Random, size: tuple[int, int], min_px: int = 64):
-    """The paper's referring crop: box with 1.2x padding, resized to ``size``, box drawn on it."""
-    from PIL import Image, ImageDraw
-    inst = scene.instances
-    ids, counts = np.unique(inst[inst > 0], return_counts=True)
-    ids = ids[counts >= min_px]
-    H, W = inst.shape
-    if len(ids) == 0:
-        fg = np.ones((H, W), dtype=bool)
-        return scene.image, fg
-    target = int(ids[rng.randrange(len(ids))])
-    ys, xs = np.nonzero(inst == target)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    cy, cx, bh, bw = (y0 + y1) / 2, (x0 + x1) / 2, (y1 - y0) * 1.2, (x1 - x0) * 1.2
-    cy0, cy1 = int(max(0, math.floor(cy - bh / 2))), int(min(H, math.ceil(cy + bh / 2)))
-    cx0, cx1 = int(max(0, math.floor(cx - bw / 2))), int(min(W, math.ceil(cx + bw / 2)))
-    crop = Image.fromarray(scene.image[cy0:cy1, cx0:cx1]).resize((size[1], size[0]), Image.BILINEAR)
-    m = Image.fromarray((inst[cy0:cy1, cx0:cx1] == target).astype(np.uint8))
-    fg = np.asarray(m.resize((size[1], size[0]), Image.NEAREST)).astype(bool)
-    sy, sx = size[0] / (cy1 - cy0), size[1] / (cx1 - cx0)
-    colour = tuple(rng.randrange(256) for _ in range(3))
-    ImageDraw.Draw(crop).rectangle([(x0 - cx0) * sx, (y0 - cy0) * sy,
-                                    (x1 - cx0) * sx - 1, (y1 - cy0) * sy - 1], outline=colour, width=1)
-    return np.asarray(crop), fg
+def _crop_refer(scene, rng: random.Random, size: tuple[int, int]):
+    """The runtime's referring crop (``densert.tasks.grounding``) of a random object, resized to
+    the batch's fixed ``size``, and its fg mask; no object visible: the whole image is fg."""
+    nrng = np.random.default_rng(rng.getrandbits(63))
+    inst = data.pick_instance(scene, nrng)
+    if inst is None:
+        return scene.image, np.ones(scene.instances.shape, dtype=bool)
+    crop = grounding.referring_crop(scene.image, data.instance_box(scene.instances, inst), nrng,
+                                    size=size)
+    return crop.image, crop.take(scene.instances == inst)
 
 
 def chat_ids(vocab: T.Vocab, prompt: str, image_first: bool, n_img: int, answer: str | None
@@ -218,11 +144,6 @@ def chat_ids(vocab: T.Vocab, prompt: str, image_first: bool, n_img: int, answer:
     return ids, start
 
 
-def depth_prompt(preset: str) -> tuple[str, bool]:
-    p = depth_bins.get_preset(preset)
-    return p.prompt, p.name == "open_world"
-
-
 def make_sample(task: str, scene, vocab: T.Vocab, cfg: TrainConfig, rng: random.Random,
                 augment: bool = True) -> Sample:
     H, W = cfg.image_size
@@ -232,8 +153,8 @@ def make_sample(task: str, scene, vocab: T.Vocab, cfg: TrainConfig, rng: random.
         image, labels = image[:, ::-1], labels[:, ::-1]
         scene = _Flipped(scene)
     if task == "depth":
-        prompt, first = depth_prompt(cfg.depth_preset)
-        ids, start = chat_ids(vocab, prompt, first, n_img, T.DEPTH)
+        p = prompts.depth(cfg.depth_preset)
+        ids, start = chat_ids(vocab, p.text, p.image_first, n_img, T.DEPTH)
         t = data.depth_targets(depth, cfg.depth_preset)
         # The softmax baseline's single label is the cell's median bin (-1 where none).
         lab, single = t.indices, torch.where(t.median > 0, t.median, -1)
@@ -244,15 +165,17 @@ def make_sample(task: str, scene, vocab: T.Vocab, cfg: TrainConfig, rng: random.
         absent = [c for c in range(NUM_CLASSES) if c not in present]
         asked = present + rng.sample(absent, min(len(absent), rng.randint(0, 3)))
         rng.shuffle(asked)
-        prompt = "Segment: " + ", ".join(CLASS_NAMES[c] for c in asked) + SEG_PROMPT_TAIL
-        answer = "".join(f"{T.REF}{CLASS_NAMES[c]}{T.REF_END}" for c in asked if c in present)
-        ids, start = chat_ids(vocab, prompt, True, n_img, answer)
+        p = prompts.semantic([CLASS_NAMES[c] for c in asked])
+        answer = rle.ref_tags(CLASS_NAMES[c] for c in asked if c in present)
+        ids, start = chat_ids(vocab, p.text, p.image_first, n_img, answer)
         t = data.segmentation_targets(labels, NUM_CLASSES)
         lab, single = t.indices, t.majority
         return Sample(task, ids, start, np.ascontiguousarray(image), lab, single,
                       {"labels": np.ascontiguousarray(labels)})
     crop, fg = _crop_refer(scene, rng, (H, W))
-    ids, start = chat_ids(vocab, REFER_PROMPT, True, n_img, REFER_ANSWER)
+    p = prompts.core_target()
+    ids, start = chat_ids(vocab, p.text, p.image_first, n_img,
+                          rle.ref_tags(prompts.CORE_TARGET_CLASSES))
     t = data.fgbg_targets(fg)
     lab, single = t.indices, t.majority
     return Sample("refer", ids, start, np.ascontiguousarray(crop), lab, single, {"fg": fg})
@@ -265,7 +188,7 @@ class _Flipped:
 
 
 def pixel_patches(image: np.ndarray) -> torch.Tensor:
-    from densert.runtime.preprocess import normalize, patchify
+    from densert.image.preprocess import normalize, patchify
     return patchify(normalize(np.ascontiguousarray(image)))
 
 
@@ -401,7 +324,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.model, self.tok_json = build_model(cfg.preset, cfg.seed, cfg.text_layers,
+        self.model, self.tok_json = build_model(cfg.model_size, cfg.seed, cfg.text_layers,
                                                  cfg.vision_layers)
         self.step = 0
         state = None
@@ -439,7 +362,7 @@ class Trainer:
         return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _load_resume(self, path: str) -> dict:
-        from densert.loader import load_model
+        from densert.checkpoint.loader import load_model
         p = Path(path)
         if not (p / STATE_FILE).is_file():
             raise FileNotFoundError(f"{p}: no {STATE_FILE}; not a training checkpoint to resume from")
@@ -543,13 +466,13 @@ class Trainer:
         return self.model.state_dict()
 
     def save(self, out: str) -> Path | None:
-        from densert.checkpoint import write_checkpoint
+        from densert.checkpoint.files import write_checkpoint
         sd = self.full_state_dict()
         if self.rank != 0:
             return None
         model = self.model
         if self.distributed and self.cfg.fsdp:
-            from densert.modeling import YoutuVLForConditionalGeneration
+            from densert.model.modeling import YoutuVLForConditionalGeneration
             model = YoutuVLForConditionalGeneration(self.model.config)
             model.load_state_dict(sd)
         p = write_checkpoint(model, out, self.tok_json, dtype=self.cfg.save_dtype, overwrite=True)
@@ -590,7 +513,9 @@ def evaluate(model, vocab: T.Vocab, n: int = 16, cfg: TrainConfig | None = None,
     Segmentation is closed-set over all classes of ``training.classes`` (argmax over every class,
     not only the ones present: the strict reading), plus ``miou_present`` where the candidates are
     the classes present in the scene (what a prompt listing them gives the runtime)."""
-    from densert.runtime.dense import DenseOptions, depth_map, segment_labels
+    from densert.kernels.dense_head import subset_weight
+    from densert.runtime.dense import depth_map, segment_labels
+    from densert.runtime.options import DenseOptions
     from .metrics import DepthMeter, SegmentationMeter
     from .scenes import render_scene
     cfg = cfg or TrainConfig()
@@ -600,7 +525,7 @@ def evaluate(model, vocab: T.Vocab, n: int = 16, cfg: TrainConfig | None = None,
     opts = DenseOptions(alignment="k")  # the alignment is applied when reading hidden states
     space = label_space(vocab)
     weight = model.lm_head.weight.float()
-    cls_w = torch.stack([weight[ids].mean(0) for ids in space.class_ids])
+    cls_w = subset_weight(weight, space.class_ids)
     bin_w = weight[vocab.depth_bin_ids().to(weight.device)]
     seg, seg_p, dep = SegmentationMeter(NUM_CLASSES), SegmentationMeter(NUM_CLASSES), DepthMeter()
     grid = (size[0] // CELL, size[1] // CELL)
@@ -608,14 +533,14 @@ def evaluate(model, vocab: T.Vocab, n: int = 16, cfg: TrainConfig | None = None,
     for i in range(n):
         sc = render_scene(seed_base + i, *size)
         if "depth" in tasks:
-            prompt, first = depth_prompt(preset)
-            h = vision_hidden(model, vocab, sc.image, prompt, first, align)
-            dm = depth_map(h, bin_w, grid, size, opts, preset.replace("_", "-"), fx=None)
+            p = prompts.depth(preset)
+            h = vision_hidden(model, vocab, sc.image, p.text, p.image_first, align)
+            dm = depth_map(h, bin_w, grid, size, opts, preset, fx=None)
             dep.update(dm.depth, sc.depth)
         if "segment" in tasks:
             present = sorted(set(np.unique(sc.labels).tolist()))
-            prompt = "Segment: " + ", ".join(CLASS_NAMES[c] for c in present) + SEG_PROMPT_TAIL
-            h = vision_hidden(model, vocab, sc.image, prompt, True, align)
+            p = prompts.semantic([CLASS_NAMES[c] for c in present])
+            h = vision_hidden(model, vocab, sc.image, p.text, p.image_first, align)
             seg.update(segment_labels(h, cls_w, grid, size, opts), sc.labels)
             sub = segment_labels(h, cls_w[present], grid, size, opts)
             seg_p.update(np.asarray(present)[sub], sc.labels)

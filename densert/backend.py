@@ -12,8 +12,12 @@ from typing import Any, Protocol
 
 import torch
 
-from ..config import YoutuVLConfig
-from ..vision_meta import VisionMeta
+from densert.model.config import YoutuVLConfig
+from densert.model.llm import KVCache
+from densert.model.vision_meta import VisionMeta
+
+# Decode steps a prefill's cache holds before it first grows.
+CACHE_HEADROOM = 256
 
 
 @dataclass
@@ -37,7 +41,11 @@ class Backend(Protocol):
         """input_ids [1, T] with one image-pad per image_embeds row."""
 
     def decode(self, token_id: int, cache: Any) -> tuple[torch.Tensor, Any]:
-        """One generated token -> ([V] logits, the grown cache)."""
+        """One generated token -> ([V] logits, the grown cache). The cache passed in may be grown
+        in place: use the one returned, and never decode twice from the same cache."""
+
+    def cache_tensors(self, cache: Any) -> tuple[torch.Tensor, ...]:
+        """The cache as torch tensors in the torch model's stacked layout (parity checks)."""
 
 
 class TorchBackend:
@@ -59,7 +67,9 @@ class TorchBackend:
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> PrefillResult:
         ids = input_ids.to(self.device)
-        h, cache = self.model.model(self.model.embed(ids, image_embeds), None, self.cache_layout)
+        cache = KVCache(self.config, self.cache_layout, capacity=ids.shape[1] + CACHE_HEADROOM,
+                        dtype=self.dtype, device=self.device)
+        h, cache = self.model.model(self.model.embed(ids, image_embeds), cache, self.cache_layout)
         pos = (ids[0] == self.config.image_token_id).nonzero().flatten()
         vision = h[0, pos] if len(pos) else None
         pre = h[0, pos[0] - 1] if len(pos) and int(pos[0]) > 0 else None
@@ -67,7 +77,12 @@ class TorchBackend:
                              last_logits=self.model.logits(h[0, -1]), cache=cache)
 
     @torch.inference_mode()
-    def decode(self, token_id: int, cache: Any) -> tuple[torch.Tensor, Any]:
+    def decode(self, token_id: int, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
         ids = torch.tensor([[token_id]], device=self.device)
         h, cache = self.model.model(self.model.embed(ids), cache, self.cache_layout)
         return self.model.logits(h[0, -1]), cache
+
+    @staticmethod
+    def cache_tensors(cache: KVCache) -> tuple[torch.Tensor, ...]:
+        """The cache in the stacked layout every backend reports (parity checks)."""
+        return cache.tensors()

@@ -70,7 +70,7 @@ class YoutuVLForConditionalGeneration(nn.Module):
         image_embeds = None
         if pixel_values is not None:
             if vision_meta is None:
-                raise ValueError("pixel_values given without vision_meta (see densert.vision_meta)")
+                raise ValueError("pixel_values given without vision_meta (see densert.model.vision_meta)")
             image_embeds = self.encode_image(pixel_values, vision_meta)
         h, present = self.model(self.embed(input_ids, image_embeds), past, cache_layout)
         if logits == "none":

@@ -1,26 +1,31 @@
 """The Youtu-LLM decoder: DeepSeek-style multi-head latent attention (MLA), dense SwiGLU MLP.
 
 Spec ``youtu-vl-checkpoint.md`` sec. 5; parameter names are the checkpoint's ``model.*``.
-The KV cache is plain tensors passed in and returned (no hidden state), stacked over layers so a
-graph has one cache input and one output per tensor, in one of two layouts:
+The KV cache is stacked over layers, in one of two layouts:
 
 ``full``   k [layers, B, heads, S, qk_head_dim], v [layers, B, heads, S, v_head_dim]
 ``latent`` c [layers, B, S, kv_lora_rank + qk_rope_head_dim]: the normalised latent and the
            shared, already-rotated rope key; attention runs with kv_b absorbed into q and out.
 Both are exact; ``latent`` stores 576 values per token per layer instead of 32*(192+128).
+
+It is passed in two forms. Plain tensors in, plain tensors out (``past`` a tuple, the present
+returned as a new tuple): the export graphs' interface, where one graph input and one output per
+cache tensor is what ONNX Runtime and TensorRT bind. A ``KVCache`` for eager decoding: one
+preallocated buffer per cache tensor that each step writes into in place, so appending a token
+does not restack every layer's cache.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import YoutuVLConfig
+from .config import CACHE_LAYOUTS, YoutuVLConfig
 from .layers import ACT2FN, RMSNorm, rotate_half
 
-CACHE_LAYOUTS = ("latent", "full")
 # The q_a / kv_a norms are built without the config eps in the reference implementation.
 LATENT_NORM_EPS = 1e-6
 
@@ -52,6 +57,51 @@ def causal_mask(t: int, past_len: int | torch.Tensor, device) -> torch.Tensor:
     return k[None, :] <= q[:, None]
 
 
+class KVCache:
+    """Eager decoding cache: per cache tensor one buffer [layers, B, (heads,) capacity, D] whose
+    first ``length`` positions hold the cache. A forward pass writes its T new entries in place at
+    [length, length + T) and attends over views of [0, length + T); the capacity doubles when it
+    runs out (amortised O(1) copying per token). Decoding grows the cache in place: a caller that
+    needs to branch from a cache must build it again."""
+
+    def __init__(self, cfg: YoutuVLConfig, layout: str, batch: int = 1, capacity: int = 256,
+                 dtype=torch.float32, device=None):
+        self.layout, self.length = layout, 0
+        self.buffers = [torch.empty(_grow_seq(t.shape, capacity), dtype=dtype, device=device)
+                        for t in empty_cache(cfg, layout, batch, dtype, device)]
+
+    @property
+    def capacity(self) -> int:
+        return int(self.buffers[0].shape[-2])
+
+    def reserve(self, total: int) -> None:
+        """Room for ``total`` positions (copies the filled part once when it must grow)."""
+        if total <= self.capacity:
+            return
+        cap = max(total, 2 * self.capacity)
+        grown = [b.new_empty(_grow_seq(b.shape, cap)) for b in self.buffers]
+        for g, b in zip(grown, self.buffers):
+            g[..., : self.length, :] = b[..., : self.length, :]
+        self.buffers = grown
+
+    def update(self, layer: int, new: Cache) -> Cache:
+        """Write one layer's new entries after the filled part; the layer's whole cache, as views."""
+        end = self.length + new[0].shape[-2]
+        out = []
+        for b, n in zip(self.buffers, new):
+            b[layer, ..., self.length:end, :] = n
+            out.append(b[layer, ..., :end, :])
+        return tuple(out)
+
+    def tensors(self) -> Cache:
+        """The cache in the stacked tensor form (views, no copy)."""
+        return tuple(b[..., : self.length, :] for b in self.buffers)
+
+
+def _grow_seq(shape, capacity: int) -> tuple[int, ...]:
+    return (*shape[:-2], capacity, shape[-1])
+
+
 class YoutuMLAttention(nn.Module):
     def __init__(self, cfg: YoutuVLConfig):
         super().__init__()
@@ -77,7 +127,9 @@ class YoutuMLAttention(nn.Module):
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                past: Cache | None, layout: str) -> tuple[torch.Tensor, Cache]:
+                store: Callable[[Cache], Cache], layout: str) -> torch.Tensor:
+        """``store(new)`` takes this step's cache entries and returns the layer's whole cache
+        (past + new) to attend over."""
         b, t, _ = x.shape
         q = self._query(x).view(b, t, self.num_heads, -1).transpose(1, 2)
         q_nope, q_rot = q.split([self.nope, self.rope], dim=-1)
@@ -92,15 +144,11 @@ class YoutuMLAttention(nn.Module):
             kv = self.kv_b_proj(latent).view(b, t, self.num_heads, -1).transpose(1, 2)
             k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
             k = torch.cat([k_nope, k_rot[:, None].expand(-1, self.num_heads, -1, -1)], dim=-1)
-            if past is not None:
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            k, v = store((k, v))
             qf = torch.cat([q_nope, q_rot], dim=-1)
             o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
-            present = (k, v)
         elif layout == "latent":
-            c = torch.cat([latent, k_rot], dim=-1)                       # [B, T, rank+rope]
-            if past is not None:
-                c = torch.cat([past[0], c], dim=1)
+            (c,) = store((torch.cat([latent, k_rot], dim=-1),))          # [B, P+T, rank+rope]
             w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.vdim, self.rank)
             w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
             # Absorb kv_b's key half into the query: q_nope . (W_uk c) == (W_uk^T q_nope) . c
@@ -110,10 +158,9 @@ class YoutuMLAttention(nn.Module):
             p = scores.softmax(dim=-1).to(c.dtype)
             o_lat = torch.matmul(p, c[..., : self.rank].unsqueeze(1))  # [B, H, T, rank]
             o = torch.einsum("bhtc,hdc->bhtd", o_lat, w_uv)
-            present = (c,)
         else:
             raise ValueError(f"unknown cache layout {layout!r}; expected one of {CACHE_LAYOUTS}")
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1)), present
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
 class YoutuMLP(nn.Module):
@@ -137,10 +184,9 @@ class YoutuDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = YoutuMLP(cfg)
 
-    def forward(self, x, cos, sin, mask, past, layout):
-        a, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, layout)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), present
+    def forward(self, x, cos, sin, mask, store, layout):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, store, layout)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class YoutuModel(nn.Module):
@@ -159,24 +205,41 @@ class YoutuModel(nn.Module):
         ang = pos[:, None] * self.inv_freq.to(device)[None, :]
         return ang.cos(), ang.sin()
 
-    def forward(self, inputs_embeds: torch.Tensor, past: Cache | None = None,
-                layout: str = "latent") -> tuple[torch.Tensor, Cache]:
-        """inputs_embeds [B, T, d]; past as returned by a previous call (or None) -> final-normed
-        hidden states [B, T, d] and the present cache (past + these T tokens)."""
+    def forward(self, inputs_embeds: torch.Tensor, past: Cache | KVCache | None = None,
+                layout: str = "latent", use_cache: bool = True
+                ) -> tuple[torch.Tensor, Cache | KVCache | None]:
+        """inputs_embeds [B, T, d] -> final-normed hidden states [B, T, d] and the present cache
+        (past + these T tokens): a new tuple for a tuple ``past`` (or None), the same, grown
+        ``KVCache`` for a ``KVCache``, None when ``use_cache`` is off (training)."""
         if layout not in CACHE_LAYOUTS:
             raise ValueError(f"unknown cache layout {layout!r}; expected one of {CACHE_LAYOUTS}")
+        if isinstance(past, KVCache) and past.layout != layout:
+            raise ValueError(f"the KVCache holds the {past.layout!r} layout, not {layout!r}")
         t = inputs_embeds.shape[1]
-        past_len = 0 if past is None else past[0].shape[-2]
+        past_len = cache_length(past)
         cos, sin = self.rope(t, past_len, inputs_embeds.device)
         cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
         mask = causal_mask(t, past_len, inputs_embeds.device)
-        h = inputs_embeds
         presents: list[Cache] = []
+
+        def store(i: int, new: Cache) -> Cache:
+            if isinstance(past, KVCache):
+                return past.update(i, new)
+            full = new if past is None else tuple(torch.cat([p[i], n], dim=-2)
+                                                  for p, n in zip(past, new))
+            if use_cache:
+                presents.append(full)
+            return full
+
+        if isinstance(past, KVCache):
+            past.reserve(past_len + t)
+        h = inputs_embeds
         for i, layer in enumerate(self.layers):
-            layer_past = None if past is None else tuple(p[i] for p in past)
-            h, pres = layer(h, cos, sin, mask, layer_past, layout)
-            presents.append(pres)
-        present = tuple(torch.stack(parts) for parts in zip(*presents))
+            h = layer(h, cos, sin, mask, functools.partial(store, i), layout)
+        if isinstance(past, KVCache):
+            past.length += t
+            return self.norm(h), past
+        present = tuple(torch.stack(parts) for parts in zip(*presents)) if use_cache else None
         return self.norm(h), present
 
 
@@ -193,5 +256,9 @@ def empty_cache(cfg: YoutuVLConfig, layout: str, batch: int = 1, dtype=torch.flo
     raise ValueError(f"unknown cache layout {layout!r}; expected one of {CACHE_LAYOUTS}")
 
 
-def cache_length(past: Sequence[torch.Tensor] | None) -> int:
-    return 0 if past is None else int(past[0].shape[-2])
+def cache_length(past: Cache | KVCache | None) -> int:
+    """Tokens in the cache. For tensors this is read off the shape without int(): under the ONNX
+    tracer it must stay symbolic, so one decode graph serves every past length."""
+    if past is None:
+        return 0
+    return past.length if isinstance(past, KVCache) else past[0].shape[-2]

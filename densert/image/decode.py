@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from densert.errors import ImageError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm")
 
@@ -32,10 +34,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 DRAFT_ABOVE_PIXELS = 64_000_000
 # Hard ceiling on what we agree to decode at all (PIL's own bomb guard is 2x178 MP).
 MAX_DECODE_PIXELS = 1_000_000_000
-
-
-class ImageError(ValueError):
-    """An input that is not a usable image; the message names the file and the problem."""
 
 
 def load_rgb(source, min_side: int | None = None) -> np.ndarray:

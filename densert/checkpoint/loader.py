@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, TensorInfo, read_all_headers, read_config,
+from densert.errors import CheckpointError
+
+from .files import (TensorInfo, read_all_headers, read_config,
                          resolve_dtype)
 
 # Present in some SigLIP2 exports but unused: Youtu-VL feeds patches through 2-D RoPE only
@@ -105,7 +107,7 @@ def validate(expected: dict[str, tuple[int, ...]], infos: dict[str, TensorInfo],
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu"):
     """Load a Youtu-VL checkpoint directory (single-file or sharded safetensors)."""
-    from .modeling import YoutuVLForConditionalGeneration
+    from densert.model.modeling import YoutuVLForConditionalGeneration
     dt = resolve_dtype(dtype)
     path = Path(path)
     cfg = read_config(path)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from densert.errors import TokenizerError
+
 BOS = "<|begin_of_text|>"     # also opens every role block of the chat template
 EOS = "<|end_of_text|>"       # eos and pad; closes every message
 VISION_START = "<|vision_start|>"
@@ -69,10 +71,6 @@ def _check_range(what: str, k: int, lo: int, hi: int) -> None:
 
 
 _COORD_RE = re.compile(r"<([xy])_(\d+)>\Z")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer.json that is missing, unreadable or lacks a token densert needs."""
 
 
 class Vocab:
@@ -145,21 +143,6 @@ class Vocab:
         """LongTensor[1000]: entry k-1 is the id of ``<custom_k>``."""
         return torch.tensor([self.token_id(custom_token(k)) for k in range(1, N_DEPTH_BINS + 1)],
                             dtype=torch.long)
-
-    def name_ids(self, name: str, leading_space: bool = True) -> list[int]:
-        """Sub-word ids of a class name, as used for the category score (mean of their logits).
-
-        ``leading_space=True`` (default) tokenizes ``" " + name``: the way a word reads inside a
-        sentence such as "Segment: floor, wall, ...". Whether the released decoder uses this or the
-        bare form after ``<ref>`` is unknown (spec sec. 9.2, unknown 2), so callers can choose.
-        """
-        name = name.strip()
-        if not name:
-            raise ValueError("class name is empty")
-        ids = self.encode((" " if leading_space else "") + name)
-        if not ids:
-            raise TokenizerError(f"class name {name!r} encodes to no tokens with {self.source}")
-        return ids
 
     @cached_property
     def _coord_table(self) -> dict[int, tuple[str, int]]:

@@ -1,4 +1,5 @@
-"""Reading the model's text answers (``<ref>`` lists, boxes, polygons) and the referring crop.
+"""Reading the model's text answers (``<ref>`` lists, boxes, polygons) and the referring crop
+(one implementation for the runtime and the trainer).
 
 Parsing is forgiving on purpose: a random or weak model emits anything, and a missing tag is an
 answer ("no class named", "no box"), never an exception. Coordinates ``<x_N><y_N>`` are in
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from densert import tokens as T
+from densert.text import tokens as T
 
 _REF = re.compile(re.escape(T.REF) + r"(.*?)" + re.escape(T.REF_END), re.DOTALL)
 _BOX = re.compile(r"<box>\s*<x_(\d+)>\s*<y_(\d+)>\s*<x_(\d+)>\s*<y_(\d+)>")
@@ -79,39 +80,73 @@ def rasterize_polygons(polygons, hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(img, dtype=bool)
 
 
+# The referring crop of paper D.2 and the demo: 1.2x padding around the box, short side 1280.
+REFER_PADDING = 1.2
+REFER_SHORT_SIDE = 1280
+
+
 @dataclass
 class Crop:
-    image: np.ndarray                 # the crop, box drawn, resized so its short side is target
-    box: tuple[int, int, int, int]    # (x0, y0, x1, y1) of the crop in the original image
+    """A referring crop: the padded window of the source image, box drawn, resized."""
+
+    image: np.ndarray                 # uint8 [h, w, 3]: the window with the box drawn, resized
+    box: tuple[int, int, int, int]    # (x0, y0, x1, y1) of the window in the source image
+    color: tuple[int, int, int]       # colour of the drawn box
+
+    def take(self, mask: np.ndarray) -> np.ndarray:
+        """A source-resolution mask cut to the window and resized to the crop (nearest): the
+        training target that belongs to ``image``."""
+        a0, b0, a1, b1 = self.box
+        win = Image.fromarray(np.ascontiguousarray(mask[b0:b1, a0:a1]).astype(np.uint8))
+        out = win.resize((self.image.shape[1], self.image.shape[0]), Image.NEAREST)
+        return np.array(out).astype(mask.dtype)
+
+    def paste(self, crop_mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+        """Crop-resolution bool mask -> full-image bool mask (nearest resize into the window)."""
+        a0, b0, a1, b1 = self.box
+        small = Image.fromarray(crop_mask.astype(np.uint8)).resize((a1 - a0, b1 - b0), Image.NEAREST)
+        full = np.zeros(hw, dtype=bool)
+        full[b0:b1, a0:a1] = np.asarray(small, dtype=bool)
+        return full
 
 
-def refine_crop(image: np.ndarray, box, padding: float, short_side: int,
-                rng: np.random.Generator) -> Crop:
-    """The demo's ``crop_and_resize``: pad the box by ``padding`` around its centre, clamp to the
-    image, draw the box as a 1-px rectangle in a random colour on the crop, resize the crop so
-    its short side is ``short_side`` (Lanczos; int() truncation of the new sides, as the demo)."""
-    H, W = image.shape[:2]
+def crop_window(box, padding: float, hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The box grown ``padding`` times around its centre, clamped to the image, int()-truncated
+    (the demo's rounding); a degenerate box (a point or a line) gives the whole image."""
+    H, W = hw
     x0, y0, x1, y1 = (float(v) for v in box)
     cw, ch = (x1 - x0) * padding, (y1 - y0) * padding
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     a0, b0 = max(int(cx - cw / 2), 0), max(int(cy - ch / 2), 0)
     a1, b1 = min(int(cx + cw / 2), W), min(int(cy + ch / 2), H)
-    if a1 - a0 < 1 or b1 - b0 < 1:  # degenerate box (a point or a line): take the whole image
-        a0, b0, a1, b1 = 0, 0, W, H
+    if a1 - a0 < 1 or b1 - b0 < 1:
+        return 0, 0, W, H
+    return a0, b0, a1, b1
+
+
+def short_side_size(hw: tuple[int, int], short_side: int, multiple: int = 1) -> tuple[int, int]:
+    """(h, w) with the short side scaled to ``short_side``: int() truncation as the demo, or with
+    ``multiple`` > 1 each side rounded to the nearest multiple (token-aligned training crops)."""
+    s = short_side / min(hw)
+    if multiple == 1:
+        return max(1, int(hw[0] * s)), max(1, int(hw[1] * s))
+    return tuple(max(multiple, round(v * s / multiple) * multiple) for v in hw)
+
+
+def referring_crop(image: np.ndarray, box, rng: np.random.Generator, padding: float = REFER_PADDING,
+                   short_side: int = REFER_SHORT_SIDE, size: tuple[int, int] | None = None,
+                   multiple: int = 1) -> Crop:
+    """The second pass of referring segmentation (the demo's crop-and-resize), shared by the
+    runtime and the trainer: window = ``crop_window(box, padding)``, the box drawn as a 1-px
+    rectangle in a random colour at its place in the window, the window resized (Lanczos) to
+    ``short_side_size(window, short_side, multiple)``, or to exactly ``size`` = (h, w)."""
+    a0, b0, a1, b1 = crop_window(box, padding, image.shape[:2])
+    x0, y0, x1, y1 = (float(v) for v in box)
     crop = Image.fromarray(np.ascontiguousarray(image[b0:b1, a0:a1]))
     color = tuple(int(c) for c in rng.integers(0, 256, size=3))
     ImageDraw.Draw(crop).rectangle([int(x0 - a0), int(y0 - b0), int(x1 - a0), int(y1 - b0)],
                                    outline=color, width=1)
-    s = short_side / min(crop.width, crop.height)
-    size = (max(1, int(crop.width * s)), max(1, int(crop.height * s)))
-    crop = crop.resize(size, Image.LANCZOS)
-    return Crop(image=np.asarray(crop), box=(a0, b0, a1, b1))
-
-
-def paste_mask(crop_mask: np.ndarray, crop: Crop, hw: tuple[int, int]) -> np.ndarray:
-    """Crop-resolution bool mask -> full-image bool mask (nearest resize into the crop box)."""
-    a0, b0, a1, b1 = crop.box
-    small = Image.fromarray(crop_mask.astype(np.uint8)).resize((a1 - a0, b1 - b0), Image.NEAREST)
-    full = np.zeros(hw, dtype=bool)
-    full[b0:b1, a0:a1] = np.asarray(small, dtype=bool)
-    return full
+    h, w = size if size is not None else short_side_size((crop.height, crop.width), short_side,
+                                                         multiple)
+    crop = crop.resize((w, h), Image.LANCZOS)
+    return Crop(image=np.array(crop), box=(a0, b0, a1, b1), color=color)

@@ -1,4 +1,4 @@
-"""``densert inspect MODEL_DIR``: what a checkpoint holds, from its headers only (no weights read).
+"""What a checkpoint holds, from its headers only (no weights read): ``densert inspect``.
 
 Exit 0 with a summary when the checkpoint would load; exit 2 with the reason when it would not
 (the same validation as ``load_model``: config, safetensors headers against file sizes, the
@@ -10,8 +10,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from . import tokens as T
-from .checkpoint import CheckpointError, read_all_headers, read_config
+from densert.text import tokens as T
+from densert.errors import CheckpointError, TokenizerError
+
+from .files import read_all_headers, read_config
 
 
 def summarize(path: str | Path) -> dict:
@@ -19,7 +21,7 @@ def summarize(path: str | Path) -> dict:
     import torch
 
     from .loader import IGNORED_KEYS, validate
-    from .modeling import YoutuVLForConditionalGeneration
+    from densert.model.modeling import YoutuVLForConditionalGeneration
     path = Path(path)
     cfg = read_config(path)
     infos = read_all_headers(path)
@@ -74,7 +76,7 @@ def _tokenizer_summary(path: Path, cfg) -> dict:
         return {"tokenizer": None}
     try:
         vocab = T.Vocab.from_file(path / "tokenizer.json")
-    except T.TokenizerError as e:
+    except TokenizerError as e:
         raise CheckpointError(str(e)) from None
     special = vocab.special_ids()
     if special.get(T.IMAGE_PAD) not in (None, cfg.image_token_id):
@@ -87,7 +89,7 @@ def _tokenizer_summary(path: Path, cfg) -> dict:
         bins = vocab.depth_bin_ids()
         depth = {"first": int(bins[0]), "last": int(bins[-1]),
                  "contiguous": bool((bins.diff() == 1).all())}
-    except T.TokenizerError:
+    except TokenizerError:
         depth = None
     coords = [vocab.tok.token_to_id(s) for s in (T.x_token(0), T.y_token(T.N_COORDS - 1))]
     return {"tokenizer": {"size": len(vocab), "special_ids": special, "depth_bins": depth,
@@ -131,18 +133,3 @@ def format_text(s: dict) -> str:
         if tok["coord_ids"]:
             lines.append(f"coords      <x_0>={tok['coord_ids'][0]} .. <y_2047>={tok['coord_ids'][1]}")
     return "\n".join(lines)
-
-
-def configure(parser) -> None:
-    parser.add_argument("model_dir", help="checkpoint directory")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-
-def run(args) -> int:
-    from .cli import CLIError
-    try:
-        s = summarize(args.model_dir)
-    except CheckpointError as e:
-        raise CLIError(str(e)) from None
-    print(json.dumps(s, indent=2) if args.json else format_text(s))
-    return 0

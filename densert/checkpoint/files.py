@@ -1,4 +1,4 @@
-"""Checkpoint files in the released HF layout: the safetensors format, writing, test checkpoints.
+"""Checkpoint files in the released HF layout: the safetensors format, reading headers, writing.
 
 The safetensors format is read and written here directly (8-byte little-endian header length,
 JSON header, raw little-endian data) rather than through ``safetensors.torch`` because:
@@ -6,7 +6,7 @@ JSON header, raw little-endian data) rather than through ``safetensors.torch`` b
 - reading validates every header entry against the file size before any data is touched, which
   gives a precise error for truncated or corrupt files;
 - reading with ``readinto`` (no mmap) keeps the page cache out of the process RSS, so loading
-  peaks near the size of the weights themselves (see ``densert.loader``).
+  peaks near the size of the weights themselves (see ``densert.checkpoint.loader``).
 The files are byte-compatible with the ``safetensors`` library (tests read them with it).
 
 Layout written (spec ``youtu-vl-checkpoint.md`` sec. 0-2, 6): config.json, model.safetensors or
@@ -19,16 +19,16 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from . import tokens as T
-from .chat import CHAT_TEMPLATE
-from .config import PRESETS, YoutuVLConfig, preset
+from densert.errors import CheckpointError, ConfigError
+from densert.model.config import DTYPES, YoutuVLConfig
+from densert.text import tokens as T
+from densert.text.chat import CHAT_TEMPLATE
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,11 +42,7 @@ ST_DTYPES: dict[str, torch.dtype] = {
 }
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 # dtypes a model can be loaded in / written as.
-WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be read as a Youtu-VL checkpoint."""
+WEIGHT_DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -155,7 +151,6 @@ def check_checkpoint_dir(path: str | Path) -> Path:
 
 
 def read_config(path: str | Path) -> YoutuVLConfig:
-    from .config import ConfigError
     path = check_checkpoint_dir(path)
     try:
         return YoutuVLConfig.from_json_file(path / "config.json")
@@ -247,7 +242,7 @@ def _plan_shards(specs, max_shard_bytes: int | None) -> list[list]:
     return shards
 
 
-def _write_weights(out: Path, specs, produce, max_shard_bytes, progress: bool) -> list[str]:
+def write_weights(out: Path, specs, produce, max_shard_bytes, progress: bool) -> list[str]:
     total = sum(math.prod(s[2]) * s[1].itemsize for s in specs)
     shards = _plan_shards(specs, max_shard_bytes)
     bar = None
@@ -310,7 +305,7 @@ def _check_ids(cfg: YoutuVLConfig, vocab: T.Vocab) -> None:
     bad = {k: (getattr(cfg, k), v) for k, v in want.items() if getattr(cfg, k) != v}
     if bad:
         raise CheckpointError("config token ids disagree with tokenizer.json (config, tokenizer): "
-                              f"{bad}; use densert.tokenizer.apply_token_ids")
+                              f"{bad}; use densert.text.tokenizer.apply_token_ids")
 
 
 def _tokenizer_text(tokenizer_json: str | Path) -> str:
@@ -319,7 +314,7 @@ def _tokenizer_text(tokenizer_json: str | Path) -> str:
     return tokenizer_json
 
 
-def _prepare_out(out: str | Path, overwrite: bool) -> Path:
+def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
@@ -350,7 +345,7 @@ def write_checkpoint(model, out_dir: str | Path, tokenizer_json: str | Path,
     tensor larger than the limit gets a shard of its own.
     """
     dt = resolve_dtype(dtype)
-    out = _prepare_out(out_dir, overwrite)
+    out = prepare_out_dir(out_dir, overwrite)
     sd = model.state_dict()
     specs = [(n, dt if sd[n].is_floating_point() else sd[n].dtype, tuple(sd[n].shape))
              for n in saved_names(model)]
@@ -358,110 +353,8 @@ def write_checkpoint(model, out_dir: str | Path, tokenizer_json: str | Path,
     cfg.torch_dtype = dtype_name(dt)
     write_side_files(out, cfg, _tokenizer_text(tokenizer_json))
     want = {n: d for n, d, _ in specs}
-    _write_weights(out, specs, lambda n: sd[n].to(want[n]), max_shard_bytes, progress)
+    write_weights(out, specs, lambda n: sd[n].to(want[n]), max_shard_bytes, progress)
     return out
-
-
-# ---------------------------------------------------------------- random test checkpoints
-_INIT_CHUNK = 2**24   # values generated per step: bounds the fp32 scratch to 64 MB
-
-
-def init_kind(model, name: str) -> str:
-    """HF-style init of one parameter: "normal" (Linear/Embedding weights), "ones" (norm
-    weights) or "zeros" (biases)."""
-    mod_name, _, leaf = name.rpartition(".")
-    mod = model.get_submodule(mod_name)
-    if leaf == "bias":
-        return "zeros"
-    if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
-        return "normal"
-    return "ones"   # RMSNorm / LayerNorm weights
-
-
-def init_tensor(name: str, kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int,
-                std: float) -> torch.Tensor:
-    """A deterministic tensor that depends only on (seed, name, shape), generated in chunks."""
-    if kind == "zeros":
-        return torch.zeros(shape, dtype=dtype)
-    if kind == "ones":
-        return torch.ones(shape, dtype=dtype)
-    g = torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
-    out = torch.empty(shape, dtype=dtype)
-    flat = out.view(-1)
-    for s in range(0, flat.numel(), _INIT_CHUNK):
-        n = min(_INIT_CHUNK, flat.numel() - s)
-        flat[s:s + n] = torch.randn(n, generator=g).mul_(std)
-    return out
-
-
-def preset_config(preset_name: str, text_layers: int | None = None, vision_layers: int | None = None
-                ) -> tuple[YoutuVLConfig, str]:
-    """The preset's config with token ids set from its tokenizer, and that tokenizer's JSON."""
-    from .tokenizer import apply_token_ids, build_tokenizer_json
-    if preset_name not in PRESETS:
-        raise CheckpointError(f"unknown preset {preset_name!r}; expected one of {PRESETS}")
-    cfg = preset(preset_name, text_layers, vision_layers)
-    tok = build_tokenizer_json(preset_name)
-    apply_token_ids(cfg, T.Vocab.from_str(tok))
-    cfg.validate()
-    return cfg, tok
-
-
-def make_test_checkpoint(out: str | Path, preset_name: str = "tiny", text_layers: int | None = None,
-                         vision_layers: int | None = None, seed: int = 0,
-                         dtype: str | torch.dtype = "bfloat16", max_shard_bytes: int | None = None,
-                         overwrite: bool = False, progress: bool = False) -> Path:
-    """A randomly initialised checkpoint (HF-style init, deterministic per seed).
-
-    The module is only built on the ``meta`` device to list names and shapes; every tensor is
-    generated straight in the target dtype and written before the next one is made, so peak
-    memory is about one tensor (the full-width embedding: 283386 x 2560).
-    """
-    from .modeling import YoutuVLForConditionalGeneration
-    dt = resolve_dtype(dtype)
-    cfg, tok = preset_config(preset_name, text_layers, vision_layers)
-    cfg.torch_dtype = dtype_name(dt)
-    with torch.device("meta"):
-        meta = YoutuVLForConditionalGeneration(cfg)
-    sd = meta.state_dict()
-    names = saved_names(meta)
-    kinds = {n: init_kind(meta, n) for n in names}
-    specs = [(n, dt, tuple(sd[n].shape)) for n in names]
-    outp = _prepare_out(out, overwrite)
-    write_side_files(outp, cfg, tok)
-    _write_weights(outp, specs, lambda n: init_tensor(n, kinds[n], tuple(sd[n].shape), dt, seed,
-                                                      cfg.initializer_range),
-                   max_shard_bytes, progress)
-    return outp
-
-
-# ---------------------------------------------------------------- CLI
-def configure(parser) -> None:
-    parser.add_argument("out", help="output directory (must be empty unless --force)")
-    parser.add_argument("--preset", choices=PRESETS, default="tiny")
-    parser.add_argument("--text-layers", type=int, default=None, help="override LLM layer count")
-    parser.add_argument("--vision-layers", type=int, default=None, help="override ViT layer count")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), default="bfloat16")
-    parser.add_argument("--shard-mb", type=float, default=None,
-                        help="split weights into shards of at most this many MB (+ index.json)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty directory")
-
-
-def run(args) -> int:
-    from .cli import CLIError
-    for flag in ("text_layers", "vision_layers"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            raise CLIError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-    shard = None if args.shard_mb is None else int(args.shard_mb * 2**20)
-    try:
-        out = make_test_checkpoint(args.out, args.preset, args.text_layers, args.vision_layers,
-                                   args.seed, args.dtype, shard, overwrite=args.force, progress=True)
-    except CheckpointError as e:
-        raise CLIError(str(e)) from None
-    print(f"wrote {args.preset} test checkpoint to {out}")
-    return 0
 
 
 def total_bytes(infos: Iterable[TensorInfo]) -> int:

@@ -15,13 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from densert.errors import RLEError
+from densert.text import tokens as T
+
 _PAIR = re.compile(r"\(\s*(\d+)\s*,\s*(\d+)\s*\)")
 _MASK = re.compile(r"<mask>\s*(.*?)\s*</mask>", re.DOTALL)
 _REF = re.compile(r"<ref>(.*?)</ref>", re.DOTALL)
-
-
-class RLEError(ValueError):
-    """A run-length string that does not describe the map it claims to."""
 
 
 def encode_runs(values: np.ndarray) -> str:
@@ -51,9 +50,13 @@ def decode_runs(text: str, shape: tuple[int, ...] | None = None, dtype=np.int64)
     return out
 
 
+def ref_tags(class_names) -> str:
+    """``<ref>a</ref><ref>b</ref>...``: the class list of a segmentation answer."""
+    return "".join(f"{T.REF}{n}{T.REF_END}" for n in class_names)
+
+
 def encode_segmentation(labels: np.ndarray, class_names: list[str]) -> str:
-    refs = "".join(f"<ref>{n}</ref>" for n in class_names)
-    return f"{refs}<mask>{encode_runs(labels)}</mask>"
+    return f"{ref_tags(class_names)}<mask>{encode_runs(labels)}</mask>"
 
 
 def decode_segmentation(text: str, shape: tuple[int, int]) -> tuple[list[str], np.ndarray]:

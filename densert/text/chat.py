@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import torch
 
+from densert.errors import ChatError
+
 from . import tokens as T
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -42,10 +44,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|begin_of_text|>assistant\n{% endif %}"
 )
-
-
-class ChatError(ValueError):
-    """Messages that do not fit the template (unknown role, bad segment, image count mismatch)."""
 
 
 def _segments(message: dict[str, Any], index: int) -> list[tuple[str, str]]:

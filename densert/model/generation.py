@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .llm import Cache
+from .llm import KVCache
 from .modeling import YoutuVLForConditionalGeneration
 from .vision_meta import VisionMeta
 
@@ -40,10 +40,14 @@ def generate(model: YoutuVLForConditionalGeneration, input_ids: torch.Tensor,
     """Greedy generation for one sequence (input_ids [1, T]) with the torch model."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"generate takes input_ids of shape [1, T], got {tuple(input_ids.shape)}")
-    out = model(input_ids, pixel_values, vision_meta, cache_layout=cache_layout, logits="last")
     dev = input_ids.device
+    p = next(model.parameters())
+    cache = KVCache(model.config, cache_layout, capacity=input_ids.shape[1] + max_new_tokens,
+                    dtype=p.dtype, device=p.device)
+    out = model(input_ids, pixel_values, vision_meta, past=cache, cache_layout=cache_layout,
+                logits="last")
 
-    def step(tok: int, cache: Cache):
+    def step(tok: int, cache: KVCache):
         o = model(torch.tensor([[tok]], device=dev), past=cache, cache_layout=cache_layout)
         return o.logits, o.past
 

@@ -24,13 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .image_io import ImageError, load_rgb
+from densert.errors import ImageError
 
-PATCH = 16
-MERGE = 2
-BLOCK = PATCH * MERGE  # pixels per merged token side
-DEFAULT_MAX_PATCHES = 36864  # the remote YoutuVLProcessor's override (spec sec. 3 step 3)
-MIN_MAX_PATCHES = MERGE * MERGE  # one merged token: the smallest image the model can take
+from . import BLOCK, DEFAULT_MAX_PATCHES, MERGE, MIN_MAX_PATCHES, PATCH
+from .decode import load_rgb
 
 
 @dataclass
@@ -40,7 +37,7 @@ class Preprocessed:
     original_hw: tuple[int, int]        # decoded image (after EXIF orientation)
     resized_hw: tuple[int, int]         # what the vision tower saw
     # The decoded uint8 RGB image. Equal to original_hw except for huge JPEGs decoded at reduced
-    # scale (image_io.DRAFT_ABOVE_PIXELS); dense outputs are always at original_hw.
+    # scale (decode.DRAFT_ABOVE_PIXELS); dense outputs are always at original_hw.
     image: np.ndarray
 
     @property

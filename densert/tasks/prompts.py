@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEPTH_PRESETS = ("open-world", "nyuv2", "cityscapes", "ddad")
-# Dataset names as the paper spells them inside the prompt.
-_DEPTH_DATASET = {"nyuv2": "NYUv2", "cityscapes": "Cityscapes", "ddad": "DDAD"}
+from densert.text import tokens as T
+
+from .depth_bins import OPEN_WORLD, get_preset
 
 OPEN_SET_PROMPT = "Segment all objects in this image."
 CORE_TARGET_PROMPT = "Segment the core target."
+# The answer classes of "Segment the core target." in the order the demo writes them, FG first.
+CORE_TARGET_CLASSES = (T.FG, T.BG)
 
 
 @dataclass(frozen=True)
@@ -25,13 +27,12 @@ class Prompt:
     image_first: bool = True
 
 
-def depth(preset: str = "open-world") -> Prompt:
-    if preset == "open-world":
+def depth(preset: str = OPEN_WORLD) -> Prompt:
+    p = get_preset(preset)
+    if p.dataset is None:
         return Prompt("Estimate the depth.", image_first=True)
-    if preset not in _DEPTH_DATASET:
-        raise ValueError(f"unknown depth preset {preset!r}; expected one of {DEPTH_PRESETS}")
-    return Prompt(f"Please estimate the depth of this image from the {_DEPTH_DATASET[preset]} "
-                  "dataset.", image_first=False)
+    return Prompt(f"Please estimate the depth of this image from the {p.dataset} dataset.",
+                  image_first=False)
 
 
 def semantic(classes: list[str], background: bool = False) -> Prompt:
@@ -46,6 +47,16 @@ def semantic(classes: list[str], background: bool = False) -> Prompt:
 
 def open_set() -> Prompt:
     return Prompt(OPEN_SET_PROMPT)
+
+
+def detect_categories(classes: list[str]) -> Prompt:
+    """The demo's second open-set stage: detect the named categories (boxes); the demo joins
+    the names with "," and no space."""
+    names = [_check_name(c) for c in classes]
+    if not names:
+        raise ValueError("category detection needs at least one class name")
+    return Prompt("Detect every objects that belongs to the following categories: "
+                  + ",".join(names))
 
 
 def referring(expression: str) -> Prompt:

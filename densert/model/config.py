@@ -12,13 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from densert.errors import ConfigError
+
 MODEL_TYPE = "youtu_vl"
 VISION_MODEL_TYPE = "siglip2_vision_model"
 ARCHITECTURE = "YoutuVLForConditionalGeneration"
-
-
-class ConfigError(ValueError):
-    """A config.json that is missing, unreadable or describes something densert cannot run."""
+# Model sizes of make-test-checkpoint / train: the released widths and a small one.
+MODEL_SIZES = ("tiny", "youtu-vl-4b")
+# Weight dtypes a model is loaded in or written as (torch names; the loader maps them to torch).
+DTYPES = ("float32", "bfloat16", "float16")
+# KV cache layouts of the decoder (densert.model.llm): the MLA latent, or per-head keys/values.
+CACHE_LAYOUTS = ("latent", "full")
 
 
 @dataclass
@@ -227,17 +231,18 @@ def _split_known(cls, d: dict[str, Any]) -> dict[str, Any]:
     return known
 
 
-# ---- presets for make-test-checkpoint ----
-def preset(name: str, text_layers: int | None = None, vision_layers: int | None = None) -> YoutuVLConfig:
+# ---- model sizes for make-test-checkpoint and train ----
+def sized_config(size: str, text_layers: int | None = None, vision_layers: int | None = None
+                 ) -> YoutuVLConfig:
     """``youtu-vl-4b``: the released widths; ``tiny``: the same architecture at small width.
 
     Layer counts can be overridden so full-width shapes can be checked with few layers.
     Token ids and vocab_size of ``tiny`` are set by the tokenizer that ships with it
-    (see ``densert.tokenizer``); the values here are placeholders overwritten there.
+    (see ``densert.text.tokenizer``); the values here are placeholders overwritten there.
     """
-    if name == "youtu-vl-4b":
+    if size == "youtu-vl-4b":
         cfg = YoutuVLConfig()
-    elif name == "tiny":
+    elif size == "tiny":
         cfg = YoutuVLConfig(
             hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_rope_head_dim=16,
@@ -246,7 +251,7 @@ def preset(name: str, text_layers: int | None = None, vision_layers: int | None 
                                        num_attention_heads=4, fullatt_block_indexes=[1, 3],
                                        out_hidden_size=256))
     else:
-        raise ConfigError(f"unknown preset {name!r}; expected one of {PRESETS}")
+        raise ConfigError(f"unknown model size {size!r}; expected one of {MODEL_SIZES}")
     if text_layers is not None:
         cfg.num_hidden_layers = text_layers
     if vision_layers is not None:
@@ -256,6 +261,3 @@ def preset(name: str, text_layers: int | None = None, vision_layers: int | None 
         vc.fullatt_block_indexes = sorted({i for i in range(vision_layers)
                                            if (i + 1) % 8 == 0 or i == vision_layers - 1})
     return cfg
-
-
-PRESETS = ("tiny", "youtu-vl-4b")

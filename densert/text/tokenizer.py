@@ -21,9 +21,8 @@ from __future__ import annotations
 import json
 
 from . import tokens as T
-from .config import YoutuVLConfig
+from densert.model.config import MODEL_SIZES, YoutuVLConfig
 
-LAYOUTS = ("tiny", "youtu-vl-4b")
 YOUTU_VOCAB_SIZE = 283386
 YOUTU_IDS = {T.BOS: 128000, T.EOS: 128001, T.VISION_START: 128262, T.VISION_END: 128263,
              T.IMAGE_PAD: 128264, T.VIDEO_PAD: 128265}
@@ -60,21 +59,18 @@ WORDS = (
     "we our they their he she his her one two three four five six seven eight nine ten hundred "
     "thousand first second third next last new old good bad high low long short wide narrow"
 ).split()
-PROMPTS = (
-    "You are a helpful assistant.",
-    "Segment: {a}, {b}, {c}, without the background class.",
-    "Segment: {a}, {b}.",
-    "Segment all objects in this image.",
-    "Segment the core target.",
-    "Estimate the depth.",
-    "Please estimate the depth of this image from the NYUv2 dataset.",
-    "Please estimate the depth of this image from the Cityscapes dataset.",
-    "Can you segment \"the {a} next to the {b}\" in this image?",
-    "Detect every objects that belongs to the following categories: {a}, {b}, {c}.",
-    "Describe this image.",
-    "What is on the {a}? There is a {b} on the {a} and a {c} near the {d}.",
-    "How far is the {a} from the camera? About {n} metres.",
-)
+def _prompts(a: str, b: str, c: str, d: str, n: int) -> list[str]:
+    """The task prompts (from their one definition) and a few chat lines, filled with names."""
+    from densert.tasks import prompts as P
+    from densert.tasks.depth_bins import PRESETS
+
+    from .chat import DEFAULT_SYSTEM_PROMPT
+    return [DEFAULT_SYSTEM_PROMPT, P.semantic([a, b, c]).text,
+            P.semantic([a, b], background=True).text, P.open_set().text, P.core_target().text,
+            *(P.depth(k).text for k in PRESETS), P.referring(f"the {a} next to the {b}").text,
+            P.detect_categories([a, b, c]).text, "Describe this image.",
+            f"What is on the {a}? There is a {b} on the {a} and a {c} near the {d}.",
+            f"How far is the {a} from the camera? About {n} metres."]
 
 
 def training_corpus() -> list[str]:
@@ -83,8 +79,7 @@ def training_corpus() -> list[str]:
     out: list[str] = []
     for i in range(len(names)):
         a, b, c, d = (names[(i * k + j) % len(names)] for k, j in ((1, 0), (3, 1), (7, 2), (11, 3)))
-        for p in PROMPTS:
-            out.append(p.format(a=a, b=b, c=c, d=d, n=i * 7 % 100))
+        out += _prompts(a, b, c, d, i * 7 % 100)
         out.append(" ".join(names[i:] + names[:i]))
         out.append(", ".join(n.capitalize() for n in names[i::5]))
     for i in range(0, len(WORDS), 12):
@@ -123,7 +118,7 @@ def _special_layout(layout: str, n_base: int) -> tuple[dict[str, int], set[str],
         ordered = list(T.CONTROL_TOKENS) + tags + coords + customs
         return {s: n_base + j for j, s in enumerate(ordered)}, added, n_base + len(ordered)
     if layout != "youtu-vl-4b":
-        raise ValueError(f"unknown tokenizer layout {layout!r}; expected one of {LAYOUTS}")
+        raise ValueError(f"unknown tokenizer layout {layout!r}; expected one of {MODEL_SIZES}")
     ids = dict(YOUTU_IDS)
     ids.update({s: YOUTU_COORD_BASE + j for j, s in enumerate(coords)})
     ids.update({s: YOUTU_TAG_BASE + j for j, s in enumerate(tags + customs)})

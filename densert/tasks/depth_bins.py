@@ -1,6 +1,7 @@
 """Depth quantisation to the 1..1000 bin ids of DenseMLLM, and back (method spec sec. 2, App. D.3).
 
-This is the single definition shared by the trainer (targets) and the runtime (dequantiser).
+This is the single definition shared by the trainer (targets) and the runtime (dequantiser), and
+the one place the preset names are spelled ("open-world", "nyuv2", "cityscapes", "ddad").
 
 Conventions (chosen here; the paper fixes only the ranges and linear/log spacing):
 
@@ -39,32 +40,25 @@ class DepthPreset:
     dmax: float
     # Focal length (px) the quantisation assumes; None = metric depth independent of the camera.
     focal: float | None = None
-
-    @property
-    def prompt(self) -> str:
-        """The paper's prompt for this preset (the dataset name goes *before* the image)."""
-        if self.name == "open_world":
-            return "Estimate the depth."
-        label = {"nyuv2": "NYUv2", "cityscapes": "Cityscapes", "ddad": "DDAD"}[self.name]
-        return f"Please estimate the depth of this image from the {label} dataset."
+    # Dataset name as the prompt spells it (densert.tasks.prompts.depth); None = open world.
+    dataset: str | None = None
 
 
+OPEN_WORLD = "open-world"
 PRESETS: dict[str, DepthPreset] = {
-    "nyuv2": DepthPreset("nyuv2", "linear", 0.0, 10.0),
-    "cityscapes": DepthPreset("cityscapes", "linear", 0.0, 80.0),
-    "ddad": DepthPreset("ddad", "linear", 0.05, 120.0),
-    "open_world": DepthPreset("open_world", "log", 0.5, 100.0, focal=CANONICAL_FOCAL),
+    OPEN_WORLD: DepthPreset(OPEN_WORLD, "log", 0.5, 100.0, focal=CANONICAL_FOCAL),
+    "nyuv2": DepthPreset("nyuv2", "linear", 0.0, 10.0, dataset="NYUv2"),
+    "cityscapes": DepthPreset("cityscapes", "linear", 0.0, 80.0, dataset="Cityscapes"),
+    "ddad": DepthPreset("ddad", "linear", 0.05, 120.0, dataset="DDAD"),
 }
-_ALIASES = {"nyu": "nyuv2", "nyu_v2": "nyuv2", "open": "open_world", "default": "open_world", "openworld": "open_world"}
 
 
 def get_preset(preset: str | DepthPreset) -> DepthPreset:
     if isinstance(preset, DepthPreset):
         return preset
-    key = _ALIASES.get(preset.lower(), preset.lower())
-    if key not in PRESETS:
-        raise KeyError(f"unknown depth preset {preset!r}; expected one of {sorted(PRESETS)}")
-    return PRESETS[key]
+    if preset not in PRESETS:
+        raise ValueError(f"unknown depth preset {preset!r}; expected one of {tuple(PRESETS)}")
+    return PRESETS[preset]
 
 
 def _focal_factor(p: DepthPreset, fx: float | None) -> float:
@@ -88,7 +82,7 @@ def _from_unit(u: np.ndarray, p: DepthPreset) -> np.ndarray:
     return np.exp(np.log(p.dmin) + u * (np.log(p.dmax) - np.log(p.dmin)))
 
 
-def quantize(depth, preset: str | DepthPreset = "open_world", fx: float | None = None, clip: bool = False) -> np.ndarray:
+def quantize(depth, preset: str | DepthPreset = OPEN_WORLD, fx: float | None = None, clip: bool = False) -> np.ndarray:
     """Metric depth (any shape, metres) -> int64 bins 1..1000, 0 where invalid/out of range."""
     p = get_preset(preset)
     d = np.asarray(depth, dtype=np.float64) * _focal_factor(p, fx)
@@ -103,7 +97,7 @@ def quantize(depth, preset: str | DepthPreset = "open_world", fx: float | None =
     return np.where(valid, bins, INVALID_BIN)
 
 
-def dequantize(bins, preset: str | DepthPreset = "open_world", fx: float | None = None) -> np.ndarray:
+def dequantize(bins, preset: str | DepthPreset = OPEN_WORLD, fx: float | None = None) -> np.ndarray:
     """Bins (any shape, 0..1000) -> float32 metric depth at bin centres, 0 for bin 0."""
     p = get_preset(preset)
     b = np.asarray(bins)
@@ -113,12 +107,12 @@ def dequantize(bins, preset: str | DepthPreset = "open_world", fx: float | None 
     return np.where(b > 0, d, 0.0).astype(np.float32)
 
 
-def bin_centers(preset: str | DepthPreset = "open_world", fx: float | None = None) -> np.ndarray:
+def bin_centers(preset: str | DepthPreset = OPEN_WORLD, fx: float | None = None) -> np.ndarray:
     """float32 [1000]: metric depth of bins 1..1000 (entry i is bin i+1); a lookup table for runtimes."""
     return dequantize(np.arange(1, NUM_BINS + 1), preset, fx)
 
 
-def bin_edges(preset: str | DepthPreset = "open_world", fx: float | None = None) -> np.ndarray:
+def bin_edges(preset: str | DepthPreset = OPEN_WORLD, fx: float | None = None) -> np.ndarray:
     """float64 [1001]: metric depth of the bin boundaries; bin b spans edges[b-1]..edges[b]."""
     p = get_preset(preset)
     return _from_unit(np.arange(NUM_BINS + 1) / NUM_BINS, p) / _focal_factor(p, fx)
