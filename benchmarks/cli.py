@@ -18,10 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from densert.machine import cpu_model
+from densert.machine import cpu_model, source_commit
+from densert.model.config import DTYPES
+from densert.runtime.options import BACKENDS, device_name
+
+# Tasks whose dense map `densert bench` measures against the naive and generate-as-text paths.
+BENCH_TASKS = ("depth", "segment")
 
 SCHEMA_VERSION = 1
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# The measurement plan: the default, and --quick (CI); explicit flags override either.
+FULL = {"sizes": ["256x256", "480x640"], "runs": 10, "warmup": 2, "decode_cap": 32, "decode_runs": 3}
 QUICK = {"sizes": ["64x64", "96x128"], "runs": 3, "warmup": 1, "decode_cap": 4, "decode_runs": 1}
 
 
@@ -30,26 +36,40 @@ def configure(parser) -> None:
                         help="checkpoint directory (default: the bundled densert-tiny)")
     parser.add_argument("--backend", nargs="+", default=list(BACKENDS), choices=BACKENDS,
                         help="backends to compare (unavailable ones are reported as skipped)")
-    parser.add_argument("--task", nargs="+", default=["depth", "segment"], choices=["depth", "segment"])
+    parser.add_argument("--task", nargs="+", default=list(BENCH_TASKS), choices=BENCH_TASKS,
+                        help="tasks measured")
     parser.add_argument("--sizes", nargs="+", default=None, metavar="HxW",
-                        help="image sizes (default 256x256 480x640; --quick: 64x64 96x128)")
-    parser.add_argument("--runs", type=int, default=None, help="timed runs per case (default 10)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2)")
+                        help=f"image sizes (default: {' '.join(FULL['sizes'])}; --quick: "
+                             f"{' '.join(QUICK['sizes'])})")
+    parser.add_argument("--runs", type=int, default=None,
+                        help=f"timed runs per case (default: {FULL['runs']})")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed runs first (default: {FULL['warmup']})")
     parser.add_argument("--decode-cap", type=int, default=None,
-                        help="max decode steps of the generate-everything path (default 32); "
-                             "the rest is extrapolated")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    parser.add_argument("--engine-dir", default=None, help="engine directory for onnxruntime/tensorrt")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+                        help="max decode steps of the generate-everything path, the rest is "
+                             f"extrapolated (default: {FULL['decode_cap']})")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="torch weight dtype")
+    parser.add_argument("--device", default="auto", type=device_name,
+                        help="torch device: auto (cuda when available), cpu, cuda, cuda:N")
+    parser.add_argument("--engine-dir", default=None,
+                        help="engine directory for onnxruntime/tensorrt (default: exported into "
+                             "the per-checkpoint cache first)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the naive full-vocab head")
-    parser.add_argument("--json", default=None, metavar="FILE")
-    parser.add_argument("--md", default=None, metavar="FILE")
-    parser.add_argument("--plots", default=None, metavar="DIR")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="write the report as JSON (default: none; schema benchmarks/schema.json)")
+    parser.add_argument("--md", default=None, metavar="FILE",
+                        help="write the report as Markdown (default: printed when neither --json "
+                             "nor --md is given)")
+    parser.add_argument("--plots", default=None, metavar="DIR",
+                        help="write PNG plots here (default: none; needs densert[bench])")
     parser.add_argument("--label", default=None,
-                        help="free text stored with the results (e.g. 'shared machine, 6 users')")
+                        help="free text stored with the results, e.g. 'shared machine, 6 users' "
+                             "(default: none)")
     parser.add_argument("--from-json", default=None, metavar="FILE",
-                        help="re-render --md / --plots from an earlier --json report (no measuring)")
+                        help="re-render --md / --plots from an earlier --json report, no measuring "
+                             "(default: measure)")
     parser.add_argument("--quick", action="store_true",
                         help=f"CI mode: {QUICK['sizes']}, {QUICK['runs']} runs, "
                              f"{QUICK['warmup']} warm-up, {QUICK['decode_cap']} decode steps")
@@ -58,11 +78,8 @@ def configure(parser) -> None:
 def _resolve_model(arg):
     from densert.errors import CLIError
     if arg is None:
-        from densert.runtime.predictor import ModelDirError, default_model_dir
-        try:
-            return default_model_dir()
-        except ModelDirError as e:
-            raise CLIError(str(e)) from None
+        from densert.resources import bundled_model_dir
+        return bundled_model_dir()
     p = Path(arg)
     if not (p / "config.json").is_file() or not (p / "tokenizer.json").is_file():
         raise CLIError(f"{p}: not a checkpoint directory (needs config.json and tokenizer.json)")
@@ -116,14 +133,6 @@ def machine_info() -> dict:
             "ram_gb": ram, "gpu": gpu, "cuda": torch.version.cuda if gpu else None,
             "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
             "loadavg_at_start": load, "libraries": libs}
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except Exception:
-        return None
 
 
 def _run_worker(spec: dict) -> dict:
@@ -201,8 +210,7 @@ def run(args) -> int:
             print(rep.markdown(report))
         return 0
     model = _resolve_model(args.model)
-    q = QUICK if args.quick else {"sizes": ["256x256", "480x640"], "runs": 10, "warmup": 2,
-                                  "decode_cap": 32, "decode_runs": 3}
+    q = QUICK if args.quick else FULL
     sizes = args.sizes or q["sizes"]
     for s in sizes:
         try:
@@ -225,7 +233,7 @@ def run(args) -> int:
         "command": command_line(args, model),
         "label": args.label,
         "started_unix": started,
-        "git_commit": _git_commit(),
+        "git_commit": source_commit(),
         "machine": machine,
         "model": {"dir": str(model), "name": model.name, "vocab_size": cfg.vocab_size,
                   "hidden_size": cfg.hidden_size, "text_layers": cfg.num_hidden_layers,
@@ -265,6 +273,7 @@ def run(args) -> int:
     add_roofline(report, cfg)
     add_ratios(report)
     from . import report as rep
+    rep.validate(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

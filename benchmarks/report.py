@@ -1,10 +1,30 @@
-"""Markdown tables and PNG plots (matplotlib, Agg) of a ``densert bench`` JSON report."""
+"""A ``densert bench`` JSON report: its schema check, Markdown tables and PNG plots (matplotlib,
+Agg)."""
 from __future__ import annotations
 
+import json
+from importlib import resources
 from pathlib import Path
+
+from densert.extras import require
 
 STAGE_ORDER = ("preprocess", "vision_encoder", "llm_prefill", "dense_head", "postprocess")
 ROOF_STAGES = ("vision_encoder", "llm_prefill", "dense_head")
+
+
+def schema() -> dict:
+    """``benchmarks/schema.json`` (JSON Schema draft 2020-12), from the installed package."""
+    return json.loads((resources.files("densert.benchmarks") / "schema.json").read_text())
+
+
+def validate(report: dict) -> None:
+    """Raise ValueError listing every way ``report`` breaks the schema (empty: valid)."""
+    jsonschema = require("jsonschema", "validating a bench report")
+    v = jsonschema.Draft202012Validator(schema())
+    errors = sorted(v.iter_errors(report), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ValueError("bench report does not match benchmarks/schema.json: " + "; ".join(
+            f"{'/'.join(map(str, e.absolute_path)) or '$'}: {e.message}" for e in errors[:10]))
 
 
 def _ms(x) -> str:
@@ -155,7 +175,7 @@ def markdown(rep: dict) -> str:
 
 def plots(rep: dict, out_dir, prefix: str | None = None) -> list[Path]:
     """``<prefix>_latency_vs_size.png`` and ``<prefix>_stages.png`` (prefix: bench_<model>)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "bench plots (--plots)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

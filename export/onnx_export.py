@@ -39,6 +39,7 @@ from densert.model.modeling import YoutuVLForConditionalGeneration
 from densert.model.vision_meta import VisionMeta, build_vision_meta
 from densert.checkpoint.loader import load_model
 from densert.errors import EngineError
+from densert.extras import require
 from densert.kernels.dense_head import subset_weight
 from densert.tasks import DENSE_TASKS, GENERATING_TASKS, TASKS
 
@@ -294,6 +295,7 @@ def export_engine(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     """
     from tqdm.auto import tqdm
 
+    require("onnx", "densert export")
     try:
         o = dataclasses.replace(options or ExportOptions(), **overrides)
     except ValueError as e:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from densert.cli import add_dataclass_arguments, dataclass_kwargs, fields_of
 from densert.errors import CLIError
+from densert.extras import require
 from densert.tasks.depth_bins import OPEN_WORLD, PRESETS
 
 from .options import DenseOptions, PredictorOptions
@@ -83,6 +84,8 @@ def run(args) -> int:
 
     command = args.command
     opts, settings = _options(args)
+    if opts.crf:
+        require("pydensecrf.densecrf", "--crf")  # before the model loads
     images = list_images(args.images)
     missing_dirs = [p for p in map(Path, args.images) if p.is_dir() and not any(
         q.parent == p for q in images)]

@@ -3,14 +3,13 @@
 Strings follow spec ``youtu-vl-checkpoint.md`` sec. 6-9 and ``densemllm-method.md`` sec. 2. Ids are
 never hard-coded here: they are read from the checkpoint's ``tokenizer.json`` through ``Vocab``,
 because the released ids of the tag and depth-bin tokens are unknown (spec sec. 6, 11).
+Torch-free at import: the CLI reads these strings to declare its options.
 """
 from __future__ import annotations
 
 import re
 from functools import cached_property
 from pathlib import Path
-
-import torch
 
 from densert.errors import TokenizerError
 
@@ -110,7 +109,7 @@ class Vocab:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "reshape"):  # a tensor or array of ids
             ids = ids.reshape(-1).tolist()
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -139,8 +138,9 @@ class Vocab:
     def image_pad_id(self) -> int:
         return self.token_id(IMAGE_PAD)
 
-    def depth_bin_ids(self) -> torch.Tensor:
+    def depth_bin_ids(self) -> "torch.Tensor":
         """LongTensor[1000]: entry k-1 is the id of ``<custom_k>``."""
+        import torch
         return torch.tensor([self.token_id(custom_token(k)) for k in range(1, N_DEPTH_BINS + 1)],
                             dtype=torch.long)
 
