@@ -58,11 +58,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
+    from densert.backend import TorchBackend
     from densert.checkpoint.loader import load_model
     from densert.export.onnx_export import export_engine
     from densert.export.ort_backend import OrtBackend
     from densert.export.verify import prompt_ids
-    from densert.backend import TorchBackend
     from densert.model.vision_meta import build_vision_meta
 
     torch.set_num_threads(a.threads)

@@ -89,6 +89,7 @@ def _hidden(L: int, gh: int, gw: int, kind: str):
 
 def _worker(variant: str, task: str, L: int, reps: int, hidden_kind: str = "random") -> dict:
     import torch
+
     from densert.kernels.dense_head import dense_head, naive_full_vocab_head, subset_weight
 
     torch.manual_seed(0)

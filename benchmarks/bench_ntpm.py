@@ -30,6 +30,7 @@ DW_MB = V * D * 2 / 2**20  # the bf16 weight gradient both variants return
 
 def naive_ntpm(hidden, weight, pos, k):
     import torch
+
     from densert.kernels.ntpm import softplus
     z = (hidden @ weight.t()).float()  # [L, V]
     zpos = z.gather(1, pos)
@@ -41,6 +42,7 @@ def naive_ntpm(hidden, weight, pos, k):
 
 def _worker(variant: str, reps: int) -> dict:
     import torch
+
     from densert.kernels.ntpm import ntpm_loss
     torch.manual_seed(0)
     W = torch.empty(V, D, dtype=torch.bfloat16).uniform_(-0.04, 0.04).requires_grad_(True)

@@ -193,8 +193,9 @@ def add_ratios(report: dict) -> None:
 def run(args) -> int:
     from densert.errors import CLIError
     from densert.model.config import YoutuVLConfig
-    from . import roofline as R
     from densert.options import hw_size
+
+    from . import roofline as R
 
     if args.from_json:
         from . import report as rep

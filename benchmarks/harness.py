@@ -105,6 +105,7 @@ def _head_rows(backend, model_dir: Path, ids: list[int]):
     if model is not None and hasattr(model, "lm_head"):
         return model.lm_head.weight.detach()[torch.as_tensor(ids)].float()
     from safetensors import safe_open
+
     from densert.checkpoint.files import weight_files
     for f in weight_files(model_dir):
         with safe_open(str(f), framework="pt") as sf:
@@ -142,16 +143,16 @@ def _make_backend(spec: dict):
 def run_worker(spec: dict) -> dict:
     """Measure one backend. Returns a dict for the ``backends[]`` entry of the report."""
     import torch
-    from densert.text import tokens as T
-    from densert.text.chat import encode_chat, user_message
+
+    from densert.image.preprocess import preprocess
     from densert.kernels.dense_head import dense_head, naive_full_vocab_head
-    from densert.tasks import prompts
+    from densert.model.vision_meta import build_vision_meta
     from densert.runtime.dense import depth_map, segment_labels
     from densert.runtime.options import DenseOptions
-    from densert.image.preprocess import preprocess
+    from densert.tasks import prompts
     from densert.tasks.rle import depth_grid_shape, encode_depth, encode_segmentation
+    from densert.text.chat import encode_chat, user_message
     from densert.text.tokens import Vocab
-    from densert.model.vision_meta import build_vision_meta
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))

@@ -72,8 +72,8 @@ def run(args) -> int:
         print(rep.format())
         return 0 if rep.ok else 1
     if args.command == "build-engine":
-        from .tensorrt import BuildOptions, build_engines, trtexec_commands
         from .manifest import read_manifest
+        from .tensorrt import BuildOptions, build_engines, trtexec_commands
         m = read_manifest(args.engine_dir)
         opts = BuildOptions.from_manifest(m, BuildRequest(**dataclass_kwargs(args, fields_of(BuildRequest))))
         print("equivalent trtexec command lines:")

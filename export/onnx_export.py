@@ -20,31 +20,28 @@ import contextlib
 import copy
 import dataclasses
 import datetime as _dt
-import math
-import os
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from densert import __version__
-from densert.model.config import YoutuVLConfig
-from densert.model.config import CACHE_LAYOUTS
-from densert.model.modeling import YoutuVLForConditionalGeneration
-from densert.model.vision_meta import VisionMeta, build_vision_meta
 from densert.checkpoint.loader import load_model
 from densert.errors import EngineError
 from densert.extras import require
 from densert.kernels.dense_head import subset_weight
-from densert.tasks import DENSE_TASKS, GENERATING_TASKS, TASKS
+from densert.model.config import CACHE_LAYOUTS, YoutuVLConfig
+from densert.model.modeling import YoutuVLForConditionalGeneration
+from densert.model.vision_meta import VisionMeta, build_vision_meta
+from densert.tasks import DENSE_TASKS, GENERATING_TASKS
 
-from .options import PRECISIONS, ExportOptions
 from .manifest import FORMAT, FORMAT_VERSION, checkpoint_identity, file_sha256, write_manifest
+from .options import PRECISIONS, ExportOptions
 
 OPSET = 17
 EXTERNAL_DATA_THRESHOLD = 2 << 30    # protobuf's hard 2 GiB message limit

@@ -19,10 +19,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from densert.model.config import YoutuVLConfig
 from densert.backend import PrefillResult
-from densert.model.vision_meta import VisionMeta
 from densert.errors import EngineError
+from densert.model.config import YoutuVLConfig
+from densert.model.vision_meta import VisionMeta
 
 from .manifest import cache_root, checkpoint_identity, load_manifest
 

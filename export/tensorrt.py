@@ -27,7 +27,6 @@ from densert.errors import EngineError
 
 from .options import BuildRequest
 
-
 TRT_MISSING = (
     "TensorRT's Python bindings (`import tensorrt`) are not installed. On Jetson they ship with "
     "JetPack 6/7 (`sudo apt install python3-libnvinfer` or the nvidia-jetpack meta package; in a venv "

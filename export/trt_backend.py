@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
+from densert.errors import EngineError
 from densert.model.config import YoutuVLConfig
 from densert.model.vision_meta import VisionMeta
-from densert.errors import EngineError
 
 from .manifest import load_manifest
 from .ort_backend import OrtPrefillResult

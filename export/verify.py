@@ -24,13 +24,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from densert.model.generation import greedy_decode
 from densert.backend import TorchBackend
+from densert.model.generation import greedy_decode
 from densert.model.vision_meta import build_vision_meta
 
 from .options import VERIFY_DECODE_STEPS, VERIFY_GRIDS
@@ -206,18 +206,8 @@ def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] 
                                            (grid[0] // 2, grid[1] // 2), out_hw, th["tie"])
                 rep.dense.append((f"[{label}] {t} map end-to-end", agree, n, agree >= th["dense"]))
         if "llm_decode" in m["graphs"] and decode_steps:
-            steps: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-            def ref_step(tok, cache):
-                return ref.decode(tok, cache)
-
-            def got_step(tok, cache):
-                lg, cache = eng.decode(tok, cache)
-                # Teacher-forced comparison: the engine's logits for the same token stream.
-                return lg, cache
-
-            toks_ref, cache_r = greedy_decode(ref_step, p_ref.last_logits, p_ref.cache, decode_steps)
-            toks_got, cache_g = greedy_decode(got_step, p_got.last_logits, p_got.cache, decode_steps)
+            toks_ref, _ = greedy_decode(ref.decode, p_ref.last_logits, p_ref.cache, decode_steps)
+            toks_got, _ = greedy_decode(eng.decode, p_got.last_logits, p_got.cache, decode_steps)
             rep.tokens.append((f"[{label}] greedy tokens", toks_ref, toks_got,
                                toks_ref == toks_got or not th["tokens"]))
             # Per-step logits on the reference token stream (independent of argmax flips). The

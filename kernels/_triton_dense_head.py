@@ -121,7 +121,7 @@ def dense_tail(scores: torch.Tensor, gh: int, gw: int, H: int, W: int, mode: str
 def dense_head_triton(hidden, weight, grid_hw, out_hw, mode="argmax", temperature=0.2,
                       depth_values=None, **kw):
     """The Triton route of ``dense_head`` regardless of device (tests run it in the interpreter)."""
-    from .dense_head import _check_args, dense_scores
-    gh, gw, H, W = _check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values)
+    from .dense_head import check_args, dense_scores
+    gh, gw, H, W = check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values)
     return dense_tail(dense_scores(hidden, weight), gh, gw, H, W, mode, float(temperature),
                       depth_values, **kw)

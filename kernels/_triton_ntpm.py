@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ntpm import (_NTPMSparse, _check, _compute_dtype, _loss_from_selection, select_tokens)
+from .ntpm import NTPMSparse, check_args, compute_dtype, loss_from_selection, select_tokens
 
 _INT64_MIN = -(2 ** 63)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -215,11 +215,11 @@ def sparse_backward(h: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, g:
 def ntpm_loss_triton(hidden, weight, positives, k=32, token_mask=None, vocab_mask=None,
                      reduction="sum", **select_kw):
     """The Triton route of ``ntpm_loss`` regardless of device (tests run it in the interpreter)."""
-    _check(hidden, weight, positives, k, token_mask, vocab_mask, reduction)
+    check_args(hidden, weight, positives, k, token_mask, vocab_mask, reduction)
     rows, pos, scale = select_tokens(hidden, positives, token_mask, vocab_mask, reduction)
     with torch.no_grad():
         h = hidden.detach()[rows]
         zpos, nval, nid = ntpm_select_triton(h, weight.detach(), pos, k, vocab_mask, **select_kw)
-        cdt = _compute_dtype(hidden, weight)
-        terms, ids, coef = _loss_from_selection(zpos.to(cdt), pos, nval.to(cdt), nid, k)
-    return _NTPMSparse.apply(hidden, weight, h, rows, ids, coef, terms, scale, True)
+        cdt = compute_dtype(hidden, weight)
+        terms, ids, coef = loss_from_selection(zpos.to(cdt), pos, nval.to(cdt), nid, k)
+    return NTPMSparse.apply(hidden, weight, h, rows, ids, coef, terms, scale, True)

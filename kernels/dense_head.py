@@ -89,7 +89,7 @@ def bilinear_source_coords(in_size: int, out_size: int, device=None):
     return (i0.to(device), i1.to(device), l0.to(device), l1.to(device))
 
 
-def _check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values):
+def check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values):
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     gh, gw = (int(x) for x in grid_hw)
@@ -199,7 +199,7 @@ def dense_head(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw, mode
     (``depth``). CUDA tensors run the fused Triton tail when triton is installed; anything else
     the torch path.
     """
-    gh, gw, H, W = _check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values)
+    gh, gw, H, W = check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values)
     scores = dense_scores(hidden, weight)
     if scores.is_cuda and triton_available():
         from . import _triton_dense_head as tdh

@@ -40,11 +40,11 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(x, torch.zeros_like(x))
 
 
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
 
 
-def _check(hidden, weight, positives, k, token_mask, vocab_mask, reduction):
+def check_args(hidden, weight, positives, k, token_mask, vocab_mask, reduction):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
     L, V = hidden.shape[0], weight.shape[0]
@@ -133,7 +133,7 @@ def ntpm_select_torch(h: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, 
     return zpos, run_v, run_i
 
 
-class _NTPMSparse(torch.autograd.Function):
+class NTPMSparse(torch.autograd.Function):
     """Loss from selected logits; backward scatters the sparse G into dH and dW."""
 
     @staticmethod
@@ -212,7 +212,7 @@ def _sparse_weight_grad(h: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, wei
     return dW
 
 
-def _loss_from_selection(zpos, pos, nval, nid, k):
+def loss_from_selection(zpos, pos, nval, nid, k):
     """Per-token loss terms and d loss / d z for positives and negatives."""
     pvalid = pos >= 0
     nvalid = torch.isfinite(nval)
@@ -240,25 +240,25 @@ def ntpm_loss(hidden: torch.Tensor, weight: torch.Tensor, positives: torch.Tenso
               token_mask: torch.Tensor | None = None, vocab_mask: torch.Tensor | None = None,
               chunk_size: int = 8192, reduction: str = "sum") -> torch.Tensor:
     """NTP-M loss with a sparse exact backward to ``hidden`` and ``weight`` (see module doc)."""
-    _check(hidden, weight, positives, k, token_mask, vocab_mask, reduction)
+    check_args(hidden, weight, positives, k, token_mask, vocab_mask, reduction)
     if hidden.is_cuda and triton_available():
         from . import _triton_ntpm
         return _triton_ntpm.ntpm_loss_triton(hidden, weight, positives, k, token_mask, vocab_mask,
                                              reduction=reduction)
-    cdt = _compute_dtype(hidden, weight)
+    cdt = compute_dtype(hidden, weight)
     rows, pos, scale = select_tokens(hidden, positives, token_mask, vocab_mask, reduction)
     with torch.no_grad():
         h = hidden.detach()[rows].to(cdt)
         zpos, nval, nid = ntpm_select_torch(h, weight.detach(), pos, k, vocab_mask, chunk_size)
-        terms, ids, coef = _loss_from_selection(zpos, pos, nval, nid, k)
-    return _NTPMSparse.apply(hidden, weight, h, rows, ids, coef, terms, scale)
+        terms, ids, coef = loss_from_selection(zpos, pos, nval, nid, k)
+    return NTPMSparse.apply(hidden, weight, h, rows, ids, coef, terms, scale)
 
 
 def ntpm_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, positives: torch.Tensor,
                         k: int = 32, token_mask: torch.Tensor | None = None,
                         vocab_mask: torch.Tensor | None = None, reduction: str = "sum") -> torch.Tensor:
     """Dense float64 autograd reference (materialises L x |V|; tests only)."""
-    _check(hidden, weight, positives, k, token_mask, vocab_mask, reduction)
+    check_args(hidden, weight, positives, k, token_mask, vocab_mask, reduction)
     L, V = hidden.shape[0], weight.shape[0]
     z = hidden.to(torch.float64) @ weight.to(torch.float64).t()
     pos = prepare_positives(positives.to(hidden.device), vocab_mask)

@@ -135,10 +135,10 @@ def run(args) -> int:
 
 
 def _process(pred, command, args, path: Path, out: Path):
-    from . import outputs as O
-
     """Run one image; returns the writers (called only when everything was computed, so a
     failure leaves nothing behind)."""
+    from . import outputs as O
+
     stem = out / path.stem
     meta = dict(task=command, model_dir=pred.model_dir, backend=pred.backend_name, source=path)
     opts = pred.options.to_dict()

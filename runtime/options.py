@@ -88,8 +88,8 @@ class PredictorOptions:
     engine_dir: str | None = opt(None, "engine directory for onnxruntime / tensorrt (default: the "
                                        "per-checkpoint cache, exported on first use)")
     dtype: str = opt("float32", "torch weight dtype", choices=DTYPES)
-    device: str = opt("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:N",
-                      type=device_name)
+    device: str = opt("auto", "torch device (auto: cuda when available)", type=device_name,
+                      metavar="{auto,cpu,cuda,cuda:N}")
     max_patches: int = opt(DEFAULT_MAX_PATCHES, "the processor's cap on 16x16 patches per image")
     upscale: int = opt(1, "upscale factor before the size search (paper: x2-x4 for small images)",
                        choices=UPSCALES)

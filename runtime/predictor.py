@@ -155,8 +155,6 @@ class DensePredictor:
         self.config = backend.config
         self.options = options or DenseOptions()
         self.settings = settings
-        self.max_patches, self.upscale = settings.max_patches, settings.upscale
-        self.max_new_tokens = settings.max_new_tokens
         self._head = lm_head_weight(backend, self.model_dir)
         self._weights: dict[tuple, torch.Tensor] = {}
         self._metas: dict[tuple[int, int], object] = {}
@@ -205,7 +203,7 @@ class DensePredictor:
     def _generate(self, pf, tm: Timings, stop: set[int], max_new_tokens: int | None = None):
         with tm.stage("decode"):
             toks, _ = greedy_decode(self.backend.decode, pf.last_logits, pf.cache,
-                                    max_new_tokens or self.max_new_tokens, stop)
+                                    max_new_tokens or self.settings.max_new_tokens, stop)
         return toks
 
     def _text(self, toks: list[int]) -> str:
@@ -218,14 +216,15 @@ class DensePredictor:
 
     def _pre(self, image, tm: Timings, upscale: float | None = None) -> Preprocessed:
         with tm.stage("preprocess"):
-            return preprocess(image, self.max_patches, self.upscale if upscale is None else upscale)
+            return preprocess(image, self.settings.max_patches,
+                              self.settings.upscale if upscale is None else upscale)
 
     # ---- tasks ----
     def depth(self, image, preset: str = depth_bins.OPEN_WORLD, focal: float | None = None
               ) -> DepthResult:
         tm = Timings()
         open_world = depth_bins.get_preset(preset).focal is not None  # unknown presets fail here
-        scale = self.upscale
+        scale = self.settings.upscale
         if focal is not None:
             if not open_world:
                 raise ValueError(f"--focal applies to the open-world preset only; {preset!r} is a "

@@ -7,15 +7,15 @@ import shutil
 import pytest
 import torch
 
-from densert.errors import EngineError
-from densert.tasks import DENSE_TASKS
-from densert.export.manifest import MANIFEST, load_manifest
 from densert.checkpoint.loader import load_model
+from densert.errors import EngineError
+from densert.export.manifest import MANIFEST, load_manifest
 from densert.export.onnx_export import TRT_SUPPORTED_OPS, export_engine
 from densert.export.ort_backend import OrtBackend
 from densert.export.verify import verify
 from densert.model.generation import generate, greedy_decode
 from densert.model.vision_meta import build_vision_meta
+from densert.tasks import DENSE_TASKS
 
 GRIDS = ((8, 8), (12, 20), (18, 10), (2, 2))  # one export serves all of them
 

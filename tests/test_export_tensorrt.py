@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 import torch
 
+from densert.checkpoint.loader import load_model
 from densert.errors import EngineError
 from densert.export.manifest import read_manifest
-from densert.checkpoint.loader import load_model
 from densert.export.onnx_export import export_engine
 from densert.export.tensorrt import BuildOptions, profile_shapes, trtexec_commands
 

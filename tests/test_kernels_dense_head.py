@@ -10,8 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from densert.kernels.dense_head import (dense_head, dense_scores, naive_full_vocab_head,  # noqa: E402
-                                        subset_weight)
+from densert.kernels.dense_head import dense_head, dense_scores, naive_full_vocab_head, subset_weight  # noqa: E402
 
 needs_interp = pytest.mark.skipif(_TRITON_PREIMPORTED,
                                   reason="triton was imported before TRITON_INTERPRET=1 was set")

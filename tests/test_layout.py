@@ -138,9 +138,10 @@ def test_help_imports_no_torch():
 
 
 def test_every_flag_has_help_and_shows_its_default():
-    from densert.cli import COMMANDS, HelpFormatter, new_parser
     import importlib
     import inspect as ins
+
+    from densert.cli import COMMANDS, HelpFormatter, new_parser
     for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(module)
         p = new_parser(f"densert {name}", help_text)

@@ -3,9 +3,9 @@ import pytest
 import torch
 import transformers
 
-from densert.model.config import sized_config
+from densert.model.config import CACHE_LAYOUTS, sized_config
 from densert.model.generation import generate
-from densert.model.llm import CACHE_LAYOUTS, empty_cache
+from densert.model.llm import KVCache, empty_cache
 from densert.model.modeling import YoutuVLForConditionalGeneration
 
 VOCAB = 512
@@ -142,3 +142,28 @@ def test_unknown_cache_layout_is_rejected():
     ours, _ = pair()
     with pytest.raises(ValueError, match="unknown cache layout"):
         ours(torch.tensor([[1, 2]]), cache_layout="paged")
+
+
+@pytest.mark.parametrize("layout", CACHE_LAYOUTS)
+def test_kv_cache_writes_in_place_and_equals_the_tensor_cache(layout):
+    """The eager KVCache gives the tensor path's logits and cache; a step within capacity writes
+    into the same buffers (no restack), and growing past the capacity keeps every entry."""
+    ours, _ = pair(seed=5)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 14))
+    with torch.no_grad():
+        cache = KVCache(ours.config, layout, capacity=8)
+        a = ours(ids[:, :6], past=cache, cache_layout=layout, logits="all")
+        b = ours(ids[:, :6], cache_layout=layout, logits="all")
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+        past = b.past
+        for pos in range(6, 14):
+            before = [t.data_ptr() for t in cache.buffers]
+            a = ours(ids[:, pos:pos + 1], past=cache, cache_layout=layout, logits="all")
+            b = ours(ids[:, pos:pos + 1], past=past, cache_layout=layout, logits="all")
+            past = b.past
+            torch.testing.assert_close(a.logits, b.logits, rtol=1e-6, atol=1e-6)
+            grew = pos == 8  # the 9th token outgrows capacity 8
+            assert ([t.data_ptr() for t in cache.buffers] != before) == grew
+        assert cache.length == 14 and cache.capacity == 16
+        for x, y in zip(cache.tensors(), past):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)

@@ -12,8 +12,7 @@ from PIL import Image
 from densert.errors import ImageError
 from densert.image import decode as image_io
 from densert.image.decode import load_rgb
-from densert.image.preprocess import (patchify, preprocess, resize_uint8, target_size,
-                                        unpatchify)
+from densert.image.preprocess import patchify, preprocess, resize_uint8, target_size, unpatchify
 
 
 @pytest.mark.parametrize("hw, want, patches", [

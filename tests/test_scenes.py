@@ -1,8 +1,15 @@
 import numpy as np
 import pytest
 
-from densert.training.classes import CLASS_IDS, CLASS_NAMES, INDOOR_CLASSES, OUTDOOR_CLASSES, NUM_CLASSES, class_id
-from densert.training.scenes import OUTDOOR_MAX_DEPTH, Scene, _Prim, _INTERSECT, render_scene, write_samples
+from densert.training.classes import (
+    CLASS_IDS,
+    CLASS_NAMES,
+    INDOOR_CLASSES,
+    NUM_CLASSES,
+    OUTDOOR_CLASSES,
+    class_id,
+)
+from densert.training.scenes import _INTERSECT, OUTDOOR_MAX_DEPTH, Scene, _Prim, render_scene, write_samples
 
 H, W = 64, 96
 

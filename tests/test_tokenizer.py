@@ -9,11 +9,16 @@ import sys
 import pytest
 import torch
 
-from densert.errors import TokenizerError
+from densert.errors import ChatError, TokenizerError
 from densert.text import tokens as T
-from densert.errors import ChatError
-from densert.text.chat import (CHAT_TEMPLATE, encode_chat, expand_image_pads, render_chat,
-                          render_jinja, user_message)
+from densert.text.chat import (
+    CHAT_TEMPLATE,
+    encode_chat,
+    expand_image_pads,
+    render_chat,
+    render_jinja,
+    user_message,
+)
 from densert.text.tokenizer import build_tokenizer_json
 
 

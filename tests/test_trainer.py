@@ -5,16 +5,15 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from densert.text import tokens as T
-from densert.training import trainer as TR
 from densert.tasks.prompts import CORE_TARGET_CLASSES
 from densert.tasks.rle import ref_tags
+from densert.text import tokens as T
+from densert.training import trainer as TR
 from densert.training.classes import CLASS_NAMES
 
 SMALL = dict(text_layers=1, vision_layers=1, batch=2, image_size=(64, 64), scenes=4,

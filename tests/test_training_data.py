@@ -7,10 +7,26 @@ from PIL import Image
 
 from densert.tasks import depth_bins as db
 from densert.training.classes import BG, CLASS_IDS, FG, IGNORE_LABEL, NUM_CLASSES
-from densert.training.data import (EVAL_SEED_BASE, SceneDataset, UserDataset, collate_scenes, depth_targets,
-                                   fgbg_targets, find_pairs, fit_to_multiple, load_class_names,
-                                   load_depth, load_depth_sample, load_seg_sample, padded_indices,
-                                   referring_crop, resize_sample, segmentation_targets, split_seeds, token_grid)
+from densert.training.data import (
+    EVAL_SEED_BASE,
+    SceneDataset,
+    UserDataset,
+    collate_scenes,
+    depth_targets,
+    fgbg_targets,
+    find_pairs,
+    fit_to_multiple,
+    load_class_names,
+    load_depth,
+    load_depth_sample,
+    load_seg_sample,
+    padded_indices,
+    referring_crop,
+    resize_sample,
+    segmentation_targets,
+    split_seeds,
+    token_grid,
+)
 from densert.training.scenes import Intrinsics
 
 

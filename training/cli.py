@@ -105,6 +105,7 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     import torch
+
     from densert.checkpoint.loader import load_model
     from densert.resources import bundled_model_dir
     from densert.text import tokens as T

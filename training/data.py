@@ -24,10 +24,10 @@ from PIL import Image
 
 from densert.image import BLOCK
 from densert.tasks import DENSE_TASKS, grounding
+from densert.tasks.depth_bins import NUM_BINS, OPEN_WORLD, get_preset, quantize
 from densert.tasks.grounding import REFER_PADDING
 
 from .classes import BG, CLASS_NAMES, FG, IGNORE_LABEL, NUM_CLASSES
-from densert.tasks.depth_bins import NUM_BINS, OPEN_WORLD, get_preset, quantize
 from .config import SCENE_KINDS
 from .scenes import Intrinsics, Scene, render_scene
 

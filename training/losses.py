@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from .config import LOSSES
 
 
-
 def _valid_tokens(positives: torch.Tensor, token_mask: torch.Tensor | None,
                   vocab_mask: torch.Tensor | None) -> torch.Tensor:
     pos_ok = positives >= 0

@@ -38,7 +38,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,16 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densert.model.vision_meta import build_vision_meta
+from densert.tasks import DENSE_TASKS, classes, grounding, prompts, rle
 from densert.text import tokens as T
 from densert.text.chat import encode_chat, user_message
-from densert.model.vision_meta import build_vision_meta
-
-from densert.tasks import DENSE_TASKS, classes, grounding, prompts, rle
 
 from . import data
-from .data import CELL
 from .classes import CLASS_NAMES, NUM_CLASSES
 from .config import TrainConfig
+from .data import CELL
 from .losses import LabelSpace, pad_cat, vision_loss
 
 TASKS = DENSE_TASKS
@@ -516,6 +515,7 @@ def evaluate(model, vocab: T.Vocab, n: int = 16, cfg: TrainConfig | None = None,
     from densert.kernels.dense_head import subset_weight
     from densert.runtime.dense import depth_map, segment_labels
     from densert.runtime.options import DenseOptions
+
     from .metrics import DepthMeter, SegmentationMeter
     from .scenes import render_scene
     cfg = cfg or TrainConfig()

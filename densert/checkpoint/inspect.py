@@ -6,12 +6,11 @@ index, and every tensor name and shape against the architecture in config.json).
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
-from densert.text import tokens as T
 from densert.errors import CheckpointError, TokenizerError
+from densert.text import tokens as T
 
 from .files import read_all_headers, read_config
 
@@ -20,8 +19,9 @@ def summarize(path: str | Path) -> dict:
     """The inspection result as a JSON-able dict; raises CheckpointError if broken."""
     import torch
 
-    from .loader import IGNORED_KEYS, validate
     from densert.model.modeling import YoutuVLForConditionalGeneration
+
+    from .loader import IGNORED_KEYS, validate
     path = Path(path)
     cfg = read_config(path)
     infos = read_all_headers(path)

@@ -23,8 +23,7 @@ from torch import nn
 
 from densert.errors import CheckpointError
 
-from .files import (TensorInfo, read_all_headers, read_config,
-                         resolve_dtype)
+from .files import TensorInfo, read_all_headers, read_config, resolve_dtype
 
 # Present in some SigLIP2 exports but unused: Youtu-VL feeds patches through 2-D RoPE only
 # (spec youtu-vl-checkpoint.md sec. 2.1; mlx-vlm and mlxcel drop them too).

@@ -13,7 +13,7 @@ from densert.model.modeling import YoutuVLForConditionalGeneration
 from densert.text import tokens as T
 from densert.text.tokenizer import apply_token_ids, build_tokenizer_json
 
-from .files import prepare_out_dir, write_weights, dtype_name, resolve_dtype, saved_names, write_side_files
+from .files import dtype_name, prepare_out_dir, resolve_dtype, saved_names, write_side_files, write_weights
 
 _INIT_CHUNK = 2**24   # values generated per step: bounds the fp32 scratch to 64 MB
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 
-from . import tokens as T
 from densert.model.config import MODEL_SIZES, YoutuVLConfig
+
+from . import tokens as T
 
 YOUTU_VOCAB_SIZE = 283386
 YOUTU_IDS = {T.BOS: 128000, T.EOS: 128001, T.VISION_START: 128262, T.VISION_END: 128263,

@@ -10,8 +10,12 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from densert.errors import TokenizerError
+
+if TYPE_CHECKING:
+    import torch
 
 BOS = "<|begin_of_text|>"     # also opens every role block of the chat template
 EOS = "<|end_of_text|>"       # eos and pad; closes every message
