@@ -3,6 +3,7 @@ the bundled model. Guards the layout against path arithmetic that only works in 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,10 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_runs_depth_and_eval_without_the_repo(tmp_path):
+    # Built from a copy, so setuptools' build/ folder never lands in (or goes stale in) the repo.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "out", "runs"))
     dist = tmp_path / "dist"
     # No build isolation: the venv's setuptools (a torch dependency) builds it, no download.
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                        "--no-build-isolation", "-w", str(dist), str(ROOT)], capture_output=True,
+                        "--no-build-isolation", "-w", str(dist), str(src)], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (whl,) = dist.glob("densert-*.whl")

@@ -30,8 +30,8 @@ def _size(s: str) -> tuple[int, int]:
 def configure(parser, command: str) -> None:
     if command == "render":
         parser.add_argument("out", help="output directory")
-        parser.add_argument("--n", type=int, default=4, help="number of scenes")
-        parser.add_argument("--seed-base", type=int, default=0, help="first scene seed")
+        parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3],
+                            help="scene seeds, one scene each")
         parser.add_argument("--image-size", default="256x320", help="HxW of the scenes")
         parser.add_argument("--kind", choices=SCENE_KINDS, default="any", help="scene kind")
     elif command == "train":
@@ -71,10 +71,8 @@ def run(args) -> int:
 
 def _render(args) -> int:
     from .scenes import write_samples
-    if args.n <= 0:
-        raise CLIError("--n must be positive")
     h, w = _size(args.image_size)
-    for p in write_samples(args.out, range(args.seed_base, args.seed_base + args.n), h, w, args.kind):
+    for p in write_samples(args.out, args.seeds, h, w, args.kind):
         print(p)
     return 0
 
