@@ -61,8 +61,15 @@ def show_default(v: Any) -> str:
     return str(v).replace("%", "%%")
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors are one line that points at ``--help`` (not the usage block), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    return Parser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, names: Iterable[str] | None = None,

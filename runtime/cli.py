@@ -1,39 +1,57 @@
 """``densert depth|segment|refer|chat IMAGE... [options]``: the runtime on files.
 
-Images may be files or directories (their image files, sorted, not recursive). The model is
-loaded once for all images. Per image ``<stem>`` the command writes into ``--out``:
+Images may be files or directories (their image files, sorted, not recursive). Every input and
+option is checked before the model loads: an unreadable or oversized image (a decompression bomb)
+is reported in one line and skipped, a bad option or output folder stops the run at once. The model
+is loaded once for all images. Per image ``<stem>`` the command writes into ``--out`` a set of
+files that appears whole or not at all (``--formats`` picks them; the JSON sidecar is always
+written, schema ``runtime/sidecar.schema.json``):
 
-  depth    <stem>.depth.npy (float32 metres), <stem>.depth.png (turbo + metre legend),
-           <stem>.depth.txt (released RLE form), <stem>.json
-  segment  <stem>.labels.npy (uint16), <stem>.seg.png (palette), <stem>.overlay.png,
-           <stem>.seg.txt (released RLE form), <stem>.json
-  refer    <stem>.mask.npy (uint8 0/1), <stem>.refer.png (overlay), <stem>.refer.txt, <stem>.json
-  chat     <stem>.chat.txt, <stem>.json (and the answer on stdout); no image: prompt only
+  depth    <stem>.depth.npy (float32), .depth.png (turbo, pixel-aligned), .depth.mm.png (uint16
+           millimetres, metric depth only), .depth.txt (released RLE), [.depth.tiff], .json
+  segment  <stem>.labels.npy (uint16), .labels.png (indexed, palette = class colours),
+           .overlay.png, .seg.txt (released RLE), .coco.json (COCO RLE per class), .json
+  refer    <stem>.mask.npy (uint8 0/1), .refer.png (overlay), .refer.txt, .coco.json, .json
+  chat     <stem>.chat.txt, .json (and the answer on stdout); no image: prompt only
 
-Exit status: 0 when every image succeeded; 1 when some image failed (each failure is reported
-on stderr with its file name, the other images are still processed, and the failed image leaves
-no output file); 2 for usage errors (bad option, missing model directory).
+Inputs that share a stem keep their relative path (or extension) in their output names; each
+such rename is reported. A line per image gives its per-stage milliseconds (``--quiet``: errors
+only).
+
+Exit status: 0 when every image succeeded; 1 when some image failed (each failure is one line on
+stderr naming the file; the other images are still processed; a failed image leaves no file);
+2 for usage errors (bad option, missing model, unwritable output folder); 130 / 143 when
+interrupted by SIGINT / SIGTERM (finished sets are kept, the one in progress leaves nothing).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 from densert.cli import add_dataclass_arguments, dataclass_kwargs, fields_of
-from densert.errors import CLIError
+from densert.errors import CLIError, DensertError
 from densert.extras import require
-from densert.tasks.depth_bins import OPEN_WORLD, PRESETS
+from densert.tasks.depth_bins import PRESETS
 
-from .options import DenseOptions, PredictorOptions
+from .options import DenseOptions, OutputOptions, PredictorOptions
 
 # DenseOptions fields each command exposes as flags (the rest keep their documented defaults).
 DENSE_FLAGS = {
     "depth": ("alignment", "temperature", "depth_mode", "depth_upsample"),
     "segment": ("alignment", "temperature", "crf"),
     "refer": ("alignment", "temperature", "crf", "refer_short_side"),
+    "chat": (),
+}
+# OutputOptions fields per command.
+OUTPUT_FLAGS = {
+    "depth": ("formats", "range", "legend", "invalid"),
+    "segment": ("formats",),
+    "refer": ("formats",),
     "chat": (),
 }
 
@@ -45,11 +63,16 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--model", default=None,
                         help="checkpoint directory (default: the bundled densert-tiny)")
     parser.add_argument("--out", default="densert-out", help="output directory (created)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar or per-image lines; errors only")
     add_dataclass_arguments(parser, PredictorOptions)
     add_dataclass_arguments(parser, DenseOptions, DENSE_FLAGS[command])
+    add_dataclass_arguments(parser, OutputOptions, OUTPUT_FLAGS[command])
     if command == "depth":
-        parser.add_argument("--preset", choices=tuple(PRESETS), default=OPEN_WORLD,
-                            help="depth preset: the bins' range and spacing, and the prompt")
+        parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                            help="depth preset: the bins' range and spacing, and the prompt "
+                                 "(default: the one the model declares in task_defaults.json, "
+                                 "else open-world)")
         parser.add_argument("--focal", type=float, default=None,
                             help="focal length in px (open world: image rescaled to 2000 px focal; "
                                  "default: none, depth is then relative)")
@@ -65,136 +88,171 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--prompt", required=True, help="the user's question")
 
 
-def _options(args) -> tuple[DenseOptions, PredictorOptions]:
+def _options(args) -> tuple[DenseOptions, PredictorOptions, OutputOptions]:
     try:
+        out = OutputOptions(**dataclass_kwargs(args, OUTPUT_FLAGS[args.command]))
+        out.formats_for(args.command)
         return (DenseOptions(**dataclass_kwargs(args, DENSE_FLAGS[args.command])),
-                PredictorOptions(**dataclass_kwargs(args, fields_of(PredictorOptions))))
+                PredictorOptions(**dataclass_kwargs(args, fields_of(PredictorOptions))), out)
     except ValueError as e:
         raise CLIError(str(e)) from None
 
 
-def run(args) -> int:
-    import torch
-    from tqdm import tqdm
+def _classes(args) -> list[str] | None:
+    if getattr(args, "classes", None) is None:
+        return None
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if not classes:
+        raise CLIError(f"--classes {args.classes!r} names no class")
+    return classes
 
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that every ``finally`` (temporary files) runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    def handler(signum, frame):
+        raise Terminated()
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _say(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        from tqdm import tqdm
+        tqdm.write(msg, file=sys.stderr)
+
+
+def _model_dir(args) -> Path:
+    from densert.resources import bundled_model_dir
+    return Path(args.model) if args.model is not None else bundled_model_dir()
+
+
+def _check_inputs(args, inputs: list[tuple[Path, str]], preset: str | None, settings
+                  ) -> list[tuple[Path, str]]:
+    """Each input's header (exists, an image, within MAX_IMAGE_PIXELS) and the request for it
+    (a focal rescale that leaves an image), before any model loads. Failures: one line each."""
     from densert.errors import ImageError
+    from densert.image.decode import probe
+
+    from .predictor import depth_scale
+    good = []
+    for p, stem in inputs:
+        try:
+            hw = probe(p)
+            if args.command == "depth":
+                depth_scale(preset, args.focal, hw, settings.upscale)
+        except (ImageError, ValueError) as e:
+            msg = str(e) if str(p) in str(e) else f"{p}: {e}"
+            print(f"densert {args.command}: error: {msg}", file=sys.stderr)
+            continue
+        good.append((p, stem))
+    return good
+
+
+def run(args) -> int:
+    from densert.checkpoint.files import read_task_defaults
     from densert.image.decode import list_images
 
-    from .predictor import DensePredictor
+    from . import outputs as O
 
     command = args.command
-    opts, settings = _options(args)
+    opts, settings, out_opts = _options(args)
+    classes = _classes(args)
     if opts.crf:
         require("pydensecrf.densecrf", "--crf")  # before the model loads
-    images = list_images(args.images)
-    missing_dirs = [p for p in map(Path, args.images) if p.is_dir() and not any(
-        q.parent == p for q in images)]
-    for d in missing_dirs:
+    from .predictor import check_model_dir
+    model_dir = check_model_dir(_model_dir(args))
+    preset = None
+    if command == "depth":
+        from densert.tasks.depth_bins import OPEN_WORLD
+        preset = args.preset or read_task_defaults(model_dir).get("depth", {}).get("preset") or OPEN_WORLD
+    out = O.check_writable(args.out)
+    paths = list_images(args.images)
+    for d in (p for p in map(Path, args.images) if p.is_dir() and not any(q.parent == p for q in paths)):
         print(f"densert {command}: warning: {d} holds no image files", file=sys.stderr)
-    if command != "chat" and not images:
+    if command != "chat" and not paths:
         raise CLIError("no images to process")
-    pred = DensePredictor(args.model, opts, **asdict(settings))
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CLIError(f"cannot create output directory {out}: {e}") from None
+    stems, notes = O.output_stems(paths)
+    for n in notes:
+        _say(f"densert {command}: note: {n}", args.quiet)
+    good = _check_inputs(args, list(zip(paths, stems)), preset, settings)
+    failures = len(paths) - len(good)
+    if paths and not good:
+        print(f"densert {command}: none of the {len(paths)} image(s) can be read; nothing to do",
+              file=sys.stderr)
+        return 1
 
-    if command == "chat" and not images:
+    from .predictor import DensePredictor
+    pred = DensePredictor(model_dir, opts, **asdict(settings))
+    if pred.is_demo_model:
+        _say(f"densert {command}: note: using the bundled demo model densert-tiny (small, trained "
+             "on rendered scenes; its maps of real photos mean little): pass --model DIR with a "
+             "Youtu-VL checkpoint for real results", args.quiet)
+    if command == "chat" and not paths:
         r = pred.chat(None, args.prompt)
         print(r.text)
         return 0
-    failures = written = 0
-    bar = tqdm(images, desc=f"densert {command}", unit="img", disable=len(images) < 2,
-               file=sys.stderr)
-    for path in bar:
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                files = _process(pred, command, args, path, out)
-            for w in caught:
-                tqdm.write(f"densert {command}: warning: {path}: {w.message}", file=sys.stderr)
-        except (ImageError, ValueError, OSError) as e:
-            failures += 1
-            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
-            tqdm.write(f"densert {command}: error: {msg}", file=sys.stderr)
-            continue
-        except torch.cuda.OutOfMemoryError:
-            failures += 1
-            tqdm.write(f"densert {command}: error: {path}: out of GPU memory; lower --max-patches",
-                       file=sys.stderr)
-            continue
-        for f in files:
-            f()
-        written += 1
-    print(f"densert {command}: wrote results for {written} image(s) to {out}", file=sys.stderr)
+
+    from tqdm import tqdm
+    written = 0
+    try:
+        with _sigterm_raises():
+            bar = tqdm(good, desc=f"densert {command}", unit="img", file=sys.stderr,
+                       disable=args.quiet or len(good) < 2, leave=False)
+            for path, stem in bar:
+                ok = _one(pred, args, path, stem, out, out_opts, preset, classes)
+                written += ok
+                failures += not ok
+    except (KeyboardInterrupt, Terminated) as e:
+        code = 143 if isinstance(e, Terminated) else 130
+        print(f"densert {command}: interrupted; {written} image(s) written to {out}, the image in "
+              "progress left nothing behind", file=sys.stderr)
+        return code
+    _say(f"densert {command}: wrote results for {written} image(s) to {out}", args.quiet)
     if failures:
-        print(f"densert {command}: {failures} of {len(images)} image(s) failed", file=sys.stderr)
+        print(f"densert {command}: {failures} of {len(paths)} image(s) failed", file=sys.stderr)
         return 1
     return 0
 
 
-def _process(pred, command, args, path: Path, out: Path):
-    """Run one image; returns the writers (called only when everything was computed, so a
-    failure leaves nothing behind)."""
+def _one(pred, args, path: Path, stem: str, out: Path, out_opts: OutputOptions, preset,
+         classes) -> bool:
+    """Run one image and write its set; a failure is one line and leaves no file."""
+    import torch
+
     from . import outputs as O
-
-    stem = out / path.stem
-    meta = dict(task=command, model_dir=pred.model_dir, backend=pred.backend_name, source=path)
-    opts = pred.options.to_dict()
-    if command == "depth":
-        r = pred.depth(path, preset=args.preset, focal=args.focal)
-        valid = r.depth[r.depth > 0]
-        side = O.sidecar(result=r, **meta, extra=dict(
-            preset=r.preset, metric=r.metric, focal=r.focal, effective_focal=r.effective_focal,
-            depth_shape=list(r.depth.shape), depth_dtype="float32", units="m",
-            depth_range_m=[float(valid.min()), float(valid.max())] if valid.size else None,
-            codes_grid_shape=list(r.codes_grid.shape), options=opts))
-        depth_png = O.depth_png(r.depth)
-        return [lambda: O.save_npy(f"{stem}.depth.npy", r.depth),
-                lambda: O.save_png(f"{stem}.depth.png", depth_png),
-                lambda: O.save_text(f"{stem}.depth.txt", r.text + "\n"),
-                lambda: O.save_json(f"{stem}.json", side)]
-    if command == "segment":
-        classes = None
-        if args.classes is not None:
-            classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-            if not classes:
-                raise ValueError(f"--classes {args.classes!r} names no class")
-        r = pred.segment(path, classes=classes, background=True if args.background else None)
-        image = _image(path, r.original_hw)
-        side = O.sidecar(result=r, **meta, extra=dict(
-            class_names=r.class_names, mode="closed-set" if classes else "open-set",
-            labels_shape=list(r.labels.shape), labels_dtype="uint16",
-            generated_text=r.generated_text, warnings=r.warnings, options=opts))
-        seg, ov = O.labels_png(r.labels, r.class_names), O.overlay_png(image, r.labels, r.class_names)
-        return [lambda: O.save_npy(f"{stem}.labels.npy", r.labels),
-                lambda: O.save_png(f"{stem}.seg.png", seg),
-                lambda: O.save_png(f"{stem}.overlay.png", ov),
-                lambda: O.save_text(f"{stem}.seg.txt", r.text + "\n"),
-                lambda: O.save_json(f"{stem}.json", side)]
-    if command == "refer":
-        r = pred.refer(path, args.expression)
-        image = _image(path, r.original_hw)
-        side = O.sidecar(result=r, **meta, extra=dict(
-            expression=r.expression, box=r.box, crop_box=r.crop_box, polygons=r.polygons,
-            foreground_pixels=int(r.mask.sum()), generated_text=r.generated_text,
-            warnings=r.warnings, options=opts))
-        ov = O.overlay_png(image, r.labels, r.class_names)
-        return [lambda: O.save_npy(f"{stem}.mask.npy", r.mask.astype("uint8")),
-                lambda: O.save_png(f"{stem}.refer.png", ov),
-                lambda: O.save_text(f"{stem}.refer.txt", r.text + "\n"),
-                lambda: O.save_json(f"{stem}.json", side)]
-    r = pred.chat(path, args.prompt)
-    side = O.sidecar(result=r, **meta, extra=dict(prompt=args.prompt, answer=r.text,
-                                                  tokens=len(r.token_ids)))
-    print(f"{path}: {r.text}")
-    return [lambda: O.save_text(f"{stem}.chat.txt", r.text + "\n"),
-            lambda: O.save_json(f"{stem}.json", side)]
-
-
-def _image(path, hw):
-    from densert.image.decode import load_rgb
-    from densert.image.preprocess import resize_uint8
-    img = load_rgb(path, min_side=min(hw))
-    return img if img.shape[:2] == tuple(hw) else resize_uint8(img, hw)
+    command = args.command
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if command == "depth":
+                r = pred.depth(path, preset=preset, focal=args.focal)
+            elif command == "segment":
+                r = pred.segment(path, classes=classes, background=True if args.background else None)
+            elif command == "refer":
+                r = pred.refer(path, args.expression)
+            else:
+                r = pred.chat(path, args.prompt)
+                print(f"{path}: {r.text}")
+            O.write_set(out, r.artifacts(stem, out_opts))
+        for w in caught:
+            _say(f"densert {command}: warning: {path}: {w.message}")
+    except (DensertError, ValueError, OSError) as e:
+        msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+        _say(f"densert {command}: error: {msg}")
+        return False
+    except torch.cuda.OutOfMemoryError:
+        _say(f"densert {command}: error: {path}: out of GPU memory; lower --max-patches")
+        return False
+    _say(r.print_line(str(path)), args.quiet)
+    return True

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from densert.image import DEFAULT_MAX_PATCHES, MIN_MAX_PATCHES
 from densert.model.config import DTYPES
-from densert.options import check_choices, opt
+from densert.options import check_choices, comma_list, opt
 from densert.tasks import ALIGNMENTS
 from densert.tasks.classes import NAME_LEADING_SPACE
 from densert.tasks.grounding import REFER_PADDING, REFER_SHORT_SIDE
@@ -103,3 +103,54 @@ class PredictorOptions:
                              "(one merged token)")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+# Files each task can write (``OutputOptions.formats``), in the order they are written; the JSON
+# sidecar is always written. The defaults are all of them but the float TIFF.
+FORMATS = {
+    "depth": ("npy", "png", "png16", "txt", "tiff"),
+    "segment": ("npy", "png", "overlay", "txt", "coco"),
+    "refer": ("npy", "overlay", "txt", "coco"),
+    "chat": ("txt",),
+}
+DEFAULT_FORMATS = {task: tuple(f for f in fmts if f != "tiff") for task, fmts in FORMATS.items()}
+INVALID_DEPTH = ("zero", "nan")
+
+
+def depth_range(s: str) -> tuple[float, float]:
+    """``"0.5:20"`` -> (0.5, 20.0): near and far metres of a fixed colour range."""
+    try:
+        lo, hi = (float(v) for v in s.split(":"))
+    except ValueError:
+        raise ValueError(f"range {s!r} is not MIN:MAX in metres (e.g. 0.5:20)") from None
+    if not (0 <= lo < hi) or hi == float("inf"):
+        raise ValueError(f"range {s!r} needs 0 <= MIN < MAX < inf")
+    return lo, hi
+
+
+@dataclass
+class OutputOptions:
+    """Which files a result set holds and how its pictures look."""
+
+    formats: tuple[str, ...] | None = opt(
+        None, "comma list of files to write besides the JSON sidecar (depth: npy,png,png16,txt,"
+              "tiff; segment: npy,png,overlay,txt,coco; refer: npy,overlay,txt,coco; default: all "
+              "but tiff)", type=comma_list, metavar="FORMATS")
+    range: tuple[float, float] | None = opt(
+        None, "fixed depth colour range MIN:MAX in metres, linear (default: the preset's own bins, "
+              "the same colours for every frame)", type=depth_range, metavar="MIN:MAX")
+    legend: bool = opt(False, "draw a depth scale into the depth picture (default off: the "
+                              "picture stays pixel-aligned with the input)")
+    invalid: str = opt("zero", "value of invalid depth in the .npy/.tiff arrays", choices=INVALID_DEPTH)
+
+    def __post_init__(self):
+        check_choices(self)
+
+    def formats_for(self, task: str) -> tuple[str, ...]:
+        if self.formats is None:
+            return DEFAULT_FORMATS[task]
+        bad = [f for f in self.formats if f not in FORMATS[task]]
+        if bad:
+            raise ValueError(f"--formats {','.join(bad)} not available for {task}; choose from "
+                             f"{','.join(FORMATS[task])}")
+        return tuple(f for f in FORMATS[task] if f in self.formats)

@@ -14,29 +14,32 @@ Flows:
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from densert.checkpoint.files import fingerprint, read_task_defaults
 from densert.errors import ModelDirError
+from densert.image import BLOCK
+from densert.image.decode import probe
 from densert.image.preprocess import Preprocessed, preprocess
 from densert.model.generation import greedy_decode
 from densert.model.vision_meta import build_vision_meta
 from densert.resources import bundled_model_dir
 from densert.tasks import depth_bins, grounding, prompts
 from densert.tasks.classes import class_id_groups
-from densert.tasks.rle import encode_depth, encode_segmentation
 from densert.text import tokens as T
 from densert.text.chat import encode_chat, user_message
 
 from .backends import lm_head_weight, make_backend
 from .dense import align_hidden, depth_map, segment_labels
 from .options import DenseOptions, PredictorOptions
+from .results import ChatResult, DepthResult, ReferResult, SegResult
 
 BACKGROUND_NAME = T.OTHERS
 
@@ -65,67 +68,41 @@ class Timings(dict):
             self[name] = self.get(name, 0.0) + time.perf_counter() - t0
 
 
-@dataclass
-class DepthResult:
-    depth: np.ndarray               # float32 [H, W] metres at the original image size (0 invalid)
-    bins: np.ndarray                # uint16 [H, W] bin codes 1..1000
-    codes_grid: np.ndarray          # uint16 (H//16, W//16) codes: the released RLE's grid
-    preset: str
-    metric: bool                    # False: open world without a focal length (relative depth)
-    focal: float | None             # focal length given by the caller (px, original image)
-    effective_focal: float | None   # focal length of the image the network saw
-    original_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
-    timings: dict = field(default_factory=dict)
-
-    @property
-    def text(self) -> str:
-        return encode_depth(self.codes_grid)
+# The short side the open-world focal rescale may leave (two vision tokens): below it the request
+# is a mistake (a focal length in the wrong unit), not a depth map.
+MIN_RESCALED_SIDE = 2 * BLOCK
 
 
-@dataclass
-class SegResult:
-    labels: np.ndarray              # uint16 [H, W]: index into class_names
-    class_names: list[str]          # background, when present, is "<OTHERS>" (last)
-    generated_text: str | None      # the model's own answer (open set), None on the fast path
-    original_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
-    timings: dict = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return encode_segmentation(self.labels, self.class_names)
-
-
-@dataclass
-class ReferResult:
-    mask: np.ndarray                # bool [H, W] foreground at the original size
-    expression: str
-    box: tuple[float, float, float, float] | None   # grounding box, original px (None: whole image)
-    polygons: list                  # <ins> polygons, original px
-    polygon_mask: np.ndarray | None  # bool [H, W] rasterised polygons (None without polygons)
-    crop_box: tuple[int, int, int, int]
-    generated_text: str
-    original_hw: tuple[int, int]
-    timings: dict = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    class_names: list[str] = field(default_factory=lambda: [T.BG, T.FG])
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.mask.astype(np.uint16)
-
-    @property
-    def text(self) -> str:
-        return encode_segmentation(self.labels, self.class_names)
+def depth_scale(preset: str, focal: float | None, original_hw: tuple[int, int] | None,
+                upscale: float = 1.0) -> float:
+    """The factor an image is scaled by before the processor's size search, for a depth request;
+    checks the request (the CLI calls it for every input before loading the model)."""
+    if focal is None:
+        return upscale
+    if depth_bins.get_preset(preset).focal is None:
+        raise ValueError(f"--focal applies to the open-world preset only; {preset!r} is a "
+                         "fixed-camera linear preset")
+    if not (isinstance(focal, (int, float)) and math.isfinite(focal) and focal > 0):
+        raise ValueError(f"focal length must be a positive number of pixels, got {focal!r}")
+    factor = upscale * depth_bins.open_world_resize_factor(focal)
+    if original_hw is not None and min(original_hw) * factor < MIN_RESCALED_SIDE:
+        h, w = original_hw
+        raise ValueError(f"focal length {focal:g} px rescales the {w}x{h} image by {factor:.3g} to "
+                         f"the open world's {depth_bins.CANONICAL_FOCAL:g} px focal length, leaving "
+                         f"a short side of {min(original_hw) * factor:.1f} px (the model needs "
+                         f"{MIN_RESCALED_SIDE}); is the focal length in pixels of this image?")
+    return factor
 
 
-@dataclass
-class ChatResult:
-    text: str
-    token_ids: list[int]
-    timings: dict = field(default_factory=dict)
+def _input_hw(image) -> tuple[int, int] | None:
+    """(H, W) of an input without decoding it (None for encoded bytes)."""
+    if isinstance(image, (str, Path)):
+        return probe(image)
+    if isinstance(image, np.ndarray):
+        return image.shape[:2]
+    if hasattr(image, "size") and hasattr(image, "mode"):  # a PIL image
+        return image.size[::-1]
+    return None
 
 
 class DensePredictor:
@@ -138,6 +115,7 @@ class DensePredictor:
         from densert.text.tokens import Vocab
         s = PredictorOptions(**settings)
         self.model_dir = check_model_dir(model_dir if model_dir is not None else bundled_model_dir())
+        self.task_defaults = read_task_defaults(self.model_dir)
         be = make_backend(s.backend, self.model_dir, s.dtype, s.engine_dir, device=s.device)
         self._setup(be, Vocab.from_file(self.model_dir), options, s)
 
@@ -146,6 +124,7 @@ class DensePredictor:
                      **settings) -> "DensePredictor":
         self = cls.__new__(cls)
         self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.task_defaults = read_task_defaults(self.model_dir) if self.model_dir else {}
         self._setup(backend, vocab, options, PredictorOptions(**settings))
         return self
 
@@ -160,6 +139,32 @@ class DensePredictor:
         self._metas: dict[tuple[int, int], object] = {}
         self._stop = {vocab.eos_id}
         self._control = {vocab.token_id(s) for s in T.CONTROL_TOKENS}
+        self.info = self._run_info()
+
+    @property
+    def is_demo_model(self) -> bool:
+        """True for the bundled densert-tiny: a small model trained on rendered scenes, whose maps
+        of real photos are not meaningful."""
+        try:
+            return self.model_dir is not None and self.model_dir.resolve() == bundled_model_dir().resolve()
+        except ModelDirError:
+            return False
+
+    def _run_info(self) -> dict:
+        """Provenance every result carries into its sidecar: model, backend, device, dtype."""
+        be = self.backend
+        model = None
+        if self.model_dir is not None:
+            model = {"path": str(self.model_dir), "fingerprint": fingerprint(self.model_dir),
+                     "demo": self.is_demo_model}
+        dtype = getattr(be, "dtype", None) or getattr(be, "precision", None)
+        return {"model": model, "backend": self.backend_name,
+                "device": str(getattr(be, "device", None) or getattr(be, "_device", "cpu")),
+                "dtype": str(dtype).removeprefix("torch.") if dtype is not None else "unknown",
+                "options": self.options.to_dict()}
+
+    def _result_info(self, image) -> dict:
+        return {**self.info, "image": str(image) if isinstance(image, (str, Path)) else None}
 
     @property
     def backend_name(self) -> str:
@@ -220,16 +225,17 @@ class DensePredictor:
                               self.settings.upscale if upscale is None else upscale)
 
     # ---- tasks ----
-    def depth(self, image, preset: str = depth_bins.OPEN_WORLD, focal: float | None = None
-              ) -> DepthResult:
+    @property
+    def default_depth_preset(self) -> str:
+        """The preset the model directory declares (task_defaults.json), else open world."""
+        return self.task_defaults.get("depth", {}).get("preset") or depth_bins.OPEN_WORLD
+
+    def depth(self, image, preset: str | None = None, focal: float | None = None) -> DepthResult:
+        """``preset`` None: the model's declared default (``default_depth_preset``)."""
         tm = Timings()
+        preset = preset or self.default_depth_preset
         open_world = depth_bins.get_preset(preset).focal is not None  # unknown presets fail here
-        scale = self.settings.upscale
-        if focal is not None:
-            if not open_world:
-                raise ValueError(f"--focal applies to the open-world preset only; {preset!r} is a "
-                                 "fixed-camera linear preset")
-            scale = scale * depth_bins.open_world_resize_factor(focal)
+        scale = depth_scale(preset, focal, _input_hw(image), self.settings.upscale)
         pre = self._pre(image, tm, upscale=scale)
         eff = None
         if focal is not None:
@@ -245,7 +251,8 @@ class DensePredictor:
         return DepthResult(depth=dm.depth, bins=dm.bins, codes_grid=dm.codes_grid, preset=preset,
                            metric=not open_world or focal is not None, focal=focal,
                            effective_focal=eff, original_hw=pre.original_hw,
-                           resized_hw=pre.resized_hw, timings=dict(tm))
+                           resized_hw=pre.resized_hw, timings=dict(tm),
+                           info=self._result_info(image))
 
     def segment(self, image, classes: list[str] | None = None,
                 background: bool | None = None) -> SegResult:
@@ -282,7 +289,8 @@ class DensePredictor:
             warnings.warn(w, stacklevel=2)
         return SegResult(labels=labels.astype(np.uint16), class_names=class_names,
                          generated_text=text, original_hw=pre.original_hw,
-                         resized_hw=pre.resized_hw, timings=dict(tm), warnings=warn)
+                         resized_hw=pre.resized_hw, timings=dict(tm), warnings=warn,
+                         info=self._result_info(image), image=self._image_at(pre))
 
     def refer(self, image, expression: str) -> ReferResult:
         tm = Timings()
@@ -324,14 +332,16 @@ class DensePredictor:
             warnings.warn(w, stacklevel=2)
         return ReferResult(mask=mask, expression=expression, box=box, polygons=polys,
                            polygon_mask=poly_mask, crop_box=crop.box, generated_text=text,
-                           original_hw=(H, W), timings=dict(tm), warnings=warn)
+                           original_hw=(H, W), timings=dict(tm), warnings=warn,
+                           info=self._result_info(image), image=self._image_at(pre))
 
     def chat(self, image, prompt: str, max_new_tokens: int | None = None) -> ChatResult:
         tm = Timings()
         pre = self._pre(image, tm) if image is not None else None
         pf = self._run_prompt(pre, prompts.chat(prompt), tm)
         toks = self._generate(pf, tm, self._stop, max_new_tokens)
-        return ChatResult(text=self._text(toks), token_ids=toks, timings=dict(tm))
+        return ChatResult(text=self._text(toks), token_ids=toks, timings=dict(tm),
+                          info=self._result_info(image), prompt=prompt)
 
     @staticmethod
     def _image_at(pre: Preprocessed) -> np.ndarray:

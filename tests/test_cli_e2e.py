@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from densert.cli import main
+from densert.runtime.results import validate_sidecar
 from densert.tasks import rle
 
 
@@ -29,7 +30,14 @@ def _run(args, capsys):
 
 
 def _no_temp_files(out):
-    return not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    return not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _sidecar(path):
+    side = json.loads(path.read_text())
+    validate_sidecar(side)
+    assert sorted(side["files"]) == sorted(p.name for p in path.parent.glob(f"{side['stem']}.*"))
+    return side
 
 
 def test_depth(tiny_checkpoint, images, tmp_path, capsys):
@@ -43,10 +51,16 @@ def test_depth(tiny_checkpoint, images, tmp_path, capsys):
         assert Image.open(out / f"{stem}.depth.png").size[1] == hw[0]
         codes = rle.decode_depth((out / f"{stem}.depth.txt").read_text(), hw)
         assert codes.shape == (max(1, hw[0] // 16), max(1, hw[1] // 16))
-        side = json.loads((out / f"{stem}.json").read_text())
-        assert side["task"] == "depth" and side["preset"] == "nyuv2" and side["metric"] is True
-        assert side["backend"] == "torch" and "densert_version" in side
-        assert {"preprocess", "vision", "prefill", "dense_head"} <= set(side["timings_s"])
+        side = _sidecar(out / f"{stem}.json")
+        r = side["result"]
+        assert side["task"] == "depth" and r["preset"] == "nyuv2" and r["metric"] is True
+        assert r["units"] == "m" and side["backend"] == "torch" and "densert_version" in side
+        assert {"preprocess", "vision", "prefill", "dense_head"} <= set(side["timings_ms"])
+        assert side["total_ms"] == pytest.approx(sum(side["timings_ms"].values()), abs=0.01)
+        assert side["device"] == "cpu" and side["dtype"] == "float32"
+        assert len(side["model"]["fingerprint"]) == 64 and side["model"]["demo"] is False
+        mm = np.asarray(Image.open(out / f"{stem}.depth.mm.png"))
+        assert mm.dtype == np.uint16 and np.array_equal(mm, np.rint(d * 1000).astype(np.uint16))
     assert _no_temp_files(out)
 
 
@@ -55,8 +69,8 @@ def test_depth_open_world_focal(tiny_checkpoint, images, tmp_path, capsys):
     rc, cap = _run(["depth", str(images / "a.png"), "--model", str(tiny_checkpoint), "--out",
                     str(out), "--focal", "500"], capsys)
     assert rc == 0, cap.err
-    side = json.loads((out / "a.json").read_text())
-    assert side["metric"] is True and side["focal"] == 500 and side["effective_focal"] > 1000
+    r = _sidecar(out / "a.json")["result"]
+    assert r["metric"] is True and r["focal"] == 500 and r["effective_focal"] > 1000
 
 
 def test_segment_closed_set(tiny_checkpoint, images, tmp_path, capsys):
@@ -68,10 +82,14 @@ def test_segment_closed_set(tiny_checkpoint, images, tmp_path, capsys):
     assert lab.dtype == np.uint16 and lab.shape == (70, 90) and lab.max() <= 2
     names, back = rle.decode_segmentation((out / "a.seg.txt").read_text(), (70, 90))
     assert names == ["floor", "wall", "traffic light"] and np.array_equal(back, lab)
-    for f in ("a.seg.png", "a.overlay.png"):
+    for f in ("a.labels.png", "a.overlay.png"):
         assert Image.open(out / f).size == (90, 70)
-    side = json.loads((out / "a.json").read_text())
-    assert side["mode"] == "closed-set" and side["class_names"] == names
+    indexed = Image.open(out / "a.labels.png")
+    assert indexed.mode == "P" and np.array_equal(np.asarray(indexed), lab)
+    r = _sidecar(out / "a.json")["result"]
+    assert r["mode"] == "closed-set" and r["class_names"] == names
+    pal = np.array(indexed.getpalette()[: 3 * len(names)]).reshape(-1, 3).tolist()
+    assert pal == [r["class_colours"][n] for n in names]
 
 
 def test_segment_open_set_generates(tiny_checkpoint, images, tmp_path, capsys):
@@ -79,9 +97,9 @@ def test_segment_open_set_generates(tiny_checkpoint, images, tmp_path, capsys):
     rc, cap = _run(["segment", str(images / "b.jpg"), "--model", str(tiny_checkpoint), "--out",
                     str(out), "--max-new-tokens", "6"], capsys)
     assert rc == 0, cap.err
-    side = json.loads((out / "b.json").read_text())
-    assert side["mode"] == "open-set" and side["generated_text"] is not None
-    assert side["class_names"][-1] == "<OTHERS>"
+    r = _sidecar(out / "b.json")["result"]
+    assert r["mode"] == "open-set" and r["generated_text"] is not None
+    assert r["class_names"][-1] == "<OTHERS>"
     assert np.load(out / "b.labels.npy").shape == (40, 33)
 
 
@@ -93,8 +111,8 @@ def test_refer(tiny_checkpoint, images, tmp_path, capsys):
     assert rc == 0, cap.err
     m = np.load(out / "a.mask.npy")
     assert m.dtype == np.uint8 and m.shape == (70, 90) and set(np.unique(m)) <= {0, 1}
-    side = json.loads((out / "a.json").read_text())
-    assert side["expression"] == "the red ball" and side["crop_box"] is not None
+    r = _sidecar(out / "a.json")["result"]
+    assert r["expression"] == "the red ball" and r["crop_box"] is not None
     assert (out / "a.refer.png").is_file() and (out / "a.refer.txt").is_file()
 
 
@@ -103,7 +121,7 @@ def test_chat_with_and_without_image(tiny_checkpoint, images, tmp_path, capsys):
     rc, cap = _run(["chat", str(images / "a.png"), "--model", str(tiny_checkpoint), "--out",
                     str(out), "--prompt", "What is this?", "--max-new-tokens", "5"], capsys)
     assert rc == 0, cap.err
-    assert (out / "a.chat.txt").is_file() and json.loads((out / "a.json").read_text())["tokens"] <= 5
+    assert (out / "a.chat.txt").is_file() and _sidecar(out / "a.json")["result"]["tokens"] <= 5
     rc, cap = _run(["chat", "--model", str(tiny_checkpoint), "--out", str(out), "--prompt", "Hi",
                     "--max-new-tokens", "3"], capsys)
     assert rc == 0, cap.err
@@ -123,8 +141,10 @@ def test_bad_files_reported_others_processed(tiny_checkpoint, images, tmp_path, 
     for name in ("corrupt.jpg", "empty.png", "text.png"):
         assert f"error: {src / name}" in cap.err
     assert "empty file" in cap.err and "3 of 4 image(s) failed" in cap.err
+    # open world without a focal length: relative depth, so no millimetre PNG
     assert sorted(p.name for p in out.iterdir()) == ["good.depth.npy", "good.depth.png",
                                                        "good.depth.txt", "good.json"]
+    assert _sidecar(out / "good.json")["result"]["units"] == "relative"
 
 
 def test_missing_model_dir_and_impossible_size(images, tmp_path, capsys):

@@ -16,6 +16,7 @@ preprocessor_config.json. A tied ``lm_head.weight`` is not written (the released
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -124,7 +125,65 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} needs data bytes up to {en} "
                                   f"but the file holds only {data_len} after the header")
         out[name] = TensorInfo(name, dt, shape, data_start + b, data_start + en, path)
+    _reference_check(path)
     return out
+
+
+def _reference_check(path: Path) -> None:
+    """The safetensors library's own header validation on top of ours (overlapping or gapped
+    offsets, ...): a file densert loads is one the reference implementation loads too."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: the safetensors library rejects this file ({e}); it is "
+                              "corrupt") from None
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 over config.json, tokenizer.json and every weight file's name, size and header:
+    tells checkpoints apart in milliseconds without reading the weights (``densert export``
+    records full file hashes for provenance)."""
+    path = check_checkpoint_dir(path)
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json"):
+        if (path / name).is_file():
+            h.update(name.encode() + b"\0" + (path / name).read_bytes())
+    for f in weight_files(path):
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            h.update(f.name.encode() + b"\0" + str(f.stat().st_size).encode() + head
+                     + fh.read(min(n, MAX_HEADER_BYTES)))
+    return h.hexdigest()
+
+
+# A model directory may declare the task options it was made for (the bundled model was trained
+# with the Cityscapes depth preset); commands use them when the user gives none.
+TASK_DEFAULTS_FILE = "task_defaults.json"
+
+
+def read_task_defaults(path: str | Path) -> dict:
+    """``{"depth": {"preset": ...}}`` from ``task_defaults.json``, validated; {} without one."""
+    f = Path(path) / TASK_DEFAULTS_FILE
+    if not f.is_file():
+        return {}
+    d = _read_json(f)
+    from densert.tasks.depth_bins import PRESETS
+    unknown = set(d) - {"depth"} or set(d.get("depth", {})) - {"preset"}
+    if unknown:
+        raise CheckpointError(f"{f}: unknown keys {sorted(unknown)}; densert reads depth.preset")
+    preset = d.get("depth", {}).get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise CheckpointError(f"{f}: depth.preset {preset!r} is not one of {tuple(PRESETS)}")
+    return d
+
+
+def write_task_defaults(path: str | Path, depth_preset: str) -> Path:
+    f = Path(path) / TASK_DEFAULTS_FILE
+    f.write_text(json.dumps({"depth": {"preset": depth_preset}}, indent=2) + "\n")
+    return f
 
 
 def _read_json(path: Path) -> dict:

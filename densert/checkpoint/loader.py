@@ -70,6 +70,14 @@ def read_tensor(info: TensorInfo, f=None) -> torch.Tensor:
     return out
 
 
+def check_finite(t: torch.Tensor, info: TensorInfo) -> None:
+    """A NaN or Inf weight poisons every map downstream (a constant map, exit 0): refuse it."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{info.path}: tensor {info.name!r} holds {bad} non-finite value(s) "
+                              "(NaN/Inf); the checkpoint is damaged")
+
+
 def validate(expected: dict[str, tuple[int, ...]], infos: dict[str, TensorInfo], tied: bool,
              where: Path) -> None:
     """One error listing every missing, unexpected, mis-shaped or non-float tensor."""
@@ -126,6 +134,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
         with open(fpath, "rb") as f:
             for n in sorted(fnames, key=lambda n: infos[n].begin):
                 t = read_tensor(infos[n], f)
+                check_finite(t, infos[n])
                 state[n] = t.to(device=device, dtype=dt)
                 del t
     if tied and "lm_head.weight" in infos:

@@ -9,3 +9,7 @@ MIN_MAX_PATCHES = MERGE * MERGE  # one merged token: the smallest image the mode
 # The remote YoutuVLProcessor's patch cap (spec youtu-vl-checkpoint.md sec. 3 step 3): the largest
 # image, in 16x16 patches, the processor lets through before it scales down.
 DEFAULT_MAX_PATCHES = 36864
+# The largest input densert takes, in pixels (100 MP, e.g. 10000 x 10000): its maps are made at
+# the input's size, so this bounds what one image can cost (README, "Large images"). Larger
+# files, decompression bombs among them, are refused from their header before any decoding.
+MAX_IMAGE_PIXELS = 100_000_000

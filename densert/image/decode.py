@@ -13,13 +13,14 @@ What the released processor sees is ``PIL.Image.open(...).convert("RGB")`` throu
   ``min_side`` pixels, so a 200 MP photo never allocates its full-resolution buffer. Only files
   above ``DRAFT_ABOVE_PIXELS`` take this path: below it decoding is exact, as in the processor.
 - Anything PIL cannot decode (corrupt, empty, truncated, not an image) raises ``ImageError``
-  naming the file.
+  naming the file, and so does an image over ``MAX_IMAGE_PIXELS``, from its header alone: a
+  decompression bomb never reaches the decoder.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,65 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from densert.errors import ImageError
 
+from . import MAX_IMAGE_PIXELS
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm")
 
 # Files with more pixels than this are decoded at reduced scale where the codec allows (JPEG).
 DRAFT_ABOVE_PIXELS = 64_000_000
-# Hard ceiling on what we agree to decode at all (PIL's own bomb guard is 2x178 MP).
-MAX_DECODE_PIXELS = 1_000_000_000
+
+
+@contextlib.contextmanager
+def _open(fp, name: str):
+    """PIL open with densert's size gate instead of PIL's bomb guard: the header is read, the
+    pixel count checked against ``MAX_IMAGE_PIXELS`` (a clear error naming the file and the
+    limit), and only then may the caller decode."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        try:
+            img = Image.open(fp)
+        except UnidentifiedImageError:
+            raise ImageError(f"{name}: not a recognised image format (corrupt or not an image "
+                             "file)") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{name}: cannot read the image header ({e}); the file is corrupt") from None
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise ImageError(f"{name}: image has an impossible size {w}x{h}")
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ImageError(f"{name}: {w}x{h} = {w * h / 1e6:,.0f} MP is over densert's limit of "
+                             f"{MAX_IMAGE_PIXELS / 1e6:,.0f} MP (densert.image.MAX_IMAGE_PIXELS); "
+                             "downscale the image first")
+        with img:
+            yield img
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _file(source) -> Path:
+    p = Path(source)
+    if not p.exists():
+        raise ImageError(f"{p}: no such file")
+    if p.is_dir():
+        raise ImageError(f"{p}: is a directory, not an image file")
+    if p.stat().st_size == 0:
+        raise ImageError(f"{p}: empty file (0 bytes), not an image")
+    return p
+
+
+def probe(path) -> tuple[int, int]:
+    """(H, W) after EXIF orientation, from the header alone (no pixel data is decoded): checks a
+    file is an image densert accepts before any model is loaded."""
+    p = _file(path)
+    with open(p, "rb") as fp, _open(fp, str(p)) as im:
+        w, h = im.size
+        try:
+            orient = im.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as when decoding
+            orient = 1
+    return (w, h) if orient in (5, 6, 7, 8) else (h, w)
 
 
 def load_rgb(source, min_side: int | None = None) -> np.ndarray:
@@ -49,30 +102,14 @@ def load_rgb(source, min_side: int | None = None) -> np.ndarray:
         return _pil_to_rgb(source, "<PIL image>")
     name = str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>"
     if isinstance(source, (str, os.PathLike)):
-        p = Path(source)
-        if not p.exists():
-            raise ImageError(f"{p}: no such file")
-        if p.is_dir():
-            raise ImageError(f"{p}: is a directory, not an image file")
-        if p.stat().st_size == 0:
-            raise ImageError(f"{p}: empty file (0 bytes), not an image")
-        fp = open(p, "rb")
+        fp = open(_file(source), "rb")
     else:
         if not source:
             raise ImageError(f"{name}: empty input (0 bytes), not an image")
         fp = io.BytesIO(bytes(source))
     try:
-        with fp, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS
-            try:
-                img = Image.open(fp)
-            except UnidentifiedImageError:
-                raise ImageError(f"{name}: not a recognised image format (corrupt or not an "
-                                 "image file)") from None
+        with fp, _open(fp, name) as img:
             w, h = img.size
-            if w <= 0 or h <= 0:
-                raise ImageError(f"{name}: image has an impossible size {w}x{h}")
             if w * h > DRAFT_ABOVE_PIXELS and img.format == "JPEG":
                 floor = max(1, min_side or 1)
                 # draft picks the largest reduction whose result is still >= the requested size.
@@ -84,10 +121,6 @@ def load_rgb(source, min_side: int | None = None) -> np.ndarray:
                 raise ImageError(f"{name}: cannot decode image data ({e}); the file is corrupt "
                                  "or truncated") from None
             return _pil_to_rgb(img, name)
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: image too large to decode safely ({e})") from None
-    except Image.DecompressionBombWarning as e:
-        raise ImageError(f"{name}: image too large to decode safely ({e})") from None
     except MemoryError:
         raise ImageError(f"{name}: out of memory while decoding the image") from None
 

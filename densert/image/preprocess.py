@@ -22,12 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from densert.errors import ImageError
 
 from . import BLOCK, DEFAULT_MAX_PATCHES, MERGE, MIN_MAX_PATCHES, PATCH
-from .decode import load_rgb
+from .decode import load_rgb, probe
 
 
 @dataclass
@@ -116,7 +115,7 @@ def preprocess(image, max_patches: int = DEFAULT_MAX_PATCHES, upscale: float = 1
         raise ImageError(f"upscale x{upscale} outside the supported x1..x4")
     if _is_file(image):
         # Header first, so a huge JPEG can be decoded at reduced scale but never below target.
-        orig = _peek_size(image)
+        orig = probe(image)
         th, tw = target_size(orig[0], orig[1], max_patches, upscale)
         img = load_rgb(image, min_side=min(th, tw))
     else:
@@ -130,17 +129,3 @@ def preprocess(image, max_patches: int = DEFAULT_MAX_PATCHES, upscale: float = 1
 
 def _is_file(image) -> bool:
     return isinstance(image, (str, os.PathLike))
-
-
-def _peek_size(path) -> tuple[int, int]:
-    """(H, W) after EXIF orientation, from the header only."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orient = im.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        load_rgb(path)  # raises the specific message (missing, empty, corrupt, directory, ...)
-        raise ImageError(f"{path}: not a recognised image") from None
-    if w <= 0 or h <= 0:
-        raise ImageError(f"{path}: image has an impossible size {w}x{h}")
-    return (w, h) if orient in (5, 6, 7, 8) else (h, w)

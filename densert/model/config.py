@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ class VisionConfig:
         return self.window_size // self.merged_patch_px
 
     def validate(self) -> None:
+        _check_fields(self, "vision_config.")
         _check(self.hidden_size % self.num_attention_heads == 0,
                f"vision_config.hidden_size {self.hidden_size} is not divisible by "
                f"num_attention_heads {self.num_attention_heads}")
@@ -138,6 +140,7 @@ class YoutuVLConfig:
         return self.qk_head_dim**-0.5
 
     def validate(self) -> None:
+        _check_fields(self, "")
         _check(self.model_type == MODEL_TYPE,
                f"model_type is {self.model_type!r}, expected {MODEL_TYPE!r} (a Youtu-VL checkpoint)")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -213,6 +216,45 @@ class YoutuVLConfig:
 
 
 _ACTS = {"silu", "gelu", "gelu_pytorch_tanh", "gelu_new"}
+
+# Plausible ranges of the numeric fields: a value outside is a damaged or foreign config, and
+# must fail here with its name rather than as a ZeroDivisionError, a hang building 1e9 layers,
+# or an allocation of terabytes. (lo, hi) inclusive; floats checked finite too.
+_RANGES: dict[str, tuple[float, float]] = {
+    "vocab_size": (1, 10_000_000), "hidden_size": (1, 65536), "intermediate_size": (1, 1 << 20),
+    "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024), "q_lora_rank": (1, 65536), "kv_lora_rank": (1, 65536),
+    "qk_rope_head_dim": (1, 4096), "qk_nope_head_dim": (1, 4096), "v_head_dim": (1, 4096),
+    "max_position_embeddings": (1, 1 << 26), "rms_norm_eps": (1e-12, 1.0),
+    "layer_norm_eps": (1e-12, 1.0), "rope_theta": (1e-6, 1e12), "initializer_range": (0.0, 10.0),
+    "attention_dropout": (0.0, 1.0), "num_channels": (1, 4), "patch_size": (1, 64),
+    "spatial_merge_size": (1, 16), "window_size": (1, 1 << 16), "out_hidden_size": (1, 65536),
+}
+
+
+def _check_fields(obj, prefix: str) -> None:
+    """Every field holds the type of its default (a string where a number belongs is a clear
+    error, not a TypeError later) and, where ``_RANGES`` has one, a value in range."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        default = f.default
+        if default is dataclasses.MISSING or f.name == "extra":
+            continue
+        name = prefix + f.name
+        if isinstance(default, bool):
+            _check(isinstance(v, bool), f"{name} must be true or false, got {v!r}")
+        elif isinstance(default, (int, float)) or (default is None and f.name in _RANGES):
+            if v is None and "None" in str(f.type):  # an optional field, e.g. q_lora_rank
+                continue
+            want_int = isinstance(default, int) or default is None
+            ok = isinstance(v, int) if want_int else isinstance(v, (int, float))
+            _check(ok and not isinstance(v, bool),
+                   f"{name} must be {'an integer' if want_int else 'a number'}, got {v!r}")
+            _check(math.isfinite(v), f"{name} must be finite, got {v!r}")
+            lo, hi = _RANGES.get(f.name, (-math.inf, math.inf))
+            _check(lo <= v <= hi, f"{name} {v!r} is outside the plausible range {lo:g}..{hi:g}")
+        elif isinstance(default, str):
+            _check(isinstance(v, str), f"{name} must be a string, got {v!r}")
 
 
 def _check(ok: bool, msg: str) -> None:

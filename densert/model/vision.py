@@ -52,15 +52,18 @@ class Siglip2Attention(nn.Module):
         v = self.v_proj(x).view(shape).transpose(0, 1)
         if cos is not None:
             q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
+        # A leading batch axis of 1: torch's fused (flash) CPU attention takes 4-D inputs only;
+        # with 3-D ones SDPA falls back to the math path and holds the [heads, N, N] scores.
         if seqlens is not None and len(seqlens) > 1:
-            outs = [F.scaled_dot_product_attention(qs, ks, vs, scale=self.scale)
+            outs = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], scale=self.scale)[0]
                     for qs, ks, vs in zip(q.split(seqlens, 1), k.split(seqlens, 1), v.split(seqlens, 1))]
             o = torch.cat(outs, dim=1)
         else:
             mask = None
             if seqlens is None and segment_ids is not None:
                 mask = segment_ids[:, None] == segment_ids[None, :]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                               scale=self.scale)[0]
         return self.out_proj(o.transpose(0, 1).reshape(n, -1))
 
 
