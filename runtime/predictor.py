@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densert.checkpoint.files import fingerprint, read_task_defaults
+from densert.checkpoint.files import check_checkpoint_dir, fingerprint, read_task_defaults
 from densert.errors import ModelDirError
 from densert.image import BLOCK
 from densert.image.decode import probe
@@ -45,14 +45,11 @@ BACKGROUND_NAME = T.OTHERS
 
 
 def check_model_dir(path) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise ModelDirError(f"model directory {p} does not exist")
-    if not p.is_dir():
-        raise ModelDirError(f"model path {p} is not a directory")
-    for need in ("config.json", "tokenizer.json"):
-        if not (p / need).is_file():
-            raise ModelDirError(f"model directory {p} has no {need}; not a Youtu-VL checkpoint")
+    """A checkpoint directory the runtime can use: the checks (and messages) of ``densert
+    inspect``, and the tokenizer the prompts need."""
+    p = check_checkpoint_dir(path)
+    if not (p / "tokenizer.json").is_file():
+        raise ModelDirError(f"{p}: no tokenizer.json; the runtime needs the checkpoint's tokenizer")
     return p
 
 

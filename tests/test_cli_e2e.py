@@ -150,11 +150,11 @@ def test_bad_files_reported_others_processed(tiny_checkpoint, images, tmp_path, 
 def test_missing_model_dir_and_impossible_size(images, tmp_path, capsys):
     rc, cap = _run(["depth", str(images / "a.png"), "--model", str(tmp_path / "nope"), "--out",
                     str(tmp_path / "o")], capsys)
-    assert rc == 2 and f"model directory {tmp_path / 'nope'} does not exist" in cap.err
+    assert rc == 2 and f"{tmp_path / 'nope'}: no such checkpoint directory" in cap.err
     assert not (tmp_path / "o").exists()
     rc, cap = _run(["depth", str(images / "a.png"), "--model", str(tmp_path), "--out",
                     str(tmp_path / "o")], capsys)
-    assert rc == 2 and "has no config.json" in cap.err
+    assert rc == 2 and "not a checkpoint directory (no config.json)" in cap.err
     rc, cap = _run(["depth", str(images / "a.png"), "--max-patches", "2", "--out",
                     str(tmp_path / "o")], capsys)
     assert rc == 2 and "max_patches 2 is below 4" in cap.err

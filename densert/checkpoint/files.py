@@ -125,8 +125,26 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} needs data bytes up to {en} "
                                   f"but the file holds only {data_len} after the header")
         out[name] = TensorInfo(name, dt, shape, data_start + b, data_start + en, path)
+    _check_tiling(path, out, data_start, data_len)
     _reference_check(path)
     return out
+
+
+def _check_tiling(path: Path, infos: dict[str, TensorInfo], data_start: int, data_len: int) -> None:
+    """The tensors' data must tile the data section exactly, in offset order (what the
+    safetensors format requires): an overlap would alias two weights, a gap hides bytes."""
+    at, prev = 0, None
+    for i in sorted(infos.values(), key=lambda i: (i.begin, i.end, i.name)):
+        b = i.begin - data_start
+        if b != at:
+            what = "overlaps" if b < at else "leaves a gap after"
+            raise CheckpointError(f"{path}: tensor {i.name!r} data starts at byte {b} and {what} "
+                                  f"{'the header' if prev is None else repr(prev)} (ending at "
+                                  f"{at}); corrupt header")
+        at, prev = i.end - data_start, i.name
+    if at != data_len:
+        raise CheckpointError(f"{path}: {data_len - at} bytes after the last tensor's data; "
+                              "corrupt or not a safetensors file")
 
 
 def _reference_check(path: Path) -> None:

@@ -107,8 +107,8 @@ def validate(expected: dict[str, tuple[int, ...]], infos: dict[str, TensorInfo],
     if dtypes:
         problems.append(f"unsupported dtype (expected one of {FLOAT_DISK_DTYPES}): " + ", ".join(dtypes))
     if problems:
-        raise CheckpointError(f"{where}: checkpoint does not match config.json:\n  - "
-                              + "\n  - ".join(problems))
+        raise CheckpointError(f"{where}: checkpoint does not match config.json: "
+                              + "; ".join(problems))
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
