@@ -86,7 +86,8 @@ def markdown(rep: dict) -> str:
     devs = list(rep["devices"])
     L += ["## Roofline: measured p50 vs analytic lower bound (ms)", "",
           "Lower bound = max(FLOPs / peak, bytes / bandwidth) per stage (`benchmarks/roofline.py`); "
-          "devices at FP16 with peaks from edge-anchors.md sec. 6.1, this CPU at the benchmark dtype "
+          "devices at FP16 with the vendors' peaks (sources in the JSON report, `devices`), "
+          "this CPU at the benchmark dtype "
           "with the measured peaks above. `x bound` = measured / this-CPU bound; on a shared, loaded "
           "machine the measured peak is itself noisy, so x bound < 1 can occur.", "",
           "| backend | task | size | stage | GFLOP | MB | measured | this CPU bound | x bound | "

@@ -6,14 +6,15 @@ intermediate activations assumed to stay on chip), then
 
     lower bound = max(FLOPs / peak FLOP/s, bytes / peak bandwidth)
 
-on named devices. Shapes: spec ``youtu-vl-checkpoint.md`` sec. 1-5; head costs: kernel-anchors
-sec. 0 and 8. Nothing here is measured; the measured numbers sit beside it in the report.
+on named devices. Shapes: the model config (``densert.model.config``); the
+dense head's tail costs about 7 FLOPs per class and output pixel (bilinear weights, the blend, the
+running max). Nothing here is measured; the measured numbers sit beside it in the report.
 
-Device peaks (``DEVICES``) are dense FP16/BF16 tensor-core FLOP/s and DRAM bandwidth, copied from
-``/work/shared/research/edge-anchors.md`` sec. 6.1 (which cites: NVIDIA H100 datasheet; NVIDIA
-DS-10662-001 v1.8 AGX Orin datasheet, FP16 derived as 512 FLOP/clk/TC; Orin Nano datasheet as
-summarised in https://ericxliu.me/posts/benchmarking-llms-on-jetson-orin-nano;
-https://huggingface.co/hardware/jetson-t5000 for Thor, dense FP16 = sparse FP4 / 8). The host
+Device peaks (``DEVICES``) are dense FP16/BF16 tensor-core FLOP/s and DRAM bandwidth from the
+vendors' published figures, each named in its ``source``: the NVIDIA H100 datasheet; NVIDIA
+DS-10662-001 v1.8 (Jetson AGX Orin; FP16 derived as 512 FLOP/clk per tensor core); the Jetson
+Orin Nano datasheet as summarised in https://ericxliu.me/posts/benchmarking-llms-on-jetson-orin-nano;
+https://huggingface.co/hardware/jetson-t5000 for Thor (dense FP16 = sparse FP4 / 8). The host
 CPU has no datasheet entry: ``measure_cpu_peaks`` measures it (a GEMM and a copy microbenchmark),
 and the report says so.
 """
@@ -35,18 +36,15 @@ class Device:
     source: str
 
 
-# edge-anchors.md sec. 6.1 ("Device peaks"); kernel-anchors.md sec. 8.1 repeats H100 / AGX Orin.
 DEVICES: dict[str, Device] = {
-    "H100-SXM": Device("H100 SXM 80GB", 989e12, 3.35e12,
-                       "NVIDIA H100 datasheet (edge-anchors.md sec. 6.1)"),
+    "H100-SXM": Device("H100 SXM 80GB", 989e12, 3.35e12, "NVIDIA H100 datasheet"),
     "AGX-Orin-64GB": Device("Jetson AGX Orin 64GB", 42.6e12, 204.8e9,
-                            "NVIDIA DS-10662-001 v1.8, FP16 derived (edge-anchors.md sec. 6.1)"),
+                            "NVIDIA DS-10662-001 v1.8, FP16 derived"),
     "Orin-Nano-8GB": Device("Jetson Orin Nano 8GB", 10e12, 68e9,
-                            "Orin Nano datasheet via ericxliu.me (edge-anchors.md sec. 6.1); "
-                            "the 'Super' mode is 17 TFLOP/s, 102 GB/s"),
+                            "Jetson Orin Nano datasheet (via ericxliu.me); the 'Super' mode is "
+                            "17 TFLOP/s, 102 GB/s"),
     "Thor-T5000": Device("Jetson AGX Thor T5000", 259e12, 273e9,
-                         "huggingface.co/hardware/jetson-t5000, dense FP16 derived "
-                         "(edge-anchors.md sec. 6.1)"),
+                         "huggingface.co/hardware/jetson-t5000, dense FP16 derived"),
 }
 DEVICE_BYTES_PER_VALUE = 2  # the device bounds assume FP16/BF16 weights and activations
 
@@ -128,7 +126,7 @@ def stage_costs(cfg: YoutuVLConfig, req: Request, b: int = 2) -> dict[str, dict]
     # ---- dense head: [M, d] x [d, K] subset GEMM, then fused bilinear + argmax to out_hw
     Ho, Wo = req.out_hw
     gemm_f = 2 * M * d * K
-    tail_f = 7 * K * Ho * Wo          # ~7 flop per channel per pixel (kernel-anchors sec. 8.3)
+    tail_f = 7 * K * Ho * Wo          # ~7 flop per class per output pixel (module doc)
     dh_b = M * d * b + K * d * 4 + M * K * 4 + Ho * Wo * 4
     out["dense_head"] = _c(gemm_f + tail_f, dh_b, gemm_flops=gemm_f, tail_flops=tail_f)
 

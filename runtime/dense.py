@@ -21,11 +21,17 @@ import numpy as np
 import torch
 
 from densert.extras import require
+from densert.image.preprocess import resize_uint8
 from densert.kernels.dense_head import dense_head
 from densert.tasks import depth_bins
 from densert.tasks.rle import depth_grid_shape, resize_codes
 
 from .options import DenseOptions
+from .outputs import bands
+
+# The most memory one dense map's per-class scores may take (probabilities for the CRF, or the
+# per-pixel depth expectation): beyond it densert refuses the request with what to change.
+DENSE_BYTES_LIMIT = 2 << 30
 
 
 def align_hidden(vision_hidden: torch.Tensor, pre_vision_hidden: torch.Tensor | None,
@@ -59,21 +65,52 @@ def with_background(hidden: torch.Tensor, weight: torch.Tensor, opts: DenseOptio
 def segment_labels(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw,
                    opts: DenseOptions, background: bool = False,
                    image: np.ndarray | None = None) -> np.ndarray:
-    """Labels int64 [H, W]: 0..K-1 for the K weight rows, K for background (when enabled)."""
+    """Labels uint16 [H, W]: 0..K-1 for the K weight rows, K for background (when enabled)."""
     K = weight.shape[0]
+    if K + background > np.iinfo(np.uint16).max:
+        raise ValueError(f"{K} classes: a label map holds at most {np.iinfo(np.uint16).max}")
     if background:
         hidden, weight = with_background(hidden, weight, opts)
+    H, W = (int(v) for v in out_hw)
     if opts.crf:
         if image is None:
             raise ValueError("DenseCRF needs the RGB image at the output size")
-        probs = dense_head(hidden, weight, grid_hw, out_hw, mode="probs", temperature=opts.temperature)
-        labels = crf_refine(probs.cpu().numpy(), image, opts)
+        labels = _crf_labels(hidden, weight, grid_hw, (H, W), image, opts)
     else:
-        labels = dense_head(hidden, weight, grid_hw, out_hw, mode="argmax").cpu().numpy()
-    if background:
+        labels = dense_head(hidden, weight, grid_hw, (H, W), mode="argmax").cpu().numpy()
+    out = np.empty((H, W), np.uint16)
+    for r0, r1 in bands(H, W):
+        band = labels[r0:r1]
         # Channel 0 was background: move it after the classes so labels index the class list.
-        labels = np.where(labels == 0, K, labels - 1)
-    return labels.astype(np.int64)
+        out[r0:r1] = np.where(band == 0, K, band - 1) if background else band
+    return out
+
+
+def _check_dense_bytes(k: int, h: int, w: int, what: str, instead: str) -> None:
+    need = 4 * k * h * w
+    if need > DENSE_BYTES_LIMIT:
+        raise ValueError(f"{what} needs {k} x {h} x {w} float32 scores ({need / 2**30:.1f} GiB, over "
+                         f"the {DENSE_BYTES_LIMIT / 2**30:.0f} GiB densert allows); {instead}")
+
+
+def _crf_labels(hidden, weight, grid_hw, out_hw, image: np.ndarray, opts: DenseOptions) -> np.ndarray:
+    """DenseCRF at no more than ``opts.crf_max_pixels`` (the map is then upsampled nearest): the
+    CRF needs every class's probability at every pixel, so its memory is K x pixels."""
+    H, W = out_hw
+    s = min(1.0, math.sqrt(opts.crf_max_pixels / (H * W)))
+    h, w = max(1, round(H * s)), max(1, round(W * s))
+    _check_dense_bytes(weight.shape[0], h, w, "--crf", "use fewer classes or no --crf")
+    probs = dense_head(hidden, weight, grid_hw, (h, w), mode="probs", temperature=opts.temperature)
+    small = crf_refine(probs.cpu().numpy(), resize_uint8(image, (h, w)), opts)
+    del probs
+    if (h, w) == (H, W):
+        return small
+    rows = np.minimum((np.arange(H) * h) // H, h - 1)  # nearest, pixel-centre aligned enough
+    cols = np.minimum((np.arange(W) * w) // W, w - 1)
+    out = np.empty((H, W), small.dtype)
+    for r0, r1 in bands(H, W):
+        out[r0:r1] = small[rows[r0:r1]][:, cols]
+    return out
 
 
 def crf_refine(probs: np.ndarray, image: np.ndarray, opts: DenseOptions) -> np.ndarray:
@@ -88,7 +125,7 @@ def crf_refine(probs: np.ndarray, image: np.ndarray, opts: DenseOptions) -> np.n
     d.setUnaryEnergy(np.ascontiguousarray(unary))
     d.addPairwiseGaussian(sxy=opts.crf_gaussian_sxy, compat=opts.crf_gaussian_compat)
     d.addPairwiseBilateral(sxy=opts.crf_bilateral_sxy, srgb=opts.crf_bilateral_srgb,
-                           rgbim=np.ascontiguousarray(image, dtype=np.uint8),
+                           rgbim=np.require(image, np.uint8, ["C", "W"]),  # pydensecrf writes to it
                            compat=opts.crf_bilateral_compat)
     q = np.array(d.inference(opts.crf_iterations), dtype=np.float32).reshape(K, H, W)
     return q.argmax(axis=0)
@@ -122,13 +159,23 @@ def depth_map(hidden: torch.Tensor, bin_weight: torch.Tensor, grid_hw, out_hw,
         grid_codes = codes_at(pgrid)
         full = resize_codes(grid_codes, (H, W))
     else:
+        if opts.depth_mode == "expectation":
+            _check_dense_bytes(n, H, W, "--depth-mode expectation with --depth-upsample full",
+                               "use --depth-upsample patch")
         full = codes_at((H, W))
         grid_codes = resize_codes(full, pgrid)
-    bins = np.clip(np.rint(full), 1, n).astype(np.uint16)
-    # argmax: dequantise the rounded codes, as the demo rounds; expectation: keep it continuous.
-    depth = depth_bins.dequantize(bins if opts.depth_mode == "argmax" else np.clip(full, 0.5, n),
-                                  preset, fx)
-    return DepthMap(depth=np.asarray(depth, dtype=np.float32), bins=bins,
+    # Rounding and dequantisation in bands: the float64 arithmetic of dequantize never spans the
+    # whole map (at 24 MP it would be several 190 MB temporaries).
+    bins = np.empty((H, W), np.uint16)
+    depth = np.empty((H, W), np.float32)
+    for r0, r1 in bands(H, W):
+        f = full[r0:r1]
+        bins[r0:r1] = np.clip(np.rint(f), 1, n)
+        # argmax: dequantise the rounded codes, as the demo rounds; expectation: keep it continuous.
+        depth[r0:r1] = depth_bins.dequantize(
+            bins[r0:r1] if opts.depth_mode == "argmax" else np.clip(f, 0.5, n), preset, fx)
+    del full
+    return DepthMap(depth=depth, bins=bins,
                     codes_grid=np.clip(np.rint(grid_codes), 1, n).astype(np.uint16))
 
 

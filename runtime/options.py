@@ -40,6 +40,9 @@ class DenseOptions:
     crf_bilateral_srgb: float = opt(13.0, cli=False)
     crf_bilateral_compat: float = opt(10.0, cli=False)
     crf_iterations: int = opt(5, cli=False)
+    # The CRF holds every class's probability at every pixel: it runs at no more than this many
+    # pixels and its map is upsampled (nearest) to the image, so its memory stays bounded.
+    crf_max_pixels: int = opt(4_000_000, cli=False)
     # The <OTHERS> rule (paper D.1 / open world: logits/4 -> sigmoid, background at 0.5).
     background_logit_scale: float = opt(0.25, cli=False)
     background_threshold: float = opt(0.5, cli=False)

@@ -44,8 +44,9 @@ class OutputError(DensertError, OSError):
     left behind."""
 
 
-def bands(height: int, width: int, band_pixels: int = BAND_PIXELS) -> Iterator[tuple[int, int]]:
-    rows = max(1, band_pixels // max(1, width))
+def bands(height: int, width: int) -> Iterator[tuple[int, int]]:
+    """Row ranges of about ``BAND_PIXELS`` pixels each (read at call time, so tests can shrink it)."""
+    rows = max(1, BAND_PIXELS // max(1, width))
     for r in range(0, height, rows):
         yield r, min(height, r + rows)
 

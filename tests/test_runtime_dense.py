@@ -113,7 +113,39 @@ def test_crf_keeps_a_clean_map_and_needs_the_image():
         segment_labels(hidden, w, (4, 4), (64, 64), opts)
 
 
-def test_depth_argmax_patch_grid_then_resize_and_dequantise():
+def test_crf_runs_at_its_pixel_cap_and_maps_back(monkeypatch):
+    """Over crf_max_pixels the CRF runs on a smaller map whose labels are upsampled (nearest):
+    its K x pixels probabilities stay bounded whatever the image size."""
+    import densert.runtime.dense as D
+    d = 8
+    hidden = torch.zeros(4 * 4, d)
+    hidden.view(4, 4, d)[:, :2, 0] = 3.0
+    hidden.view(4, 4, d)[:, 2:, 1] = 3.0
+    w = torch.eye(2, d)
+    img = np.zeros((300, 400, 3), np.uint8)
+    img[:, 200:] = 255
+    seen = []
+    real = D.crf_refine
+    monkeypatch.setattr(D, "crf_refine", lambda probs, image, o: seen.append(probs.shape) or real(probs, image, o))
+    lab = segment_labels(hidden, w, (4, 4), (300, 400), DenseOptions(crf=True, crf_max_pixels=12_000),
+                         image=img)
+    assert seen == [(2, 95, 126)] and lab.shape == (300, 400) and lab.dtype == np.uint16
+    assert (lab[:, :180] == 0).all() and (lab[:, 220:] == 1).all()
+    with pytest.raises(ValueError, match=r"--crf needs 3000 x 95 x 126 float32 scores .* use fewer"):
+        monkeypatch.setattr(D, "DENSE_BYTES_LIMIT", 100 << 20)
+        segment_labels(hidden, torch.randn(3000, d), (4, 4), (300, 400),
+                       DenseOptions(crf=True, crf_max_pixels=12_000), image=img)
+
+
+def test_depth_expectation_at_full_resolution_is_bounded(monkeypatch):
+    import densert.runtime.dense as D
+    monkeypatch.setattr(D, "DENSE_BYTES_LIMIT", 1 << 20)
+    with pytest.raises(ValueError, match="use --depth-upsample patch"):
+        depth_map(torch.randn(6, 16), torch.randn(1000, 16), (2, 3), (64, 96),
+                  DenseOptions(depth_mode="expectation", depth_upsample="full"), "nyuv2")
+
+
+def test_depth_argmax_patch_grid_then_resize_and_dequantise(monkeypatch):
     # bin scores peak at a known bin per merged cell
     gh, gw, K, d = 2, 3, 1000, 16
     g = torch.Generator().manual_seed(0)
@@ -126,6 +158,13 @@ def test_depth_argmax_patch_grid_then_resize_and_dequantise():
     assert np.array_equal(dm.codes_grid, codes)
     assert dm.bins.shape == (64, 96) and dm.depth.dtype == np.float32
     np.testing.assert_array_equal(dm.depth, depth_bins.dequantize(dm.bins, "nyuv2"))
+    # rounding and dequantisation in bands of ~5 rows equal the whole-map computation
+    from densert.runtime import outputs
+    from densert.tasks.rle import resize_codes
+    monkeypatch.setattr(outputs, "BAND_PIXELS", 5 * 96)
+    banded = depth_map(hidden, wbins, (gh, gw), (64, 96), DenseOptions(), "nyuv2")
+    whole = np.clip(np.rint(resize_codes(codes.astype(np.float32), (64, 96))), 1, K)
+    assert np.array_equal(banded.bins, whole) and np.array_equal(banded.depth, dm.depth)
     full = depth_map(hidden, wbins, (gh, gw), (64, 96), DenseOptions(depth_upsample="full"), "nyuv2")
     assert full.bins.shape == (64, 96)
     exp = depth_map(hidden, wbins, (gh, gw), (64, 96), DenseOptions(depth_mode="expectation"),
