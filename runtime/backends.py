@@ -22,6 +22,7 @@ def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "f
         from densert.checkpoint.loader import load_model
         dev = device if device not in (None, "auto") else (
             "cuda" if torch.cuda.is_available() else "cpu")
+        check_device(dev)
         return TorchBackend(load_model(model_dir, dtype, device=dev))
     if name == "onnxruntime":
         cls = _import("densert.export.ort_backend", "OrtBackend", name)
@@ -31,6 +32,18 @@ def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "f
         raise BackendError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     from densert.checkpoint.files import resolve_dtype
     return cls.from_model(model_dir, engine_dir=engine_dir, dtype=resolve_dtype(dtype))
+
+
+def check_device(device: str) -> None:
+    """A torch device this process can use, before any weights are read."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible GPU"
+            raise BackendError(f"--device {device}: CUDA is not available here ({build}); use "
+                               "--device cpu")
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= torch.cuda.device_count():
+            raise BackendError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
 
 
 def _import(module: str, attr: str, name: str):

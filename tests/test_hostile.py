@@ -122,6 +122,13 @@ def test_console_line_per_image_and_quiet(tiny_checkpoint, tmp_path, capsys):
     assert rc == 0 and err == ""
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_cuda_on_a_cpu_build_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    rc, _, err = _run(["depth", str(SAMPLE), "--model", str(tiny_checkpoint), "--device", "cuda",
+                       "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "--device cuda: CUDA is not available here" in _one_line_error(err, "depth")
+
+
 # ---------------------------------------------------------------- writing
 def test_disk_full_is_one_line_and_the_batch_goes_on(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     from densert.runtime import outputs as O
