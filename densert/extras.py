@@ -23,6 +23,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "transformers": "dev",
     "pytest": "dev",
     "jedi": "dev",
+    "pycocotools": "dev",
 }
 
 
