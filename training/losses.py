@@ -183,13 +183,15 @@ class LabelSpace:
 
     ``class_ids[c]``: every sub-word id of class c's name (all are positives where c occurs; the
     runtime averages their logits); ``depth_ids[b]``: the id of ``<custom_b>`` (index 0 unused:
-    bin 0 = invalid); ``fg_id`` / ``bg_id``: ``<FG>`` / ``<BG>``.
+    bin 0 = invalid); ``fg_id`` / ``bg_id``: ``<FG>`` / ``<BG>``; ``class_names[c]``: the name
+    whose ids ``class_ids[c]`` are (the prompts spell it).
     """
 
     class_ids: list[list[int]]
     depth_ids: list[int]
     fg_id: int
     bg_id: int
+    class_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         width = max(len(s) for s in self.class_ids)
