@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densert.errors import DatasetError
+from densert.errors import CheckpointError, DatasetError
 from densert.image import PATCH
 from densert.model.vision_meta import build_vision_meta
 from densert.tasks import DENSE_TASKS, prompts
@@ -51,6 +51,15 @@ TASKS = DENSE_TASKS
 HELD_OUT_SEED_BASE = 1_000_000_000     # eval scenes; training scene seeds stay below this
 TRAIN_CONFIG_FILE = "train_config.json"
 EVAL_JSON, EVAL_MD, BEST_DIR = "eval.json", "eval.md", "best"
+# Options that decide which parameters exist and where the frozen ones come from: a resumed run
+# must be started with the same ones.
+SHAPING = ("init", "model_size", "text_layers", "vision_layers", "lora_rank", "lora_alpha", "freeze")
+
+
+def _plain(key: str, v):
+    if key == "init" and v:
+        return str(Path(v).resolve())
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def patch_cap(image_size: tuple[int, int]) -> int:
@@ -158,15 +167,15 @@ class Trainer:
         self.model.to(self.device).train()
         self.vocab = T.Vocab.from_str(self.tok_json)
         self.space = label_space(self.vocab)
-        self.spaces = [label_space(self.vocab, ds.class_names or ()) if ds.class_names else self.space
+        self.spaces = [label_space(self.vocab, ds.class_names) if ds.class_names else self.space
                        for ds in self.datasets]
         self.masks = family_masks([self.space, *self.spaces], len(self.vocab))
         self.train_items = [(i, it) for i, ds in enumerate(self.datasets)
                             for it in ds.items("train", cfg.tasks)]
         if self.datasets and not self.train_items:
             raise DatasetError(f"--data: no training images for tasks {list(cfg.tasks)} in "
-                             f"{[str(d.root) for d in self.datasets]} (everything is in the "
-                             "validation split, or no folder has these annotations)")
+                               f"{[str(d.root) for d in self.datasets]} (everything is in the "
+                               "validation split, or no folder has these annotations)")
         self.fwd = TrainForward(self.model, cfg)
         self.wrapped = self._wrap(self.fwd)
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -207,6 +216,12 @@ class Trainer:
         from densert.checkpoint.loader import load_model
         p = Path(path)
         state, extra = S.load_state(p)   # refuses a pickle-only directory before reading weights
+        was = state["config"]
+        differ = [f"{k}: {was.get(k)!r} there, {getattr(self.cfg, k)!r} now" for k in SHAPING
+                  if _plain(k, was.get(k)) != _plain(k, getattr(self.cfg, k))]
+        if differ:
+            raise CheckpointError(f"--resume {p}: the run was started with other model options "
+                                  f"({'; '.join(differ)}); pass the same ones")
         saved = load_model(p, "float32").state_dict()
         own = self.model.state_dict()
         new = {}
@@ -278,16 +293,17 @@ class Trainer:
     def memory_estimate(self):
         from .memory import estimate_memory
         b = Batch(self.samples_for_step(self.step), self.vocab.eos_id)
-        return estimate_memory(self.model.config, self.cfg, b, self.world, self.device.type)
+        with torch.random.fork_rng(devices=[]):   # building the traced copy draws random inits
+            return estimate_memory(self.model.config, self.cfg, b, self.world, self.device.type)
 
     def fit(self) -> dict:
         cfg = self.cfg
         est = None
         if self.rank == 0:
             est = self.memory_estimate()
-            how = ("LoRA r=%d" % cfg.lora_rank if cfg.lora_rank else "full fine-tuning"
-                   ) + (f", frozen: {','.join(cfg.freeze)}" if cfg.freeze else "") + (
-                ", gradient checkpointing" if cfg.grad_checkpoint else "")
+            how = ", ".join([f"LoRA r={cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"]
+                            + ([f"frozen: {','.join(cfg.freeze)}"] if cfg.freeze else [])
+                            + (["gradient checkpointing"] if cfg.grad_checkpoint else []))
             for line in est.lines(f"batch {cfg.batch}, images up to {cfg.image_size[0]}x"
                                   f"{cfg.image_size[1]}, {cfg.precision}, {how}"):
                 self.log(line)
@@ -385,9 +401,10 @@ class Trainer:
             return {k[len("vl."):]: v for k, v in sd.items()}
         return finetune.merged_state_dict(self.model)
 
-    def _write_weights(self, weights, out: Path) -> Path:
+    def _write_weights(self, weights, out: Path, dtype: str | None = None) -> Path:
         from densert.checkpoint.files import write_checkpoint
-        p = write_checkpoint(weights, out, self.tok_json, dtype=self.cfg.save_dtype, overwrite=True)
+        p = write_checkpoint(weights, out, self.tok_json, dtype=dtype or self.cfg.save_dtype,
+                             overwrite=True)
         (p / TRAIN_CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=1) + "\n")
         return p
 
@@ -405,13 +422,8 @@ class Trainer:
 
     def export(self, out: str, dtype: str) -> Path | None:
         """The final weights (LoRA merged) in the released layout, without trainer state."""
-        from densert.checkpoint.files import write_checkpoint
         weights = finetune.Weights(self.model.config, self.full_state_dict())
-        if self.rank != 0:
-            return None
-        p = write_checkpoint(weights, out, self.tok_json, dtype=dtype, overwrite=True)
-        (p / TRAIN_CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=1) + "\n")
-        return p
+        return self._write_weights(weights, Path(out), dtype) if self.rank == 0 else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,6 +201,18 @@ def _depth_size(p: Path) -> tuple[int, int]:
         return im.height, im.width
 
 
+def _by_stem(d: Path, exts, what: str) -> dict[str, Path]:
+    """stem -> file of ``d`` with one of ``exts``; two files of one stem are an error."""
+    out: dict[str, Path] = {}
+    for p in sorted(d.iterdir()):
+        if p.suffix.lower() not in exts:
+            continue
+        if p.stem in out:
+            raise DatasetError(f"{p}: two {what} files share the stem {p.stem!r} ({out[p.stem].name})")
+        out[p.stem] = p
+    return out
+
+
 def _check_size(what: str, p: Path, hw: tuple[int, int], image: Path, image_hw) -> None:
     if tuple(hw) != tuple(image_hw):
         raise DatasetError(f"size mismatch: {what} {p} is {hw[0]}x{hw[1]} but image {image} is "
@@ -336,13 +348,7 @@ class UserData:
         d = self.root / "images"
         if not d.is_dir():
             raise DatasetError(f"{d}: missing (a dataset keeps its RGB images in images/)")
-        out: dict[str, Path] = {}
-        for p in sorted(d.iterdir()):
-            if p.suffix.lower() not in IMAGE_EXTS:
-                continue
-            if p.stem in out:
-                raise DatasetError(f"{p}: two images share the stem {p.stem!r} ({out[p.stem].name})")
-            out[p.stem] = p
+        out = _by_stem(d, IMAGE_EXTS, "image")
         if not out:
             raise DatasetError(f"{d}: no images ({', '.join(IMAGE_EXTS)})")
         return out
@@ -352,16 +358,11 @@ class UserData:
         d = self.root / sub
         if not d.is_dir():
             return {}
-        found: dict[str, Path] = {}
-        for p in sorted(d.iterdir()):
-            if p.suffix.lower() not in exts:
-                continue
-            if p.stem in found:
-                raise DatasetError(f"{p}: two {what} files for {p.stem!r} ({found[p.stem].name})")
-            if p.stem not in self.images:
+        found = _by_stem(d, exts, what)
+        for stem, p in found.items():
+            if stem not in self.images:
                 raise DatasetError(f"{p}: no image for this {what} file "
-                                   f"(expected {self.root / 'images' / p.stem}.png or .jpg)")
-            found[p.stem] = p
+                                   f"(expected {self.root / 'images' / stem}.png or .jpg)")
         for stem, img in self.images.items():
             if stem not in found:
                 raise DatasetError(f"{img}: missing {what} for this image (expected "
