@@ -199,3 +199,35 @@ def test_mixed_image_sizes_share_a_batch(tmp_path):
 def test_lora_with_fsdp_is_refused(tmp_path):
     with pytest.raises(ValueError, match="FSDP is for full fine-tuning"):
         _cfg(tmp_path, lora_rank=4, fsdp=True)
+
+
+def test_fit_prints_the_estimate_scores_the_split_and_keeps_the_best(tmp_path):
+    """A short run on a dataset folder: the memory estimate comes first, every evaluation goes to
+    eval.json / eval.md, the best weights to OUT/best, the state to safetensors + JSON."""
+    pytest.importorskip("pycocotools")
+    from densert.training.example_data import write_example
+    write_example(tmp_path / "ds", n=4, size=(64, 96), seed=5)
+    logs = []
+    tr = TR.Trainer(_cfg(tmp_path / "run", data=(str(tmp_path / "ds"),), steps=2, eval_every=1,
+                         image_size=(64, 96), tasks=("depth", "segment")), log=logs.append)
+    summary = tr.fit()
+    assert logs[0].startswith("estimated memory per rank") and "peak" in logs[5]
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert [e["step"] for e in ev["evals"]] == [1, 2]
+    row = ev["evals"][-1]["datasets"][0]
+    assert set(row) >= {"depth", "segment"} and "refer" not in row      # the trained tasks only
+    assert set(row["segment"]["iou"]) == {"floor", "wall", "ceiling", "furniture", "clutter"}
+    assert "| ds | val | depth |" in (tmp_path / "run" / "eval.md").read_text()
+    assert ev["best"]["step"] in (1, 2) and summary["best"] == ev["best"]
+    assert json.loads((tmp_path / "run" / "best" / "eval.json").read_text())["step"] == ev["best"]["step"]
+    assert (tmp_path / "run" / "trainer_state.safetensors").is_file()
+    assert summary["memory_estimate"]["peak"] > summary["memory_estimate"]["weights"]
+
+
+def test_resume_with_other_model_options_is_refused(tmp_path):
+    pytest.importorskip("peft")
+    from densert.errors import CheckpointError
+    tr = TR.Trainer(_cfg(tmp_path / "a", lora_rank=4))
+    p = tr.save(str(tmp_path / "ck"))
+    with pytest.raises(CheckpointError, match="lora_rank: 4 there, 0 now"):
+        TR.Trainer(_cfg(tmp_path / "b"), resume=str(p))
