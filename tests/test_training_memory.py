@@ -54,7 +54,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in ("full", "lora") else pytest.mark.slow)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c == "full" else pytest.mark.slow)
                                   for c in CASES])
 def test_estimate_holds_against_the_measured_peak(tmp_path, case):
     if CASES[case].get("lora_rank"):
