@@ -72,3 +72,5 @@ def test_finetune_improves_validation_and_exports_a_loadable_checkpoint(run, dat
                  str(tmp_path / "depth")]) == 0
     assert (tmp_path / "depth" / f"{image.stem}.depth.npy").is_file()
     assert main(["inspect", str(exp)]) == 0
+    assert main(["export", "--model", str(exp), "--out", str(tmp_path / "engines")]) == 0
+    assert (tmp_path / "engines" / "manifest.json").is_file()
