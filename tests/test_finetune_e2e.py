@@ -1,7 +1,7 @@
 """The issue's must-show, end to end through the CLI: a dataset folder in every documented format,
 the bundled model fine-tuned on it with --init (LoRA and full), its validation scores better than
-the starting model's, and the exported merged checkpoint loading in `densert depth` and scoring
-what the run scored. Slow (about a minute per run on 2 shared CPU cores); prints the table:
+the starting model's, and the exported merged checkpoint scoring what the run scored and loading in
+`densert depth`, `inspect` and `export`. Slow (about a minute per run on 2 shared CPU cores); prints the table:
 
     .venv/bin/python -m pytest -m slow tests/test_finetune_e2e.py -s
 """
