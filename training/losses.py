@@ -72,8 +72,12 @@ def _dense(hidden, weight, positives, token_mask, vocab_mask):
     return z, y & m, m
 
 
+# Vocabulary ids per streamed chunk of NTP-M logits (training.memory counts its working set).
+NTPM_CHUNK = 8192
+
+
 def ntpm(hidden, weight, positives, token_mask=None, vocab_mask=None, k: int = 32,
-         chunk_size: int = 8192) -> torch.Tensor:
+         chunk_size: int = NTPM_CHUNK) -> torch.Tensor:
     from densert.kernels.ntpm import ntpm_loss
     ok = _valid_tokens(positives, token_mask, vocab_mask)
     return ntpm_loss(hidden, weight, positives, k=k, token_mask=ok, vocab_mask=vocab_mask,

@@ -23,7 +23,7 @@ root unit and of two layers (the one running and the one prefetched) are held in
 The meter (``LiveTensorMeter``) is a ``TorchDispatchMode`` that sees every tensor created while
 it is active, holds a weak reference to each storage and adds up the bytes of the storages
 alive, so its peak is the largest amount of tensor memory that existed at once (torch's CPU
-allocator keeps no statistics of its own). Process RSS is reported beside it.
+allocator keeps no statistics of its own).
 """
 from __future__ import annotations
 
@@ -141,8 +141,9 @@ def _trace_activations(model, mode, batch, precision: str, device_type: str) -> 
             "hidden_dim": model.config.hidden_size}
 
 
-def _vision_loss_bytes(batch, kind: str, k: int, vocab: int, d: int, chunk: int = 8192) -> tuple[int, int]:
+def _vision_loss_bytes(batch, kind: str, k: int, vocab: int, d: int) -> tuple[int, int]:
     """(saved, transient) bytes of the vision loss, per task group, from the batch's shapes."""
+    from .losses import NTPM_CHUNK
     saved = transient = 0
     for task in sorted(set(batch.tasks)):
         rows = [b for b, t in enumerate(batch.tasks) if t == task and batch.positives[b].shape[1]]
@@ -154,7 +155,7 @@ def _vision_loss_bytes(batch, kind: str, k: int, vocab: int, d: int, chunk: int 
             # the gathered hidden rows, and per token the P + k selected ids (int64) and their
             # gradient coefficients (fp32); the streamed chunk of logits and its top-k merge
             saved += L * d * 4 + L * (P + k) * 12 + L * 8
-            transient = max(transient, L * min(vocab, chunk) * 4 * 2)
+            transient = max(transient, L * min(vocab, NTPM_CHUNK) * 4 * 2)
         else:
             # the baselines form [L, V] logits, targets and masks
             saved += L * d * 4 + L * vocab * (4 + 4 + 2)
@@ -274,9 +275,3 @@ class LiveTensorMeter(TorchDispatchMode):
                 self._add(t.untyped_storage())
         self.peak = max(self.peak, self.current)
         return out
-
-
-def rss_peak_bytes() -> int:
-    """The process's peak resident set size (Linux reports KiB)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
