@@ -33,7 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("densert.benchmarks.cli", "per-stage latency and memory, backend against backend"),
     "render": ("densert.training.cli", "render procedural dense-scene samples to disk"),
     "train": ("densert.training.cli", "NTP-M training (text NTP + multi-label vision tokens)"),
-    "eval": ("densert.training.cli", "depth / segmentation scores on held-out rendered scenes"),
+    "eval": ("densert.training.cli", "scores on held-out rendered scenes, or on dataset folders (--data)"),
+    "example-data": ("densert.training.cli", "write a small example dataset folder for train / eval --data"),
     "ablation": ("densert.training.cli", "loss ablation: BCE vs independent means vs NTP-M vs softmax NTP"),
 }
 

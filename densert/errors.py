@@ -57,3 +57,8 @@ class EngineError(DensertError, RuntimeError):
 
 class MissingExtraError(DensertError, ImportError):
     """An optional dependency group (``pip install 'densert[EXTRA]'``) that is not installed."""
+
+
+class DatasetError(DensertError, ValueError):
+    """A training / evaluation dataset on disk that does not follow the documented layout
+    (README "Training on your data"); the message names the file and what is wrong with it."""

@@ -17,6 +17,8 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "onnx": "export",
     "onnxscript": "export",
     "triton": "train",
+    "peft": "train",
+    "pycocotools": "train",
     "matplotlib": "bench",
     "jsonschema": "bench",
     "pydensecrf": "crf",

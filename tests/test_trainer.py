@@ -44,7 +44,7 @@ def test_samples_follow_the_documented_chat_layout(tmp_path):
         else:
             assert "Segment the core target." in text
             assert v.decode(s.ids[s.answer_start:]) == ref_tags(CORE_TARGET_CLASSES) + T.EOS
-        assert s.ids.count(v.image_pad_id) == s.labels.shape[0] == 4
+        assert s.ids.count(v.image_pad_id) == s.positives.shape[0] == 4
 
 
 def test_family_masks_exclude_other_tasks_labels(tmp_path):
@@ -110,15 +110,18 @@ _DDP_SCRIPT = r"""
 import hashlib, json, sys, torch
 from densert.training import trainer as TR
 cfg = TR.TrainConfig(**json.loads(sys.argv[1]))
-tr = TR.Trainer(cfg)
+tr = TR.Trainer(cfg, resume=sys.argv[2] or None, log=lambda s: None)
 assert tr.distributed and tr.world == 2
-for _ in range(2):
-    tr.train_step(tr.samples_for_step(tr.step))
+if cfg.data:
+    tr.fit()                       # evaluation, best checkpoint and save: collective under FSDP
+else:
+    for _ in range(2):
+        tr.train_step(tr.samples_for_step(tr.step))
 h = hashlib.sha256()
 for n, p in tr.model.state_dict().items():
     p = p.detach()
     h.update((p.full_tensor() if hasattr(p, "full_tensor") else p).numpy().tobytes())
-print("HASH", tr.rank, h.hexdigest(), flush=True)
+print("HASH", tr.rank, tr.step, h.hexdigest(), flush=True)
 """
 
 
@@ -128,27 +131,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_ddp_two_ranks_end_with_identical_weights(tmp_path, fsdp):
-    cfg = dict(SMALL, out=str(tmp_path / "ddp"), image_size=[64, 64], fsdp=fsdp)
+def _two_ranks(cfg: dict, resume: str = "") -> dict[int, tuple[int, str]]:
     port = _free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", _DDP_SCRIPT, json.dumps(cfg)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
+        procs.append(subprocess.Popen([sys.executable, "-c", _DDP_SCRIPT, json.dumps(cfg), resume],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
     hashes = {}
     for o, _ in outs:
         for line in o.splitlines():
             if line.startswith("HASH"):
-                _, r, hsh = line.split()
-                hashes[int(r)] = hsh
+                _, r, step, hsh = line.split()
+                hashes[int(r)] = (int(step), hsh)
+    return hashes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_ddp_two_ranks_end_with_identical_weights(tmp_path, fsdp):
+    hashes = _two_ranks(dict(SMALL, out=str(tmp_path / "ddp"), image_size=[64, 64], fsdp=fsdp))
     assert set(hashes) == {0, 1} and hashes[0] == hashes[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp-full", "ddp-lora"])
+def test_two_ranks_fine_tune_a_checkpoint_on_data_and_resume(tmp_path, kind):
+    """--init + --data under torchrun: full fine-tuning with per-layer FSDP (evaluation, best
+    checkpoint and trainer state gathered from the shards), or LoRA under DDP; then resume."""
+    pytest.importorskip("pycocotools")
+    from densert.resources import bundled_model_dir
+    from densert.training.example_data import write_example
+    write_example(tmp_path / "ds", n=4, size=(64, 96), seed=2)
+    cfg = dict(SMALL, out=str(tmp_path / "run"), init=str(bundled_model_dir()),
+               data=[str(tmp_path / "ds")], text_layers=None, vision_layers=None, steps=2,
+               image_size=[64, 96], fsdp=kind == "fsdp-full", lora_rank=4 if kind == "ddp-lora" else 0)
+    first = _two_ranks(cfg)
+    assert first[0] == first[1] and first[0][0] == 2
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["best"]["step"] == 2
+    again = _two_ranks(dict(cfg, steps=3), resume=str(tmp_path / "run"))
+    assert again[0] == again[1] and again[0][0] == 3
 
 
 def test_metrics_standard_definitions():

@@ -1,25 +1,16 @@
-import json
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from densert.tasks import depth_bins as db
 from densert.training.classes import BG, CLASS_IDS, FG, IGNORE_LABEL, NUM_CLASSES
 from densert.training.data import (
     EVAL_SEED_BASE,
     SceneDataset,
-    UserDataset,
     collate_scenes,
     depth_targets,
     fgbg_targets,
-    find_pairs,
     fit_to_multiple,
-    load_class_names,
-    load_depth,
-    load_depth_sample,
-    load_seg_sample,
     padded_indices,
     referring_crop,
     resize_sample,
@@ -252,80 +243,7 @@ def test_scene_dataset_bad_args():
         SceneDataset(2, (64, 70))
 
 
-# ---------------- user data -----------------
-
-def _write_rgb(path, h, w):
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
-
-
-def test_load_depth_png_and_npy(tmp_path):
-    mm = np.array([[0, 1000], [2500, 65535]], np.uint16)
-    Image.fromarray(mm).save(tmp_path / "d.png")
-    d = load_depth(tmp_path / "d.png", scale=1000.0)
-    np.testing.assert_allclose(d, [[0, 1.0], [2.5, 65.535]], rtol=1e-6)
-    with pytest.raises(ValueError, match="needs `scale`"):
-        load_depth(tmp_path / "d.png")
-    Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "d8.png")
-    with pytest.raises(ValueError, match="16-bit"):
-        load_depth(tmp_path / "d8.png", scale=1.0)
-    np.save(tmp_path / "d.npy", np.array([[1.5, np.nan], [-1, 3]], np.float32))
-    np.testing.assert_array_equal(load_depth(tmp_path / "d.npy"), [[1.5, 0], [0, 3]])
-    with pytest.raises(FileNotFoundError, match="missing file"):
-        load_depth(tmp_path / "nope.npy")
-
-
-def test_load_depth_sample_size_mismatch(tmp_path):
-    _write_rgb(tmp_path / "a.png", 10, 12)
-    np.save(tmp_path / "a.npy", np.ones((10, 11), np.float32))
-    with pytest.raises(ValueError, match="size mismatch.*10x12.*10x11"):
-        load_depth_sample(tmp_path / "a.png", tmp_path / "a.npy")
-
-
-def test_class_names_and_seg_sample(tmp_path):
-    (tmp_path / "c.txt").write_text("floor\nwall\ncat\n")
-    (tmp_path / "c.json").write_text(json.dumps({"0": "floor", "1": "wall", "2": "cat"}))
-    assert load_class_names(tmp_path / "c.txt") == load_class_names(tmp_path / "c.json") == ["floor", "wall", "cat"]
-    (tmp_path / "gap.json").write_text(json.dumps({"0": "a", "2": "b"}))
-    with pytest.raises(ValueError, match="without gaps"):
-        load_class_names(tmp_path / "gap.json")
-    with pytest.raises(ValueError, match="duplicates"):
-        load_class_names(["a", "a"])
-    _write_rgb(tmp_path / "x.png", 8, 8)
-    lab = np.zeros((8, 8), np.uint8)
-    lab[0, 0] = IGNORE_LABEL
-    lab[1, 1] = 2
-    Image.fromarray(lab).save(tmp_path / "x_label.png")
-    s = load_seg_sample(tmp_path / "x.png", tmp_path / "x_label.png", tmp_path / "c.txt")
-    assert s["labels"][1, 1] == 2 and s["class_names"][2] == "cat"
-    lab[2, 2] = 7
-    Image.fromarray(lab).save(tmp_path / "x_label.png")
-    with pytest.raises(ValueError, match=r"\[7\] have no class name"):
-        load_seg_sample(tmp_path / "x.png", tmp_path / "x_label.png", tmp_path / "c.txt")
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "rgb_label.png")
-    with pytest.raises(ValueError, match="one channel"):
-        load_seg_sample(tmp_path / "x.png", tmp_path / "rgb_label.png", ["a"])
-
-
-def test_user_dataset_end_to_end(tmp_path):
-    (tmp_path / "img").mkdir()
-    (tmp_path / "dep").mkdir()
-    for name in ("a", "b"):
-        _write_rgb(tmp_path / "img" / f"{name}.png", 60, 70)
-        Image.fromarray(np.full((60, 70), 2000, np.uint16)).save(tmp_path / "dep" / f"{name}.png")
-    pairs = find_pairs(tmp_path / "img", tmp_path / "dep", ".png")
-    ds = UserDataset(pairs, "depth", depth_scale=1000.0, depth_preset="nyuv2")
-    it = ds[0]
-    assert it["image"].shape == (64, 64, 3)  # fit_to_multiple(60, 70)
-    assert rows(it["depth_targets"]) == [[int(db.quantize(2.0, "nyuv2"))]] * 4
-    with pytest.raises(ValueError, match="pass fx"):
-        UserDataset(pairs, "depth", depth_scale=1000.0)
-    ow = UserDataset(pairs, "depth", size=(32, 32), depth_scale=1000.0, fx=1000.0)[0]
-    # resized 70 -> 32 px wide: fx scales to 1000 * 32 / 70, depth is canonicalised with it
-    assert rows(ow["depth_targets"]) == [[int(db.quantize(2.0, "open-world", fx=1000.0 * 32 / 70))]]
-    (tmp_path / "dep" / "b.png").unlink()
-    with pytest.raises(FileNotFoundError, match="1 target file"):
-        find_pairs(tmp_path / "img", tmp_path / "dep", ".png")
-
+# ---------------- resizing -----------------
 
 def test_resize_sample_keeps_depth_values_and_scales_intrinsics():
     img = np.zeros((64, 64, 3), np.uint8)

@@ -15,20 +15,27 @@ LOSSES = ("ntpm", "indep", "bce", "balanced", "focal", "ohem", "softmax")
 PRECISIONS = ("fp32", "bf16")
 # Kinds of rendered scene (training.scenes); "any": indoor or outdoor, by the seed.
 SCENE_KINDS = ("any", "indoor", "outdoor")
+# Parts --freeze can keep as they are (training.finetune.part_of names them).
+FREEZABLE = ("vision", "merger", "llm")
 
 
 @dataclass
 class TrainConfig:
     out: str = opt("runs/densert-tiny", "checkpoint directory (released layout + trainer state)",
                    cli=False)
-    model_size: str = opt("tiny", "architecture widths of the model trained from scratch",
+    init: str | None = opt(None, "start from this checkpoint directory (the released layout; its "
+                                 "tokenizer is kept) (default: a fresh --model-size model)",
+                           metavar="MODEL_DIR")
+    model_size: str = opt("tiny", "architecture widths of a fresh model (not used with --init)",
                           choices=MODEL_SIZES)
     text_layers: int | None = opt(None, "LLM layer count (default: the model size's)", type=int)
     vision_layers: int | None = opt(None, "ViT layer count (default: the model size's)", type=int)
     steps: int = opt(1000, "optimizer steps")
     batch: int = opt(8, "samples per step (per rank)")
     image_size: tuple[int, int] = opt((256, 256), "HxW of the rendered training scenes, multiples "
-                                                  f"of {BLOCK}", type=hw_size, metavar="HxW")
+                                                  f"of {BLOCK}; --data images keep their aspect "
+                                                  "and get at most as many 16x16 patches",
+                                      type=hw_size, metavar="HxW")
     tasks: tuple[str, ...] = opt(DENSE_TASKS, "comma list of tasks sampled in turn",
                                  type=comma_list, metavar="TASKS")
     loss: str = opt("ntpm", "vision-token loss (the others are the paper's ablation baselines)",
@@ -45,21 +52,41 @@ class TrainConfig:
     alignment: str = opt("k", "hidden state that scores merged cell k (as the runtime's "
                               "--alignment)", choices=ALIGNMENTS)
     # Cityscapes: the scenes reach 80 m and are rendered at ~200 px focal length (trainer doc).
-    depth_preset: str = opt("cityscapes", "depth preset of the depth samples", choices=tuple(PRESETS))
+    depth_preset: str = opt("cityscapes", "depth preset of the rendered scenes' depth samples "
+                                          "(--data folders name theirs in meta.json)",
+                            choices=tuple(PRESETS))
     text_weight: float = opt(1.0, "weight of the text next-token loss")
     vision_weight: float = opt(1.0, "weight of the vision-token loss")
-    eval_every: int = opt(0, "steps between held-out evaluations (0: only at the end)")
-    eval_n: int = opt(16, "held-out scenes per evaluation")
+    eval_every: int = opt(0, "steps between evaluations (0: only at the end); with --data the "
+                             "validation splits are scored and the best checkpoint kept in OUT/best")
+    eval_n: int = opt(16, "held-out rendered scenes per evaluation (runs without --data)")
     save_every: int = opt(0, "steps between checkpoints (0: only at the end)")
     max_minutes: float = opt(0.0, "wall-clock limit in minutes (0: none)")
     save_dtype: str = opt("float32", "dtype of the saved weights", choices=DTYPES)
-    fsdp: bool = opt(False, "FSDP instead of DDP under torchrun")
+    fsdp: bool = opt(False, "FSDP (each decoder and ViT layer sharded) instead of DDP under "
+                            "torchrun: full fine-tuning across GPUs")
+    # Datasets on disk (training.userdata): `--data DIR` may be given several times (training.cli).
+    data: tuple[str, ...] = opt((), "dataset folder (README 'Training on your data'); repeat the "
+                                    "flag for more (default: rendered scenes only)", cli=False)
+    scene_ratio: float = opt(0.0, "with --data: share of samples drawn from rendered scenes "
+                                  "instead (0: none)")
+    val_fraction: float = opt(0.2, "with --data: share of a folder's images held out for "
+                                   "validation when its meta.json names no split file")
+    lora_rank: int = opt(0, "LoRA rank on the LLM's attention and MLP projections, with the LLM's "
+                            "own weights frozen (0: no LoRA, full fine-tuning)")
+    lora_alpha: float = opt(16.0, "LoRA scale: the update is B A * alpha / rank")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA branch input")
+    freeze: tuple[str, ...] = opt((), "comma list of parts kept as they are: "
+                                      f"{', '.join(FREEZABLE)} (default: none)", type=comma_list,
+                                  metavar="PARTS")
+    grad_checkpoint: bool = opt(False, "recompute each ViT and decoder layer in the backward "
+                                       "(activation memory of one layer, one more forward)")
     threads: int = opt(0, "torch CPU threads (0: torch's default)")
     progress: bool = opt(True, "progress bar")
 
     def __post_init__(self):
         self.image_size = tuple(int(v) for v in self.image_size)
-        self.tasks = tuple(self.tasks)
+        self.tasks, self.data, self.freeze = tuple(self.tasks), tuple(self.data), tuple(self.freeze)
         bad = [t for t in self.tasks if t not in DENSE_TASKS]
         if bad or not self.tasks:
             raise ValueError(f"tasks {list(self.tasks)}: expected a non-empty subset of {DENSE_TASKS}")
@@ -67,10 +94,32 @@ class TrainConfig:
         h, w = self.image_size
         if h % BLOCK or w % BLOCK or h <= 0 or w <= 0:
             raise ValueError(f"image size {h}x{w} must be positive multiples of {BLOCK}")
+        bad = [p for p in self.freeze if p not in FREEZABLE]
+        if bad:
+            raise ValueError(f"freeze: unknown part(s) {bad}; expected a subset of {FREEZABLE}")
+        if set(self.freeze) >= set(FREEZABLE):
+            raise ValueError(f"freeze: {','.join(self.freeze)} leaves nothing to train")
+        if self.init and (self.text_layers or self.vision_layers):
+            raise ValueError("--text-layers / --vision-layers shape a fresh model; --init keeps "
+                             "its checkpoint's layers")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank and "llm" in self.freeze:
+            raise ValueError("LoRA trains adapters on the LLM: do not also freeze llm")
+        if self.lora_rank and self.fsdp:
+            raise ValueError("LoRA is the one-GPU option (DDP under torchrun works too); FSDP is for "
+                             "full fine-tuning")
+        if not 0 <= self.scene_ratio <= 1:
+            raise ValueError(f"scene ratio must be in [0, 1], got {self.scene_ratio}")
+        if self.data and self.scene_ratio == 1:
+            raise ValueError("scene ratio 1 draws every sample from rendered scenes: drop --data")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val fraction must be in [0, 1), got {self.val_fraction}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["image_size"], d["tasks"] = list(self.image_size), list(self.tasks)
+        for k in ("image_size", "tasks", "data", "freeze"):
+            d[k] = list(getattr(self, k))
         return d
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Per-vision-token training targets, referring crops, datasets and user-data loaders.
+"""Per-vision-token training targets, referring crops and rendered-scene datasets (datasets on
+disk: ``userdata``).
 
 Token grid: an image whose sides are multiples of ``CELL`` (32 px) gives gh x gw = H/32 x W/32
 merged vision tokens in raster order; token ``i = row * gw + col`` covers pixel rows
@@ -13,9 +14,7 @@ vocabulary ids is the tokenizer side's job.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,7 +23,7 @@ from PIL import Image
 
 from densert.image import BLOCK
 from densert.tasks import DENSE_TASKS, grounding
-from densert.tasks.depth_bins import NUM_BINS, OPEN_WORLD, get_preset, quantize
+from densert.tasks.depth_bins import NUM_BINS, get_preset, quantize
 from densert.tasks.grounding import REFER_PADDING
 
 from .classes import BG, CLASS_NAMES, FG, IGNORE_LABEL, NUM_CLASSES
@@ -157,7 +156,9 @@ def fgbg_targets(fg: np.ndarray, cell: int = CELL, ignore: np.ndarray | None = N
 # Resizing and augmentation
 # --------------------------------------------------------------------------------------------
 
-def _resize(a: np.ndarray, size_hw: tuple[int, int], nearest: bool) -> np.ndarray:
+def resize_array(a: np.ndarray, size_hw: tuple[int, int], nearest: bool) -> np.ndarray:
+    """[H, W(, C)] -> size_hw: nearest for labels, masks and depth (no values invented between
+    neighbours), bilinear (PIL) otherwise."""
     h, w = size_hw
     if a.shape[:2] == (h, w):
         return a
@@ -176,10 +177,10 @@ def resize_sample(image: np.ndarray, size_hw: tuple[int, int], depth=None, label
     no invented classes). Metric depth is unchanged; intrinsics scale with the image."""
     h0, w0 = image.shape[:2]
     h, w = size_hw
-    out_depth = None if depth is None else _resize(np.asarray(depth, np.float32), size_hw, True)
-    out_labels = None if labels is None else _resize(np.asarray(labels), size_hw, True)
+    out_depth = None if depth is None else resize_array(np.asarray(depth, np.float32), size_hw, True)
+    out_labels = None if labels is None else resize_array(np.asarray(labels), size_hw, True)
     k = None if intrinsics is None else intrinsics.scaled(w / w0, h / h0)
-    return _resize(image, size_hw, False), out_depth, out_labels, k
+    return resize_array(image, size_hw, False), out_depth, out_labels, k
 
 
 def fit_to_multiple(height: int, width: int, multiple: int = CELL) -> tuple[int, int]:
@@ -372,187 +373,3 @@ def collate_scenes(batch: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = vals
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# User data on disk
-# --------------------------------------------------------------------------------------------
-
-def _exists(path) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"missing file: {p}")
-    return p
-
-
-def load_image(path) -> np.ndarray:
-    """uint8 [H, W, 3] RGB (greyscale / RGBA / palette images are converted)."""
-    with Image.open(_exists(path)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def load_depth(path, scale: float | None = None) -> np.ndarray:
-    """float32 metric depth [H, W], 0 = invalid.
-
-    ``.npy``: float arrays are metres (``scale`` must be None); integer arrays need ``scale``.
-    ``.png``: 16-bit, metres = value / scale (e.g. 1000 for millimetres, 256 for KITTI); 0 stays invalid.
-    """
-    p = _exists(path)
-    if p.suffix == ".npy":
-        raw = np.load(p)
-    elif p.suffix.lower() == ".png":
-        with Image.open(p) as im:
-            if im.mode not in ("I;16", "I;16B", "I", "I;16L"):
-                raise ValueError(f"{p}: depth PNG must be 16-bit single channel, got mode {im.mode!r}")
-            raw = np.asarray(im).astype(np.int64)
-        if scale is None:
-            raise ValueError(f"{p}: a 16-bit depth PNG needs `scale` (value / scale = metres)")
-    else:
-        raise ValueError(f"{p}: depth must be .npy or 16-bit .png, got {p.suffix!r}")
-    if raw.ndim == 3 and raw.shape[-1] == 1:
-        raw = raw[..., 0]
-    if raw.ndim != 2:
-        raise ValueError(f"{p}: depth must be [H, W], got shape {raw.shape}")
-    if raw.dtype.kind in "iu":
-        if scale is None:
-            raise ValueError(f"{p}: integer depth needs `scale` (value / scale = metres)")
-        d = raw.astype(np.float64) / scale
-    else:
-        if scale is not None:
-            d = raw.astype(np.float64) / scale
-        else:
-            d = raw.astype(np.float64)
-    d = np.where(np.isfinite(d) & (d > 0), d, 0.0)
-    return d.astype(np.float32)
-
-
-def load_label_map(path) -> np.ndarray:
-    """int64 [H, W] class indices from a single-channel (L, P palette index, or 16-bit) PNG."""
-    p = _exists(path)
-    with Image.open(p) as im:
-        if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
-            raise ValueError(f"{p}: label PNG must hold class indices in one channel (L / P / 16-bit), "
-                             f"got mode {im.mode!r}; colour-coded masks must be converted to indices first")
-        return np.asarray(im).astype(np.int64)
-
-
-def load_class_names(source) -> list[str]:
-    """Class names from a list, a .txt (one name per line, line i = index i) or a .json
-    (a list, or a {"index": "name"} object with indices 0..K-1)."""
-    if isinstance(source, (list, tuple)):
-        names = [str(n) for n in source]
-    else:
-        p = _exists(source)
-        if p.suffix == ".json":
-            obj = json.loads(p.read_text())
-            if isinstance(obj, dict):
-                try:
-                    idx = sorted((int(k), v) for k, v in obj.items())
-                except ValueError:
-                    raise ValueError(f"{p}: JSON object keys must be integer class indices") from None
-                if [i for i, _ in idx] != list(range(len(idx))):
-                    raise ValueError(f"{p}: class indices must be 0..{len(idx) - 1} without gaps, got {[i for i, _ in idx]}")
-                names = [str(v) for _, v in idx]
-            elif isinstance(obj, list):
-                names = [str(n) for n in obj]
-            else:
-                raise ValueError(f"{p}: expected a JSON list or object of class names")
-        else:
-            names = [ln.strip() for ln in p.read_text().splitlines()]
-            while names and not names[-1]:
-                names.pop()
-    if not names or any(not n for n in names):
-        raise ValueError(f"class names from {source!r}: empty list or empty name at index "
-                         f"{[i for i, n in enumerate(names) if not n]}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"class names from {source!r} contain duplicates")
-    return names
-
-
-def _same_size(image: np.ndarray, other: np.ndarray, what: str, image_path, other_path) -> None:
-    if image.shape[:2] != other.shape[:2]:
-        raise ValueError(f"size mismatch: image {image_path} is {image.shape[0]}x{image.shape[1]} "
-                         f"but {what} {other_path} is {other.shape[0]}x{other.shape[1]}")
-
-
-def load_depth_sample(image_path, depth_path, depth_scale: float | None = None,
-                      intrinsics: Intrinsics | None = None) -> dict[str, Any]:
-    image, depth = load_image(image_path), load_depth(depth_path, depth_scale)
-    _same_size(image, depth, "depth", image_path, depth_path)
-    return {"image": image, "depth": depth, "intrinsics": intrinsics}
-
-
-def load_seg_sample(image_path, label_path, class_names, ignore_index: int = IGNORE_LABEL) -> dict[str, Any]:
-    image, labels = load_image(image_path), load_label_map(label_path)
-    names = load_class_names(class_names)
-    _same_size(image, labels, "label map", image_path, label_path)
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= len(names)))
-    if bad.any():
-        raise ValueError(f"{label_path}: label values {np.unique(labels[bad])[:10].tolist()} have no class name "
-                         f"({len(names)} names; ignore index {ignore_index})")
-    return {"image": image, "labels": labels, "class_names": names}
-
-
-def find_pairs(image_dir, target_dir, target_suffix: str, image_exts=(".png", ".jpg", ".jpeg")) -> list[tuple[Path, Path]]:
-    """Pair ``image_dir/<stem><ext>`` with ``target_dir/<stem><target_suffix>``; errors list missing targets."""
-    idir, tdir = Path(image_dir), Path(target_dir)
-    for d in (idir, tdir):
-        if not d.is_dir():
-            raise FileNotFoundError(f"missing directory: {d}")
-    images = sorted(p for p in idir.iterdir() if p.suffix.lower() in image_exts)
-    if not images:
-        raise FileNotFoundError(f"no images ({', '.join(image_exts)}) in {idir}")
-    pairs = [(p, tdir / f"{p.stem}{target_suffix}") for p in images]
-    missing = [str(t) for _, t in pairs if not t.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} target file(s) missing, e.g. {missing[:3]}")
-    return pairs
-
-
-class UserDataset(torch.utils.data.Dataset):
-    """Image + depth or image + label pairs from disk, resized to ``size`` (multiples of 32) with
-    targets built exactly as for rendered scenes.
-
-    task "depth": pairs of (image, depth .npy / 16-bit .png), ``depth_scale``, ``depth_preset`` and
-    ``fx`` (needed by the open-world preset; scaled with the resize). task "segment": pairs of
-    (image, label PNG) and ``class_names`` (list / .txt / .json).
-    """
-
-    def __init__(self, pairs: Sequence[tuple[Any, Any]], task: str, size: tuple[int, int] | None = None,
-                 class_names=None, depth_scale: float | None = None, depth_preset: str = OPEN_WORLD,
-                 fx: float | None = None, cell: int = CELL, min_fraction: float = 0.0):
-        if task not in ("segment", "depth"):
-            raise ValueError(f"task must be 'segment' or 'depth', got {task!r}")
-        if task == "segment" and class_names is None:
-            raise ValueError("task 'segment' needs class_names")
-        if task == "depth" and get_preset(depth_preset).focal is not None and fx is None:
-            raise ValueError(f"depth preset {depth_preset!r} quantises depth at a 2000 px focal length: pass fx")
-        if size is not None:
-            token_grid(*size, cell)
-        self.pairs, self.task, self.size = list(pairs), task, size
-        self.class_names = load_class_names(class_names) if task == "segment" else None
-        self.depth_scale, self.depth_preset, self.fx = depth_scale, depth_preset, fx
-        self.cell, self.min_fraction = cell, min_fraction
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        img_path, tgt_path = self.pairs[i]
-        if self.task == "depth":
-            s = load_depth_sample(img_path, tgt_path, self.depth_scale)
-        else:
-            s = load_seg_sample(img_path, tgt_path, self.class_names)
-        image = s["image"]
-        size = self.size or fit_to_multiple(*image.shape[:2], self.cell)
-        k = None if self.fx is None else Intrinsics(self.fx, self.fx, image.shape[1] / 2, image.shape[0] / 2)
-        image, depth, labels, k = resize_sample(image, size, s.get("depth"), s.get("labels"), k)
-        item: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(image)), "path": str(img_path)}
-        if self.task == "depth":
-            t = depth_targets(depth, self.depth_preset, None if k is None else k.fx, self.cell, self.min_fraction)
-            item |= {"depth": torch.from_numpy(depth), "depth_targets": t.indices, "depth_valid": t.valid,
-                     "depth_median": t.median, "depth_preset": get_preset(self.depth_preset).name}
-        else:
-            t = segmentation_targets(labels, len(self.class_names), self.cell, self.min_fraction)
-            item |= {"labels": torch.from_numpy(labels), "seg_targets": t.indices, "seg_valid": t.valid}
-        return item

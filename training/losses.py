@@ -72,8 +72,12 @@ def _dense(hidden, weight, positives, token_mask, vocab_mask):
     return z, y & m, m
 
 
+# Vocabulary ids per streamed chunk of NTP-M logits (training.memory counts its working set).
+NTPM_CHUNK = 8192
+
+
 def ntpm(hidden, weight, positives, token_mask=None, vocab_mask=None, k: int = 32,
-         chunk_size: int = 8192) -> torch.Tensor:
+         chunk_size: int = NTPM_CHUNK) -> torch.Tensor:
     from densert.kernels.ntpm import ntpm_loss
     ok = _valid_tokens(positives, token_mask, vocab_mask)
     return ntpm_loss(hidden, weight, positives, k=k, token_mask=ok, vocab_mask=vocab_mask,
@@ -183,13 +187,15 @@ class LabelSpace:
 
     ``class_ids[c]``: every sub-word id of class c's name (all are positives where c occurs; the
     runtime averages their logits); ``depth_ids[b]``: the id of ``<custom_b>`` (index 0 unused:
-    bin 0 = invalid); ``fg_id`` / ``bg_id``: ``<FG>`` / ``<BG>``.
+    bin 0 = invalid); ``fg_id`` / ``bg_id``: ``<FG>`` / ``<BG>``; ``class_names[c]``: the name
+    whose ids ``class_ids[c]`` are (the prompts spell it).
     """
 
     class_ids: list[list[int]]
     depth_ids: list[int]
     fg_id: int
     bg_id: int
+    class_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         width = max(len(s) for s in self.class_ids)

@@ -942,7 +942,7 @@ def write_samples(out_dir: str | Path, seeds: Sequence[int] = (0, 1, 2, 3), heig
                   kind: str = "any") -> list[Path]:
     """Write ``scene_<seed>.png`` (RGB), ``_depth.png`` (16-bit, metres * DEPTH_PNG_SCALE, 0 = invalid),
     ``_label.png`` (class ids) and ``_meta.json`` (kind, intrinsics, class names) per seed; returns the
-    RGB paths. Read depth back with ``training.data.load_depth(path, scale=DEPTH_PNG_SCALE)``."""
+    RGB paths. Read depth back with ``training.userdata.load_depth(path, scale=DEPTH_PNG_SCALE)``."""
     from PIL import Image
 
     out = Path(out_dir)

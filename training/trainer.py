@@ -1,35 +1,23 @@
-"""NTP-M training of a Youtu-VL model on procedurally rendered scenes (method spec sec. 3).
+"""NTP-M training of a Youtu-VL model (method spec sec. 3): rendered scenes and datasets on disk,
+from scratch or from a checkpoint, fully or through LoRA adapters, on one process or under
+torchrun (DDP, or FSDP for full fine-tuning).
 
-One sample = one chat sequence (``densert.text.chat.encode_chat``) + its image:
-
-==========  =====================================================  ================================
-task        user turn                                              assistant answer (text CE)
-==========  =====================================================  ================================
-depth       "Please estimate the depth of this image from the      ``<depth>``
-            Cityscapes dataset." BEFORE the image
-segment     image, then "Segment: a, b, c, without the             ``<ref>a</ref><ref>b</ref>...``
-            background class." (present classes + 0-3 absent       (the present ones, prompt order)
-            distractors, shuffled)
-refer       a 1.2x-padded crop around one object with its box      ``<ref><FG></ref><ref><BG></ref>``
-            drawn in a random colour, then "Segment the core       (the demo's two-class contract,
-            target."                                               FG first)
-==========  =====================================================  ================================
-
-Every answer ends with ``<|end_of_text|>``. Loss = CE on the answer tokens (+ eos) + the vision
-loss on the image-pad positions. Vision labels, per merged cell (32x32 px), are multi-hot over
-ONE label family per task: depth -> the ``<custom_b>`` ids of every bin that occurs in the cell
-(preset ``cityscapes``, linear 0-80 m, bin 0 ignored); segment -> every sub-word id of every class
-that occurs (names tokenised bare, as the runtime does); refer -> ``<FG>`` / ``<BG>``. The validity
-set M of a token is the whole vocabulary minus the two other families (they are unlabelled for
-that sample, so neither positive nor negative).
+Samples (``training.samples``): one chat sequence + its image; loss = CE on the answer tokens
+(+ eos) + the vision loss (NTP-M by default, ``densert.kernels.ntpm.ntpm_loss``) on the
+image-pad positions, summed over tokens and divided by the number of labelled tokens.
 
 Alignment (``TrainConfig.alignment``, the runtime's ``DenseOptions.alignment``): "k" = the hidden
 state at the k-th image pad scores cell k (runtime default), "k-1" = cell k is read one position
 earlier (cell 0 from ``<|vision_start|>``).
 
-Why Cityscapes for depth: the scenes reach 80 m and are rendered at ~200 px focal length, so the
-open-world log preset (0.5-100 m after rescaling to a 2000 px focal) would put most outdoor depth
-out of range; linear 0-80 m covers every rendered depth with 8 cm bins.
+Rendered scenes use the Cityscapes depth preset by default: the scenes reach 80 m and are rendered
+at ~200 px focal length, so the open-world log preset (0.5-100 m after rescaling to a 2000 px
+focal) would put most outdoor depth out of range; linear 0-80 m covers every rendered depth with
+8 cm bins. Datasets on disk name their preset in meta.json.
+
+A checkpoint directory (``out``, written by ``save``) is the released layout (LoRA deltas merged)
+plus ``train_config.json`` and the trainer state in safetensors + JSON (``training.state``); with
+``--data``, ``eval.json`` / ``eval.md`` hold every evaluation and ``out/best`` the best weights.
 """
 from __future__ import annotations
 
@@ -38,7 +26,6 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,218 +33,75 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densert.errors import CheckpointError, DatasetError
+from densert.image import PATCH
 from densert.model.vision_meta import build_vision_meta
-from densert.tasks import DENSE_TASKS, classes, grounding, prompts, rle
+from densert.tasks import DENSE_TASKS, prompts
 from densert.text import tokens as T
 from densert.text.chat import encode_chat, user_message
 
-from . import data
+from . import finetune, state as S
 from .classes import CLASS_NAMES, NUM_CLASSES
 from .config import TrainConfig
 from .data import CELL
-from .losses import LabelSpace, pad_cat, vision_loss
+from .losses import pad_cat, vision_loss
+from .samples import Batch, SceneCache, family_masks, label_space, pixel_patches, scene_sample, user_sample
 
 TASKS = DENSE_TASKS
 HELD_OUT_SEED_BASE = 1_000_000_000     # eval scenes; training scene seeds stay below this
-STATE_FILE = "trainer_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
+EVAL_JSON, EVAL_MD, BEST_DIR = "eval.json", "eval.md", "best"
+# Options that decide which parameters exist and where the frozen ones come from: a resumed run
+# must be started with the same ones.
+SHAPING = ("init", "model_size", "text_layers", "vision_layers", "lora_rank", "lora_alpha", "freeze")
 
 
-# ---------------------------------------------------------------------------------------------
-# Model, vocabulary, label space
-# ---------------------------------------------------------------------------------------------
-def build_model(model_size: str, seed: int, text_layers: int | None = None,
-                vision_layers: int | None = None):
-    """A freshly initialised model (HF-style init, deterministic per seed) and its tokenizer."""
-    from densert.checkpoint.random_init import init_kind, init_tensor, sized_config_and_tokenizer
-    from densert.model.modeling import YoutuVLForConditionalGeneration
-    cfg, tok_json = sized_config_and_tokenizer(model_size, text_layers, vision_layers)
-    model = YoutuVLForConditionalGeneration(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(init_tensor(name, init_kind(model, name), tuple(p.shape), p.dtype, seed,
-                                cfg.initializer_range))
-    return model, tok_json
+def _plain(key: str, v):
+    if key == "init" and v:
+        return str(Path(v).resolve())
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def label_space(vocab: T.Vocab) -> LabelSpace:
-    return LabelSpace(class_ids=[classes.name_ids(vocab, n) for n in CLASS_NAMES],
-                      depth_ids=[-1] + vocab.depth_bin_ids().tolist(),
-                      fg_id=vocab.token_id(T.FG), bg_id=vocab.token_id(T.BG))
-
-
-def family_masks(space: LabelSpace, vocab_size: int) -> dict[str, torch.Tensor]:
-    """Task -> validity set M: everything except the label families the task does not label."""
-    fam = {f: space.family_mask(f, vocab_size) for f in ("class", "depth", "fgbg")}
-    own = {"segment": "class", "depth": "depth", "refer": "fgbg"}
-    return {t: ~torch.stack([m for f, m in fam.items() if f != own[t]]).any(0) for t in TASKS}
-
-
-# ---------------------------------------------------------------------------------------------
-# Samples
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Sample:
-    task: str
-    ids: list[int]
-    answer_start: int              # first answer token index in ids (CE targets from here on)
-    image: np.ndarray              # uint8 [H, W, 3] as the vision tower sees it
-    labels: torch.Tensor           # [L, P] family-local labels (class idx / bin / 0-1), -1 pad
-    single: torch.Tensor           # [L] one label per cell (majority class / median bin), -1 none
-    gt: dict = field(default_factory=dict)
-
-
-class SceneCache:
-    """Training scenes rendered on first use and kept (the renderer is ~0.1 s per 256x256 scene)."""
-
-    def __init__(self, size: tuple[int, int], n: int, seed: int):
-        self.size, self.n, self.seed = size, n, seed
-        self._d: dict[int, object] = {}
-
-    def get(self, i: int):
-        from .scenes import render_scene
-        j = i % self.n
-        if j not in self._d:
-            self._d[j] = render_scene(self.seed * 1_000_003 + j, *self.size)
-        return self._d[j]
-
-
-def _crop_refer(scene, rng: random.Random, size: tuple[int, int]):
-    """The runtime's referring crop (``densert.tasks.grounding``) of a random object, resized to
-    the batch's fixed ``size``, and its fg mask; no object visible: the whole image is fg."""
-    nrng = np.random.default_rng(rng.getrandbits(63))
-    inst = data.pick_instance(scene, nrng)
-    if inst is None:
-        return scene.image, np.ones(scene.instances.shape, dtype=bool)
-    crop = grounding.referring_crop(scene.image, data.instance_box(scene.instances, inst), nrng,
-                                    size=size)
-    return crop.image, crop.take(scene.instances == inst)
-
-
-def chat_ids(vocab: T.Vocab, prompt: str, image_first: bool, n_img: int, answer: str | None
-             ) -> tuple[list[int], int]:
-    ids = encode_chat(vocab, [user_message(prompt, image_first)], [n_img])[0].tolist()
-    start = len(ids)
-    if answer is not None:
-        ids += vocab.encode(answer) + [vocab.eos_id]
-    return ids, start
-
-
-def make_sample(task: str, scene, vocab: T.Vocab, cfg: TrainConfig, rng: random.Random,
-                augment: bool = True) -> Sample:
-    H, W = cfg.image_size
-    n_img = (H // CELL) * (W // CELL)
-    image, labels, depth = scene.image, scene.labels, scene.depth
-    if augment and task != "depth" and rng.random() < 0.5:   # no flip for depth (paper sec. 3)
-        image, labels = image[:, ::-1], labels[:, ::-1]
-        scene = _Flipped(scene)
-    if task == "depth":
-        p = prompts.depth(cfg.depth_preset)
-        ids, start = chat_ids(vocab, p.text, p.image_first, n_img, T.DEPTH)
-        t = data.depth_targets(depth, cfg.depth_preset)
-        # The softmax baseline's single label is the cell's median bin (-1 where none).
-        lab, single = t.indices, torch.where(t.median > 0, t.median, -1)
-        return Sample(task, ids, start, np.ascontiguousarray(image), lab, single,
-                      {"depth": depth, "fx": scene.intrinsics.fx})
-    if task == "segment":
-        present = sorted(set(np.unique(labels).tolist()) & set(range(NUM_CLASSES)))
-        absent = [c for c in range(NUM_CLASSES) if c not in present]
-        asked = present + rng.sample(absent, min(len(absent), rng.randint(0, 3)))
-        rng.shuffle(asked)
-        p = prompts.semantic([CLASS_NAMES[c] for c in asked])
-        answer = rle.ref_tags(CLASS_NAMES[c] for c in asked if c in present)
-        ids, start = chat_ids(vocab, p.text, p.image_first, n_img, answer)
-        t = data.segmentation_targets(labels, NUM_CLASSES)
-        lab, single = t.indices, t.majority
-        return Sample(task, ids, start, np.ascontiguousarray(image), lab, single,
-                      {"labels": np.ascontiguousarray(labels)})
-    crop, fg = _crop_refer(scene, rng, (H, W))
-    p = prompts.core_target()
-    ids, start = chat_ids(vocab, p.text, p.image_first, n_img,
-                          rle.ref_tags(prompts.CORE_TARGET_CLASSES))
-    t = data.fgbg_targets(fg)
-    lab, single = t.indices, t.majority
-    return Sample("refer", ids, start, np.ascontiguousarray(crop), lab, single, {"fg": fg})
-
-
-class _Flipped:
-    def __init__(self, s):
-        self.image, self.labels = s.image[:, ::-1], s.labels[:, ::-1]
-        self.instances, self.depth, self.intrinsics = s.instances[:, ::-1], s.depth[:, ::-1], s.intrinsics
-
-
-def pixel_patches(image: np.ndarray) -> torch.Tensor:
-    from densert.image.preprocess import normalize, patchify
-    return patchify(normalize(np.ascontiguousarray(image)))
+def patch_cap(image_size: tuple[int, int]) -> int:
+    """16x16 patches of an HxW image: the processor's cap for images of --data."""
+    return (image_size[0] // PATCH) * (image_size[1] // PATCH)
 
 
 # ---------------------------------------------------------------------------------------------
 # The training forward: one module so DDP/FSDP see the whole computation
 # ---------------------------------------------------------------------------------------------
-class Batch:
-    def __init__(self, samples: list[Sample], space: LabelSpace, masks: dict, pad_id: int,
-                 image_size: tuple[int, int]):
-        H, W = image_size
-        self.grids = [(H // 16, W // 16)] * len(samples)
-        self.pixel_values = torch.cat([pixel_patches(s.image) for s in samples])
-        Tm = max(len(s.ids) for s in samples)
-        ids = torch.full((len(samples), Tm), pad_id, dtype=torch.long)
-        tgt = torch.full((len(samples), Tm), -100, dtype=torch.long)
-        for b, s in enumerate(samples):
-            ids[b, : len(s.ids)] = torch.tensor(s.ids)
-            # position t predicts token t+1: answer tokens are predicted from start-1 .. end-2
-            tgt[b, s.answer_start - 1: len(s.ids) - 1] = torch.tensor(s.ids[s.answer_start:])
-        self.input_ids, self.text_targets = ids, tgt
-        self.tasks = [s.task for s in samples]
-        pos, single = [], []
-        for s in samples:
-            if s.task == "depth":
-                pos.append(space.depth_positives(s.labels))
-                single.append(space.depth_positives(s.single[:, None]))
-            elif s.task == "segment":
-                pos.append(space.class_positives(s.labels))
-                single.append(space.class_positives(s.single[:, None]))
-            else:
-                pos.append(space.fgbg_positives(s.labels))
-                single.append(space.fgbg_positives(s.single[:, None]))
-        self.positives = [p for p in pos]
-        self.single = single
-        self.masks = masks
-
-
 class TrainForward(nn.Module):
     def __init__(self, model, cfg: TrainConfig):
         super().__init__()
         self.vl = model
         self.cfg = cfg
 
-    def forward(self, pixel_values, input_ids, text_targets, grids, tasks, positives, single, masks):
+    def forward(self, pixel_values, input_ids, text_targets, grids, counts, tasks, positives, single,
+                masks):
         vl, cfg = self.vl, self.cfg
         meta = build_vision_meta(grids, vl.config.vision_config).to(pixel_values.device)
         emb = vl.embed(input_ids, vl.encode_image(pixel_values, meta))
-        h, _ = vl.model(emb, None, "full")
+        h, _ = vl.model(emb, None, "full", use_cache=False)
         weight = vl.lm_head.weight
         # Text: CE on answer tokens, computed only at the positions that have a target.
         sel = text_targets >= 0
         logits = vl.lm_head(h[sel]).float()
         text = F.cross_entropy(logits, text_targets[sel])
-        # Vision: hidden states that score each cell.
+        # Vision: hidden states that score each cell, sample-major, counts[b] rows per sample.
         is_img = input_ids == vl.config.image_token_id
         if cfg.alignment == "k-1":
             is_img = torch.roll(is_img, -1, dims=1)
-        hv = h[is_img]                                       # [B*L, d], sample-major
-        L = hv.shape[0] // len(tasks)
-        total, n_tok = hv.new_zeros((), dtype=torch.float32), 0
-        kind = cfg.loss
+        hv = torch.split(h[is_img], counts)
+        total, n_tok = hv[0].new_zeros((), dtype=torch.float32), 0
+        src = single if cfg.loss == "softmax" else positives
         for task in TASKS:
             rows = [b for b, t in enumerate(tasks) if t == task]
             if not rows:
                 continue
-            hsel = torch.cat([hv[b * L:(b + 1) * L] for b in rows])
-            src = single if kind == "softmax" else positives
+            hsel = torch.cat([hv[b] for b in rows])
             pos = pad_cat([src[b] for b in rows]).to(h.device)
             n_tok += int((pos >= 0).any(1).sum())
-            total = total + vision_loss(kind, hsel, weight, pos, None, masks[task].to(h.device),
+            total = total + vision_loss(cfg.loss, hsel, weight, pos, None, masks[task].to(h.device),
                                         k=cfg.k)
         vis = total / max(1, n_tok)
         loss = cfg.text_weight * text + cfg.vision_weight * vis
@@ -298,19 +142,10 @@ def lr_factor(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None, device: str | None = None,
                  log=print):
+        from .userdata import open_datasets
         self.cfg = cfg
         self.log = log
         self.distributed = maybe_init_distributed()
@@ -323,32 +158,44 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.model, self.tok_json = build_model(cfg.model_size, cfg.seed, cfg.text_layers,
-                                                 cfg.vision_layers)
+        # Datasets first: a broken folder fails before any weights are read.
+        self.datasets = open_datasets(cfg.data, cfg.val_fraction)
+        self.model, self.tok_json = finetune.build_model(cfg)
+        finetune.prepare(self.model, cfg)
         self.step = 0
-        state = None
-        if resume:
-            state = self._load_resume(resume)
+        state = self._load_resume(resume) if resume else None
         self.model.to(self.device).train()
         self.vocab = T.Vocab.from_str(self.tok_json)
         self.space = label_space(self.vocab)
-        self.masks = family_masks(self.space, len(self.vocab))
+        self.spaces = [label_space(self.vocab, ds.class_names) if ds.class_names else self.space
+                       for ds in self.datasets]
+        self.masks = family_masks([self.space, *self.spaces], len(self.vocab))
+        self.train_items = [(i, it) for i, ds in enumerate(self.datasets)
+                            for it in ds.items("train", cfg.tasks)]
+        if self.datasets and not self.train_items:
+            raise DatasetError(f"--data: no training images for tasks {list(cfg.tasks)} in "
+                               f"{[str(d.root) for d in self.datasets]} (everything is in the "
+                               "validation split, or no folder has these annotations)")
         self.fwd = TrainForward(self.model, cfg)
         self.wrapped = self._wrap(self.fwd)
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}],
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW([{"params": [p for _, p in trainable if p.dim() >= 2],
+                                       "weight_decay": cfg.weight_decay},
+                                      {"params": [p for _, p in trainable if p.dim() < 2],
+                                       "weight_decay": 0.0}],
                                      lr=cfg.lr, betas=(0.9, 0.95))
         self.time_frac = 0.0
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, cfg, self.time_frac))
-        if state is not None:
-            self.opt.load_state_dict(state["optimizer"])
-            self.sched.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
-        self.scenes = SceneCache(cfg.image_size, cfg.scenes, cfg.seed)
         self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.best: dict | None = None
+        if state is not None:
+            self._set_optimizer_state(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            S.set_rng_state(state["rng"])
+            self.evals, self.best = state.get("evals", []), state.get("best")
+        self.scenes = SceneCache(cfg.image_size, cfg.scenes, cfg.seed)
 
     # -- setup --
     def _wrap(self, module):
@@ -356,53 +203,110 @@ class Trainer:
             return module
         if self.cfg.fsdp:
             from torch.distributed.fsdp import fully_shard
+            # Layer by layer, so only the running (and the prefetched) layer is ever unsharded.
+            for layer in [*self.model.siglip2.vision_model.encoder.layers, *self.model.model.layers]:
+                fully_shard(layer)
             return fully_shard(module)
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _load_resume(self, path: str) -> dict:
+        """Weights from the released files in ``path`` (a LoRA run: the adapters from the trainer
+        state, the frozen base from ``--init`` as rebuilt above) and the trainer state."""
         from densert.checkpoint.loader import load_model
         p = Path(path)
-        if not (p / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{p}: no {STATE_FILE}; not a training checkpoint to resume from")
-        loaded = load_model(p, "float32")
-        self.model.load_state_dict(loaded.state_dict())
+        state, extra = S.load_state(p)   # refuses a pickle-only directory before reading weights
+        was = state["config"]
+        differ = [f"{k}: {was.get(k)!r} there, {getattr(self.cfg, k)!r} now" for k in SHAPING
+                  if _plain(k, was.get(k)) != _plain(k, getattr(self.cfg, k))]
+        if differ:
+            raise CheckpointError(f"--resume {p}: the run was started with other model options "
+                                  f"({'; '.join(differ)}); pass the same ones")
+        saved = load_model(p, "float32").state_dict()
+        own = self.model.state_dict()
+        new = {}
+        for name in own:
+            if finetune.is_lora(name):
+                new[name] = extra[f"lora.{name}"]
+            elif ".base_layer." not in name:
+                new[name] = saved[name]
+        self.model.load_state_dict(new, strict=False)
         self.tok_json = (p / "tokenizer.json").read_text()
-        state = torch.load(p / STATE_FILE, weights_only=False)
         self.step = int(state["step"])
         return state
 
+    def _fsdp(self) -> bool:
+        return self.distributed and self.cfg.fsdp
+
+    def _optimizer_state(self) -> dict:
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            return get_optimizer_state_dict(self.fwd, self.opt, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+        return self.opt.state_dict()
+
+    def _set_optimizer_state(self, osd: dict) -> None:
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(self.fwd, self.opt, osd,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.opt.load_state_dict(osd)
+
     # -- data --
-    def samples_for_step(self, step: int) -> list[Sample]:
+    def samples_for_step(self, step: int) -> list:
         """Deterministic in (seed, step, rank): resume replays the same stream."""
         cfg = self.cfg
         out = []
         for j in range(cfg.batch):
             g = (step * self.world + self.rank) * cfg.batch + j
             rng = random.Random(cfg.seed * 7919 + g)
-            task = cfg.tasks[g % len(cfg.tasks)]
-            out.append(make_sample(task, self.scenes.get(rng.randrange(cfg.scenes)), self.vocab, cfg, rng))
+            if self.train_items and (cfg.scene_ratio == 0 or rng.random() >= cfg.scene_ratio):
+                i, item = self.train_items[rng.randrange(len(self.train_items))]
+                out.append(user_sample(item, self.datasets[i], self.vocab, self.spaces[i],
+                                       patch_cap(cfg.image_size), rng))
+            else:
+                task = cfg.tasks[g % len(cfg.tasks)]
+                scene = self.scenes.get(rng.randrange(cfg.scenes))
+                out.append(scene_sample(task, scene, self.vocab, self.space, cfg.image_size,
+                                        cfg.depth_preset, rng))
         return out
 
-    def train_step(self, samples: list[Sample]) -> dict:
-        b = Batch(samples, self.space, self.masks, self.vocab.eos_id, self.cfg.image_size)
+    def train_step(self, samples: list) -> dict:
+        b = Batch(samples, self.vocab.eos_id)
         dev = self.device
         ac = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
         with ac:
             loss, text, vis = self.wrapped(b.pixel_values.to(dev), b.input_ids.to(dev),
-                                           b.text_targets.to(dev), b.grids, b.tasks,
-                                           b.positives, b.single, b.masks)
+                                           b.text_targets.to(dev), b.grids, b.counts, b.tasks,
+                                           b.positives, b.single, self.masks)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        gn = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                            self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
         self.step += 1
         return {"step": self.step, "loss": float(loss.detach()), "text": float(text),
                 "vision": float(vis), "grad_norm": float(gn), "lr": self.sched.get_last_lr()[0]}
 
+    def memory_estimate(self):
+        from .memory import estimate_memory
+        b = Batch(self.samples_for_step(self.step), self.vocab.eos_id)
+        with torch.random.fork_rng(devices=[]):   # building the traced copy draws random inits
+            return estimate_memory(self.model.config, self.cfg, b, self.world, self.device.type)
+
     def fit(self) -> dict:
         cfg = self.cfg
+        est = None
+        if self.rank == 0:
+            est = self.memory_estimate()
+            how = ", ".join([f"LoRA r={cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"]
+                            + ([f"frozen: {','.join(cfg.freeze)}"] if cfg.freeze else [])
+                            + (["gradient checkpointing"] if cfg.grad_checkpoint else []))
+            for line in est.lines(f"batch {cfg.batch}, images up to {cfg.image_size[0]}x"
+                                  f"{cfg.image_size[1]}, {cfg.precision}, {how}"):
+                self.log(line)
         t0 = time.time()
         bar = None
         if cfg.progress and self.rank == 0:
@@ -438,48 +342,88 @@ class Trainer:
         if bar is not None:
             bar.close()
         minutes = (time.time() - t0) / 60
+        scores = self._eval_and_log() if (cfg.eval_n or self.datasets) else {}
         self.save(cfg.out)
-        scores = self._eval_and_log() if cfg.eval_n else {}
         summary = {"steps_done": self.step, "stop": stop_reason, "train_minutes": minutes,
-                   "last": last, "eval": scores}
+                   "last": last, "eval": scores, "best": self.best,
+                   "memory_estimate": est.to_dict() if est else None}
         if self.rank == 0:
             Path(cfg.out, "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 
+    # -- evaluation, best checkpoint --
     def _eval_and_log(self) -> dict:
+        if not self.datasets:
+            if self.rank != 0:
+                return {}
+            self.model.eval()
+            scores = evaluate(self.model, self.vocab, n=self.cfg.eval_n, cfg=self.cfg)
+            self.model.train()
+            self.log(f"[step {self.step}] eval: " + json.dumps(
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}))
+            return scores
+        from .validation import evaluate_datasets, markdown
+        weights = finetune.Weights(self.model.config, self.full_state_dict())   # collective (FSDP)
         if self.rank != 0:
             return {}
-        self.model.eval()
-        scores = evaluate(self.model, self.vocab, n=self.cfg.eval_n, cfg=self.cfg)
+        model = self.model
+        if self._fsdp():
+            from densert.model.modeling import YoutuVLForConditionalGeneration
+            model = YoutuVLForConditionalGeneration(self.model.config)
+            model.load_state_dict(weights.state_dict())
+        res = evaluate_datasets(model, self.vocab, self.datasets, patch_cap(self.cfg.image_size),
+                                self.cfg.alignment, tasks=self.cfg.tasks)
         self.model.train()
-        self.log(f"[step {self.step}] eval: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                                            for k, v in scores.items()}))
-        return scores
+        res["step"] = self.step
+        self.evals.append(res)
+        better = not math.isnan(res["score"]) and (self.best is None or res["score"] > self.best["score"])
+        if better:
+            self.best = {"step": self.step, "score": res["score"]}
+            self._write_weights(weights, Path(self.cfg.out, BEST_DIR))
+            Path(self.cfg.out, BEST_DIR, EVAL_JSON).write_text(json.dumps(res, indent=1) + "\n")
+        out = Path(self.cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / EVAL_JSON).write_text(json.dumps({"evals": self.evals, "best": self.best}, indent=1) + "\n")
+        md = markdown(res, f"step {self.step}") + (f"\nbest: step {self.best['step']}, score "
+                                                  f"{self.best['score']:.3f} ({BEST_DIR}/)\n"
+                                                  if self.best else "")
+        (out / EVAL_MD).write_text(md)
+        self.log(md)
+        return res
 
+    # -- checkpoints --
     def full_state_dict(self) -> dict:
-        if self.distributed and self.cfg.fsdp:
+        """The weights in the released names (LoRA merged), gathered to rank 0 under FSDP."""
+        if self._fsdp():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
             sd = get_model_state_dict(self.fwd, options=StateDictOptions(full_state_dict=True,
                                                                          cpu_offload=True))
             return {k[len("vl."):]: v for k, v in sd.items()}
-        return self.model.state_dict()
+        return finetune.merged_state_dict(self.model)
 
-    def save(self, out: str) -> Path | None:
+    def _write_weights(self, weights, out: Path, dtype: str | None = None) -> Path:
         from densert.checkpoint.files import write_checkpoint
-        sd = self.full_state_dict()
-        if self.rank != 0:
-            return None
-        model = self.model
-        if self.distributed and self.cfg.fsdp:
-            from densert.model.modeling import YoutuVLForConditionalGeneration
-            model = YoutuVLForConditionalGeneration(self.model.config)
-            model.load_state_dict(sd)
-        p = write_checkpoint(model, out, self.tok_json, dtype=self.cfg.save_dtype, overwrite=True)
-        torch.save({"step": self.step, "optimizer": self.opt.state_dict(),
-                    "scheduler": self.sched.state_dict(), "rng": _rng_state(),
-                    "config": self.cfg.to_dict()}, p / STATE_FILE)
+        p = write_checkpoint(weights, out, self.tok_json, dtype=dtype or self.cfg.save_dtype,
+                             overwrite=True)
         (p / TRAIN_CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=1) + "\n")
         return p
+
+    def save(self, out: str) -> Path | None:
+        weights = finetune.Weights(self.model.config, self.full_state_dict())
+        osd = self._optimizer_state()                # both collective under FSDP
+        if self.rank != 0:
+            return None
+        p = self._write_weights(weights, Path(out))
+        lora = {f"lora.{n}": t for n, t in self.model.state_dict().items() if finetune.is_lora(n)}
+        S.save_state(p, {"step": self.step, "optimizer": osd, "scheduler": self.sched.state_dict(),
+                         "rng": S.rng_state(), "config": self.cfg.to_dict(), "evals": self.evals,
+                         "best": self.best}, lora)
+        return p
+
+    def export(self, out: str, dtype: str) -> Path | None:
+        """The final weights (LoRA merged) in the released layout, without trainer state."""
+        weights = finetune.Weights(self.model.config, self.full_state_dict())
+        return self._write_weights(weights, Path(out), dtype) if self.rank == 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
