@@ -25,7 +25,6 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "transformers": "dev",
     "pytest": "dev",
     "jedi": "dev",
-    "pycocotools": "dev",
 }
 
 
