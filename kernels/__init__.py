@@ -3,10 +3,16 @@ else of densert."""
 import functools
 import importlib.util
 
-# This folder is the source of densert.kernels (densert/kernels is a symlink to it); imported as a
-# top-level `kernels` from the repo root it would be a second copy of every module.
+# This folder is the source of densert.kernels (densert/kernels is a symlink to it). From the repo root
+# it is also reachable as a bare `kernels`: then it is an inert stub, so no module is loaded twice
+# under two names and library probes (transformers looks for a `kernels` package) see nothing.
 if __name__ != "densert.kernels":
-    raise ImportError(f"import densert.kernels, not {__name__}")
+    __path__, __file__ = [], None
+
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ImportError("import densert.kernels, not kernels: this folder is the source of densert.kernels")
 
 
 @functools.cache

@@ -2,15 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
-
-# `python -m pytest` puts the repo root on sys.path, where the top-level source folders (kernels/,
-# export/, ...) would shadow real packages of the same name (transformers probes for the
-# `kernels` package) and could be imported a second time beside densert.*; the tests import
-# densert only, through the installed package.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 # Triton reads TRITON_INTERPRET at import time, and any test module may import it first: without
 # a GPU, every Triton kernel in the suite runs under the interpreter (bf16-free tiles).

@@ -188,9 +188,21 @@ def test_missing_extra_is_one_line(tiny_checkpoint, tmp_path):
 
 
 def test_top_level_folders_are_not_second_packages():
-    r = subprocess.run([sys.executable, "-c", "import kernels"], capture_output=True, text=True,
-                       cwd=ROOT)
-    assert r.returncode != 0 and "import densert.kernels, not kernels" in r.stderr
+    """From the repo root (on sys.path as with `python -m`), the bare folder names are inert: no
+    second copy of a module, a clear error for a submodule, and transformers' probe for a
+    `kernels` package sees none (importing transformers there used to fail)."""
+    code = ("import sys\n"
+            "for stmt in ('from kernels import dense_head', 'import kernels.dense_head', 'from runtime import dense'):\n"
+            "    try:\n        exec(stmt)\n    except ImportError as e:\n        print(type(e).__name__, e)\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('kernels.', 'runtime.'))))\n"
+            "from transformers.utils.import_utils import is_kernels_available\n"
+            "print(is_kernels_available())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "ImportError import densert.kernels, not kernels: this folder is the source of densert.kernels"
+    assert lines[1].startswith("ModuleNotFoundError") and lines[2].startswith("ImportError import densert.runtime")
+    assert lines[3] == "[]" and lines[4] == "False"
 
 
 def test_base_install_runs_without_extras(tiny_checkpoint, tmp_path):

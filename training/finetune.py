@@ -47,25 +47,10 @@ def build_model(cfg: TrainConfig):
     return model, tok_json
 
 
-def _import_peft():
-    """``peft``, imported with the densert source root off ``sys.path``: peft imports
-    transformers, which probes for a package named ``kernels`` and would find the top-level
-    source folder ``kernels/`` (which refuses that name) when run from the repo root
-    (``python -m densert``)."""
-    import sys
-    root = Path(__file__).resolve().parents[1]
-    keep = list(sys.path)
-    sys.path[:] = [p for p in keep if Path(p or ".").resolve() != root]
-    try:
-        return require("peft", "LoRA (--lora-rank)")
-    finally:
-        sys.path[:] = keep
-
-
 def prepare(model, cfg: TrainConfig):
     """LoRA adapters, frozen parts and gradient checkpointing, in place; returns the model."""
     if cfg.lora_rank:
-        peft = _import_peft()
+        peft = require("peft", "LoRA (--lora-rank)")
         from peft.tuners.lora import LoraModel
         lc = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                              lora_dropout=cfg.lora_dropout, target_modules=LORA_TARGETS)
