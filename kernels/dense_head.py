@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import triton_available
+from . import use_triton
 
 __all__ = [
     "subset_weight",
@@ -99,6 +99,8 @@ def check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values)
     if hidden.dim() != 2 or hidden.shape[0] != gh * gw:
         raise ValueError(f"hidden must be [gh*gw={gh * gw}, d], got {tuple(hidden.shape)}")
     K = weight.shape[0]
+    if weight.dim() != 2 or K == 0:
+        raise ValueError(f"weight must be [K >= 1, d], got {tuple(weight.shape)}")
     if mode == "depth":
         if depth_values is None or depth_values.dim() != 1 or depth_values.shape[0] != K:
             raise ValueError(f"mode='depth' needs depth_values of shape [{K}]")
@@ -108,13 +110,21 @@ def check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values)
 
 
 def _tail_torch(scores: torch.Tensor, gh: int, gw: int, H: int, W: int, mode: str,
-                temperature: float, depth_values):
+                temperature: float, depth_values, host: bool = True):
+    """The torch tail. ``host``: the CPU route with per-quad pruning (Python loops, host
+    syncs); otherwise the device route (CUDA without triton): only whole-tensor ops, the
+    channels streamed in chunks with a running max, nothing read back to the host."""
     K = scores.shape[1]
     grid = scores.t().reshape(K, gh, gw)
     if mode == "probs":
         up = F.interpolate(grid[None], size=(H, W), mode="bilinear", align_corners=False)[0]
         return torch.softmax(up / temperature, dim=0)
-    labels = _labels_torch(scores, grid, H, W)
+    if host:
+        labels = _labels_torch(scores, grid, H, W)
+    elif K * H * W * 4 <= _SMALL_TAIL_BYTES:
+        labels = _upsample_argmax(grid, H, W)
+    else:
+        labels = _channels_chunked(grid, H, W)
     if mode == "argmax":
         return labels
     return depth_values.to(device=scores.device, dtype=torch.float32)[labels]
@@ -123,8 +133,7 @@ def _tail_torch(scores: torch.Tensor, gh: int, gw: int, H: int, W: int, mode: st
 def _labels_torch(scores: torch.Tensor, grid: torch.Tensor, H: int, W: int) -> torch.Tensor:
     K, gh, gw = grid.shape
     if K * H * W * 4 <= _SMALL_TAIL_BYTES:
-        return torch.argmax(F.interpolate(grid[None], size=(H, W), mode="bilinear",
-                                          align_corners=False)[0], dim=0)
+        return _upsample_argmax(grid, H, W)
     dev = scores.device
     h0, _, lh0, lh1 = bilinear_source_coords(gh, H, dev)
     w0, _, lw0, lw1 = bilinear_source_coords(gw, W, dev)
@@ -168,6 +177,11 @@ def _labels_torch(scores: torch.Tensor, grid: torch.Tensor, H: int, W: int) -> t
     return labels
 
 
+def _upsample_argmax(grid, H, W):
+    return torch.argmax(F.interpolate(grid[None], size=(H, W), mode="bilinear",
+                                      align_corners=False)[0], dim=0)
+
+
 def _channels_chunked(grid, H, W):
     """Argmax of the full upsample, K channels at a time with a running (max, argmax).
 
@@ -196,15 +210,16 @@ def dense_head(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw, mode
 
     Returns int64 [H, W] labels (``argmax``, ties to the lower index), float32 [K, H, W]
     softmax(upsampled / temperature) (``probs``), or float32 [H, W] depth_values[argmax]
-    (``depth``). CUDA tensors run the fused Triton tail when triton is installed; anything else
-    the torch path.
+    (``depth``), on the device of ``hidden``. CUDA tensors run the fused Triton tail when
+    triton is installed, else the torch device route; CPU tensors the torch host route.
     """
     gh, gw, H, W = check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values)
     scores = dense_scores(hidden, weight)
-    if scores.is_cuda and triton_available():
+    if use_triton(scores):
         from . import _triton_dense_head as tdh
         return tdh.dense_tail(scores, gh, gw, H, W, mode, float(temperature), depth_values)
-    return _tail_torch(scores, gh, gw, H, W, mode, float(temperature), depth_values)
+    return _tail_torch(scores, gh, gw, H, W, mode, float(temperature), depth_values,
+                       host=not scores.is_cuda)
 
 
 def naive_full_vocab_head(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
