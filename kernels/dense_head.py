@@ -89,6 +89,27 @@ def bilinear_source_coords(in_size: int, out_size: int, device=None):
     return (i0.to(device), i1.to(device), l0.to(device), l1.to(device))
 
 
+def upsample_unfused(scores: torch.Tensor, gh: int, gw: int, H: int, W: int) -> torch.Tensor:
+    """[gh*gw, K] fp32 scores -> [K, H, W], every multiply and add separately rounded in fp32.
+
+    The rounding contract of the fused tails: the Triton kernel (compiled with
+    enable_fp_fusion=False), the CUDA tail (__fmul_rn/__fadd_rn) and the C++ tail
+    (-ffp-contract=off) all compute exactly these values, so their labels equal this reference's
+    argmax on every pixel, ties included. ATen's F.interpolate rounds differently in the last
+    bit (measured on torch 2.13 CPU: most values differ by an ulp), so agreement with torch is
+    tested where the top-2 margin exceeds 1e-5 relative. Reference for tests and fixtures: it
+    materialises the K x H x W values.
+    """
+    K = scores.shape[1]
+    h0, h1, lh0, lh1 = bilinear_source_coords(gh, H)
+    w0, w1, lw0, lw1 = bilinear_source_coords(gw, W)
+    g = scores.detach().to(torch.float32).cpu().t().reshape(K, gh, gw)
+    r0, r1 = g[:, h0], g[:, h1]                           # [K, H, gw]
+    top = r0[:, :, w0] * lw0 + r0[:, :, w1] * lw1         # ATen's order: width first
+    bot = r1[:, :, w0] * lw0 + r1[:, :, w1] * lw1
+    return top * lh0[:, None] + bot * lh1[:, None]
+
+
 def check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values):
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
