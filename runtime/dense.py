@@ -2,7 +2,10 @@
 
 Only the lm_head rows of the candidate ids are used (``densert.kernels.dense_head``): a
 [L, d] x [d, K] GEMM, bilinear upsample, argmax. Full-vocabulary logits are never formed at
-vision positions. The released decoder lives in unpublished remote code (spec sec. 9.2), so
+vision positions. Everything runs where the hidden states are: a GPU backend's output buffers
+stay on the GPU (the Triton tail, or torch's CUDA ops without triton) and only the finished map
+(labels, depth, expected codes) is copied to the host, never the scores or probabilities (the
+DenseCRF refinement, a CPU library, is the one exception: it reads the probabilities). The released decoder lives in unpublished remote code (spec sec. 9.2), so
 every choice it hides is a documented field of ``DenseOptions`` (``options.py``); the defaults
 are ours.
 
@@ -15,6 +18,7 @@ logit_scale (= 0 for 0.5) in the same GEMM, so it costs no extra pass.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,11 +60,30 @@ def with_background(hidden: torch.Tensor, weight: torch.Tensor, opts: DenseOptio
     return h, w
 
 
+_ON_DEVICE: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+
+
+def on_device_of(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The subset weight where the hidden states are (a backend's GPU buffers: the GEMM and the
+    tail run there and only the map comes back). Copied once per (weight, device) while the
+    caller keeps the weight, and again if it is modified in place."""
+    dev = hidden.device
+    if weight.device == dev:
+        return weight
+    per_dev = _ON_DEVICE.setdefault(weight, {})
+    version, moved = per_dev.get(dev, (None, None))
+    if version != weight._version:
+        moved = weight.to(dev)
+        per_dev[dev] = (weight._version, moved)
+    return moved
+
+
 def segment_labels(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw,
                    opts: DenseOptions, background: bool = False,
                    image: np.ndarray | None = None) -> np.ndarray:
     """Labels int64 [H, W]: 0..K-1 for the K weight rows, K for background (when enabled)."""
     K = weight.shape[0]
+    weight = on_device_of(weight, hidden)
     if background:
         hidden, weight = with_background(hidden, weight, opts)
     if opts.crf:
@@ -107,6 +130,7 @@ def depth_map(hidden: torch.Tensor, bin_weight: torch.Tensor, grid_hw, out_hw,
     preset; ``fx`` = focal length in px of the image *as the network saw it* (open world only:
     None means it is taken to be the canonical 2000 px, i.e. no correction)."""
     n = bin_weight.shape[0]
+    bin_weight = on_device_of(bin_weight, hidden)
     codes = torch.arange(1, n + 1, dtype=torch.float32)
     H, W = (int(v) for v in out_hw)
     pgrid = depth_grid_shape((H, W))
