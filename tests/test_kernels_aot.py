@@ -1,5 +1,6 @@
 """Ahead-of-time compile check (python -m densert.kernels.aot): every Triton kernel in every
-launch configuration it runs with compiles for sm_87 and sm_90 without register spills.
+launch configuration it runs with compiles for sm_87 and sm_90 without register spills; and the
+dry run of benchmarks/gpu_check.sh, which runs the check's small set.
 
 Runs in subprocesses: compiling for a GPU needs triton imported without TRITON_INTERPRET, which
 this test process (interpreter tests) cannot offer. Triton's cache goes to a temp dir.
@@ -10,8 +11,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton not installed (the train extra)")
@@ -23,24 +27,26 @@ def _run(args, tmp_path, timeout=1200):
                           timeout=timeout)
 
 
-def _check(r, out_json, n_min):
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: every GPU step reported as skipped with its reason,
+    the AOT step (the small set: the dense tail's 3 modes and the NTP-M backward, both
+    architectures) passes with zero spills, and the summary is written as JSON and Markdown."""
+    out = tmp_path / "gc"
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(out)],
+                       capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, PYTHON=sys.executable,
+                                TRITON_CACHE_DIR=str(tmp_path / "triton-cache")))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    rows = json.loads(out_json.read_text())["rows"]
-    assert len(rows) >= n_min and {x["arch"] for x in rows} == {87, 90}
-    for x in rows:
-        assert x["error"] is None and x["registers"] and x["registers"] <= 255, x
-        assert x["spill_stores"] == 0 and x["spill_loads"] == 0, x
-    for arch in ("sm_87 (Jetson AGX Orin)", "sm_90 (H100/H200)"):
-        assert arch in r.stdout
-    return rows
-
-
-def test_aot_small_set(tmp_path):
-    """The cheap kernels on both architectures: the dense tail (3 modes) and the NTP-M backward."""
-    out = tmp_path / "aot.json"
-    r = _run(["-m", "densert.kernels.aot", "--kernel", "dense_tail", "ntpm_dh fp32",
-              "ntpm_dw bf16", "--json", str(out)], tmp_path, timeout=600)
-    rows = _check(r, out, 10)
+    summary = json.loads((out / "summary.json").read_text())
+    status = {s["step"]: s for s in summary["steps"]}
+    gpu_steps = ("kernels_gpu", "ctest_cuda", "timing_dense", "timing_ntpm", "bench_cuda")
+    assert all(status[s]["status"] == "SKIPPED" and "dry run" in status[s]["detail"]
+               for s in gpu_steps), status
+    assert status["env"]["status"] == status["aot"]["status"] == "pass"
+    assert "SKIPPED" in (out / "summary.md").read_text()
+    rows = json.loads((out / "aot.json").read_text())["rows"]
+    assert {x["arch"] for x in rows} == {87, 90} and len(rows) >= 10
+    assert all(x["error"] is None and x["spill_stores"] == x["spill_loads"] == 0 for x in rows)
     assert {x["kernel"] for x in rows} >= {"dense_tail argmax", "dense_tail probs",
                                           "dense_tail depth", "ntpm_dh fp32", "ntpm_dw bf16"}
 
@@ -48,9 +54,17 @@ def test_aot_small_set(tmp_path):
 @pytest.mark.slow
 def test_aot_every_kernel_no_spills(tmp_path):
     """The whole table (32 variants, minutes on 2 cores): the NTP-M forward for every operand
-    kind included."""
+    kind included, printed per architecture."""
     out = tmp_path / "aot.json"
-    rows = _check(_run(["-m", "densert.kernels.aot", "--json", str(out)], tmp_path), out, 32)
+    r = _run(["-m", "densert.kernels.aot", "--json", str(out)], tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) >= 32 and {x["arch"] for x in rows} == {87, 90}
+    for x in rows:
+        assert x["error"] is None and x["registers"] and x["registers"] <= 255, x
+        assert x["spill_stores"] == 0 and x["spill_loads"] == 0, x
+    for arch in ("sm_87 (Jetson AGX Orin)", "sm_90 (H100/H200)"):
+        assert arch in r.stdout
     assert any(x["kernel"].startswith("ntpm_fwd autocast-bf16") for x in rows)
 
 
