@@ -40,6 +40,10 @@ _SMALL_TAIL_BYTES = 8 << 20
 # Output rows per band of the torch tail: two band buffers stay in the CPU's L2/L3.
 _BAND_BYTES = 2 << 20
 _ROUNDING_SLACK = 1e-5
+# Deciding a quad from its corners costs about as much as interpolating 4 pixels, so the
+# pruning only pays for large upsampling factors (segmentation at 32 px per token, not depth
+# at 2x).
+_MIN_QUAD_PIXELS = 16
 
 
 def subset_weight(lm_head_weight: torch.Tensor, id_groups: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -143,7 +147,7 @@ def _tail_torch(scores: torch.Tensor, gh: int, gw: int, H: int, W: int, mode: st
         grid = scores.t().reshape(K, gh, gw)
         up = F.interpolate(grid[None], size=(H, W), mode="bilinear", align_corners=False)[0]
         return torch.softmax(up / temperature, dim=0)
-    if host and K * H * W * 4 > _SMALL_TAIL_BYTES:
+    if host and K * H * W * 4 > _SMALL_TAIL_BYTES and H * W >= _MIN_QUAD_PIXELS * gh * gw:
         labels = _labels_quads(scores, gh, gw, H, W)
     else:
         labels = _labels_rows(scores, gh, gw, H, W)

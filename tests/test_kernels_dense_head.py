@@ -64,6 +64,7 @@ def test_large_output_paths_match_interpolate(monkeypatch, structured, gh, gw, H
     and two-region maps (few boundary quads, interpolated over candidates only)."""
     import densert.kernels.dense_head as dh
     monkeypatch.setattr(dh, "_SMALL_TAIL_BYTES", 4 * H * W)  # force the large-output routes
+    monkeypatch.setattr(dh, "_MIN_QUAD_PIXELS", 1)
     routes = []
     fn = dh._labels_rows
     monkeypatch.setattr(dh, "_labels_rows", lambda *a: (routes.append("rows"), fn(*a))[1])
