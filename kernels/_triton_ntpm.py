@@ -12,8 +12,14 @@ each tile's ``tl.topk`` with the running set. Splits are merged exactly on the h
 negative is decoded from its key. Sigmoid is monotone, so selection needs no sigmoid; the loss and
 its per-entry derivatives are computed on the L x (P + k) selected logits.
 
+Operands: tiles are rounded to ``operand_dtype`` (bf16/fp16 under autocast or for a 16-bit
+weight: tensor-core ``tl.dot`` with fp32 accumulation; fp32: ``input_precision="ieee"``, no TF32).
+Launch configurations per compute capability live in ``FWD_CONFIGS`` / ``BWD_CONFIG`` and are
+checked for register spills by ``python -m densert.kernels.aot``.
+
 Backward kernels are deterministic: dH row i sums g_ij W[id_ij] in a fixed order; dW sorts the
-non-zeros by id (stable) and one program per (id, d-block) sums its segment in order, no atomics.
+non-zeros by id (stable) and each program sums SEGS ids' segments in order (no atomics), writing
+straight into a zero tensor of the weight's dtype.
 """
 from __future__ import annotations
 
@@ -88,8 +94,8 @@ def _logit_tile(h_ptr, w_ptr, pos_ptr, rows, cols, L, V, D, P, stride_h, stride_
     is_pos = tl.zeros([BM, BN], tl.int1)
     prow = pos_ptr + rows.to(tl.int64) * P
     for j in range(0, P):
-        pid_j = tl.load(prow + j, mask=rows < L, other=-1)
-        eq = pid_j[:, None] == cols[None, :]
+        pos_j = tl.load(prow + j, mask=rows < L, other=-1)
+        eq = pos_j[:, None] == cols[None, :]
         is_pos = is_pos | eq
         zpos += tl.where(pj[None, :] == j, tl.sum(tl.where(eq, z, 0.0), axis=1)[:, None], 0.0)
     valid = (cols[None, :] < V) & (~is_pos)

@@ -34,8 +34,8 @@ __all__ = [
 ]
 
 _MODES = ("argmax", "probs", "depth")
-# Below this size the upsampled scores are cheaper to write than to avoid (e.g. depth on the
-# 16-px patch grid); above it they are never held whole.
+# Maps whose K x H x W upsampled scores fit in this are interpolated whole (band by band); the
+# per-quad pruning is only tried above it.
 _SMALL_TAIL_BYTES = 8 << 20
 # Output rows per band of the torch tail: two band buffers stay in the CPU's L2/L3.
 _BAND_BYTES = 2 << 20
