@@ -207,6 +207,11 @@ def gpu_arch(device) -> int | None:
     return 10 * major + minor
 
 
+def device_label(device, arch: int | None) -> str:
+    import torch
+    return torch.cuda.get_device_name(device) if arch else f"{device} (interpreter smoke run)"
+
+
 def verdict(value: float, bound: float | None, higher_is_better: bool = False) -> str:
     if bound is None:
         return "no bound for this device"
@@ -260,7 +265,7 @@ def gpu_main(out: str, reps: int, device: str, small: bool) -> int:
                        speedup_verdict=verdict(sp, need, higher_is_better=True))
             del W
         rows.append(row)
-    name = torch.cuda.get_device_name(device) if arch else f"{device} (interpreter smoke run)"
+    name = device_label(device, arch)
     cmd = "python -m densert.benchmarks.bench_dense_head " + " ".join(sys.argv[1:])
     text = (f"# Dense head on {name} (sm_{arch})\n\nCommand: `{cmd}`  \n"
             f"L = gh x gw tokens, d = {d}, bf16 hidden states, fp32 subset weight; medians of "

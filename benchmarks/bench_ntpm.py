@@ -93,7 +93,7 @@ def gpu_main(out: str, reps: int, device: str, small: bool) -> int:
     from densert.kernels import _triton_ntpm as tn
     from densert.kernels.ntpm import ntpm_loss_reference
 
-    from .bench_dense_head import device_time_ms, gpu_arch, verdict
+    from .bench_dense_head import device_label, device_time_ms, gpu_arch, verdict
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         print("bench_ntpm --gpu: no CUDA device, nothing measured", file=sys.stderr)
         return 2
@@ -132,7 +132,7 @@ def gpu_main(out: str, reps: int, device: str, small: bool) -> int:
               ("loss rel. error vs float64", rel, b.get("loss_rel"))]
     rows = [{"check": c, "value": v, "bound": bd,
              "verdict": "not measured" if v is None else verdict(v, bd)} for c, v, bd in checks]
-    name = torch.cuda.get_device_name(device) if arch else f"{device} (interpreter smoke run)"
+    name = device_label(device, arch)
     cmd = "python -m densert.benchmarks.bench_ntpm " + " ".join(sys.argv[1:])
     text = (f"# NTP-M on {name} (sm_{arch})\n\nCommand: `{cmd}`  \n"
             f"L={Lg}, |V|={Vg}, d={d}, k={k}, {P} positives/token, bf16 hidden + weight (tensor "
