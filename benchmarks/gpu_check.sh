@@ -2,7 +2,8 @@
 # The first-GPU check of densert's kernels: one prepared script, under 10 minutes on an NVIDIA GPU
 # (H100/H200 or Jetson AGX Orin), writing JSON and Markdown to one folder.
 #
-#   benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]      (default OUT_DIR: gpu_check/<host>-<time>)
+#   benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]
+#   (default OUT_DIR: benchmarks/results/gpu_check/<host>-<time>; commit it with the command)
 #
 # Steps (each logged to OUT_DIR/<step>.log, summarised in OUT_DIR/summary.{json,md}):
 #   env            GPU, driver, torch / triton / onnxruntime versions and providers
@@ -33,7 +34,7 @@ for a in "$@"; do
     *) OUT="$a" ;;
   esac
 done
-OUT=${OUT:-gpu_check/$(hostname)-$(date +%Y%m%d-%H%M%S)}
+OUT=${OUT:-benchmarks/results/gpu_check/$(hostname)-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-}
@@ -125,10 +126,12 @@ fi
 run_step kernels_gpu 1 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py \
   --junitxml "$OUT/kernels_gpu.xml"
 
+BUILD=$(mktemp -d)  # build tree outside OUT, so OUT holds only reports
+trap 'rm -rf "$BUILD"' EXIT
 ctest_cuda() {
-  cmake -S . -B "$OUT/build" -DDENSERT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=native \
-        -DDENSERT_PYTHON="$PY" && cmake --build "$OUT/build" -j 8 \
-    && ctest --test-dir "$OUT/build" --output-on-failure -V > "$OUT/ctest_output.txt" 2>&1
+  cmake -S . -B "$BUILD" -DDENSERT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=native \
+        -DDENSERT_PYTHON="$PY" && cmake --build "$BUILD" -j 8 \
+    && ctest --test-dir "$BUILD" --output-on-failure -V > "$OUT/ctest_output.txt" 2>&1
   local rc=$?
   cat "$OUT/ctest_output.txt"
   # The CUDA tail must have run on the device, not only compiled.

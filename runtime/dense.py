@@ -18,11 +18,11 @@ logit_scale (= 0 for 0.5) in the same GEMM, so it costs no extra pass.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from densert.extras import require
 from densert.kernels.dense_head import dense_head
@@ -60,7 +60,8 @@ def with_background(hidden: torch.Tensor, weight: torch.Tensor, opts: DenseOptio
     return h, w
 
 
-_ON_DEVICE: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+# weight -> {device: (weight._version, copy)}; entries go with the caller's weight.
+_ON_DEVICE = WeakTensorKeyDictionary()
 
 
 def on_device_of(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
