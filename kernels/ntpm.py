@@ -123,6 +123,19 @@ def _chunk_topk(z: torch.Tensor, k: int):
     return tv, ti
 
 
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, operand: torch.dtype,
+                  rows: int = 2048) -> torch.Tensor:
+    """h @ rounded(w).T in h's dtype; a weight that needs rounding or upcasting is converted
+    ``rows`` rows at a time, so the extra memory is one [rows, d] block, not a [chunk, d] copy."""
+    cdt = h.dtype
+    if w.dtype == cdt and operand in (cdt, torch.float64):
+        return h @ w.t()
+    z = torch.empty(h.shape[0], w.shape[0], dtype=cdt, device=h.device)
+    for a in range(0, w.shape[0], rows):
+        z[:, a:a + rows] = h @ rounded(w[a:a + rows], operand, cdt).t()
+    return z
+
+
 def ntpm_select_torch(h: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, k: int,
                       vocab_mask: torch.Tensor | None, chunk_size: int,
                       operand: torch.dtype | None = None):
@@ -141,7 +154,7 @@ def ntpm_select_torch(h: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, 
     run_i = torch.zeros((L, 0), dtype=torch.long, device=dev)
     for s in range(0, V, chunk_size):
         e = min(V, s + chunk_size)
-        z = h @ rounded(weight[s:e], operand, cdt).t()  # [L, C]
+        z = _chunk_logits(h, weight[s:e], operand)  # [L, C]
         inc = (pos >= s) & (pos < e)
         if bool(inc.any()):
             r, c = inc.nonzero(as_tuple=True)
