@@ -11,6 +11,8 @@ Naive = the direct autograd graph: full [L, |V|] logits upcast to fp32, positive
 positives and invalid ids masked to -inf in a copy, torch.topk, softplus terms, dense backward.
 
 Usage: python -m densert.benchmarks.bench_ntpm [--reps 3] [--out benchmarks/results/kernels_ntpm]
+GPU:   python -m densert.benchmarks.bench_ntpm --gpu --reps 20 --out DIR/kernels_gpu_ntpm
+       (Triton NTP-M at L=4096, |V|=151,936, bf16, against the kernel-anchors bounds)
 """
 from __future__ import annotations
 
@@ -77,15 +79,89 @@ def _worker(variant: str, reps: int) -> dict:
             "grad_h_norm": gnorm[0], "grad_w_norm": gnorm[1]}
 
 
+# kernel-anchors.md sec. 9, training at L = 4096, |V| = 151,936 on H100/H200 (sm_90).
+GPU_BOUNDS = {90: {"fwd_over_gemm": 1.25, "bwd_ms": 1.0, "extra_mb": 64.0, "loss_rel": 1e-5}}
+
+
+def gpu_main(out: str, reps: int, device: str, small: bool) -> int:
+    """NTP-M on a GPU at the anchor shape (bf16 hidden and weight, tensor cores): the fused
+    forward against a plain bf16 GEMM of the same shape, the sparse backward, the extra memory
+    beyond the bf16 weight gradient, and the loss against the float64 reference on the same
+    (bf16) operands; each against the bounds for the device."""
+    import torch
+
+    from densert.kernels import _triton_ntpm as tn
+    from densert.kernels.ntpm import ntpm_loss_reference
+
+    from .bench_dense_head import device_label, device_time_ms, gpu_arch, verdict
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        print("bench_ntpm --gpu: no CUDA device, nothing measured", file=sys.stderr)
+        return 2
+    arch = gpu_arch(device)
+    Lg, Vg, d, k, P = (32, 512, 64, 8, 4) if small else (4096, 151_936, D, K, 8)
+    cfg = dict(BM=16, BN=32, BK=16, n_splits=2) if small else {}
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(Lg, d, generator=g) / d ** 0.25).to(device, torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(Vg, d, generator=g) / d ** 0.25).to(device, torch.bfloat16).requires_grad_(True)
+    pos = (torch.randint(0, Vg - P * 97, (Lg, 1), generator=g) + torch.arange(P) * 97).to(device)
+    t_gemm = device_time_ms(lambda: h.detach() @ w.detach().t(), reps, device)
+    t_fwd = device_time_ms(lambda: tn.ntpm_loss_triton(h, w, pos, k, **cfg), reps, device)
+    loss = tn.ntpm_loss_triton(h, w, pos, k, **cfg)
+
+    def bwd():
+        h.grad = w.grad = None
+        tn.ntpm_loss_triton(h, w, pos, k, **cfg).backward()
+
+    t_step = device_time_ms(bwd, reps, device)
+    h.grad = w.grad = None
+    extra_mb = None
+    if arch:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        bwd()
+        torch.cuda.synchronize()
+        extra_mb = (torch.cuda.max_memory_allocated() - base - w.numel() * 2) / 2 ** 20
+    ref = ntpm_loss_reference(h.detach().double(), w.detach().double(), pos, k)
+    rel = abs(float(loss) - float(ref)) / abs(float(ref))
+    gemm, fwd, step = (statistics.median(t) for t in (t_gemm, t_fwd, t_step))
+    b = GPU_BOUNDS.get(arch, {})
+    checks = [("forward / plain bf16 GEMM", fwd / gemm, b.get("fwd_over_gemm")),
+              ("backward ms (step - forward)", step - fwd, b.get("bwd_ms")),
+              ("extra MB beyond dW", extra_mb, b.get("extra_mb")),
+              ("loss rel. error vs float64", rel, b.get("loss_rel"))]
+    rows = [{"check": c, "value": v, "bound": bd,
+             "verdict": "not measured" if v is None else verdict(v, bd)} for c, v, bd in checks]
+    name = device_label(device, arch)
+    cmd = "python -m densert.benchmarks.bench_ntpm " + " ".join(sys.argv[1:])
+    text = (f"# NTP-M on {name} (sm_{arch})\n\nCommand: `{cmd}`  \n"
+            f"L={Lg}, |V|={Vg}, d={d}, k={k}, {P} positives/token, bf16 hidden + weight (tensor "
+            f"cores); medians of {reps}: plain GEMM {gemm:.3f} ms, fused forward {fwd:.3f} ms, "
+            f"forward + backward {step:.3f} ms. Bounds: kernel-anchors.md sec. 9.\n\n"
+            "| check | value | bound | verdict |\n|---|---:|---:|---|\n")
+    for r in rows:
+        v = "-" if r["value"] is None else f"{r['value']:.4g}"
+        text += f"| {r['check']} | {v} | {r['bound'] or '-'} | {r['verdict']} |\n"
+    write_report(out, text, {"command": cmd, "device": name, "arch": arch, "gemm_ms": gemm,
+                             "forward_ms": fwd, "step_ms": step, "rows": rows})
+    return 1 if any("OVER" in r["verdict"] for r in rows) else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "REPS"))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/kernels_ntpm")
+    ap.add_argument("--gpu", action="store_true",
+                    help="time the Triton NTP-M on a CUDA device against the kernel-anchors bounds")
+    ap.add_argument("--device", default="cuda", help="--gpu: the device (cpu: interpreter smoke run)")
+    ap.add_argument("--small", action="store_true", help="--gpu: tiny shapes (smoke run)")
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(_worker(a.worker[0], int(a.worker[1]))))
         return 0
+    if a.gpu:
+        return gpu_main(a.out, max(a.reps, 10), a.device, a.small)
     import torch
     res = {}
     for variant in ("naive", "chunked"):

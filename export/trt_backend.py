@@ -105,12 +105,15 @@ class TrtBackend:
             raise ValueError(f"input_ids hold {n_slots} image-pad tokens but {image_embeds.shape[0]} image embeddings were given")
         out = self._run("llm_prefill", {"input_ids": ids, "image_embeds": image_embeds})
         pos = (ids[0] == c["image_token_id"]).nonzero().flatten()
+        # The dense head reads vision_hidden / scores where the engine wrote them: they stay
+        # GPU tensors (runtime.dense runs the subset GEMM and the tail on the GPU), so no scores
+        # cross to the host. The last logits do: greedy decoding picks tokens on the host.
         return OrtPrefillResult(
-            vision_hidden=out["vision_hidden"].float().cpu() if n_slots else None,
-            pre_vision_hidden=out["pre_vision_hidden"][0].float().cpu() if n_slots and int(pos[0]) > 0 else None,
+            vision_hidden=out["vision_hidden"].float() if n_slots else None,
+            pre_vision_hidden=out["pre_vision_hidden"][0].float() if n_slots and int(pos[0]) > 0 else None,
             last_logits=out["last_logits"][0].float().cpu(),
             cache=TrtCache([out[n] for n in self.cache_outputs], int(ids.shape[1])),
-            scores={k[len("scores_"):]: v.float().cpu() for k, v in out.items() if k.startswith("scores_")})
+            scores={k[len("scores_"):]: v.float() for k, v in out.items() if k.startswith("scores_")})
 
     def decode(self, token_id: int, cache: TrtCache) -> tuple[torch.Tensor, TrtCache]:
         if "llm_decode" not in self.contexts:

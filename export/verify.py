@@ -80,7 +80,7 @@ class Report:
 def compare(name: str, ref: torch.Tensor, got: torch.Tensor, th: dict) -> TensorStat:
     if tuple(ref.shape) != tuple(got.shape):
         return TensorStat(f"{name} shape {tuple(got.shape)} != {tuple(ref.shape)}", math.inf, math.inf, 0.0, False)
-    r, g = ref.double().flatten(), got.double().flatten()
+    r, g = ref.double().flatten(), got.to(ref.device).double().flatten()  # engine buffers: GPU
     if r.numel() == 0:
         return TensorStat(name, 0.0, 0.0, 1.0, True)
     max_abs = float((r - g).abs().max())
@@ -113,7 +113,7 @@ def dense_agreement(ref_scores: torch.Tensor, got_scores: torch.Tensor, merged_g
     thr = tie * float(ref_scores.float().std())
     wy, wx = bilinear_matrix(mh, H), bilinear_matrix(mw, W)
     r_rows = torch.einsum("hm,mnk->hnk", wy, ref_scores.float().reshape(mh, mw, -1))  # [H, mw, K]
-    g_rows = torch.einsum("hm,mnk->hnk", wy, got_scores.float().reshape(mh, mw, -1))
+    g_rows = torch.einsum("hm,mnk->hnk", wy, got_scores.cpu().float().reshape(mh, mw, -1))
     equal = kept = 0
     for y in range(0, H, band):
         r = torch.einsum("wn,bnk->bwk", wx, r_rows[y:y + band]).reshape(-1, r_rows.shape[-1])

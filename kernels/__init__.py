@@ -17,6 +17,32 @@ if __name__ != "densert.kernels":
 
 @functools.cache
 def triton_available() -> bool:
-    """Triton is optional (the ``train`` extra; torch's CUDA wheels bring it): without it CUDA
-    tensors take the torch paths, which give the same results."""
-    return importlib.util.find_spec("triton") is not None
+    """Triton is optional (the ``train`` extra; torch's CUDA wheels bring it): without it, or
+    with one that does not import, CUDA tensors take the torch paths, which give the same
+    results. Only asked for CUDA tensors, so CPU runs never import triton."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(*tensors) -> bool:
+    """The one routing rule of every entry point: the Triton kernels run when all tensors are
+    on CUDA and triton is installed; anything else takes the torch path."""
+    return all(t.is_cuda for t in tensors) and triton_available()
+
+
+def arch_key(device, table: dict):
+    """The key of ``table`` (compute capability as 87, 90, ...) whose launch configuration a
+    device uses: its own capability when listed, else the nearest lower one (the smallest when
+    none is lower). Non-CUDA devices (the Triton interpreter) use the largest."""
+    if getattr(device, "type", device) != "cuda":
+        return max(table)
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    lower = [a for a in table if a <= 10 * major + minor]
+    return max(lower) if lower else min(table)

@@ -6,14 +6,15 @@ product with the averaged weight rows, so the head is an L x d by d x K GEMM on 
 K x d weight (``subset_weight``), never the full |V| logits (``naive_full_vocab_head`` keeps that
 path only as the baseline for tests and benchmarks).
 
-The upsample reproduces ``F.interpolate(mode="bilinear", align_corners=False, size=(H, W))``:
-scale = in/out in fp32, src = scale * (dst + 0.5) - 0.5 clamped at 0, i0 = floor(src),
-i1 = min(i0 + 1, in - 1), value = lh0 * (lw0 * x00 + lw1 * x01) + lh1 * (lw0 * x10 + lw1 * x11)
-(the order of ATen's CPU kernel). In ``argmax``/``depth`` mode the K x H x W upsampled scores are
-never materialised: the torch path interpolates only pixels whose four corner tokens disagree on
-the label (per pixel; or, when boundaries are dense, the plain upsample over chunks of channels with a
-running max), the CUDA path runs a
-fused Triton kernel that keeps a running (max, argmax) per pixel.
+The upsample has the semantics of ``F.interpolate(mode="bilinear", align_corners=False,
+size=(H, W))``: scale = in/out in fp32, src = scale * (dst + 0.5) - 0.5 clamped at 0,
+i0 = floor(src), i1 = min(i0 + 1, in - 1), value = lh0 * (lw0 * x00 + lw1 * x01) +
+lh1 * (lw0 * x10 + lw1 * x11) (the order of ATen's CPU kernel), each multiply and add rounded
+separately (``upsample_unfused``, the rounding contract every tail shares; ATen's own kernel
+differs in the last bit). In ``argmax``/``depth`` mode the K x H x W upsampled scores are never
+materialised: the torch path interpolates a band of output rows at a time, and on large CPU maps
+only the pixels whose four corner tokens disagree on the label; the CUDA path runs a fused Triton
+kernel that keeps a running (max, argmax) per pixel.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import triton_available
+from . import use_triton
 
 __all__ = [
     "subset_weight",
@@ -33,11 +34,16 @@ __all__ = [
 ]
 
 _MODES = ("argmax", "probs", "depth")
-# Below this size the upsampled scores are cheaper to write than to avoid (e.g. depth on the
-# 16-px patch grid); above it they are never held whole.
+# Maps whose K x H x W upsampled scores fit in this are interpolated whole (band by band); the
+# per-quad pruning is only tried above it.
 _SMALL_TAIL_BYTES = 8 << 20
-_CHUNK_BYTES = 16 << 20
+# Output rows per band of the torch tail: two band buffers stay in the CPU's L2/L3.
+_BAND_BYTES = 2 << 20
 _ROUNDING_SLACK = 1e-5
+# Deciding a quad from its corners costs about as much as interpolating 4 pixels, so the
+# pruning only pays for large upsampling factors (segmentation at 32 px per token, not depth
+# at 2x).
+_MIN_QUAD_PIXELS = 16
 
 
 def subset_weight(lm_head_weight: torch.Tensor, id_groups: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -89,6 +95,27 @@ def bilinear_source_coords(in_size: int, out_size: int, device=None):
     return (i0.to(device), i1.to(device), l0.to(device), l1.to(device))
 
 
+def upsample_unfused(scores: torch.Tensor, gh: int, gw: int, H: int, W: int) -> torch.Tensor:
+    """[gh*gw, K] fp32 scores -> [K, H, W], every multiply and add separately rounded in fp32.
+
+    The rounding contract of the fused tails: the Triton kernel (compiled with
+    enable_fp_fusion=False), the CUDA tail (__fmul_rn/__fadd_rn) and the C++ tail
+    (-ffp-contract=off) all compute exactly these values, so their labels equal this reference's
+    argmax on every pixel, ties included. ATen's F.interpolate rounds differently in the last
+    bit (measured on torch 2.13 CPU: most values differ by an ulp), so agreement with torch is
+    tested where the top-2 margin exceeds 1e-5 relative. Reference for tests and fixtures: it
+    materialises the K x H x W values.
+    """
+    K = scores.shape[1]
+    h0, h1, lh0, lh1 = bilinear_source_coords(gh, H)
+    w0, w1, lw0, lw1 = bilinear_source_coords(gw, W)
+    g = scores.detach().to(torch.float32).cpu().t().reshape(K, gh, gw)
+    r0, r1 = g[:, h0], g[:, h1]                           # [K, H, gw]
+    top = r0[:, :, w0] * lw0 + r0[:, :, w1] * lw1         # ATen's order: width first
+    bot = r1[:, :, w0] * lw0 + r1[:, :, w1] * lw1
+    return top * lh0[:, None] + bot * lh1[:, None]
+
+
 def check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values):
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -99,6 +126,8 @@ def check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values)
     if hidden.dim() != 2 or hidden.shape[0] != gh * gw:
         raise ValueError(f"hidden must be [gh*gw={gh * gw}, d], got {tuple(hidden.shape)}")
     K = weight.shape[0]
+    if weight.dim() != 2 or K == 0:
+        raise ValueError(f"weight must be [K >= 1, d], got {tuple(weight.shape)}")
     if mode == "depth":
         if depth_values is None or depth_values.dim() != 1 or depth_values.shape[0] != K:
             raise ValueError(f"mode='depth' needs depth_values of shape [{K}]")
@@ -108,23 +137,54 @@ def check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values)
 
 
 def _tail_torch(scores: torch.Tensor, gh: int, gw: int, H: int, W: int, mode: str,
-                temperature: float, depth_values):
+                temperature: float, depth_values, host: bool = True):
+    """The torch tail. Labels are the argmax of ``upsample_unfused``'s values, computed a band
+    of output rows at a time (``_labels_rows``). ``host`` (CPU) adds the per-quad pruning of
+    large maps (Python loops, host syncs); the device route (CUDA without triton) runs only
+    whole-tensor ops and reads nothing back."""
     K = scores.shape[1]
-    grid = scores.t().reshape(K, gh, gw)
     if mode == "probs":
+        grid = scores.t().reshape(K, gh, gw)
         up = F.interpolate(grid[None], size=(H, W), mode="bilinear", align_corners=False)[0]
         return torch.softmax(up / temperature, dim=0)
-    labels = _labels_torch(scores, grid, H, W)
+    if host and K * H * W * 4 > _SMALL_TAIL_BYTES and H * W >= _MIN_QUAD_PIXELS * gh * gw:
+        labels = _labels_quads(scores, gh, gw, H, W)
+    else:
+        labels = _labels_rows(scores, gh, gw, H, W)
     if mode == "argmax":
         return labels
     return depth_values.to(device=scores.device, dtype=torch.float32)[labels]
 
 
-def _labels_torch(scores: torch.Tensor, grid: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    K, gh, gw = grid.shape
-    if K * H * W * 4 <= _SMALL_TAIL_BYTES:
-        return torch.argmax(F.interpolate(grid[None], size=(H, W), mode="bilinear",
-                                          align_corners=False)[0], dim=0)
+def _labels_rows(scores: torch.Tensor, gh: int, gw: int, H: int, W: int) -> torch.Tensor:
+    """argmax over K of the bilinear upsample, bit-identical to ``upsample_unfused`` (the same
+    separately rounded ops), in the scores' own [token, K] layout: the width pass makes
+    [gh, W, K] once, the height pass a band of output rows at a time into two reused buffers
+    (cache-sized, in-place ops: fresh 10+ MB temporaries per op cost 5x in page faults and
+    memory traffic on the 2-core CPU), each band reduced over the contiguous K axis. No
+    transpose of the scores, no K x H x W tensor."""
+    K = scores.shape[1]
+    dev = scores.device
+    h0, h1, lh0, lh1 = bilinear_source_coords(gh, H, dev)
+    w0, w1, lw0, lw1 = bilinear_source_coords(gw, W, dev)
+    s = scores.reshape(gh, gw, K)
+    t = torch.index_select(s, 1, w0).mul_(lw0[:, None])    # [gh, W, K]: width first, as ATen
+    t.add_(torch.index_select(s, 1, w1).mul_(lw1[:, None]))
+    labels = torch.empty(H, W, dtype=torch.long, device=dev)
+    band = max(1, _BAND_BYTES // max(1, W * K * 4))
+    top, bot = (torch.empty(min(band, H), W, K, device=dev) for _ in range(2))
+    for a in range(0, H, band):
+        b = min(H, a + band)
+        v, u = top[:b - a], bot[:b - a]
+        torch.index_select(t, 0, h0[a:b], out=v).mul_(lh0[a:b, None, None])
+        torch.index_select(t, 0, h1[a:b], out=u).mul_(lh1[a:b, None, None])
+        labels[a:b] = v.add_(u).argmax(dim=-1)  # first maximum: ties to the lower index
+    return labels
+
+
+def _labels_quads(scores: torch.Tensor, gh: int, gw: int, H: int, W: int) -> torch.Tensor:
+    K = scores.shape[1]
+    grid = scores.t().reshape(K, gh, gw)
     dev = scores.device
     h0, _, lh0, lh1 = bilinear_source_coords(gh, H, dev)
     w0, _, lw0, lw1 = bilinear_source_coords(gw, W, dev)
@@ -132,7 +192,8 @@ def _labels_torch(scores: torch.Tensor, grid: torch.Tensor, H: int, W: int) -> t
     # of output pixels. Every bilinear value there is a convex combination of the corner scores,
     # so class c can only win if its max over the corners reaches the best min over the corners,
     # and where all four corners share an argmax, that argmax wins everywhere (fp rounding is
-    # monotone). Only the quads left undecided are interpolated, over their candidates only.
+    # monotone; only a tie that rounding creates could go to a lower index). Only the quads
+    # left undecided are interpolated, over their candidates only.
     qh1 = torch.clamp(torch.arange(1, gh + 1, device=dev), max=gh - 1)
     qw1 = torch.clamp(torch.arange(1, gw + 1, device=dev), max=gw - 1)
     c01, c10 = grid[:, :, qw1], grid[:, qh1]
@@ -148,13 +209,13 @@ def _labels_torch(scores: torch.Tensor, grid: torch.Tensor, H: int, W: int) -> t
     q = torch.arange(max(gh, gw), device=dev)
     r0, r1 = torch.searchsorted(h0, q[:gh]), torch.searchsorted(h0, q[:gh], right=True)
     s0, s1 = torch.searchsorted(w0, q[:gw]), torch.searchsorted(w0, q[:gw], right=True)
-    open_q = (quad_label < 0).nonzero().tolist()
-    work = sum(int(ncand[i, j]) * int(r1[i] - r0[i]) * int(s1[j] - s0[j]) for i, j in open_q)
+    undecided = quad_label < 0
+    work = int((ncand * (r1 - r0)[:, None] * (s1 - s0)[None, :])[undecided].sum())
     if work * 3 > K * H * W:
         # Near-random maps: per-quad work approaches the whole upsample; stream it instead.
-        return _channels_chunked(grid, H, W)
+        return _labels_rows(scores, gh, gw, H, W)
     labels = quad_label[h0][:, w0]
-    for i, j in open_q:
+    for i, j in undecided.nonzero().tolist():
         ra, rb, ca, cb = int(r0[i]), int(r1[i]), int(s0[j]), int(s1[j])
         if ra == rb or ca == cb:
             continue
@@ -168,55 +229,46 @@ def _labels_torch(scores: torch.Tensor, grid: torch.Tensor, H: int, W: int) -> t
     return labels
 
 
-def _channels_chunked(grid, H, W):
-    """Argmax of the full upsample, K channels at a time with a running (max, argmax).
-
-    Channels are interpolated independently, so each chunk's values are exactly F.interpolate's;
-    a later chunk wins only when strictly greater, keeping torch.argmax's lower-index ties.
-    """
-    K = grid.shape[0]
-    chunk = max(1, _CHUNK_BYTES // max(1, H * W * 4))
-    best = labels = None
-    for a in range(0, K, chunk):
-        up = F.interpolate(grid[None, a:a + chunk], size=(H, W), mode="bilinear",
-                           align_corners=False)[0]
-        v, i = up.max(dim=0)
-        if best is None:
-            best, labels = v, i
-        else:
-            win = v > best
-            best = torch.where(win, v, best)
-            labels = torch.where(win, i + a, labels)
-    return labels
-
-
 def dense_head(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw, mode: str = "argmax",
                temperature: float = 0.2, depth_values: torch.Tensor | None = None) -> torch.Tensor:
     """Dense map from vision-token hidden states.
 
     Returns int64 [H, W] labels (``argmax``, ties to the lower index), float32 [K, H, W]
     softmax(upsampled / temperature) (``probs``), or float32 [H, W] depth_values[argmax]
-    (``depth``). CUDA tensors run the fused Triton tail when triton is installed; anything else
-    the torch path.
+    (``depth``), on the device of ``hidden``. CUDA tensors run the fused Triton tail when
+    triton is installed, else the torch device route; CPU tensors the torch host route.
     """
     gh, gw, H, W = check_args(hidden, weight, grid_hw, out_hw, mode, temperature, depth_values)
     scores = dense_scores(hidden, weight)
-    if scores.is_cuda and triton_available():
+    if use_triton(scores):
         from . import _triton_dense_head as tdh
         return tdh.dense_tail(scores, gh, gw, H, W, mode, float(temperature), depth_values)
-    return _tail_torch(scores, gh, gw, H, W, mode, float(temperature), depth_values)
+    return _tail_torch(scores, gh, gw, H, W, mode, float(temperature), depth_values,
+                       host=not scores.is_cuda)
 
 
 def naive_full_vocab_head(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                           id_groups: Sequence[Sequence[int]], grid_hw, out_hw,
-                          mode: str = "argmax", depth_values: torch.Tensor | None = None):
+                          mode: str = "argmax", depth_values: torch.Tensor | None = None,
+                          gemm_dtype: torch.dtype | None = None, chunk_rows: int = 16384):
     """Baseline: full-vocabulary logits, gather + average per group, full K x H x W upsample.
 
-    Logits are computed in the weight's dtype (as a model forward would) and then upcast.
+    ``gemm_dtype`` None: logits in the weight's dtype (as a model forward would), then upcast.
+    torch.float32: fp32 logits from fp32 GEMMs over ``chunk_rows``-row slices of the upcast
+    weight (the fastest full-vocabulary head on a CPU without bf16 arithmetic; the [L, |V|]
+    logits still exist whole, the fp32 weight never does).
     """
     gh, gw = (int(x) for x in grid_hw)
     H, W = (int(x) for x in out_hw)
-    logits = hidden.to(lm_head_weight.dtype) @ lm_head_weight.t()  # [L, V]
+    if gemm_dtype is None or gemm_dtype == lm_head_weight.dtype:
+        logits = hidden.to(lm_head_weight.dtype) @ lm_head_weight.t()  # [L, V]
+    else:
+        V = lm_head_weight.shape[0]
+        h = hidden.to(gemm_dtype)
+        logits = torch.empty(h.shape[0], V, dtype=gemm_dtype, device=h.device)
+        for a in range(0, V, chunk_rows):
+            torch.mm(h, lm_head_weight[a:a + chunk_rows].to(gemm_dtype).t(),
+                     out=logits[:, a:a + chunk_rows])
     cat = torch.stack([logits[:, list(g)].to(torch.float32).mean(dim=1) for g in id_groups], dim=1)
     del logits
     up = F.interpolate(cat.t().reshape(1, len(id_groups), gh, gw), size=(H, W), mode="bilinear",

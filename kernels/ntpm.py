@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from . import triton_available
+from . import use_triton
 
-__all__ = ["ntpm_loss", "ntpm_loss_reference", "prepare_positives", "ntpm_select_torch"]
+__all__ = ["ntpm_loss", "ntpm_loss_reference", "prepare_positives", "ntpm_select_torch",
+           "operand_dtype"]
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +41,35 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(x, torch.zeros_like(x))
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+
+
+def operand_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """Precision of the logit GEMM's operands; products and sums are always fp32 (fp64 inputs:
+    fp64 throughout).
+
+    Under autocast with a 16-bit dtype (mixed-precision training, fp32 master weights), that
+    dtype: the tensor-core path. Else a 16-bit weight's own dtype (hidden states are rounded to
+    it, as the model's lm_head would). Else fp32. Every path (chunked torch, Triton forward and
+    backward) multiplies the operands rounded to this dtype and accumulates the exact products
+    in fp32, so the logits are the same up to summation order, and the gradient is that of the
+    rounded operands.
+    """
+    if torch.float64 in (hidden.dtype, weight.dtype):
+        return torch.float64
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) in LOW_PRECISION:
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype if weight.dtype in LOW_PRECISION else torch.float32
+
+
+def rounded(x: torch.Tensor, operand: torch.dtype, cdt: torch.dtype) -> torch.Tensor:
+    """x rounded to the operand precision, held in the compute dtype."""
+    return x.to(operand).to(cdt) if operand in LOW_PRECISION else x.to(cdt)
 
 
 def check_args(hidden, weight, positives, k, token_mask, vocab_mask, reduction):
@@ -95,28 +123,38 @@ def _chunk_topk(z: torch.Tensor, k: int):
     return tv, ti
 
 
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, operand: torch.dtype,
+                  rows: int = 2048) -> torch.Tensor:
+    """h @ rounded(w).T in h's dtype; a weight that needs rounding or upcasting is converted
+    ``rows`` rows at a time, so the extra memory is one [rows, d] block, not a [chunk, d] copy."""
+    cdt = h.dtype
+    if w.dtype == cdt and operand in (cdt, torch.float64):
+        return h @ w.t()
+    z = torch.empty(h.shape[0], w.shape[0], dtype=cdt, device=h.device)
+    for a in range(0, w.shape[0], rows):
+        z[:, a:a + rows] = h @ rounded(w[a:a + rows], operand, cdt).t()
+    return z
+
+
 def ntpm_select_torch(h: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, k: int,
-                      vocab_mask: torch.Tensor | None, chunk_size: int):
+                      vocab_mask: torch.Tensor | None, chunk_size: int,
+                      operand: torch.dtype | None = None):
     """Stream the vocabulary: positive logits [L, P] and top-k negatives (values, ids) [L, k].
 
-    Negatives that do not exist (fewer than k candidates) come back with value -inf.
+    ``h`` is in the compute dtype and already rounded to ``operand`` (``rounded``); weight chunks
+    are rounded as they stream (default operand: the compute dtype). Negatives that do not
+    exist (fewer than k candidates) come back with value -inf.
     """
     L, V = h.shape[0], weight.shape[0]
     cdt = h.dtype
     dev = h.device
-    lowp = weight.dtype in (torch.bfloat16, torch.float16)
-    h_lp = h.to(weight.dtype) if lowp else None
+    operand = operand or cdt
     zpos = torch.zeros(pos.shape, dtype=cdt, device=dev)
     run_v = torch.full((L, 0), float("-inf"), dtype=cdt, device=dev)
     run_i = torch.zeros((L, 0), dtype=torch.long, device=dev)
     for s in range(0, V, chunk_size):
         e = min(V, s + chunk_size)
-        if lowp:
-            # bf16/fp16 model: the GEMM runs in the model dtype (as the model's own lm_head would),
-            # selection and loss in fp32.
-            z = (h_lp @ weight[s:e].t()).to(cdt)
-        else:
-            z = h @ weight[s:e].to(cdt).t()  # [L, C]
+        z = _chunk_logits(h, weight[s:e], operand)  # [L, C]
         inc = (pos >= s) & (pos < e)
         if bool(inc.any()):
             r, c = inc.nonzero(as_tuple=True)
@@ -137,28 +175,31 @@ class NTPMSparse(torch.autograd.Function):
     """Loss from selected logits; backward scatters the sparse G into dH and dW."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, h, rows, ids, coef_z, loss_terms, scale, use_triton=False):
+    def forward(ctx, hidden, weight, h, rows, ids, coef_z, loss_terms, scale, operand,
+                triton_kernels=False):
         # ids [L', P+k] (-1 = no gradient), coef_z = d loss_i / d z_ij (before the output grad).
+        # h: the selected rows of hidden (torch path: rounded to the operand dtype, in the
+        # compute dtype; Triton path: as stored, the kernels round).
         ctx.save_for_backward(hidden, weight, h, rows, ids, coef_z)
         ctx.scale = scale
-        ctx.use_triton = use_triton
+        ctx.operand = operand
+        ctx.triton_kernels = triton_kernels
         return loss_terms.sum() * scale
 
     @staticmethod
     def backward(ctx, gout):
         hidden, weight, h, rows, ids, coef_z = ctx.saved_tensors
         g = coef_z * (gout.to(coef_z.dtype) * ctx.scale)
-        if ctx.use_triton:
+        nones = (None,) * 8
+        if ctx.triton_kernels:
             from ._triton_ntpm import sparse_backward
-            dh, dW = sparse_backward(h, weight, ids, g, need_w=ctx.needs_input_grad[1])
+            dh, dW = sparse_backward(h, weight, ids, g, ctx.operand,
+                                     need_w=ctx.needs_input_grad[1])
             dhidden = None
             if ctx.needs_input_grad[0]:
-                dhidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-                dhidden.index_copy_(0, rows, dh)
-                dhidden = dhidden.to(hidden.dtype)
-            if dW is not None:
-                dW = dW.to(weight.dtype)
-            return dhidden, dW, None, None, None, None, None, None, None
+                dhidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                dhidden.index_copy_(0, rows, dh.to(hidden.dtype))
+            return (dhidden, dW, *nones)
         cdt = h.dtype
         d = h.shape[1]
         ok = ids >= 0
@@ -169,14 +210,15 @@ class NTPMSparse(torch.autograd.Function):
         blk = max(1, (64 << 20) // max(1, ids.shape[1] * d * h.element_size()))
         for a in range(0, h.shape[0], blk):
             b = min(h.shape[0], a + blk)
-            dh[a:b] = torch.einsum("bj,bjd->bd", g[a:b], weight[safe[a:b]].to(cdt))
+            w_rows = rounded(weight[safe[a:b]], ctx.operand, cdt)
+            dh[a:b] = torch.einsum("bj,bjd->bd", g[a:b], w_rows)
         dhidden = None
         if ctx.needs_input_grad[0]:
             dhidden = torch.zeros(hidden.shape, dtype=cdt, device=hidden.device)
             dhidden.index_copy_(0, rows, dh)
             dhidden = dhidden.to(hidden.dtype)
         dW = _sparse_weight_grad(h, ids, g, weight) if ctx.needs_input_grad[1] else None
-        return dhidden, dW, None, None, None, None, None, None, None
+        return (dhidden, dW, *nones)
 
 
 def _sparse_weight_grad(h: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
@@ -241,17 +283,19 @@ def ntpm_loss(hidden: torch.Tensor, weight: torch.Tensor, positives: torch.Tenso
               chunk_size: int = 8192, reduction: str = "sum") -> torch.Tensor:
     """NTP-M loss with a sparse exact backward to ``hidden`` and ``weight`` (see module doc)."""
     check_args(hidden, weight, positives, k, token_mask, vocab_mask, reduction)
-    if hidden.is_cuda and triton_available():
+    if use_triton(hidden):
         from . import _triton_ntpm
         return _triton_ntpm.ntpm_loss_triton(hidden, weight, positives, k, token_mask, vocab_mask,
                                              reduction=reduction)
     cdt = compute_dtype(hidden, weight)
+    op = operand_dtype(hidden, weight)
     rows, pos, scale = select_tokens(hidden, positives, token_mask, vocab_mask, reduction)
-    with torch.no_grad():
-        h = hidden.detach()[rows].to(cdt)
-        zpos, nval, nid = ntpm_select_torch(h, weight.detach(), pos, k, vocab_mask, chunk_size)
+    # Every cast is explicit (operand_dtype): autocast must not re-cast the fp32 GEMMs.
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        h = rounded(hidden.detach()[rows], op, cdt)
+        zpos, nval, nid = ntpm_select_torch(h, weight.detach(), pos, k, vocab_mask, chunk_size, op)
         terms, ids, coef = loss_from_selection(zpos, pos, nval, nid, k)
-    return NTPMSparse.apply(hidden, weight, h, rows, ids, coef, terms, scale)
+    return NTPMSparse.apply(hidden, weight, h, rows, ids, coef, terms, scale, op)
 
 
 def ntpm_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, positives: torch.Tensor,

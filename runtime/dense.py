@@ -2,7 +2,10 @@
 
 Only the lm_head rows of the candidate ids are used (``densert.kernels.dense_head``): a
 [L, d] x [d, K] GEMM, bilinear upsample, argmax. Full-vocabulary logits are never formed at
-vision positions. The released decoder lives in unpublished remote code (spec sec. 9.2), so
+vision positions. Everything runs where the hidden states are: a GPU backend's output buffers
+stay on the GPU (the Triton tail, or torch's CUDA ops without triton) and only the finished map
+(labels, depth, expected codes) is copied to the host, never the scores or probabilities (the
+DenseCRF refinement, a CPU library, is the one exception: it reads the probabilities). The released decoder lives in unpublished remote code (spec sec. 9.2), so
 every choice it hides is a documented field of ``DenseOptions`` (``options.py``); the defaults
 are ours.
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from densert.extras import require
 from densert.image.preprocess import resize_uint8
@@ -62,6 +66,25 @@ def with_background(hidden: torch.Tensor, weight: torch.Tensor, opts: DenseOptio
     return h, w
 
 
+# weight -> {device: (weight._version, copy)}; entries go with the caller's weight.
+_ON_DEVICE = WeakTensorKeyDictionary()
+
+
+def on_device_of(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The subset weight where the hidden states are (a backend's GPU buffers: the GEMM and the
+    tail run there and only the map comes back). Copied once per (weight, device) while the
+    caller keeps the weight, and again if it is modified in place."""
+    dev = hidden.device
+    if weight.device == dev:
+        return weight
+    per_dev = _ON_DEVICE.setdefault(weight, {})
+    version, moved = per_dev.get(dev, (None, None))
+    if version != weight._version:
+        moved = weight.to(dev)
+        per_dev[dev] = (weight._version, moved)
+    return moved
+
+
 def segment_labels(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw,
                    opts: DenseOptions, background: bool = False,
                    image: np.ndarray | None = None) -> np.ndarray:
@@ -69,6 +92,7 @@ def segment_labels(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw,
     K = weight.shape[0]
     if K + background > np.iinfo(np.uint16).max:
         raise ValueError(f"{K} classes: a label map holds at most {np.iinfo(np.uint16).max}")
+    weight = on_device_of(weight, hidden)
     if background:
         hidden, weight = with_background(hidden, weight, opts)
     H, W = (int(v) for v in out_hw)
@@ -144,6 +168,7 @@ def depth_map(hidden: torch.Tensor, bin_weight: torch.Tensor, grid_hw, out_hw,
     preset; ``fx`` = focal length in px of the image *as the network saw it* (open world only:
     None means it is taken to be the canonical 2000 px, i.e. no correction)."""
     n = bin_weight.shape[0]
+    bin_weight = on_device_of(bin_weight, hidden)
     codes = torch.arange(1, n + 1, dtype=torch.float32)
     H, W = (int(v) for v in out_hw)
     pgrid = depth_grid_shape((H, W))

@@ -1,4 +1,5 @@
 """NTP-M: chunked torch path and Triton (interpreter) path vs the dense float64 reference."""
+import contextlib
 import os
 import sys
 
@@ -144,7 +145,7 @@ def test_triton_path_interpreter():
     from densert.kernels._triton_ntpm import ntpm_loss_triton
     h, w, pos, tm, vm = _problem(37, 300, 24, 3, torch.float32)
     fn = lambda h, w, p, k, t, v, r: ntpm_loss_triton(h, w, p, k, t, v, reduction=r,  # noqa
-                                                      block_m=64, block_n=64, block_k=16)
+                                                      BM=32, BN=32, BK=16, n_splits=3)
     a, ga = _check(fn, h, w, pos, 8, tm, vm, "mean", 1e-6)
     a2 = fn(h, w, pos, 8, tm, vm, "mean")  # deterministic: bitwise identical on a rerun
     assert float(a2) == float(a)
@@ -157,7 +158,7 @@ def test_triton_ties_deterministic_interpreter():
     h, w, pos = _tied_problem()
     p = prepare_positives(pos, None)
     h32, w32 = h.detach().float(), w.detach().float()
-    zp, vals, ids = ntpm_select_triton(h32, w32, p, 16, None, block_m=16, block_n=128, block_k=16)
+    zp, vals, ids = ntpm_select_triton(h32, w32, p, 16, None, BM=16, BN=128, BK=16)
     zp_t, vals_t, ids_t = ntpm_select_torch(h32, w32, p, 16, None, 64)
     assert torch.equal(ids, ids_t) and torch.equal(vals, vals_t)
     torch.testing.assert_close(zp, zp_t, rtol=0, atol=0)
@@ -181,3 +182,114 @@ def test_sparse_weight_grad_blocks_equal_dense(block_entries):
                 dense[i, ids[i, j]] += coef[i, j]
     got = _sparse_weight_grad(h, ids, coef, weight, block_bytes=block_entries * d * 8)
     torch.testing.assert_close(got, dense.t() @ h, rtol=1e-12, atol=1e-12)
+
+
+# Mixed precision: (hidden dtype, weight dtype, autocast dtype or None) -> operands in bf16/fp16.
+MIXED = {"bf16": (torch.bfloat16, torch.bfloat16, None),
+         "autocast-bf16": (torch.float32, torch.float32, torch.bfloat16),
+         "fp16": (torch.float16, torch.float16, None),
+         "autocast-fp16": (torch.bfloat16, torch.float32, torch.float16)}
+# Small tiles and k keep the interpreter's bitonic top-k (its slowest part) to seconds.
+MIXED_K = 4
+TILES = dict(BM=16, BN=16, BK=16, n_splits=2)
+
+
+def _mixed_problem(case):
+    hdt, wdt, ac = MIXED[case]
+    h, w, pos, tm, vm = _problem(20, 96, 32, 3, torch.float32)
+    h = h.detach().to(hdt).requires_grad_(True)
+    w = w.detach().to(wdt).requires_grad_(True)
+    return h, w, pos, tm, vm, ac or wdt, ac
+
+
+def _autocast(ac):
+    return torch.autocast("cpu", dtype=ac) if ac else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("route,case", [("torch", c) for c in MIXED] + [
+    pytest.param("triton", c, marks=needs_interp) for c in MIXED])
+def test_mixed_precision_operands(route, case):
+    """bf16/fp16 operands with fp32 accumulation (the tensor-core path; in the interpreter the
+    kernel rounds tiles to nearest-even bf16/fp16 and runs an fp32 ieee dot: the same operands
+    and exact products as the GPU's MMA, summed in another order). The loss and gradients equal
+    the float64 reference on the rounded operands to fp32 accuracy, and differ from the
+    unrounded reference (autocast over wider storage) by the operand rounding, which proves
+    the rounding happened."""
+    from densert.kernels.ntpm import operand_dtype
+    h, w, pos, tm, vm, op, ac = _mixed_problem(case)
+    k = MIXED_K
+    if route == "triton":
+        from densert.kernels._triton_ntpm import ntpm_loss_triton
+        fn = lambda h, w: ntpm_loss_triton(h, w, pos, k, tm, vm, **TILES)  # noqa
+    else:
+        fn = lambda h, w: ntpm_loss(h, w, pos, k, tm, vm, chunk_size=32)  # noqa
+    with _autocast(ac):
+        assert operand_dtype(h, w) == op
+        loss = fn(h, w)
+    gh, gw = torch.autograd.grad(loss, (h, w))  # outside autocast, as in a training step
+    assert gh.dtype == h.dtype and gw.dtype == w.dtype
+    hr = h.detach().to(op).double().requires_grad_(True)
+    wr = w.detach().to(op).double().requires_grad_(True)
+    ref = ntpm_loss_reference(hr, wr, pos, k, tm, vm)
+    rh, rw = torch.autograd.grad(ref, (hr, wr))
+    assert abs(float(loss) - float(ref)) <= 1e-5 * abs(float(ref))
+    # Gradients come back in the inputs' dtype: 16-bit ones carry its rounding (2^-8 for bf16).
+    gtol = {torch.bfloat16: 8e-3, torch.float16: 1e-3}
+    assert _rel(gh, rh) <= gtol.get(h.dtype, 1e-5)
+    assert _rel(gw, rw) <= gtol.get(w.dtype, 1e-5)
+    if op not in (h.dtype, w.dtype):  # autocast over wider storage: the rounding shows
+        exact = ntpm_loss_reference(h.detach().double(), w.detach().double(), pos, k, tm, vm)
+        assert abs(float(loss) - float(exact)) > 10 * abs(float(loss) - float(ref))
+
+
+@needs_interp
+@pytest.mark.parametrize("case", ["bf16", "autocast-fp16"])
+def test_triton_and_torch_routes_agree_in_mixed_precision(case):
+    """Same operand rule, same rounding, fp32 sums in different orders: same selection, logits
+    to fp32 accuracy."""
+    from densert.kernels._triton_ntpm import ntpm_select_triton
+    from densert.kernels.ntpm import operand_dtype, prepare_positives, rounded
+    h, w, pos, _, vm, op, ac = _mixed_problem(case)
+    p = prepare_positives(pos, vm)
+    with torch.no_grad(), _autocast(ac):
+        assert operand_dtype(h, w) == op
+        a = ntpm_select_triton(h, w, p, MIXED_K, vm, op, **TILES)
+    with torch.no_grad():
+        b = ntpm_select_torch(rounded(h, op, torch.float32), w, p, MIXED_K, vm, 32, op)
+    assert torch.equal(a[2], b[2])
+    torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+
+
+class _Fp32WeightSized(TorchDispatchMode):
+    """Records any fp32 tensor with at least as many elements as the weight."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= self.numel:
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("route", ["torch", pytest.param("triton", marks=needs_interp)])
+def test_no_fp32_weight_gradient_for_a_bf16_weight(route):
+    """A bf16 weight's gradient is written in bf16 (sorted segment sums into a bf16 zero
+    tensor): no fp32 |V| x d buffer exists at any point of the step."""
+    h, w, pos, tm, vm = _problem(10, 512, 16, 3, torch.float32)
+    h, w = (x.detach().bfloat16().requires_grad_(True) for x in (h, w))
+    if route == "triton":
+        from densert.kernels._triton_ntpm import ntpm_loss_triton
+        fn = lambda: ntpm_loss_triton(h, w, pos, MIXED_K, tm, vm, BM=16, BN=128, BK=16,  # noqa
+                                      n_splits=1)
+    else:
+        fn = lambda: ntpm_loss(h, w, pos, MIXED_K, tm, vm, chunk_size=64)  # noqa
+    mode = _Fp32WeightSized(w.numel())
+    with mode:
+        loss = fn()
+        loss.backward()
+    assert w.grad.dtype == torch.bfloat16 and not mode.seen, mode.seen

@@ -1,13 +1,13 @@
 #include "dense_tail.h"
 
-#include <cmath>
 #include <limits>
 #include <vector>
 
 #include "bilinear.h"
 
-extern "C" void densert_dense_tail_cpu(const float* scores, int gh, int gw, int K, int H, int W,
-                                       const float* lut, int64_t* labels, float* depth) {
+extern "C" int densert_dense_tail_cpu(const float* scores, int gh, int gw, int K, int H, int W,
+                                      const float* lut, int64_t* labels, float* depth) {
+  if (const int rc = densert_check_tail_args(gh, gw, K, H, W, lut, labels, depth)) return rc;
   std::vector<int> w0(W), w1(W);
   std::vector<float> lw0(W), lw1(W);
   for (int x = 0; x < W; ++x) densert_src_coord(x, gw, W, &w0[x], &w1[x], &lw0[x], &lw1[x]);
@@ -23,10 +23,7 @@ extern "C" void densert_dense_tail_cpu(const float* scores, int gh, int gw, int 
       float best = -std::numeric_limits<float>::infinity();
       int arg = 0;
       for (int k = 0; k < K; ++k) {
-        // ATen CPU association (height of width sums); built with -ffp-contract=off (no FMA).
-        const float top = a[k] * lw0[x] + b[k] * lw1[x];
-        const float bot = c[k] * lw0[x] + d[k] * lw1[x];
-        const float v = top * lh0 + bot * lh1;
+        const float v = densert_bilerp(a[k], b[k], c[k], d[k], lw0[x], lw1[x], lh0, lh1);
         if (v > best) {  // strict: equal later channels keep the lower index
           best = v;
           arg = k;
@@ -37,4 +34,5 @@ extern "C" void densert_dense_tail_cpu(const float* scores, int gh, int gw, int 
       if (depth) depth[p] = lut[arg];
     }
   }
+  return 0;
 }

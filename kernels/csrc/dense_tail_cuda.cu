@@ -1,5 +1,6 @@
 // CUDA tail, shaped as the kernel a TensorRT IPluginV3 (enqueue) would launch on Jetson, where
 // Triton does not run. One thread per output pixel, running (max, index) over K channels.
+// Built with --fmad=false as well: bilinear.h's arithmetic is explicitly unfused either way.
 #include <cuda_runtime.h>
 
 #include "bilinear.h"
@@ -22,10 +23,7 @@ __global__ void densert_dense_tail_kernel(const float* __restrict__ scores, int 
   float best = -INFINITY;
   int arg = 0;
   for (int k = 0; k < K; ++k) {
-    // __fmul_rn/__fadd_rn forbid FMA contraction: same rounding as the CPU/ATen formula.
-    const float top = __fadd_rn(__fmul_rn(a[k], lw0), __fmul_rn(b[k], lw1));
-    const float bot = __fadd_rn(__fmul_rn(c[k], lw0), __fmul_rn(d[k], lw1));
-    const float v = __fadd_rn(__fmul_rn(top, lh0), __fmul_rn(bot, lh1));
+    const float v = densert_bilerp(a[k], b[k], c[k], d[k], lw0, lw1, lh0, lh1);
     if (v > best) {
       best = v;
       arg = k;
@@ -38,10 +36,14 @@ __global__ void densert_dense_tail_kernel(const float* __restrict__ scores, int 
 extern "C" int densert_dense_tail_cuda(const float* scores, int gh, int gw, int K, int H, int W,
                                        const float* lut, int64_t* labels, float* depth,
                                        void* stream) {
+  if (const int rc = densert_check_tail_args(gh, gw, K, H, W, lut, labels, depth)) return rc;
   const int64_t n = static_cast<int64_t>(H) * W;
+  if (n == 0) return 0;  // a launch of 0 blocks is itself an error (invalid configuration)
   const int threads = 256;
-  const int blocks = static_cast<int>((n + threads - 1) / threads);
-  densert_dense_tail_kernel<<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
-      scores, gh, gw, K, H, W, lut, labels, depth);
+  const int64_t blocks = (n + threads - 1) / threads;
+  if (blocks > 2147483647) return DENSERT_INVALID_ARGUMENT;
+  densert_dense_tail_kernel<<<static_cast<unsigned>(blocks), threads, 0,
+                              static_cast<cudaStream_t>(stream)>>>(scores, gh, gw, K, H, W, lut,
+                                                                   labels, depth);
   return static_cast<int>(cudaGetLastError());
 }
