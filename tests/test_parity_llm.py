@@ -193,7 +193,7 @@ def test_repetition_penalty_covers_the_prompt():
     from densert.model.generation import greedy_decode, penalize_repetition
     logits = torch.tensor([2.0, -1.0, 1.9, 0.5])
     seen = torch.tensor([True, True, False, False])
-    assert penalize_repetition(logits, seen, 1.25).tolist() == [1.6, -1.25, 1.9, 0.5]
+    assert torch.equal(penalize_repetition(logits, seen, 1.25), torch.tensor([1.6, -1.25, 1.9, 0.5]))
     toks, _ = greedy_decode(lambda t, c: (logits, c), logits, None, 1, repetition_penalty=1.25,
                             prompt_ids=[0, 99])
     assert toks == [2]
