@@ -20,12 +20,13 @@ def _random_head(V, d=48, L=6 * 8, seed=0):
 
 
 GROUPS = [[5], [17, 3], [40, 41, 42], [99]]
+ARGMAX = DenseOptions(crf=False)   # the bilinear argmax alone (the CRF is on by default)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_subset_head_equals_full_vocabulary(seed):
     hidden, W = _random_head(V=500, seed=seed)
-    opts = DenseOptions()
+    opts = ARGMAX
     ours = segment_labels(hidden, subset_weight(W, GROUPS), (6, 8), (50, 70), opts)
     naive = naive_full_vocab_head(hidden, W, GROUPS, (6, 8), (50, 70)).numpy()
     assert np.array_equal(ours, naive)
@@ -59,7 +60,7 @@ def test_peak_intermediate_does_not_grow_with_vocabulary(background):
     for V in (1_000, 200_003):
         hidden, W = _random_head(V=V)
         with _LargestAlloc(V) as mode:
-            segment_labels(hidden, subset_weight(W, GROUPS), (6, 8), (40, 56), DenseOptions(),
+            segment_labels(hidden, subset_weight(W, GROUPS), (6, 8), (40, 56), ARGMAX,
                            background=background)
         assert mode.vocab_sized == [], mode.vocab_sized   # no [L, V] (or any |V|-wide) tensor
         largest[V] = mode.largest
@@ -74,7 +75,7 @@ def test_peak_intermediate_does_not_grow_with_vocabulary(background):
 def test_background_rule_is_sigmoid_quarter_logits_threshold_half():
     hidden, W = _random_head(V=300, seed=3)
     w = subset_weight(W, GROUPS)
-    opts = DenseOptions()
+    opts = ARGMAX
     got = segment_labels(hidden, w, (6, 8), (30, 40), opts, background=True)
     up = F.interpolate((hidden @ w.t()).t().reshape(1, 4, 6, 8), size=(30, 40), mode="bilinear",
                        align_corners=False)[0]
@@ -83,7 +84,7 @@ def test_background_rule_is_sigmoid_quarter_logits_threshold_half():
     assert np.array_equal(got, want)
     assert 0 < (got == 4).mean() < 1   # both outcomes occur on this random head
     # a higher threshold only adds background
-    hi = segment_labels(hidden, w, (6, 8), (30, 40), DenseOptions(background_threshold=0.7),
+    hi = segment_labels(hidden, w, (6, 8), (30, 40), DenseOptions(crf=False, background_threshold=0.7),
                         background=True)
     assert ((hi == 4) >= (got == 4)).all()
 
