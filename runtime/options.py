@@ -55,9 +55,11 @@ class DenseOptions:
     name_leading_space: bool = opt(NAME_LEADING_SPACE, cli=False)
     depth_mode: str = opt("argmax", "depth from the argmax bin (paper) or the softmax-weighted "
                                     "expectation", choices=DEPTH_MODES)
-    # "patch" (paper D.3 and the demo): bin scores upsampled to the (H//16, W//16) grid, argmax
-    # there, codes bilinearly resized to H x W and rounded. "full": argmax per output pixel.
-    depth_upsample: str = opt("patch", "argmax on the 16-px patch grid then resize the codes "
+    # "patch" (paper D.3 and the demo): bin scores upsampled to twice the token grid (the 16-px
+    # patch grid of the image the network saw), argmax there, codes resized to H x W (OpenCV
+    # bilinear) and rounded. "full": argmax per output pixel.
+    depth_upsample: str = opt("patch", "argmax on the 16-px patch grid of the network's input "
+                                       "(2x the token grid, paper D.3) then resize the codes "
                                        "(the demo's order), or per output pixel",
                               choices=DEPTH_UPSAMPLES)
     # The release's flows by default; --fast trades them for one pass each.

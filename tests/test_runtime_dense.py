@@ -83,6 +83,9 @@ def test_background_rule_is_sigmoid_quarter_logits_threshold_half():
     want = torch.where(p.max(0).values > 0.5, p.argmax(0), torch.tensor(4)).numpy()
     assert np.array_equal(got, want)
     assert 0 < (got == 4).mean() < 1   # both outcomes occur on this random head
+    # background written second in the class list: classes keep their order around it
+    mid = segment_labels(hidden, w, (6, 8), (30, 40), opts, background=True, background_index=1)
+    assert np.array_equal(mid, np.array([0, 2, 3, 4, 1])[got])
     # a higher threshold only adds background
     hi = segment_labels(hidden, w, (6, 8), (30, 40), DenseOptions(crf=False, background_threshold=0.7),
                         background=True)
@@ -171,6 +174,23 @@ def test_depth_argmax_patch_grid_then_resize_and_dequantise(monkeypatch):
     exp = depth_map(hidden, wbins, (gh, gw), (64, 96), DenseOptions(depth_mode="expectation"),
                     "open-world", fx=1000.0)
     assert np.isfinite(exp.depth).all() and (exp.depth > 0).all()
+
+
+def test_depth_argmax_grid_is_twice_the_token_grid_whatever_the_upscale():
+    """480x640 at --upscale 3: tokens 45x60, argmax on 90x120 (paper D.3: upsample by two,
+    argmax, resize), not on the original image's 30x40; the released text's grid stays 30x40,
+    the codes resized to it; the map is the codes resized to 480x640 (OpenCV bilinear)."""
+    import cv2
+    gh, gw, K, d = 45, 60, 1000, 16
+    g = torch.Generator().manual_seed(1)
+    wbins, hidden = torch.randn(K, d, generator=g), torch.randn(gh * gw, d, generator=g)
+    dm = depth_map(hidden, wbins, (gh, gw), (480, 640), DenseOptions(), "nyuv2")
+    assert dm.argmax_hw == (90, 120) and dm.codes_grid.shape == (30, 40)
+    up = F.interpolate((hidden @ wbins.t()).t().reshape(1, K, gh, gw), size=(90, 120),
+                       mode="bilinear", align_corners=False)[0]
+    codes = (up.argmax(0) + 1).numpy().astype(np.uint16)
+    assert np.array_equal(dm.bins, cv2.resize(codes, (640, 480), interpolation=cv2.INTER_LINEAR))
+    assert np.array_equal(dm.codes_grid, cv2.resize(codes, (40, 30), interpolation=cv2.INTER_LINEAR))
 
 
 def test_options_validate():
