@@ -121,7 +121,7 @@ def _crf_labels(hidden, weight, grid_hw, out_hw, image: np.ndarray, opts: DenseO
 
 def crf_refine(probs: np.ndarray, image: np.ndarray, opts: DenseOptions) -> np.ndarray:
     """Fully connected CRF (Kraehenbuehl & Koltun 2011) over probs [K, H, W] and the RGB image."""
-    dcrf = require("pydensecrf.densecrf", "DenseCRF refinement (--crf)")
+    dcrf = require("pydensecrf.densecrf", "DenseCRF (on by default, as the release; --no-crf skips it)")
 
     K, H, W = probs.shape
     if image.shape[:2] != (H, W):

@@ -109,10 +109,10 @@ def test_refer_flow_uses_the_box(tiny_checkpoint, monkeypatch):
     from densert.runtime.predictor import DensePredictor
     p = DensePredictor(tiny_checkpoint, options=DenseOptions(refer_short_side=64), max_new_tokens=4)
     answer = p.vocab.encode("<box><x_16><y_8><x_48><y_40></box>") + [p.vocab.eos_id]
-    monkeypatch.setattr(p, "_generate", lambda pf, tm, stop, n=None: answer)
+    monkeypatch.setattr(p, "_generate", lambda pf, ids, tm, stop, n=None: answer)
     img = np.random.default_rng(0).integers(0, 256, (60, 90, 3), np.uint8)   # resized to 64x96
     r = p.refer(img, "thing")
-    assert r.box == pytest.approx((15.0, 7.5, 45.0, 37.5))
+    assert r.box == (15, 8, 45, 38)   # 7.5 and 37.5 round half to even
     assert r.mask.shape == (60, 90) and not r.warnings
     x0, y0, x1, y1 = r.crop_box
     assert not r.mask[:, :x0].any() and not r.mask[:, x1:].any() and not r.mask[:y0].any()

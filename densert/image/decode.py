@@ -131,6 +131,18 @@ def load_rgb(source, min_side: int | None = None) -> np.ndarray:
         raise ImageError(f"{name}: out of memory while decoding the image") from None
 
 
+def jpeg_round_trip(rgb: np.ndarray, quality: int = 95) -> np.ndarray:
+    """``rgb`` as the model sees it after OpenCV writes it as a JPEG at ``quality``: the demo sends
+    each referring crop as ``cv2.imencode(".jpg", crop)`` (quality 95 by default), which the
+    processor decodes like any file (``load_rgb``)."""
+    import cv2
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]),
+                           [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ImageError(f"OpenCV could not encode a {rgb.shape} image as JPEG")
+    return load_rgb(buf.tobytes())
+
+
 def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:
     """transformers' ``load_image`` from here on: EXIF transpose, then ``convert("RGB")``."""
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -139,6 +138,19 @@ def to_original(points, resized_hw, original_hw) -> list[tuple[int, int]]:
     return [(min(max(round(x * sx), 0), hx), min(max(round(y * sy), 0), hy)) for x, y in points]
 
 
+_COORD = re.compile(r"<([xy])_(\d+)>")
+
+
+def rewrite_coordinates(text: str, resized_hw, original_hw) -> str:
+    """The answer with every ``<x_N>`` / ``<y_N>`` in original pixels (``to_original``): the text
+    the release's ``generate`` returns."""
+    def sub(m):
+        n = int(m.group(2))
+        (x, y), = to_original([(n, n)], resized_hw, original_hw)
+        return f"<{m.group(1)}_{x if m.group(1) == 'x' else y}>"
+    return _COORD.sub(sub, text)
+
+
 def box_to_original(box, resized_hw, original_hw) -> tuple[int, int, int, int]:
     (x0, y0), (x1, y1) = to_original([box[:2], box[2:]], resized_hw, original_hw)
     return x0, y0, x1, y1
@@ -167,6 +179,7 @@ REFER_SHORT_SIDE = 1280
 
 def _resize_nearest(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """OpenCV ``INTER_NEAREST`` (the demo's paste-back) of a 2-D mask to (h, w)."""
+    import cv2  # here, not at import: the CLI's --help reads this module's constants
     return cv2.resize(np.ascontiguousarray(mask, dtype=np.uint8), (int(hw[1]), int(hw[0])),
                       interpolation=cv2.INTER_NEAREST)
 
@@ -224,6 +237,7 @@ def referring_crop(image: np.ndarray, box, rng: np.random.Generator, padding: fl
     rectangle in a random colour at its place in the window (``cv2.rectangle``, corners
     int()-truncated as the demo), the window resized with OpenCV ``INTER_LANCZOS4`` to
     ``short_side_size(window, short_side, multiple)``, or to exactly ``size`` = (h, w)."""
+    import cv2
     a0, b0, a1, b1 = crop_window(box, padding, image.shape[:2])
     x0, y0, x1, y1 = (float(v) for v in box)
     crop = np.array(image[b0:b1, a0:a1], dtype=np.uint8, order="C")  # a copy: drawn on below

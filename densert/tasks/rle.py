@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 
-import cv2
 import numpy as np
 
 from densert.errors import RLEError
@@ -97,6 +96,7 @@ def decode_depth(text: str, image_hw: tuple[int, int]) -> np.ndarray:
 def resize_codes(codes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """OpenCV ``INTER_LINEAR`` resize of a code map to ``size`` = (h, w), the demo's expansion:
     uint16 codes come back as uint16 (OpenCV rounds), anything else as float32."""
+    import cv2  # here, not at import: the CLI's --help reads the task contract
     a = np.ascontiguousarray(codes)
     if a.dtype != np.uint16:
         a = a.astype(np.float32)
