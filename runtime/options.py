@@ -71,8 +71,9 @@ class DenseOptions:
     open_set_max_boxes: int = opt(30, "most detections the open-set flow segments, largest first "
                                       "(the demo's 30)")
     refer_padding: float = opt(REFER_PADDING, cli=False)
-    refer_short_side: int = opt(REFER_SHORT_SIDE, "short side of the referring refinement crop "
-                                                  "(paper D.2 / demo)")
+    refer_short_side: int = opt(REFER_SHORT_SIDE, "short side of the crops the referring and "
+                                                  "open-set flows segment (paper D.2 / demo; "
+                                                  "smaller is faster)")
     # The demo sends each referring crop to the model as a JPEG (OpenCV's default quality 95), so
     # the second pass sees compressed pixels; None sends the crop's pixels as they are.
     crop_jpeg_quality: int | None = opt(95, cli=False)

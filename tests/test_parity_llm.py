@@ -169,8 +169,7 @@ def test_kv_cache_writes_in_place_and_equals_the_tensor_cache(layout):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", CACHE_LAYOUTS)
-@pytest.mark.parametrize("seed", [0, 4])
+@pytest.mark.parametrize("layout,seed", [("latent", 0), ("full", 4)])
 def test_repetition_penalty_matches_oracle_generate(layout, seed):
     """The release's decoding (repetition_penalty=1.05 over prompt and generated ids, greedy)
     equals transformers' generate token for token; on these seeds the penalty changes the answer,
