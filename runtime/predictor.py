@@ -463,6 +463,14 @@ class DensePredictor:
                                                                        pre.original_hw))
                 for d in grounding.parse_detections(text)]
 
+    def _answer_result(self, cls, image, pre: Preprocessed, text: str, tm: Timings,
+                       warn: list[str], **fields):
+        for w in warn:
+            warnings.warn(w, stacklevel=3)
+        return cls(generated_text=text, original_hw=pre.original_hw, resized_hw=pre.resized_hw,
+                   timings=dict(tm), warnings=warn, info=self._result_info(image),
+                   image=self._image_at(pre), **fields)
+
     def detect(self, image, classes: list[str] | None = None) -> DetectResult:
         """Object detection: every object ("Detect all objects in the provided image."), or the
         given categories (the open set's detection prompt); boxes largest first, as the demo
@@ -474,12 +482,8 @@ class DensePredictor:
         with tm.stage("postprocess"):
             dets = grounding.largest_first(self._boxes(text, pre))
         warn = [] if dets else [f"no box in the answer ({text[:80]!r})"]
-        for w in warn:
-            warnings.warn(w, stacklevel=2)
-        return DetectResult(detections=dets, classes=asked, generated_text=text,
-                            original_hw=pre.original_hw, resized_hw=pre.resized_hw,
-                            timings=dict(tm), warnings=warn, info=self._result_info(image),
-                            image=self._image_at(pre))
+        return self._answer_result(DetectResult, image, pre, text, tm, warn, detections=dets,
+                                   classes=asked)
 
     def ground(self, image, expression: str) -> GroundResult:
         """Grounding: the box(es) of the region an expression describes."""
@@ -488,12 +492,8 @@ class DensePredictor:
         with tm.stage("postprocess"):
             dets = self._boxes(text, pre)
         warn = [] if dets else [f"no box in the answer ({text[:80]!r})"]
-        for w in warn:
-            warnings.warn(w, stacklevel=2)
-        return GroundResult(expression=expression, detections=dets, generated_text=text,
-                            original_hw=pre.original_hw, resized_hw=pre.resized_hw,
-                            timings=dict(tm), warnings=warn, info=self._result_info(image),
-                            image=self._image_at(pre))
+        return self._answer_result(GroundResult, image, pre, text, tm, warn, detections=dets,
+                                   expression=expression)
 
     def pose(self, image) -> PoseResult:
         """Pose estimation: persons with a box and the 16 MPII keypoints, in the prompt's order."""
@@ -516,11 +516,7 @@ class DensePredictor:
                 persons.append(grounding.PersonPose(box, kpts))
         if not persons:
             warn.append(f"no <person> in the answer ({text[:80]!r})")
-        for w in warn:
-            warnings.warn(w, stacklevel=2)
-        return PoseResult(persons=persons, generated_text=text, original_hw=pre.original_hw,
-                          resized_hw=pre.resized_hw, timings=dict(tm), warnings=warn,
-                          info=self._result_info(image), image=self._image_at(pre))
+        return self._answer_result(PoseResult, image, pre, text, tm, warn, persons=persons)
 
     def chat(self, image, prompt: str, max_new_tokens: int | None = None) -> ChatResult:
         """VQA / chat: the answer to ``prompt`` about ``image`` (None: text only)."""

@@ -330,19 +330,36 @@ def _box(b) -> list | None:
     return None if b is None else [int(v) for v in b]
 
 
-class _Boxes(_Result):
-    """Shared by detection and grounding: labelled boxes in original-image pixels."""
+@dataclass(kw_only=True)
+class _Answer(_Result):
+    """Shared by the tasks read from one generated answer (detect, ground, pose): the answer, the
+    image geometry it is mapped through, and the input image."""
 
-    detections: list
-    generated_text: str
+    generated_text: str             # the model's answer (coordinates in resized pixels)
     original_hw: tuple[int, int]
     resized_hw: tuple[int, int]
-    image: np.ndarray | None
+    timings: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    image: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def text(self) -> str:
         """The answer as the release's ``generate`` returns it: coordinates in original pixels."""
         return rewrite_coordinates(self.generated_text, self.resized_hw, self.original_hw)
+
+    def _image(self, image: np.ndarray | None) -> np.ndarray:
+        image = self.image if image is None else image
+        if image is None:
+            raise ValueError("no image to draw on: pass plot(image)")
+        return image
+
+
+@dataclass(kw_only=True)
+class _Boxes(_Answer):
+    """Shared by detection and grounding: labelled boxes in original-image pixels."""
+
+    detections: list                # grounding.Detection, original px
 
     def _boxes_json(self) -> list[dict]:
         return [{"label": d.label, "box": _box(d.box)} for d in self.detections]
@@ -351,10 +368,7 @@ class _Boxes(_Result):
         return [(d.box, d.label or "", O.class_colour(d.label or self.task)) for d in self.detections]
 
     def plot(self, image: np.ndarray | None = None) -> Image.Image:
-        image = self.image if image is None else image
-        if image is None:
-            raise ValueError("no image to draw on: pass plot(image)")
-        return _to_image(O.write_boxes_png, image, self._draw())
+        return _to_image(O.write_boxes_png, self._image(image), self._draw())
 
     def _artifacts(self, stem, formats, o):
         arts = []
@@ -369,36 +383,20 @@ class _Boxes(_Result):
         return arts
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DetectResult(_Boxes):
-    detections: list                # grounding.Detection, original px, largest first
     classes: list[str] | None       # the categories asked for (None: every object)
-    generated_text: str             # the model's answer (coordinates in resized pixels)
-    original_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
-    timings: dict = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    info: dict = field(default_factory=dict)
-    image: np.ndarray | None = field(default=None, repr=False)
-    task = "detect"
+    task = "detect"                 # detections: largest first, as the demo lists them
 
     def _block(self) -> dict:
         return {"classes": self.classes, "detections": self._boxes_json(),
                 "generated_text": self.generated_text, "warnings": self.warnings}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GroundResult(_Boxes):
     expression: str
-    detections: list                # grounding.Detection, original px, in the answer's order
-    generated_text: str
-    original_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
-    timings: dict = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    info: dict = field(default_factory=dict)
-    image: np.ndarray | None = field(default=None, repr=False)
-    task = "ground"
+    task = "ground"                 # detections: in the answer's order
 
     @property
     def box(self) -> tuple[int, int, int, int] | None:
@@ -414,21 +412,10 @@ class GroundResult(_Boxes):
                 "warnings": self.warnings}
 
 
-@dataclass
-class PoseResult(_Result):
+@dataclass(kw_only=True)
+class PoseResult(_Answer):
     persons: list                   # grounding.PersonPose: box and 16 (x, y, v), original px
-    generated_text: str
-    original_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
-    timings: dict = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    info: dict = field(default_factory=dict)
-    image: np.ndarray | None = field(default=None, repr=False)
     task = "pose"
-
-    @property
-    def text(self) -> str:
-        return rewrite_coordinates(self.generated_text, self.resized_hw, self.original_hw)
 
     def keypoints(self) -> np.ndarray:
         """float32 [persons, 16, 3]: x, y, v per MPII joint (NaN where missing)."""
@@ -439,10 +426,7 @@ class PoseResult(_Result):
         return a
 
     def plot(self, image: np.ndarray | None = None) -> Image.Image:
-        image = self.image if image is None else image
-        if image is None:
-            raise ValueError("no image to draw on: pass plot(image)")
-        return _to_image(O.write_pose_png, image, self.persons)
+        return _to_image(O.write_pose_png, self._image(image), self.persons)
 
     def _block(self) -> dict:
         return {"joints": list(MPII_JOINTS), "persons": [
