@@ -48,7 +48,11 @@ from densert.errors import ModelDirError
 from densert.image import BLOCK
 from densert.image.decode import jpeg_round_trip, probe
 from densert.image.preprocess import Preprocessed, preprocess
-from densert.model.generation import RELEASE_MAX_NEW_TOKENS, RELEASE_REPETITION_PENALTY, greedy_decode
+from densert.model.generation import (
+    RELEASE_MAX_NEW_TOKENS,
+    RELEASE_REPETITION_PENALTY,
+    greedy_decode,
+)
 from densert.model.vision_meta import build_vision_meta
 from densert.resources import bundled_model_dir
 from densert.tasks import depth_bins, grounding, prompts
