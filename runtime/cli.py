@@ -43,7 +43,7 @@ from densert.errors import CLIError, DensertError
 from densert.extras import require
 from densert.tasks.depth_bins import PRESETS
 
-from .options import DenseOptions, OutputOptions, PredictorOptions
+from .options import CRF_MODULE, CRF_PURPOSE, DenseOptions, OutputOptions, PredictorOptions
 
 # DenseOptions fields each command exposes as flags (the rest keep their documented defaults).
 DENSE_FLAGS = {
@@ -191,7 +191,7 @@ def run(args) -> int:
     opts, settings, out_opts = _options(args)
     classes = _classes(args)
     if command in MAP_COMMANDS and opts.crf:  # before the model loads
-        require("pydensecrf.densecrf", "DenseCRF (on by default, as the release; --no-crf skips it)")
+        require(CRF_MODULE, CRF_PURPOSE)
     from .predictor import check_model_dir
     model_dir = check_model_dir(_model_dir(args))
     preset = None

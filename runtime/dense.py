@@ -26,7 +26,7 @@ from densert.kernels.dense_head import dense_head
 from densert.tasks import depth_bins
 from densert.tasks.rle import depth_grid_shape, resize_codes
 
-from .options import DenseOptions
+from .options import CRF_MODULE, CRF_PURPOSE, DenseOptions
 from .outputs import bands
 
 # The most memory one dense map's per-class scores may take (probabilities for the CRF, or the
@@ -121,7 +121,7 @@ def _crf_labels(hidden, weight, grid_hw, out_hw, image: np.ndarray, opts: DenseO
 
 def crf_refine(probs: np.ndarray, image: np.ndarray, opts: DenseOptions) -> np.ndarray:
     """Fully connected CRF (Kraehenbuehl & Koltun 2011) over probs [K, H, W] and the RGB image."""
-    dcrf = require("pydensecrf.densecrf", "DenseCRF (on by default, as the release; --no-crf skips it)")
+    dcrf = require(CRF_MODULE, CRF_PURPOSE)
 
     K, H, W = probs.shape
     if image.shape[:2] != (H, W):

@@ -14,6 +14,10 @@ from densert.tasks.classes import NAME_LEADING_SPACE
 from densert.tasks.grounding import REFER_PADDING, REFER_SHORT_SIDE
 
 DEPTH_MODES = ("argmax", "expectation")
+# What DenseCRF imports and what the message names when it is missing (the CLI checks it before
+# the model loads, the dense decoder when it runs).
+CRF_MODULE = "pydensecrf.densecrf"
+CRF_PURPOSE = "DenseCRF (on by default, as the release; --no-crf skips it)"
 DEPTH_UPSAMPLES = ("patch", "full")
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 UPSCALES = (1, 2, 3, 4)

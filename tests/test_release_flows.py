@@ -301,3 +301,16 @@ def test_box_pictures_are_banded_exactly(monkeypatch):
     banded = [draw(O.write_boxes_png, boxes), draw(O.write_pose_png, pose)]
     for w, b in zip(whole, banded):
         assert np.array_equal(w, b) and not np.array_equal(w, img)
+
+
+def test_every_task_has_a_command_outputs_and_a_schema_entry():
+    """The task names of densert.tasks are the runtime's commands, output tables and sidecar
+    task names, all of them."""
+    from densert.cli import COMMANDS
+    from densert.runtime.cli import DENSE_FLAGS, OUTPUT_FLAGS
+    from densert.runtime.options import FORMATS
+    from densert.runtime.results import sidecar_schema
+    from densert.tasks import TASKS
+    assert set(FORMATS) == set(DENSE_FLAGS) == set(OUTPUT_FLAGS) == set(TASKS)
+    assert sidecar_schema()["properties"]["task"]["enum"] == list(TASKS)
+    assert all(COMMANDS[t][0] == "densert.runtime.cli" for t in TASKS)
