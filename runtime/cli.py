@@ -1,17 +1,22 @@
-"""``densert depth|segment|refer|chat IMAGE... [options]``: the runtime on files.
+"""``densert depth|segment|refer|detect|ground|pose|chat IMAGE... [options]``: the runtime on files.
 
 Images may be files or directories (their image files, sorted, not recursive). Every input and
 option is checked before the model loads: an unreadable or oversized image (a decompression bomb)
 is reported in one line and skipped, a bad option or output folder stops the run at once. The model
 is loaded once for all images. Per image ``<stem>`` the command writes into ``--out`` a set of
 files that appears whole or not at all (``--formats`` picks them; the JSON sidecar is always
-written, schema ``runtime/sidecar.schema.json``):
+written, schema ``runtime/sidecar.schema.json``, and records the flow and options that ran):
 
   depth    <stem>.depth.npy (float32), .depth.png (turbo, pixel-aligned), .depth.mm.png (uint16
            millimetres, metric depth only), .depth.txt (released RLE), [.depth.tiff], .json
   segment  <stem>.labels.npy (uint16), .labels.png (indexed, palette = class colours),
            .overlay.png, .seg.txt (released RLE), .coco.json (COCO RLE per class), .json
   refer    <stem>.mask.npy (uint8 0/1), .refer.png (overlay), .refer.txt, .coco.json, .json
+  detect   <stem>.detect.png (boxes drawn), .detect.txt (the answer, original-pixel coordinates),
+           .coco.json (COCO boxes), .json (labelled boxes)
+  ground   <stem>.ground.png, .ground.txt, .json (the box)
+  pose     <stem>.pose.png (skeletons), .pose.txt, .coco.json (COCO keypoints over the 16 MPII
+           joints), .json (persons: box, keypoints with visibility)
   chat     <stem>.chat.txt, .json (and the answer on stdout); no image: prompt only
 
 Inputs that share a stem keep their relative path (or extension) in their output names; each
@@ -38,13 +43,17 @@ from densert.errors import CLIError, DensertError
 from densert.extras import require
 from densert.tasks.depth_bins import PRESETS
 
-from .options import DenseOptions, OutputOptions, PredictorOptions
+from .options import CRF_MODULE, CRF_PURPOSE, DenseOptions, OutputOptions, PredictorOptions
 
 # DenseOptions fields each command exposes as flags (the rest keep their documented defaults).
 DENSE_FLAGS = {
     "depth": ("alignment", "temperature", "depth_mode", "depth_upsample"),
-    "segment": ("alignment", "temperature", "crf"),
+    "segment": ("alignment", "temperature", "crf", "fast", "open_set_max_boxes",
+                "refer_short_side"),
     "refer": ("alignment", "temperature", "crf", "refer_short_side"),
+    "detect": (),
+    "ground": (),
+    "pose": (),
     "chat": (),
 }
 # OutputOptions fields per command.
@@ -52,8 +61,13 @@ OUTPUT_FLAGS = {
     "depth": ("formats", "range", "legend", "invalid"),
     "segment": ("formats",),
     "refer": ("formats",),
+    "detect": ("formats",),
+    "ground": ("formats",),
+    "pose": ("formats",),
     "chat": (),
 }
+# Commands whose flows decode a segmentation map (DenseCRF on by default).
+MAP_COMMANDS = ("segment", "refer")
 
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
@@ -78,12 +92,20 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
                                  "default: none, depth is then relative)")
     if command == "segment":
         parser.add_argument("--classes", default=None,
-                            help="comma-separated class names (closed set, no generation); "
-                                 "default: none, the model names them (open set)")
+                            help="comma-separated class names (closed set: the model names the "
+                                 "ones present, the map scores those); default: none, the model "
+                                 "names them (open set)")
         parser.add_argument("--background", action="store_true",
-                            help="closed set with the <OTHERS> background rule")
-    if command == "refer":
-        parser.add_argument("--expression", required=True, help='what to segment, e.g. "the red cup"')
+                            help="closed set with a background class: the prompt omits \"without "
+                                 "the background class\", the <OTHERS> rule applies where the "
+                                 "model names <OTHERS> (always, with --fast)")
+    if command == "detect":
+        parser.add_argument("--classes", default=None,
+                            help="comma-separated categories to detect (the open set's detection "
+                                 "prompt); default: none, every object")
+    if command in ("refer", "ground"):
+        parser.add_argument("--expression", required=True,
+                            help='what to find, e.g. "the red cup"')
     if command == "chat":
         parser.add_argument("--prompt", required=True, help="the user's question")
 
@@ -168,8 +190,8 @@ def run(args) -> int:
     command = args.command
     opts, settings, out_opts = _options(args)
     classes = _classes(args)
-    if opts.crf:
-        require("pydensecrf.densecrf", "--crf")  # before the model loads
+    if command in MAP_COMMANDS and opts.crf:  # before the model loads
+        require(CRF_MODULE, CRF_PURPOSE)
     from .predictor import check_model_dir
     model_dir = check_model_dir(_model_dir(args))
     preset = None
@@ -241,6 +263,12 @@ def _one(pred, args, path: Path, stem: str, out: Path, out_opts: OutputOptions, 
                 r = pred.segment(path, classes=classes, background=True if args.background else None)
             elif command == "refer":
                 r = pred.refer(path, args.expression)
+            elif command == "detect":
+                r = pred.detect(path, classes=classes)
+            elif command == "ground":
+                r = pred.ground(path, args.expression)
+            elif command == "pose":
+                r = pred.pose(path)
             else:
                 r = pred.chat(path, args.prompt)
                 print(f"{path}: {r.text}")

@@ -30,7 +30,7 @@ from densert.kernels.dense_head import dense_head
 from densert.tasks import depth_bins
 from densert.tasks.rle import depth_grid_shape, resize_codes
 
-from .options import DenseOptions
+from .options import CRF_MODULE, CRF_PURPOSE, DenseOptions
 from .outputs import bands
 
 # The most memory one dense map's per-class scores may take (probabilities for the CRF, or the
@@ -87,9 +87,15 @@ def on_device_of(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
 
 def segment_labels(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw,
                    opts: DenseOptions, background: bool = False,
-                   image: np.ndarray | None = None) -> np.ndarray:
-    """Labels uint16 [H, W]: 0..K-1 for the K weight rows, K for background (when enabled)."""
+                   image: np.ndarray | None = None, background_index: int | None = None
+                   ) -> np.ndarray:
+    """Labels uint16 [H, W] over the K weight rows and, when ``background`` is on, a background
+    label at ``background_index`` (default K, after the classes; the rows keep their order
+    around it, so a class list written ``a, <OTHERS>, b`` is indexed as written)."""
     K = weight.shape[0]
+    bg_at = K if background_index is None else int(background_index)
+    if background and not 0 <= bg_at <= K:
+        raise ValueError(f"background_index {bg_at} outside 0..{K}")
     if K + background > np.iinfo(np.uint16).max:
         raise ValueError(f"{K} classes: a label map holds at most {np.iinfo(np.uint16).max}")
     weight = on_device_of(weight, hidden)
@@ -105,8 +111,8 @@ def segment_labels(hidden: torch.Tensor, weight: torch.Tensor, grid_hw, out_hw,
     out = np.empty((H, W), np.uint16)
     for r0, r1 in bands(H, W):
         band = labels[r0:r1]
-        # Channel 0 was background: move it after the classes so labels index the class list.
-        out[r0:r1] = np.where(band == 0, K, band - 1) if background else band
+        # Channel 0 was background: move it to its place so labels index the class list.
+        out[r0:r1] = np.where(band == 0, bg_at, band - 1 + (band > bg_at)) if background else band
     return out
 
 
@@ -139,7 +145,7 @@ def _crf_labels(hidden, weight, grid_hw, out_hw, image: np.ndarray, opts: DenseO
 
 def crf_refine(probs: np.ndarray, image: np.ndarray, opts: DenseOptions) -> np.ndarray:
     """Fully connected CRF (Kraehenbuehl & Koltun 2011) over probs [K, H, W] and the RGB image."""
-    dcrf = require("pydensecrf.densecrf", "DenseCRF refinement (--crf)")
+    dcrf = require(CRF_MODULE, CRF_PURPOSE)
 
     K, H, W = probs.shape
     if image.shape[:2] != (H, W):
@@ -155,18 +161,31 @@ def crf_refine(probs: np.ndarray, image: np.ndarray, opts: DenseOptions) -> np.n
     return q.argmax(axis=0)
 
 
+# Paper D.3: "we first upsample by a factor of two, followed by argmax, and then resize to the
+# original image size": the argmax grid is twice the token grid (the 16-px patch grid of the image
+# the network saw), whatever --upscale or --focal did to that image.
+DEPTH_ARGMAX_UPSAMPLE = 2
+
+
 @dataclass
 class DepthMap:
     depth: np.ndarray          # float32 [H, W] metres (0 where invalid)
     bins: np.ndarray           # uint16 [H, W] bin codes 1..1000 (0 invalid)
     codes_grid: np.ndarray     # uint16 codes on the (H//16, W//16) grid (the released RLE form)
+    argmax_hw: tuple[int, int]  # the grid the argmax was taken on
 
 
 def depth_map(hidden: torch.Tensor, bin_weight: torch.Tensor, grid_hw, out_hw,
               opts: DenseOptions, preset: str, fx: float | None = None) -> DepthMap:
     """Depth from the 1000 bin scores (bin_weight rows = <custom_1..1000>), dequantised with the
-    preset; ``fx`` = focal length in px of the image *as the network saw it* (open world only:
-    None means it is taken to be the canonical 2000 px, i.e. no correction)."""
+    preset; ``grid_hw`` = the token grid; ``fx`` = focal length in px of the image *as the network
+    saw it* (open world only: None means it is taken to be the canonical 2000 px, i.e. no
+    correction).
+
+    ``depth_upsample="patch"``: scores upsampled to 2x the token grid, argmax there, the codes
+    resized to H x W with OpenCV's bilinear resize (the demo's expansion) and rounded; the
+    released text's (H//16, W//16) grid is the same resize of those codes. ``"full"``: argmax (or
+    expectation) per output pixel."""
     n = bin_weight.shape[0]
     bin_weight = on_device_of(bin_weight, hidden)
     codes = torch.arange(1, n + 1, dtype=torch.float32)
@@ -176,14 +195,17 @@ def depth_map(hidden: torch.Tensor, bin_weight: torch.Tensor, grid_hw, out_hw,
     def codes_at(size):
         if opts.depth_mode == "argmax":
             idx = dense_head(hidden, bin_weight, grid_hw, size, mode="argmax")
-            return (idx.cpu() + 1).to(torch.float32).numpy()
+            return (idx.cpu() + 1).numpy().astype(np.uint16)
         p = dense_head(hidden, bin_weight, grid_hw, size, mode="probs", temperature=opts.temperature)
         return torch.einsum("k,khw->hw", codes.to(p.device), p).cpu().numpy()
 
     if opts.depth_upsample == "patch":
-        grid_codes = codes_at(pgrid)
-        full = resize_codes(grid_codes, (H, W))
+        agrid = tuple(DEPTH_ARGMAX_UPSAMPLE * int(g) for g in grid_hw)
+        argmax_codes = codes_at(agrid)
+        full = resize_codes(argmax_codes, (H, W))
+        grid_codes = argmax_codes if agrid == pgrid else resize_codes(argmax_codes, pgrid)
     else:
+        agrid = (H, W)
         if opts.depth_mode == "expectation":
             _check_dense_bytes(n, H, W, "--depth-mode expectation with --depth-upsample full",
                                "use --depth-upsample patch")
@@ -200,7 +222,5 @@ def depth_map(hidden: torch.Tensor, bin_weight: torch.Tensor, grid_hw, out_hw,
         depth[r0:r1] = depth_bins.dequantize(
             bins[r0:r1] if opts.depth_mode == "argmax" else np.clip(f, 0.5, n), preset, fx)
     del full
-    return DepthMap(depth=depth, bins=bins,
+    return DepthMap(depth=depth, bins=bins, argmax_hw=agrid,
                     codes_grid=np.clip(np.rint(grid_codes), 1, n).astype(np.uint16))
-
-

@@ -3,6 +3,7 @@ predictor runs (``PredictorOptions``). Each field's default and help live here o
 builds its flags from them (``densert.cli.add_dataclass_arguments``)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from densert.image import DEFAULT_MAX_PATCHES, MIN_MAX_PATCHES
@@ -13,6 +14,10 @@ from densert.tasks.classes import NAME_LEADING_SPACE
 from densert.tasks.grounding import REFER_PADDING, REFER_SHORT_SIDE
 
 DEPTH_MODES = ("argmax", "expectation")
+# What DenseCRF imports and what the message names when it is missing (the CLI checks it before
+# the model loads, the dense decoder when it runs).
+CRF_MODULE = "pydensecrf.densecrf"
+CRF_PURPOSE = "DenseCRF (on by default, as the release; --no-crf skips it)"
 DEPTH_UPSAMPLES = ("patch", "full")
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 UPSCALES = (1, 2, 3, 4)
@@ -32,8 +37,11 @@ class DenseOptions:
     # Softmax never changes an argmax, so it only matters for the CRF unary and expectation depth.
     temperature: float = opt(0.2, "softmax temperature over class scores (paper D.1); used by the "
                                   "CRF unary and --depth-mode expectation")
-    # Parameters are OUR defaults (the common DeepLab settings); the released ones are unknown.
-    crf: bool = opt(False, "DenseCRF refinement of segmentation maps (needs densert[crf])")
+    # On, as in the release's demo (seg_crf = True, "False can be faster"). Parameters are OUR
+    # defaults (the common DeepLab settings); the released ones are unknown.
+    crf: bool = opt(True, "DenseCRF refinement of segmentation maps, as the release does (needs "
+                          "densert[crf]); --no-crf is faster and keeps the bilinear argmax "
+                          "boundaries")
     crf_gaussian_sxy: float = opt(3.0, cli=False)
     crf_gaussian_compat: float = opt(3.0, cli=False)
     crf_bilateral_sxy: float = opt(50.0, cli=False)
@@ -51,14 +59,28 @@ class DenseOptions:
     name_leading_space: bool = opt(NAME_LEADING_SPACE, cli=False)
     depth_mode: str = opt("argmax", "depth from the argmax bin (paper) or the softmax-weighted "
                                     "expectation", choices=DEPTH_MODES)
-    # "patch" (paper D.3 and the demo): bin scores upsampled to the (H//16, W//16) grid, argmax
-    # there, codes bilinearly resized to H x W and rounded. "full": argmax per output pixel.
-    depth_upsample: str = opt("patch", "argmax on the 16-px patch grid then resize the codes "
+    # "patch" (paper D.3 and the demo): bin scores upsampled to twice the token grid (the 16-px
+    # patch grid of the image the network saw), argmax there, codes resized to H x W (OpenCV
+    # bilinear) and rounded. "full": argmax per output pixel.
+    depth_upsample: str = opt("patch", "argmax on the 16-px patch grid of the network's input "
+                                       "(2x the token grid, paper D.3) then resize the codes "
                                        "(the demo's order), or per output pixel",
                               choices=DEPTH_UPSAMPLES)
+    # The release's flows by default; --fast trades them for one pass each.
+    fast: bool = opt(False, "one-pass segmentation: a closed set scores every --classes name in "
+                            "one prefill (the release first lets the model name the classes "
+                            "present and scores only those), the open set reads its map off the "
+                            "naming pass (the release detects boxes of the named classes and "
+                            "segments each); faster, and differs from the release")
+    open_set_max_boxes: int = opt(30, "most detections the open-set flow segments, largest first "
+                                      "(the demo's 30)")
     refer_padding: float = opt(REFER_PADDING, cli=False)
-    refer_short_side: int = opt(REFER_SHORT_SIDE, "short side of the referring refinement crop "
-                                                  "(paper D.2 / demo)")
+    refer_short_side: int = opt(REFER_SHORT_SIDE, "short side of the crops the referring and "
+                                                  "open-set flows segment (paper D.2 / demo; "
+                                                  "smaller is faster)")
+    # The demo sends each referring crop to the model as a JPEG (OpenCV's default quality 95), so
+    # the second pass sees compressed pixels; None sends the crop's pixels as they are.
+    crop_jpeg_quality: int | None = opt(95, cli=False)
     # Seed of the random box colour drawn on the referring crop (reproducible runs).
     seed: int = opt(0, cli=False)
 
@@ -77,6 +99,10 @@ class DenseOptions:
         need(self.crf_iterations >= 1, "crf_iterations must be >= 1")
         need(self.refer_padding >= 1.0, f"refer_padding must be >= 1, got {self.refer_padding}")
         need(self.refer_short_side >= 32, f"refer_short_side must be >= 32, got {self.refer_short_side}")
+        need(self.open_set_max_boxes >= 1,
+             f"open_set_max_boxes must be >= 1, got {self.open_set_max_boxes}")
+        need(self.crop_jpeg_quality is None or 1 <= self.crop_jpeg_quality <= 100,
+             f"crop_jpeg_quality must be None or in 1..100, got {self.crop_jpeg_quality}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,7 +122,15 @@ class PredictorOptions:
     max_patches: int = opt(DEFAULT_MAX_PATCHES, "the processor's cap on 16x16 patches per image")
     upscale: int = opt(1, "upscale factor before the size search (paper: x2-x4 for small images)",
                        choices=UPSCALES)
-    max_new_tokens: int = opt(256, "longest generated answer (open-set names, grounding, chat)")
+    # None: the checkpoint's generation_config.json, else the release's values (the demo's call,
+    # densert.model.generation.RELEASE_*).
+    max_new_tokens: int | None = opt(None, "longest generated answer (default: the checkpoint's "
+                                           "generation_config.json, else the release's 4096)",
+                                     type=int)
+    repetition_penalty: float | None = opt(None, "repetition penalty of every generated answer, "
+                                                 "as transformers applies it; 1 = plain greedy "
+                                                 "(default: the checkpoint's generation_config."
+                                                 "json, else the release's 1.05)", type=float)
 
     def __post_init__(self):
         check_choices(self)
@@ -104,8 +138,12 @@ class PredictorOptions:
         if self.max_patches < MIN_MAX_PATCHES:
             raise ValueError(f"max_patches {self.max_patches} is below {MIN_MAX_PATCHES} "
                              "(one merged token)")
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.repetition_penalty is not None and not (math.isfinite(self.repetition_penalty)
+                                                        and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got "
+                             f"{self.repetition_penalty}")
 
 
 # Files each task can write (``OutputOptions.formats``), in the order they are written; the JSON
@@ -114,6 +152,9 @@ FORMATS = {
     "depth": ("npy", "png", "png16", "txt", "tiff"),
     "segment": ("npy", "png", "overlay", "txt", "coco"),
     "refer": ("npy", "overlay", "txt", "coco"),
+    "detect": ("overlay", "txt", "coco"),
+    "ground": ("overlay", "txt"),
+    "pose": ("overlay", "txt", "coco"),
     "chat": ("txt",),
 }
 DEFAULT_FORMATS = {task: tuple(f for f in fmts if f != "tiff") for task, fmts in FORMATS.items()}
@@ -137,8 +178,9 @@ class OutputOptions:
 
     formats: tuple[str, ...] | None = opt(
         None, "comma list of files to write besides the JSON sidecar (depth: npy,png,png16,txt,"
-              "tiff; segment: npy,png,overlay,txt,coco; refer: npy,overlay,txt,coco; default: all "
-              "but tiff)", type=comma_list, metavar="FORMATS")
+              "tiff; segment: npy,png,overlay,txt,coco; refer: npy,overlay,txt,coco; detect, pose: "
+              "overlay,txt,coco; ground: overlay,txt; default: all but tiff)", type=comma_list,
+        metavar="FORMATS")
     range: tuple[float, float] | None = opt(
         None, "fixed depth colour range MIN:MAX in metres, linear (default: the preset's own bins, "
               "the same colours for every frame)", type=depth_range, metavar="MIN:MAX")

@@ -282,6 +282,136 @@ def coco_segments(labels: np.ndarray, class_names: Sequence[str]) -> list[dict]:
             if class_names[k] not in BACKGROUND_NAMES]
 
 
+# ---------------------------------------------------------------- boxes and poses
+# Limbs drawn between MPII joints (by name: densert.tasks.prompts.MPII_JOINTS holds the order),
+# coloured by side.
+MPII_LIMBS = {
+    "left": (("left_ankle", "left_knee"), ("left_knee", "left_hip"), ("left_hip", "pelvis"),
+             ("left_wrist", "left_elbow"), ("left_elbow", "left_shoulder"),
+             ("left_shoulder", "thorax")),
+    "right": (("right_ankle", "right_knee"), ("right_knee", "right_hip"), ("right_hip", "pelvis"),
+              ("right_wrist", "right_elbow"), ("right_elbow", "right_shoulder"),
+              ("right_shoulder", "thorax")),
+    "centre": (("pelvis", "thorax"), ("thorax", "upper_neck"), ("upper_neck", "head_top")),
+}
+LIMB_COLOURS = {"left": (60, 140, 255), "right": (255, 140, 40), "centre": (200, 200, 200)}
+VISIBLE_COLOUR, HIDDEN_COLOUR = (255, 255, 255), (120, 120, 120)
+
+
+def keypoint_visible(v) -> bool:
+    """The demo draws a keypoint as visible when v >= 0.5: with integer flags, v >= 1."""
+    return v is not None and v >= 1
+
+
+def _line_width(h: int, w: int) -> int:
+    return max(2, min(h, w) // 300)
+
+
+def _draw_banded(f: BinaryIO, image: np.ndarray, draw_fn) -> None:
+    """Stream ``image`` with ``draw_fn(ImageDraw, dy)`` drawn on it, band by band: every band
+    draws the same shapes shifted by -r0 (PIL clips), so the picture equals one drawn whole."""
+    H, W = image.shape[:2]
+    png = PngWriter(f, W, H, "rgb8")
+    for r0, r1 in bands(H, W):
+        band = Image.fromarray(np.ascontiguousarray(image[r0:r1]))
+        draw_fn(ImageDraw.Draw(band), -r0)
+        png.write_rows(np.asarray(band))
+    png.close()
+
+
+def write_boxes_png(f: BinaryIO, image: np.ndarray, boxes) -> None:
+    """``boxes`` = [((x0, y0, x1, y1), label, colour)] drawn on the image, labels above the boxes,
+    sized to the picture."""
+    H, W = image.shape[:2]
+    lw, size = _line_width(H, W), legend_scale(H, W)
+    font = _font(size)
+
+    def draw(d: ImageDraw.ImageDraw, dy: int):
+        for (x0, y0, x1, y1), label, col in boxes:
+            d.rectangle([x0, y0 + dy, x1, y1 + dy], outline=tuple(col), width=lw)
+            if label:
+                ty = max(0, y0 - size - 2 * lw)
+                tw = int(font.getlength(label))
+                d.rectangle([x0, ty + dy, x0 + tw + 2 * lw, ty + size + 2 * lw + dy], fill=tuple(col))
+                d.text((x0 + lw, ty + lw + dy), label, fill=(0, 0, 0), font=font)
+    _draw_banded(f, image, draw)
+
+
+def write_pose_png(f: BinaryIO, image: np.ndarray, persons) -> None:
+    """Each person's box, limbs coloured by side, keypoints filled where visible."""
+    from densert.tasks.prompts import MPII_JOINTS
+    H, W = image.shape[:2]
+    lw = _line_width(H, W)
+    r = 2 * lw
+    index = {n: i for i, n in enumerate(MPII_JOINTS)}
+
+    def draw(d: ImageDraw.ImageDraw, dy: int):
+        for p in persons:
+            if p.box is not None:
+                x0, y0, x1, y1 = p.box
+                d.rectangle([x0, y0 + dy, x1, y1 + dy], outline=(255, 255, 255), width=max(1, lw // 2))
+            pts = p.keypoints
+            for side, limbs in MPII_LIMBS.items():
+                for a, b in limbs:
+                    (xa, ya, _), (xb, yb, _) = pts[index[a]], pts[index[b]]
+                    if None not in (xa, ya, xb, yb):
+                        d.line([(xa, ya + dy), (xb, yb + dy)], fill=LIMB_COLOURS[side], width=lw)
+            for x, y, v in pts:
+                if x is not None and y is not None:
+                    d.ellipse([x - r, y - r + dy, x + r, y + r + dy], outline=(0, 0, 0),
+                              fill=VISIBLE_COLOUR if keypoint_visible(v) else HIDDEN_COLOUR)
+    _draw_banded(f, image, draw)
+
+
+def _xywh(box) -> list[int]:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def coco_detections(hw, detections) -> dict:
+    """COCO-style detections: categories in order of first appearance (an unlabelled box is
+    "object"), bbox [x, y, w, h] in original pixels."""
+    names: list[str] = []
+    for label, _ in detections:
+        if (label or "object") not in names:
+            names.append(label or "object")
+    anns = []
+    for k, (label, box) in enumerate(detections, 1):
+        x, y, w, h = _xywh(box)
+        anns.append({"id": k, "category_id": names.index(label or "object") + 1,
+                     "name": label or "object", "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+    return {"image_size": [int(v) for v in hw],
+            "categories": [{"id": i, "name": n} for i, n in enumerate(names, 1)],
+            "annotations": anns}
+
+
+def coco_keypoints(hw, persons) -> dict:
+    """COCO-style keypoints over the MPII joints: per person [x, y, v] x 16 with COCO's v (0
+    missing, 1 present but not visible, 2 visible), bbox [x, y, w, h] (the keypoints' extent when
+    the answer gave no box)."""
+    from densert.tasks.prompts import MPII_JOINTS
+    index = {n: i + 1 for i, n in enumerate(MPII_JOINTS)}
+    skeleton = [[index[a], index[b]] for limbs in MPII_LIMBS.values() for a, b in limbs]
+    anns = []
+    for k, p in enumerate(persons, 1):
+        flat, xs, ys = [], [], []
+        for x, y, v in p.keypoints:
+            if x is None or y is None:
+                flat += [0, 0, 0]
+            else:
+                flat += [int(x), int(y), 2 if keypoint_visible(v) else 1]
+                xs.append(int(x))
+                ys.append(int(y))
+        box = p.box if p.box is not None else (
+            (min(xs), min(ys), max(xs), max(ys)) if xs else (0, 0, 0, 0))
+        anns.append({"id": k, "category_id": 1, "bbox": _xywh(box), "keypoints": flat,
+                     "num_keypoints": len(xs), "iscrowd": 0})
+    return {"image_size": [int(v) for v in hw],
+            "categories": [{"id": 1, "name": "person", "keypoints": list(MPII_JOINTS),
+                            "skeleton": skeleton}],
+            "annotations": anns}
+
+
 # ---------------------------------------------------------------- files and sets
 Writer = Callable[[BinaryIO], object]
 

@@ -1,16 +1,29 @@
-"""``DensePredictor``: the task flows (depth, segment, refer, chat) over any backend.
+"""``DensePredictor``: the release's task flows over any backend.
 
 Load once, run many frames: the backend sessions, the vocabulary, the averaged lm_head rows per
 class list and the vision metadata per patch grid are all kept between calls.
 
-Flows:
-- depth: one prefill; bin ids are known, no text is generated (paper D.3).
-- segment(classes=[...]): closed-set fast path, one prefill, every given class scored.
-- segment(): open set. The model names the classes (greedy, KV cache, stops at ``<mask>``),
-  only those are scored, background by the ``<OTHERS>`` rule.
-- refer: grounding answer (box or ``<ins>`` polygon) -> padded crop with the box drawn ->
-  "Segment the core target." -> ``<BG>``/``<FG>`` map pasted back (paper D.2, demo).
-- chat: greedy generation.
+Flows, the release's by default (``DenseOptions.fast`` trades segmentation's for one pass each);
+every result records the one that ran (``flow``):
+- depth ("one-prefill"): bin ids are known, no text is generated; argmax on twice the token grid
+  (paper D.3).
+- segment(classes=[...]), closed set. "closed-set:name-then-argmax" (paper eq. 2, D.1): the
+  model names the classes present (generation stops at ``<mask>``), the argmax runs over those
+  only, with the ``<OTHERS>`` background rule where it names ``<OTHERS>``. Fast,
+  "closed-set:one-prefill": every given class scored, no generation.
+- segment(), open set. "open-set:detect-then-segment" (the demo's openseg mode): the model names
+  the classes, then detects their boxes ("Detect every objects that belongs to the following
+  categories: ..."); each box, largest first, at most ``open_set_max_boxes``, is cropped and
+  segmented ("Segment the core target."), later boxes overwriting earlier ones. Without a named
+  class or a box (as the demo) and with fast: "open-set:direct", the naming pass's own map.
+- refer ("ground-then-segment"): grounding answer (``<ins>`` polygon or box) -> padded crop with
+  the box drawn -> "Segment the core target." -> ``<BG>``/``<FG>`` map pasted back (paper D.2).
+- detect, ground, pose, chat ("generate"): one answer, parsed into boxes and keypoints in
+  original-image pixels.
+
+Generation is greedy with the release's repetition penalty (1.05) and token budget (4096), unless
+the caller or the checkpoint's ``generation_config.json`` says otherwise; prompts are rendered
+with the checkpoint's own chat template when it has one.
 """
 from __future__ import annotations
 
@@ -23,23 +36,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densert.checkpoint.files import check_checkpoint_dir, fingerprint, read_task_defaults
+from densert.checkpoint.files import (
+    GENERATION_CONFIG_FILE,
+    check_checkpoint_dir,
+    fingerprint,
+    read_chat_template,
+    read_generation_config,
+    read_task_defaults,
+)
 from densert.errors import ModelDirError
 from densert.image import BLOCK
-from densert.image.decode import probe
+from densert.image.decode import jpeg_round_trip, probe
 from densert.image.preprocess import Preprocessed, preprocess
-from densert.model.generation import greedy_decode
+from densert.model.generation import (
+    RELEASE_MAX_NEW_TOKENS,
+    RELEASE_REPETITION_PENALTY,
+    greedy_decode,
+)
 from densert.model.vision_meta import build_vision_meta
 from densert.resources import bundled_model_dir
 from densert.tasks import depth_bins, grounding, prompts
 from densert.tasks.classes import class_id_groups
 from densert.text import tokens as T
-from densert.text.chat import encode_chat, user_message
+from densert.text.chat import BUILTIN_TEMPLATE, encode_chat, user_message
 
 from .backends import lm_head_weight, make_backend
 from .dense import align_hidden, depth_map, segment_labels
 from .options import DenseOptions, PredictorOptions
-from .results import ChatResult, DepthResult, ReferResult, SegResult
+from .results import (
+    ChatResult,
+    DepthResult,
+    DetectResult,
+    GroundResult,
+    PoseResult,
+    ReferResult,
+    SegResult,
+)
 
 BACKGROUND_NAME = T.OTHERS
 
@@ -106,7 +138,7 @@ class DensePredictor:
     """``DensePredictor(model_dir=None, options=None, **settings)``: ``model_dir`` None = the
     bundled densert-tiny; ``options`` = ``DenseOptions`` (decoding); ``settings`` = the fields of
     ``PredictorOptions`` (backend, engine_dir, dtype, device, max_patches, upscale,
-    max_new_tokens), with the defaults declared there."""
+    max_new_tokens, repetition_penalty), with the defaults declared there."""
 
     def __init__(self, model_dir=None, options: DenseOptions | None = None, **settings):
         from densert.text.tokens import Vocab
@@ -134,9 +166,28 @@ class DensePredictor:
         self._head = lm_head_weight(backend, self.model_dir)
         self._weights: dict[tuple, torch.Tensor] = {}
         self._metas: dict[tuple[int, int], object] = {}
-        self._stop = {vocab.eos_id}
+        self.chat_template = (read_chat_template(self.model_dir) if self.model_dir else None) \
+            or BUILTIN_TEMPLATE
+        gen = read_generation_config(self.model_dir) if self.model_dir else {}
+        self.generation = self._generation(settings, gen)
+        self._stop = {vocab.eos_id} | {i for i in gen.get("eos_token_id", ()) if i < len(vocab)}
         self._control = {vocab.token_id(s) for s in T.CONTROL_TOKENS}
         self.info = self._run_info()
+
+    @staticmethod
+    def _generation(settings: PredictorOptions, gen: dict) -> dict:
+        """Decoding settings and where each came from: the caller, the checkpoint's
+        generation_config.json, or the release's own call."""
+        out, source = {}, {}
+        for name, release in (("max_new_tokens", RELEASE_MAX_NEW_TOKENS),
+                              ("repetition_penalty", RELEASE_REPETITION_PENALTY)):
+            if getattr(settings, name) is not None:
+                out[name], source[name] = getattr(settings, name), "option"
+            elif name in gen:
+                out[name], source[name] = gen[name], GENERATION_CONFIG_FILE
+            else:
+                out[name], source[name] = release, "release"
+        return {**out, "source": source}
 
     @property
     def is_demo_model(self) -> bool:
@@ -158,7 +209,8 @@ class DensePredictor:
         return {"model": model, "backend": self.backend_name,
                 "device": str(getattr(be, "device", None) or getattr(be, "_device", "cpu")),
                 "dtype": str(dtype).removeprefix("torch.") if dtype is not None else "unknown",
-                "options": self.options.to_dict()}
+                "options": {**self.options.to_dict(), "generation": self.generation,
+                            "chat_template": self.chat_template.source}}
 
     def _result_info(self, image) -> dict:
         return {**self.info, "image": str(image) if isinstance(image, (str, Path)) else None}
@@ -189,23 +241,29 @@ class DensePredictor:
             self._metas[grid] = build_vision_meta([grid], self.config.vision_config)
         return self._metas[grid]
 
-    def _run_prompt(self, pre: Preprocessed | None, prompt: prompts.Prompt, tm: Timings):
-        """Vision + prefill of one user turn -> PrefillResult."""
-        embeds = None
-        if pre is not None:
-            with tm.stage("vision"):
-                embeds = self.backend.encode_image(pre.pixel_values, self._meta(pre.grid))
-            msg = user_message(prompt.text, image_first=prompt.image_first)
-            ids = encode_chat(self.vocab, [msg], [pre.num_image_tokens])
-        else:
-            ids = encode_chat(self.vocab, [{"role": "user", "content": prompt.text}], [])
-        with tm.stage("prefill"):
-            return self.backend.prefill(ids, embeds)
+    def _encode(self, pre: Preprocessed, tm: Timings) -> torch.Tensor:
+        with tm.stage("vision"):
+            return self.backend.encode_image(pre.pixel_values, self._meta(pre.grid))
 
-    def _generate(self, pf, tm: Timings, stop: set[int], max_new_tokens: int | None = None):
+    def _prefill(self, pre: Preprocessed | None, embeds, prompt: prompts.Prompt, tm: Timings):
+        """Prefill of one user turn (the image's ``embeds`` from ``_encode``) -> (PrefillResult,
+        the prompt ids)."""
+        if pre is not None:
+            msg = user_message(prompt.text, image_first=prompt.image_first)
+            ids = encode_chat(self.vocab, [msg], [pre.num_image_tokens], template=self.chat_template)
+        else:
+            ids = encode_chat(self.vocab, [{"role": "user", "content": prompt.text}], [],
+                              template=self.chat_template)
+        with tm.stage("prefill"):
+            return self.backend.prefill(ids, embeds), ids
+
+    def _generate(self, pf, ids, tm: Timings, stop: set[int],
+                  max_new_tokens: int | None = None) -> list[int]:
+        """The release's decoding: greedy over repetition-penalised logits (prompt ids included)."""
         with tm.stage("decode"):
             toks, _ = greedy_decode(self.backend.decode, pf.last_logits, pf.cache,
-                                    max_new_tokens or self.settings.max_new_tokens, stop)
+                                    max_new_tokens or self.generation["max_new_tokens"], stop,
+                                    self.generation["repetition_penalty"], ids)
         return toks
 
     def _text(self, toks: list[int]) -> str:
@@ -220,6 +278,43 @@ class DensePredictor:
         with tm.stage("preprocess"):
             return preprocess(image, self.settings.max_patches,
                               self.settings.upscale if upscale is None else upscale)
+
+    def _answer(self, image, prompt: prompts.Prompt, tm: Timings):
+        """One image, one prompt, one generated answer -> (Preprocessed, answer text)."""
+        pre = self._pre(image, tm)
+        pf, ids = self._prefill(pre, self._encode(pre, tm), prompt, tm)
+        return pre, self._text(self._generate(pf, ids, tm, self._stop))
+
+    def _labels(self, pf, pre: Preprocessed, class_list: list[str], tm: Timings) -> np.ndarray:
+        """Label map over ``class_list`` as written: its names scored, ``<OTHERS>`` (wherever it
+        stands) the background rule."""
+        names = [c for c in class_list if c != BACKGROUND_NAME]
+        if not names:
+            return np.zeros(pre.original_hw, dtype=np.uint16)
+        bg = BACKGROUND_NAME in class_list
+        with tm.stage("dense_head"):
+            return segment_labels(self._hidden(pf), self._subset(tuple(names)), pre.merged_grid,
+                                  pre.original_hw, self.options, background=bg,
+                                  image=self._image_at(pre) if self.options.crf else None,
+                                  background_index=class_list.index(BACKGROUND_NAME) if bg else None)
+
+    def _core_target(self, image: np.ndarray, box, rng: np.random.Generator, tm: Timings):
+        """The demo's second pass: ``box`` (original pixels) cropped with padding, drawn, resized,
+        sent as the demo sends it (JPEG), "Segment the core target." -> (full-size bool FG mask,
+        the Crop)."""
+        with tm.stage("postprocess"):
+            crop = grounding.referring_crop(image, box, rng, self.options.refer_padding,
+                                            self.options.refer_short_side)
+            q = self.options.crop_jpeg_quality
+            pixels = crop.image if q is None else jpeg_round_trip(crop.image, q)
+        cpre = self._pre(pixels, tm, upscale=1.0)
+        cpf, _ = self._prefill(cpre, self._encode(cpre, tm), prompts.core_target(), tm)
+        with tm.stage("dense_head"):
+            lab = segment_labels(self._hidden(cpf), self._subset((T.BG, T.FG)), cpre.merged_grid,
+                                 cpre.original_hw, self.options,
+                                 image=cpre.image if self.options.crf else None)
+        with tm.stage("postprocess"):
+            return crop.paste(lab == 1, image.shape[:2]), crop
 
     # ---- tasks ----
     @property
@@ -241,90 +336,125 @@ class DensePredictor:
             sy = pre.resized_hw[0] / pre.original_hw[0]
             sx = pre.resized_hw[1] / pre.original_hw[1]
             eff = float(focal) * (sx * sy) ** 0.5
-        pf = self._run_prompt(pre, prompts.depth(preset), tm)
+        pf, _ = self._prefill(pre, self._encode(pre, tm), prompts.depth(preset), tm)
         with tm.stage("dense_head"):
             dm = depth_map(self._hidden(pf), self._depth_weight(), pre.merged_grid, pre.original_hw,
                            self.options, preset, fx=eff)
         return DepthResult(depth=dm.depth, bins=dm.bins, codes_grid=dm.codes_grid, preset=preset,
                            metric=not open_world or focal is not None, focal=focal,
                            effective_focal=eff, original_hw=pre.original_hw,
-                           resized_hw=pre.resized_hw, timings=dict(tm),
+                           resized_hw=pre.resized_hw, argmax_hw=dm.argmax_hw, timings=dict(tm),
                            info=self._result_info(image))
 
     def segment(self, image, classes: list[str] | None = None,
                 background: bool | None = None) -> SegResult:
-        """``classes`` given: closed set, no generation (background off unless asked for).
-        None: the model names the classes (open set, background on)."""
+        """``classes`` given: the closed set. ``background`` True asks for a background class
+        (the prompt omits "without the background class"); the ``<OTHERS>`` rule then applies
+        where the model names ``<OTHERS>`` (always, with ``fast``).
+        ``classes`` None: the open set; ``background`` None lets the model decide (``<OTHERS>``
+        in its answer), True / False force the rule on / off for the direct map."""
         tm = Timings()
         warn: list[str] = []
         pre = self._pre(image, tm)
-        text = None
-        if classes is not None:
-            names = [c.strip() for c in classes if c.strip()]
-            bg = bool(background)
-            pf = self._run_prompt(pre, prompts.semantic(names, background=bg), tm)
+        emb = self._encode(pre, tm)
+        asked = None if classes is None else [c.strip() for c in classes if c.strip()]
+        prompt = prompts.open_set() if asked is None else prompts.semantic(asked, bool(background))
+        pf, ids = self._prefill(pre, emb, prompt, tm)
+        seg = dict(generated_text=None, prompt_classes=asked)
+        if asked is not None and self.options.fast:
+            flow = "closed-set:one-prefill"
+            class_list = asked + ([BACKGROUND_NAME] if background else [])
         else:
-            bg = True if background is None else background
-            pf = self._run_prompt(pre, prompts.open_set(), tm)
-            stop = self._stop | {self.vocab.token_id(T.MASK)}
-            text = self._text(self._generate(pf, tm, stop))
+            toks = self._generate(pf, ids, tm, self._stop | {self.vocab.token_id(T.MASK)})
+            text = seg["generated_text"] = self._text(toks)
             refs = grounding.parse_refs(text)
-            bg = bg or T.OTHERS in refs
-            names = [r for r in refs if r != T.OTHERS]
-            if not names:
-                warn.append(f"the model named no class (answer: {text[:80]!r}); every pixel is "
-                            "background")
-        with tm.stage("dense_head"):
-            if names:
-                labels = segment_labels(self._hidden(pf), self._subset(tuple(names)), pre.merged_grid,
-                                        pre.original_hw, self.options, background=bg,
-                                        image=self._image_at(pre) if self.options.crf else None)
+            named = [r for r in refs if r != BACKGROUND_NAME]
+            if asked is not None:
+                flow, class_list = "closed-set:name-then-argmax", refs
+                if not refs:
+                    warn.append(f"the model named none of the classes (answer: {text[:80]!r}); "
+                                f"scored all {len(asked)} given classes (the --fast flow)")
+                    flow = "closed-set:one-prefill"
+                    class_list = asked + ([BACKGROUND_NAME] if background else [])
+                elif [n for n in named if n not in asked]:
+                    warn.append("the model named classes that are not in the given list: "
+                                + ", ".join(n for n in named if n not in asked))
             else:
-                labels = np.zeros(pre.original_hw, dtype=np.int64)
-        class_names = names + ([BACKGROUND_NAME] if (bg or not names) else [])
+                if named and T.MASK in text and not self.options.fast:
+                    two = self._open_set_boxes(pre, emb, named, tm, warn)
+                    if two is not None:
+                        labels, dets, det_text = two
+                        return self._seg_result(image, pre, labels, [T.BG] + named,
+                                                "open-set:detect-then-segment", tm, warn,
+                                                detections=dets, detection_text=det_text, **seg)
+                flow, class_list = "open-set:direct", refs
+                if background is True and BACKGROUND_NAME not in refs:
+                    class_list = refs + [BACKGROUND_NAME]
+                elif background is False:
+                    class_list = named
+                if not named:
+                    warn.append(f"the model named no class (answer: {text[:80]!r}); every pixel "
+                                "is background")
+                    class_list = [BACKGROUND_NAME]
+        labels = self._labels(pf, pre, class_list, tm)
+        return self._seg_result(image, pre, labels, class_list, flow, tm, warn, **seg)
+
+    def _open_set_boxes(self, pre: Preprocessed, emb, names: list[str], tm: Timings,
+                        warn: list[str]):
+        """The demo's openseg stages 2 and 3 -> (labels over [<BG>] + names, detections, the
+        detection answer), or None when no box of the named classes came back."""
+        pf, ids = self._prefill(pre, emb, prompts.detect_categories(names), tm)
+        text = self._text(self._generate(pf, ids, tm, self._stop))
+        found = [d for d in grounding.parse_detections(text) if d.label is not None]
+        dets = grounding.largest_first(found, self.options.open_set_max_boxes)
+        if not dets:
+            warn.append(f"no box of the named classes was detected (answer: {text[:80]!r}); "
+                        "the naming pass's map instead, as the demo does")
+            return None
+        if len(found) > len(dets):
+            warn.append(f"{len(found)} boxes detected; the {len(dets)} largest were segmented "
+                        "(open_set_max_boxes)")
+        image = self._image_at(pre)
+        labels = np.zeros(pre.original_hw, dtype=np.uint16)
+        rng = np.random.default_rng(self.options.seed)
+        out = []
+        for d in dets:
+            box = grounding.box_to_original(d.box, pre.resized_hw, pre.original_hw)
+            # the demo's class ids: 1-based in the named order, an unknown name gets 1
+            cid = names.index(d.label) + 1 if d.label in names else 1
+            fg, crop = self._core_target(image, box, rng, tm)
+            labels[fg] = cid
+            out.append({"label": d.label, "class_index": cid, "box": list(box),
+                        "crop_box": list(crop.box), "pixels": int(fg.sum())})
+        return labels, out, text
+
+    def _seg_result(self, image, pre, labels, class_names, flow, tm, warn, **kw) -> SegResult:
         for w in warn:
-            warnings.warn(w, stacklevel=2)
-        return SegResult(labels=labels.astype(np.uint16), class_names=class_names,
-                         generated_text=text, original_hw=pre.original_hw,
-                         resized_hw=pre.resized_hw, timings=dict(tm), warnings=warn,
-                         info=self._result_info(image), image=self._image_at(pre))
+            warnings.warn(w, stacklevel=3)
+        return SegResult(labels=labels.astype(np.uint16), class_names=list(class_names),
+                         original_hw=pre.original_hw, resized_hw=pre.resized_hw,
+                         timings=dict(tm), warnings=warn, info=self._result_info(image),
+                         image=self._image_at(pre), flow=flow, **kw)
 
     def refer(self, image, expression: str) -> ReferResult:
         tm = Timings()
         warn: list[str] = []
-        pre = self._pre(image, tm)
+        pre, text = self._answer(image, prompts.referring(expression), tm)
         H, W = pre.original_hw
-        pf = self._run_prompt(pre, prompts.referring(expression), tm)
-        text = self._text(self._generate(pf, tm, self._stop))
         with tm.stage("postprocess"):
             polys = [grounding.to_original(p, pre.resized_hw, pre.original_hw)
                      for p in grounding.parse_polygons(text)]
             box = grounding.parse_box(text)
-            if box is not None:
-                (x0, y0), (x1, y1) = grounding.to_original([box[:2], box[2:]], pre.resized_hw,
-                                                           pre.original_hw)
-                box = (x0, y0, x1, y1)
-            elif polys:
+            if polys:  # the demo crops the polygon's bounding box
                 box = grounding.box_of([pt for p in polys for pt in p])
-            if box is not None:
-                box = (min(max(box[0], 0), W), min(max(box[1], 0), H),
-                       min(max(box[2], 0), W), min(max(box[3], 0), H))
+            elif box is not None:  # the paper's grounding-then-segmentation answer
+                box = grounding.box_to_original(box, pre.resized_hw, pre.original_hw)
             else:
                 warn.append(f"no box or polygon in the grounding answer ({text[:80]!r}); "
                             "segmenting the whole image")
             poly_mask = grounding.rasterize_polygons(polys, (H, W)) if polys else None
-            rng = np.random.default_rng(self.options.seed)
-            crop = grounding.referring_crop(self._image_at(pre), box or (0, 0, W, H), rng,
-                                            self.options.refer_padding,
-                                            self.options.refer_short_side)
-        cpre = self._pre(crop.image, tm, upscale=1.0)
-        cpf = self._run_prompt(cpre, prompts.core_target(), tm)
-        with tm.stage("dense_head"):
-            lab = segment_labels(self._hidden(cpf), self._subset((T.BG, T.FG)), cpre.merged_grid,
-                                 cpre.original_hw, self.options,
-                                 image=cpre.image if self.options.crf else None)
-        with tm.stage("postprocess"):
-            mask = crop.paste(lab == 1, (H, W))
+        rng = np.random.default_rng(self.options.seed)
+        mask, crop = self._core_target(self._image_at(pre), box or (0, 0, W, H), rng, tm)
         for w in warn:
             warnings.warn(w, stacklevel=2)
         return ReferResult(mask=mask, expression=expression, box=box, polygons=polys,
@@ -332,11 +462,73 @@ class DensePredictor:
                            original_hw=(H, W), timings=dict(tm), warnings=warn,
                            info=self._result_info(image), image=self._image_at(pre))
 
+    def _boxes(self, text: str, pre: Preprocessed) -> list[grounding.Detection]:
+        return [grounding.Detection(d.label, grounding.box_to_original(d.box, pre.resized_hw,
+                                                                       pre.original_hw))
+                for d in grounding.parse_detections(text)]
+
+    def _answer_result(self, cls, image, pre: Preprocessed, text: str, tm: Timings,
+                       warn: list[str], **fields):
+        for w in warn:
+            warnings.warn(w, stacklevel=3)
+        return cls(generated_text=text, original_hw=pre.original_hw, resized_hw=pre.resized_hw,
+                   timings=dict(tm), warnings=warn, info=self._result_info(image),
+                   image=self._image_at(pre), **fields)
+
+    def detect(self, image, classes: list[str] | None = None) -> DetectResult:
+        """Object detection: every object ("Detect all objects in the provided image."), or the
+        given categories (the open set's detection prompt); boxes largest first, as the demo
+        lists them."""
+        tm = Timings()
+        asked = None if classes is None else [c.strip() for c in classes if c.strip()]
+        prompt = prompts.detect_all() if asked is None else prompts.detect_categories(asked)
+        pre, text = self._answer(image, prompt, tm)
+        with tm.stage("postprocess"):
+            dets = grounding.largest_first(self._boxes(text, pre))
+        warn = [] if dets else [f"no box in the answer ({text[:80]!r})"]
+        return self._answer_result(DetectResult, image, pre, text, tm, warn, detections=dets,
+                                   classes=asked)
+
+    def ground(self, image, expression: str) -> GroundResult:
+        """Grounding: the box(es) of the region an expression describes."""
+        tm = Timings()
+        pre, text = self._answer(image, prompts.grounding(expression), tm)
+        with tm.stage("postprocess"):
+            dets = self._boxes(text, pre)
+        warn = [] if dets else [f"no box in the answer ({text[:80]!r})"]
+        return self._answer_result(GroundResult, image, pre, text, tm, warn, detections=dets,
+                                   expression=expression)
+
+    def pose(self, image) -> PoseResult:
+        """Pose estimation: persons with a box and the 16 MPII keypoints, in the prompt's order."""
+        tm = Timings()
+        pre, text = self._answer(image, prompts.pose(), tm)
+        n = len(prompts.MPII_JOINTS)
+        warn: list[str] = []
+        persons = []
+        with tm.stage("postprocess"):
+            for k, p in enumerate(grounding.parse_poses(text)):
+                box = None if p.box is None else grounding.box_to_original(
+                    p.box, pre.resized_hw, pre.original_hw)
+                kpts = []
+                for x, y, v in (p.keypoints + [(None, None, None)] * n)[:n]:
+                    if x is not None:
+                        (x, y), = grounding.to_original([(x, y)], pre.resized_hw, pre.original_hw)
+                    kpts.append((x, y, v))
+                if len(p.keypoints) != n:
+                    warn.append(f"person {k} has {len(p.keypoints)} keypoints, not {n}")
+                persons.append(grounding.PersonPose(box, kpts))
+        if not persons:
+            warn.append(f"no <person> in the answer ({text[:80]!r})")
+        return self._answer_result(PoseResult, image, pre, text, tm, warn, persons=persons)
+
     def chat(self, image, prompt: str, max_new_tokens: int | None = None) -> ChatResult:
+        """VQA / chat: the answer to ``prompt`` about ``image`` (None: text only)."""
         tm = Timings()
         pre = self._pre(image, tm) if image is not None else None
-        pf = self._run_prompt(pre, prompts.chat(prompt), tm)
-        toks = self._generate(pf, tm, self._stop, max_new_tokens)
+        emb = self._encode(pre, tm) if pre is not None else None
+        pf, ids = self._prefill(pre, emb, prompts.chat(prompt), tm)
+        toks = self._generate(pf, ids, tm, self._stop, max_new_tokens)
         return ChatResult(text=self._text(toks), token_ids=toks, timings=dict(tm),
                           info=self._result_info(image), prompt=prompt)
 

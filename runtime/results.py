@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image
 
 from densert import __version__
+from densert.tasks.grounding import rewrite_coordinates
+from densert.tasks.prompts import MPII_JOINTS
 from densert.tasks.rle import encode_depth, encode_segmentation
 from densert.text import tokens as T
 
@@ -42,6 +44,7 @@ class _Result:
     """Shared by every result: the run's provenance, timings and the files it writes."""
 
     task: str = ""
+    flow: str = "generate"          # which of the task's flows ran (predictor module docstring)
     timings: dict
     info: dict
 
@@ -64,7 +67,7 @@ class _Result:
             "resized_hw": list(getattr(self, "resized_hw", None) or []) or None,
             "model": info.get("model"), "backend": info.get("backend"),
             "device": info.get("device"), "dtype": info.get("dtype"),
-            "options": info.get("options", {}),
+            "options": info.get("options", {}), "flow": self.flow,
             "timings_ms": t, "total_ms": round(sum(t.values()), 3),
             "files": files or [],
             "result": self._block(),
@@ -118,9 +121,11 @@ class DepthResult(_Result):
     effective_focal: float | None   # focal length of the image the network saw
     original_hw: tuple[int, int]
     resized_hw: tuple[int, int]
+    argmax_hw: tuple[int, int] | None = None  # the grid the bin argmax ran on
     timings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     task = "depth"
+    flow = "one-prefill"
 
     @property
     def text(self) -> str:
@@ -153,6 +158,7 @@ class DepthResult(_Result):
                 "focal": self.focal, "effective_focal": self.effective_focal,
                 "depth_range": [float(valid.min()), float(valid.max())] if valid.size else None,
                 "codes_grid_shape": list(self.codes_grid.shape),
+                "argmax_shape": list(self.argmax_hw) if self.argmax_hw else None,
                 # the 16-bit millimetre PNG holds at most 65.535 m
                 "mm_png_clipped_pixels": int((self.depth > O.MM_PNG_MAX_M).sum()) if self.metric else None}
 
@@ -215,10 +221,16 @@ class _LabelMap(_Result):
 @dataclass
 class SegResult(_LabelMap):
     labels: np.ndarray              # uint16 [H, W]: index into class_names
-    class_names: list[str]          # background, when present, is "<OTHERS>" (last)
-    generated_text: str | None      # the model's own answer (open set), None on the fast path
+    # As the model listed them: background is "<OTHERS>" where it named it (the one-pass flows)
+    # or "<BG>" first (the open set's detect-then-segment flow).
+    class_names: list[str]
     original_hw: tuple[int, int]
     resized_hw: tuple[int, int]
+    generated_text: str | None = None   # the naming pass's answer; None on the one-prefill flow
+    flow: str = "closed-set:one-prefill"
+    prompt_classes: list[str] | None = None   # the closed set's given classes (None: open set)
+    detections: list[dict] = field(default_factory=list)  # boxes the open set segmented
+    detection_text: str | None = None   # the open set's detection answer
     timings: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
@@ -233,9 +245,11 @@ class SegResult(_LabelMap):
         return self.labels
 
     def _block(self) -> dict:
-        return {"mode": "open-set" if self.generated_text is not None else "closed-set",
+        return {"mode": "closed-set" if self.prompt_classes is not None else "open-set",
+                "prompt_classes": self.prompt_classes,
                 "class_names": self.class_names, "class_colours": self._colours(),
                 "labels_dtype": "uint16", "generated_text": self.generated_text,
+                "detections": self.detections, "detection_text": self.detection_text,
                 "warnings": self.warnings}
 
     def _artifacts(self, stem, formats, o):
@@ -264,6 +278,7 @@ class ReferResult(_LabelMap):
     info: dict = field(default_factory=dict)
     image: np.ndarray | None = field(default=None, repr=False)
     task = "refer"
+    flow = "ground-then-segment"
 
     @property
     def labels(self) -> np.ndarray:
@@ -299,6 +314,7 @@ class ChatResult(_Result):
     info: dict = field(default_factory=dict)
     prompt: str = ""
     task = "chat"
+    flow = "generate"
 
     def plot(self):
         raise TypeError("a chat result is text: print result.text")
@@ -309,3 +325,123 @@ class ChatResult(_Result):
     def _artifacts(self, stem, formats, o):
         return [O.Artifact(f"{stem}.chat.txt", O.text(self.text + "\n"))] if "txt" in formats else []
 
+
+def _box(b) -> list | None:
+    return None if b is None else [int(v) for v in b]
+
+
+@dataclass(kw_only=True)
+class _Answer(_Result):
+    """Shared by the tasks read from one generated answer (detect, ground, pose): the answer, the
+    image geometry it is mapped through, and the input image."""
+
+    generated_text: str             # the model's answer (coordinates in resized pixels)
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    timings: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    image: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def text(self) -> str:
+        """The answer as the release's ``generate`` returns it: coordinates in original pixels."""
+        return rewrite_coordinates(self.generated_text, self.resized_hw, self.original_hw)
+
+    def _image(self, image: np.ndarray | None) -> np.ndarray:
+        image = self.image if image is None else image
+        if image is None:
+            raise ValueError("no image to draw on: pass plot(image)")
+        return image
+
+
+@dataclass(kw_only=True)
+class _Boxes(_Answer):
+    """Shared by detection and grounding: labelled boxes in original-image pixels."""
+
+    detections: list                # grounding.Detection, original px
+
+    def _boxes_json(self) -> list[dict]:
+        return [{"label": d.label, "box": _box(d.box)} for d in self.detections]
+
+    def _draw(self) -> list:
+        return [(d.box, d.label or "", O.class_colour(d.label or self.task)) for d in self.detections]
+
+    def plot(self, image: np.ndarray | None = None) -> Image.Image:
+        return _to_image(O.write_boxes_png, self._image(image), self._draw())
+
+    def _artifacts(self, stem, formats, o):
+        arts = []
+        if "overlay" in formats and self.image is not None:
+            arts.append(O.Artifact(f"{stem}.{self.task}.png",
+                                   _png(O.write_boxes_png, self.image, self._draw())))
+        if "txt" in formats:
+            arts.append(O.Artifact(f"{stem}.{self.task}.txt", O.text(self.text + "\n")))
+        if "coco" in formats:
+            arts.append(O.Artifact(f"{stem}.coco.json", O.json_file(O.coco_detections(
+                self.original_hw, [(d.label, d.box) for d in self.detections]))))
+        return arts
+
+
+@dataclass(kw_only=True)
+class DetectResult(_Boxes):
+    classes: list[str] | None       # the categories asked for (None: every object)
+    task = "detect"                 # detections: largest first, as the demo lists them
+
+    def _block(self) -> dict:
+        return {"classes": self.classes, "detections": self._boxes_json(),
+                "generated_text": self.generated_text, "warnings": self.warnings}
+
+
+@dataclass(kw_only=True)
+class GroundResult(_Boxes):
+    expression: str
+    task = "ground"                 # detections: in the answer's order
+
+    @property
+    def box(self) -> tuple[int, int, int, int] | None:
+        """The first box of the answer (None without one)."""
+        return self.detections[0].box if self.detections else None
+
+    def _draw(self) -> list:
+        return [(d.box, self.expression, O.class_colour(self.expression)) for d in self.detections]
+
+    def _block(self) -> dict:
+        return {"expression": self.expression, "box": _box(self.box),
+                "boxes": self._boxes_json(), "generated_text": self.generated_text,
+                "warnings": self.warnings}
+
+
+@dataclass(kw_only=True)
+class PoseResult(_Answer):
+    persons: list                   # grounding.PersonPose: box and 16 (x, y, v), original px
+    task = "pose"
+
+    def keypoints(self) -> np.ndarray:
+        """float32 [persons, 16, 3]: x, y, v per MPII joint (NaN where missing)."""
+        a = np.full((len(self.persons), len(MPII_JOINTS), 3), np.nan, np.float32)
+        for i, p in enumerate(self.persons):
+            for j, k in enumerate(p.keypoints):
+                a[i, j] = [np.nan if c is None else c for c in k]
+        return a
+
+    def plot(self, image: np.ndarray | None = None) -> Image.Image:
+        return _to_image(O.write_pose_png, self._image(image), self.persons)
+
+    def _block(self) -> dict:
+        return {"joints": list(MPII_JOINTS), "persons": [
+            {"box": _box(p.box), "keypoints": [
+                {"joint": j, "x": x, "y": y, "v": v, "visible": O.keypoint_visible(v)}
+                for j, (x, y, v) in zip(MPII_JOINTS, p.keypoints)]} for p in self.persons],
+            "generated_text": self.generated_text, "warnings": self.warnings}
+
+    def _artifacts(self, stem, formats, o):
+        arts = []
+        if "overlay" in formats and self.image is not None:
+            arts.append(O.Artifact(f"{stem}.pose.png", _png(O.write_pose_png, self.image, self.persons)))
+        if "txt" in formats:
+            arts.append(O.Artifact(f"{stem}.pose.txt", O.text(self.text + "\n")))
+        if "coco" in formats:
+            arts.append(O.Artifact(f"{stem}.coco.json",
+                                   O.json_file(O.coco_keypoints(self.original_hw, self.persons))))
+        return arts

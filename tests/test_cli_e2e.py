@@ -5,6 +5,7 @@ whole image)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,7 +77,7 @@ def test_depth_open_world_focal(tiny_checkpoint, images, tmp_path, capsys):
 def test_segment_closed_set(tiny_checkpoint, images, tmp_path, capsys):
     out = tmp_path / "o"
     rc, cap = _run(["segment", str(images / "a.png"), "--model", str(tiny_checkpoint), "--out",
-                    str(out), "--classes", "floor, wall,traffic light"], capsys)
+                    str(out), "--classes", "floor, wall,traffic light", "--fast"], capsys)
     assert rc == 0, cap.err
     lab = np.load(out / "a.labels.npy")
     assert lab.dtype == np.uint16 and lab.shape == (70, 90) and lab.max() <= 2
@@ -86,8 +87,10 @@ def test_segment_closed_set(tiny_checkpoint, images, tmp_path, capsys):
         assert Image.open(out / f).size == (90, 70)
     indexed = Image.open(out / "a.labels.png")
     assert indexed.mode == "P" and np.array_equal(np.asarray(indexed), lab)
-    r = _sidecar(out / "a.json")["result"]
+    side = _sidecar(out / "a.json")
+    r = side["result"]
     assert r["mode"] == "closed-set" and r["class_names"] == names
+    assert side["flow"] == "closed-set:one-prefill" and side["options"]["fast"] is True
     pal = np.array(indexed.getpalette()[: 3 * len(names)]).reshape(-1, 3).tolist()
     assert pal == [r["class_colours"][n] for n in names]
 
@@ -97,9 +100,14 @@ def test_segment_open_set_generates(tiny_checkpoint, images, tmp_path, capsys):
     rc, cap = _run(["segment", str(images / "b.jpg"), "--model", str(tiny_checkpoint), "--out",
                     str(out), "--max-new-tokens", "6"], capsys)
     assert rc == 0, cap.err
-    r = _sidecar(out / "b.json")["result"]
+    side = _sidecar(out / "b.json")
+    r = side["result"]
     assert r["mode"] == "open-set" and r["generated_text"] is not None
-    assert r["class_names"][-1] == "<OTHERS>"
+    # garbage names no class: no detection stage, the naming pass's map, all background
+    assert side["flow"] == "open-set:direct" and r["class_names"] == ["<OTHERS>"]
+    assert side["options"]["generation"] == {
+        "max_new_tokens": 6, "repetition_penalty": 1.05,
+        "source": {"max_new_tokens": "option", "repetition_penalty": "generation_config.json"}}
     assert np.load(out / "b.labels.npy").shape == (40, 33)
 
 
@@ -166,3 +174,62 @@ def test_missing_image_file(tiny_checkpoint, tmp_path, capsys):
                     str(tiny_checkpoint), "--out", str(out)], capsys)
     assert rc == 1 and f"{tmp_path / 'ghost.png'}: no such file" in cap.err
     assert list(out.iterdir()) == []
+
+
+def test_crf_on_image_files_from_disk(tiny_checkpoint, images, tmp_path, capsys):
+    """`densert segment FILE --crf` (and refer) on PNG and JPEG files read from disk: decoded
+    files are read-only arrays, which pydensecrf refuses unless the runtime hands it a copy."""
+    from densert.image.decode import load_rgb
+    assert not load_rgb(images / "a.png").flags.writeable
+    out = tmp_path / "o"
+    rc, cap = _run(["segment", str(images / "a.png"), str(images / "b.jpg"), "--crf", "--classes",
+                    "floor,wall", "--fast", "--model", str(tiny_checkpoint), "--out", str(out)],
+                   capsys)
+    assert rc == 0, cap.err
+    for stem in ("a", "b"):
+        assert _sidecar(out / f"{stem}.json")["options"]["crf"] is True
+    rc, cap = _run(["refer", str(images / "b.jpg"), "--expression", "x", "--max-new-tokens", "3",
+                    "--refer-short-side", "48", "--model", str(tiny_checkpoint), "--out",
+                    str(out / "refer")], capsys)
+    assert rc == 0, cap.err
+    assert _sidecar(out / "refer" / "b.json")["options"]["crf"] is True
+
+
+# Every task of the official demo, its densert command, and the files it documents (runtime/cli.py).
+DEMO_TASKS = {
+    "vqa": (["chat", "--prompt", "How many objects are in the image?"], ["chat.txt"], "generate"),
+    "grounding": (["ground", "--expression", "the box"], ["ground.png", "ground.txt"], "generate"),
+    "detection": (["detect"], ["detect.png", "detect.txt", "coco.json"], "generate"),
+    "semantic": (["segment", "--classes", "floor,wall,sky"],
+                 ["labels.npy", "labels.png", "overlay.png", "seg.txt", "coco.json"], None),
+    "referring": (["refer", "--expression", "the box"],
+                  ["mask.npy", "refer.png", "refer.txt", "coco.json"], "ground-then-segment"),
+    "open-set": (["segment"], ["labels.npy", "labels.png", "overlay.png", "seg.txt", "coco.json"],
+                 None),
+    "depth": (["depth"], ["depth.npy", "depth.png", "depth.mm.png", "depth.txt"], "one-prefill"),
+    "pose": (["pose"], ["pose.png", "pose.txt", "coco.json"], "generate"),
+}
+
+
+@pytest.mark.parametrize("task", list(DEMO_TASKS))
+def test_every_demo_task_runs_on_the_bundled_model(task, tmp_path, capsys):
+    """The bundled densert-tiny answers the demo's prompts badly (it was trained on rendered
+    scenes); each command still writes its documented files and a valid sidecar naming its flow,
+    with the release's defaults (DenseCRF on) and a short token budget."""
+    args, files, flow = DEMO_TASKS[task]
+    out = tmp_path / "o"
+    img = Path(__file__).resolve().parents[1] / "samples" / "scene_3.png"
+    rc, cap = _run([*args, str(img), "--out", str(out), "--max-new-tokens", "48", "--quiet",
+                    *(["--refer-short-side", "96"] if args[0] in ("refer", "segment") else [])],
+                   capsys)
+    assert rc == 0, cap.err
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"scene_3.{f}" for f in files]
+                                                           + ["scene_3.json"])
+    side = _sidecar(out / "scene_3.json")
+    assert side["model"]["demo"] is True and side["options"]["generation"]["repetition_penalty"] == 1.05
+    if flow is not None:
+        assert side["flow"] == flow
+    elif task == "semantic":
+        assert side["flow"].startswith("closed-set:")
+    else:
+        assert side["flow"].startswith("open-set:")

@@ -206,16 +206,19 @@ def test_top_level_folders_are_not_second_packages():
 
 
 def test_base_install_runs_without_extras(tiny_checkpoint, tmp_path):
-    """depth / segment / refer / chat on the torch and ONNX Runtime backends import no extra:
-    every module an extra brings is blocked in the child (the engine is exported here first)."""
+    """Every runtime command on the torch and ONNX Runtime backends imports no extra: every module
+    an extra brings is blocked in the child (the engine is exported here first). The maps'
+    DenseCRF, on by default as in the release, needs densert[crf]: without it segment and refer
+    say so in one line before the model loads, and run with --no-crf."""
     from densert.export.onnx_export import export_engine
     from densert.extras import EXTRA_OF_MODULE
     engine = tmp_path / "engine"
     export_engine(tiny_checkpoint, engine, max_patches=1024, progress=False)
     img = ROOT / "samples" / "scene_3.png"
-    runs = [["depth", str(img)], ["segment", str(img), "--classes", "floor,wall"],
-            ["refer", str(img), "--expression", "the box", "--refer-short-side", "64"],
-            ["chat", "--prompt", "hi"],
+    runs = [["depth", str(img)], ["segment", str(img), "--classes", "floor,wall", "--no-crf"],
+            ["refer", str(img), "--expression", "the box", "--refer-short-side", "64", "--no-crf"],
+            ["detect", str(img)], ["ground", str(img), "--expression", "the box"],
+            ["pose", str(img)], ["chat", "--prompt", "hi"],
             ["depth", str(img), "--backend", "onnxruntime", "--engine-dir", str(engine)]]
     code = ("import sys\n"
             f"for m in {sorted(EXTRA_OF_MODULE)!r}:\n    sys.modules[m] = None\n"
@@ -224,7 +227,14 @@ def test_base_install_runs_without_extras(tiny_checkpoint, tmp_path):
             f"    rc = main([*args, '--model', {str(tiny_checkpoint)!r}, '--max-new-tokens', '4',"
             f" '--out', {str(tmp_path / 'o')!r}])\n"
             "    assert rc == 0, args\n"
+            f"rc = main(['segment', {str(img)!r}, '--model', {str(tiny_checkpoint)!r}, '--out',"
+            f" {str(tmp_path / 'o2')!r}])\n"
+            "assert rc == 2, rc\n"
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent,
                        env={**os.environ, "DENSERT_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "densert segment: error: DenseCRF (on by default, as the release; --no-crf skips it) needs "
+        "the optional package 'pydensecrf', which is not installed: pip install 'densert[crf]'")
+    assert not (tmp_path / "o2").exists()

@@ -167,3 +167,36 @@ def test_kv_cache_writes_in_place_and_equals_the_tensor_cache(layout):
         assert cache.length == 14 and cache.capacity == 16
         for x, y in zip(cache.tensors(), past):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout,seed", [("latent", 0), ("full", 4)])
+def test_repetition_penalty_matches_oracle_generate(layout, seed):
+    """The release's decoding (repetition_penalty=1.05 over prompt and generated ids, greedy)
+    equals transformers' generate token for token; on these seeds the penalty changes the answer,
+    so a penalty that were ignored, or applied to the generated ids only, would fail here."""
+    ours, oracle = pair(seed=seed)
+    torch.manual_seed(seed)
+    ids = torch.randint(7, VOCAB, (1, 10))
+    kw = dict(max_new_tokens=24, do_sample=False, eos_token_id=None, min_new_tokens=24)
+    with torch.no_grad():
+        ref = oracle.generate(ids, repetition_penalty=1.05, **kw)[0, 10:].tolist()
+        plain = oracle.generate(ids, **kw)[0, 10:].tolist()
+    got = generate(ours, ids, max_new_tokens=24, cache_layout=layout, stop_ids=[],
+                   repetition_penalty=1.05)
+    assert got == ref and got != plain
+
+
+def test_repetition_penalty_covers_the_prompt():
+    """A penalised prompt id: logits of ids in the prompt shrink, others stay; ids the head cannot
+    emit are ignored."""
+    from densert.model.generation import greedy_decode, penalize_repetition
+    logits = torch.tensor([2.0, -1.0, 1.9, 0.5])
+    seen = torch.tensor([True, True, False, False])
+    assert torch.equal(penalize_repetition(logits, seen, 1.25), torch.tensor([1.6, -1.25, 1.9, 0.5]))
+    toks, _ = greedy_decode(lambda t, c: (logits, c), logits, None, 1, repetition_penalty=1.25,
+                            prompt_ids=[0, 99])
+    assert toks == [2]
+    toks, _ = greedy_decode(lambda t, c: (logits, c), logits, None, 1)
+    assert toks == [0]
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+        greedy_decode(lambda t, c: (logits, c), logits, None, 1, repetition_penalty=0.0)

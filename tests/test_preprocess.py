@@ -96,24 +96,69 @@ def _png_bytes(img: Image.Image, **kw) -> bytes:
     return b.getvalue()
 
 
-def test_rgba_composited_on_white():
-    a = np.zeros((4, 4, 4), np.uint8)
-    a[..., 0] = 200
-    a[:2, :, 3] = 255   # opaque red-ish top, transparent bottom
-    out = load_rgb(_png_bytes(Image.fromarray(a, "RGBA")))
-    assert out[0, 0].tolist() == [200, 0, 0] and out[3, 0].tolist() == [255, 255, 255]
+def _decode_kinds(d) -> dict:
+    """One file of every kind the release's decoding treats specially."""
+    rng = np.random.default_rng(0)
+    files = {}
+    rgba = rng.integers(0, 256, (6, 7, 4), np.uint8)
+    rgba[0, 0] = (200, 0, 0, 0)                      # transparent red: the issue's pixel
+    rgba[0, 1] = (10, 200, 30, 128)
+    Image.fromarray(rgba, "RGBA").save(files.setdefault("rgba", d / "rgba.png"))
+    Image.fromarray(rgba[..., [0, 3]], "LA").save(files.setdefault("la", d / "la.png"))
+    p = Image.fromarray(rng.integers(0, 4, (5, 6), np.uint8), "P")
+    p.putpalette([200, 0, 0, 10, 20, 30, 40, 50, 60, 70, 80, 90] + [0] * 756)
+    p.save(files.setdefault("palette_trns", d / "palette_trns.png"), transparency=0)
+    p.save(files.setdefault("palette_alpha", d / "palette_alpha.png"),
+           transparency=bytes([0, 128, 255, 64]))
+    g = Image.fromarray(rng.integers(0, 256, (5, 6), np.uint8), "L")
+    g.save(files.setdefault("gray_trns", d / "gray_trns.png"), transparency=7)
+    a16 = np.array([[0, 10000, 65535], [100, 255, 256]], np.uint16)
+    Image.fromarray(a16).save(files.setdefault("gray16", d / "gray16.png"))
+    Image.fromarray(np.array([[-5, 70000], [255, 300]], np.int32), "I").save(
+        files.setdefault("int32", d / "int32.tif"))
+    Image.fromarray(np.array([[-5.5, 0.4], [254.6, 300.0]], np.float32), "F").save(
+        files.setdefault("float", d / "float.tif"))
+    cmyk = Image.fromarray(rng.integers(0, 256, (16, 24, 3), np.uint8)).convert("CMYK")
+    cmyk.save(files.setdefault("cmyk_jpeg", d / "cmyk.jpg"), quality=90)
+    cmyk.save(files.setdefault("cmyk_tiff", d / "cmyk.tif"))
+    Image.fromarray(rng.integers(0, 2, (5, 9), np.uint8) * 255).convert("1").save(
+        files.setdefault("bilevel", d / "bilevel.png"))
+    base = Image.fromarray(rng.integers(0, 256, (10, 30, 3), np.uint8))
+    for orient in range(2, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orient
+        base.save(files.setdefault(f"exif{orient}", d / f"exif{orient}.jpg"), exif=exif.tobytes())
+    rot = Image.fromarray(rgba, "RGBA")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rot.save(files.setdefault("exif_rgba_png", d / "exif_rgba.png"), exif=exif.tobytes())
+    return files
 
 
-def test_grayscale_palette_and_16bit(tmp_path):
-    g = load_rgb(_png_bytes(Image.fromarray(np.full((3, 5), 77, np.uint8), "L")))
-    assert g.shape == (3, 5, 3) and (g == 77).all()
-    p = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
-    p.putpalette([10, 20, 30, 40, 50, 60] + [0] * 762)
-    assert load_rgb(_png_bytes(p)).tolist() == [[[10, 20, 30], [40, 50, 60]]]
-    a16 = np.array([[0, 65535, 257 * 100]], np.uint16)
-    path = tmp_path / "d16.png"
-    Image.fromarray(a16).save(path)
-    assert load_rgb(path)[0, :, 0].tolist() == [0, 255, 100]
+def test_decoding_equals_transformers_load_image(tmp_path):
+    """Every file kind decodes to transformers' load_image pixels (EXIF transpose, then
+    convert("RGB")), read from a path, from bytes and from an opened PIL image."""
+    from transformers.image_utils import load_image
+    files = _decode_kinds(tmp_path)
+    for kind, path in files.items():
+        ref = np.asarray(load_image(str(path)))
+        got = load_rgb(path)
+        assert got.dtype == np.uint8 and np.array_equal(got, ref), kind
+        assert np.array_equal(load_rgb(path.read_bytes()), ref), kind
+        with Image.open(path) as im:
+            assert np.array_equal(load_rgb(im), ref), kind
+    # the issue's two pixels: alpha is dropped (not composited on white), 16-bit is clipped
+    assert load_rgb(files["rgba"])[0, 0].tolist() == [200, 0, 0]
+    assert load_rgb(files["gray16"])[0, :, 0].tolist() == [0, 255, 255]
+    assert load_rgb(files["exif6"]).shape == (30, 10, 3)
+
+
+def test_arrays_follow_the_documented_rules():
+    a = np.zeros((2, 3, 4), np.uint8)
+    a[..., 0], a[..., 3] = 200, 0
+    assert load_rgb(a)[0, 0].tolist() == [200, 0, 0]          # alpha dropped, as convert("RGB")
+    assert load_rgb(np.array([[0, 65535, 257 * 100]], np.uint16))[0, :, 0].tolist() == [0, 255, 100]
+    assert load_rgb(np.array([[0.0, 1.0]], np.float32))[0, :, 0].tolist() == [0, 255]
 
 
 def test_exif_orientation_applied():

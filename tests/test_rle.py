@@ -1,6 +1,8 @@
 """The released ``(value,count)`` text: round trips and the official demo's strings."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -41,6 +43,27 @@ def test_depth_form_and_demo_expansion():
     full = rle.expand_depth_codes(codes, (4, 4))
     # cv2 INTER_LINEAR on a 2x2 -> 4x4 upsample: half-pixel centres, then np.rint
     assert full.tolist() == [[10, 12, 18, 20], [15, 18, 22, 25], [25, 28, 32, 35], [30, 32, 38, 40]]
+
+
+@pytest.mark.parametrize("grid,image_hw", [((30, 40), (480, 640)), ((4, 5), (70, 90)),
+                                           ((7, 9), (117, 150)), ((1, 1), (20, 16))])
+def test_depth_expansion_is_opencv_inter_linear(grid, image_hw):
+    """The demo's expansion spelled out (decode the RLE, reshape to H//16 x W//16, cv2.resize
+    INTER_LINEAR on the uint16 codes, rint) equals ``expand_depth_codes``; float code maps resize
+    as cv2 does on float32."""
+    import cv2
+    codes = np.random.default_rng(sum(grid)).integers(1, 1001, grid).astype(np.uint16)
+    H, W = image_hw
+    text = rle.encode_depth(codes)
+    pairs = re.findall(r"\(\s*(\d+)\s*,\s*(\d+)\s*\)", text)
+    pred = np.repeat(np.array([int(v) for v, _ in pairs], np.uint16), [int(n) for _, n in pairs])
+    pred = cv2.resize(pred.reshape(H // 16 or 1, W // 16 or 1), (W, H), interpolation=cv2.INTER_LINEAR)
+    want = np.rint(pred).astype(np.uint16)
+    got = rle.expand_depth_codes(rle.decode_depth(text, image_hw), image_hw)
+    assert got.dtype == np.uint16 and np.array_equal(got, want)
+    f = codes.astype(np.float32) + 0.25
+    assert np.array_equal(rle.resize_codes(f, image_hw),
+                          cv2.resize(f, (W, H), interpolation=cv2.INTER_LINEAR))
 
 
 def test_bad_strings_fail_clearly():

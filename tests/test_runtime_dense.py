@@ -20,12 +20,13 @@ def _random_head(V, d=48, L=6 * 8, seed=0):
 
 
 GROUPS = [[5], [17, 3], [40, 41, 42], [99]]
+ARGMAX = DenseOptions(crf=False)   # the bilinear argmax alone (the CRF is on by default)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_subset_head_equals_full_vocabulary(seed):
     hidden, W = _random_head(V=500, seed=seed)
-    opts = DenseOptions()
+    opts = ARGMAX
     ours = segment_labels(hidden, subset_weight(W, GROUPS), (6, 8), (50, 70), opts)
     naive = naive_full_vocab_head(hidden, W, GROUPS, (6, 8), (50, 70)).numpy()
     assert np.array_equal(ours, naive)
@@ -59,7 +60,7 @@ def test_peak_intermediate_does_not_grow_with_vocabulary(background):
     for V in (1_000, 200_003):
         hidden, W = _random_head(V=V)
         with _LargestAlloc(V) as mode:
-            segment_labels(hidden, subset_weight(W, GROUPS), (6, 8), (40, 56), DenseOptions(),
+            segment_labels(hidden, subset_weight(W, GROUPS), (6, 8), (40, 56), ARGMAX,
                            background=background)
         assert mode.vocab_sized == [], mode.vocab_sized   # no [L, V] (or any |V|-wide) tensor
         largest[V] = mode.largest
@@ -74,7 +75,7 @@ def test_peak_intermediate_does_not_grow_with_vocabulary(background):
 def test_background_rule_is_sigmoid_quarter_logits_threshold_half():
     hidden, W = _random_head(V=300, seed=3)
     w = subset_weight(W, GROUPS)
-    opts = DenseOptions()
+    opts = ARGMAX
     got = segment_labels(hidden, w, (6, 8), (30, 40), opts, background=True)
     up = F.interpolate((hidden @ w.t()).t().reshape(1, 4, 6, 8), size=(30, 40), mode="bilinear",
                        align_corners=False)[0]
@@ -82,8 +83,11 @@ def test_background_rule_is_sigmoid_quarter_logits_threshold_half():
     want = torch.where(p.max(0).values > 0.5, p.argmax(0), torch.tensor(4)).numpy()
     assert np.array_equal(got, want)
     assert 0 < (got == 4).mean() < 1   # both outcomes occur on this random head
+    # background written second in the class list: classes keep their order around it
+    mid = segment_labels(hidden, w, (6, 8), (30, 40), opts, background=True, background_index=1)
+    assert np.array_equal(mid, np.array([0, 2, 3, 4, 1])[got])
     # a higher threshold only adds background
-    hi = segment_labels(hidden, w, (6, 8), (30, 40), DenseOptions(background_threshold=0.7),
+    hi = segment_labels(hidden, w, (6, 8), (30, 40), DenseOptions(crf=False, background_threshold=0.7),
                         background=True)
     assert ((hi == 4) >= (got == 4)).all()
 
@@ -170,6 +174,23 @@ def test_depth_argmax_patch_grid_then_resize_and_dequantise(monkeypatch):
     exp = depth_map(hidden, wbins, (gh, gw), (64, 96), DenseOptions(depth_mode="expectation"),
                     "open-world", fx=1000.0)
     assert np.isfinite(exp.depth).all() and (exp.depth > 0).all()
+
+
+def test_depth_argmax_grid_is_twice_the_token_grid_whatever_the_upscale():
+    """480x640 at --upscale 3: tokens 45x60, argmax on 90x120 (paper D.3: upsample by two,
+    argmax, resize), not on the original image's 30x40; the released text's grid stays 30x40,
+    the codes resized to it; the map is the codes resized to 480x640 (OpenCV bilinear)."""
+    import cv2
+    gh, gw, K, d = 45, 60, 1000, 16
+    g = torch.Generator().manual_seed(1)
+    wbins, hidden = torch.randn(K, d, generator=g), torch.randn(gh * gw, d, generator=g)
+    dm = depth_map(hidden, wbins, (gh, gw), (480, 640), DenseOptions(), "nyuv2")
+    assert dm.argmax_hw == (90, 120) and dm.codes_grid.shape == (30, 40)
+    up = F.interpolate((hidden @ wbins.t()).t().reshape(1, K, gh, gw), size=(90, 120),
+                       mode="bilinear", align_corners=False)[0]
+    codes = (up.argmax(0) + 1).numpy().astype(np.uint16)
+    assert np.array_equal(dm.bins, cv2.resize(codes, (640, 480), interpolation=cv2.INTER_LINEAR))
+    assert np.array_equal(dm.codes_grid, cv2.resize(codes, (40, 30), interpolation=cv2.INTER_LINEAR))
 
 
 def test_options_validate():

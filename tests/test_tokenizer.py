@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-from densert.errors import ChatError, TokenizerError
+from densert.errors import ChatError, CheckpointError, TokenizerError
 from densert.text import tokens as T
 from densert.text.chat import (
     CHAT_TEMPLATE,
+    ChatTemplate,
     encode_chat,
     expand_image_pads,
     render_chat,
@@ -145,8 +146,75 @@ def test_prompt_before_image_and_multi_turn():
       {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and?"}], [4, 2]),
 ])
 @pytest.mark.parametrize("gen", [True, False])
-def test_jinja_equals_python(msgs, counts, gen):
-    assert expand_image_pads(render_jinja(msgs, gen), counts) == render_chat(msgs, counts, gen)
+def test_render_equals_transformers_renderer(msgs, counts, gen):
+    """Our Jinja environment against transformers' own chat-template renderer (sandbox,
+    trim_blocks, lstrip_blocks, special tokens), on the built-in template."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+    ref, _ = render_jinja_template([msgs], chat_template=CHAT_TEMPLATE, add_generation_prompt=gen,
+                                   bos_token=T.BOS, eos_token=T.EOS, pad_token=T.EOS)
+    assert render_jinja(msgs, gen) == ref[0]
+    assert render_chat(msgs, counts, gen) == expand_image_pads(ref[0], counts)
+
+
+# A template of the kind checkpoints ship: uses bos_token, whitespace control, loop controls, a
+# generation block and a trailing newline that transformers' environment drops.
+OWN_TEMPLATE = (
+    "{%- for m in messages %}{{ bos_token }}{{ m['role'] | upper }}: "
+    "{%- if m['content'] is string %} {{ m['content'] }}{% else %}"
+    "{%- for p in m['content'] %}{% if p['type'] == 'image' %}<|vision_start|><|image_pad|>"
+    "<|vision_end|>{% continue %}{% endif %} {{ p['text'] }}{% endfor %}{% endif %}\n"
+    "{%- endfor %}{% if add_generation_prompt %}{% generation %}ASSISTANT:{% endgeneration %}"
+    "{% endif %}\n")
+
+
+@pytest.mark.parametrize("gen", [True, False])
+def test_own_template_equals_transformers_renderer(gen):
+    from transformers.utils.chat_template_utils import render_jinja_template
+    msgs = [user_message("Segment: floor, wall."), {"role": "assistant", "content": "ok"}]
+    ref, _ = render_jinja_template([msgs], chat_template=OWN_TEMPLATE, add_generation_prompt=gen,
+                                   bos_token="<s>")
+    got = render_jinja(msgs, gen, ChatTemplate(OWN_TEMPLATE, "own", {"bos_token": "<s>"}))
+    assert got == ref[0] and got.startswith("<s>USER:<|vision_start|>")
+    assert got.endswith("okASSISTANT:" if gen else " ok")
+
+
+def test_checkpoint_template_is_read_and_used(tiny_checkpoint, tmp_path, tiny):
+    """The checkpoint's own template wins over the built-in one, from chat_template.jinja, then
+    chat_template.json, then tokenizer_config.json (a list of named templates gives "default");
+    the bundled model's own template renders the spec's example byte for byte."""
+    import shutil
+
+    from densert.checkpoint.files import read_chat_template
+    from densert.resources import bundled_model_dir
+    own = read_chat_template(bundled_model_dir())
+    assert own.source.endswith("chat_template.json")
+    assert render_chat([user_message("Estimate the depth.")], [3], template=own) == SPEC_ONE_TURN
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, d)
+    (d / "chat_template.json").unlink()
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = [{"name": "tool_use", "template": "x"},
+                            {"name": "default", "template": OWN_TEMPLATE}]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    t = read_chat_template(d)
+    assert t.template == OWN_TEMPLATE and t.source.endswith("tokenizer_config.json")
+    assert t.special_tokens["bos_token"] == T.BOS
+    ids = encode_chat(tiny, [user_message("hi")], [4], template=t)[0].tolist()
+    assert ids == tiny.encode(f"{T.BOS}USER:{T.VISION_START}" + T.IMAGE_PAD * 4
+                              + f"{T.VISION_END} hiASSISTANT:")
+    (d / "chat_template.jinja").write_text("{{ bos_token }}only {{ messages[0]['role'] }}")
+    t = read_chat_template(d)
+    assert t.source.endswith("chat_template.jinja")
+    assert render_jinja([{"role": "user", "content": "x"}], template=t) == f"{T.BOS}only user"
+    with pytest.raises(ChatError, match=r"rendered 0 image pad\(s\) for 1 image"):
+        encode_chat(tiny, [user_message("hi")], [4], template=t)
+    cfg["chat_template"] = 3
+    (d / "chat_template.jinja").unlink()
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="chat_template must be a string"):
+        read_chat_template(d)
+    (d / "tokenizer_config.json").write_text(json.dumps({}))
+    assert read_chat_template(d) is None
 
 
 def test_encode_chat_ids(tiny):

@@ -29,7 +29,7 @@ import torch
 from densert.errors import CheckpointError, ConfigError
 from densert.model.config import DTYPES, YoutuVLConfig
 from densert.text import tokens as T
-from densert.text.chat import CHAT_TEMPLATE
+from densert.text.chat import BUILTIN_TEMPLATE, CHAT_TEMPLATE, ChatTemplate
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -196,6 +196,85 @@ def read_task_defaults(path: str | Path) -> dict:
     if preset is not None and preset not in PRESETS:
         raise CheckpointError(f"{f}: depth.preset {preset!r} is not one of {tuple(PRESETS)}")
     return d
+
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def read_generation_config(path: str | Path) -> dict:
+    """The decoding fields densert honours from ``generation_config.json`` ({} without one):
+    ``max_new_tokens``, ``repetition_penalty`` and ``eos_token_id`` (an id or a list of ids),
+    type-checked. The sampling fields (``do_sample``, ``temperature``, ``top_p``) are not read:
+    densert decodes greedily, which the release's top_p 0.001 amounts to
+    (``densert.model.generation``)."""
+    f = Path(path) / GENERATION_CONFIG_FILE
+    if not f.is_file():
+        return {}
+    d = _read_json(f)
+    out = {}
+    n = d.get("max_new_tokens")
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise CheckpointError(f"{f}: max_new_tokens must be an integer >= 1, got {n!r}")
+        out["max_new_tokens"] = n
+    p = d.get("repetition_penalty")
+    if p is not None:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and p > 0):
+            raise CheckpointError(f"{f}: repetition_penalty must be a number > 0, got {p!r}")
+        out["repetition_penalty"] = float(p)
+    eos = d.get("eos_token_id")
+    if eos is not None:
+        ids = eos if isinstance(eos, list) else [eos]
+        if not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise CheckpointError(f"{f}: eos_token_id must be a token id or a list of ids, got {eos!r}")
+        out["eos_token_id"] = ids
+    return out
+
+
+# Where a checkpoint keeps its chat template, in the order transformers' processor looks.
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+
+
+def read_chat_template(path: str | Path) -> ChatTemplate | None:
+    """The checkpoint's own chat template (``chat_template.jinja``, else ``chat_template.json``,
+    else ``tokenizer_config.json``; a list of named templates gives its "default"), with the
+    special-token strings its tokenizer config declares; None when it has none."""
+    p = Path(path)
+    for name in CHAT_TEMPLATE_FILES:
+        f = p / name
+        if not f.is_file():
+            continue
+        if name.endswith(".jinja"):
+            try:
+                return ChatTemplate(f.read_text(), str(f), _special_token_strings(p))
+            except (OSError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{f}: cannot read ({e})") from None
+        t = _read_json(f).get("chat_template")
+        if isinstance(t, list):
+            named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
+            t = named.get("default")
+        if t is None:
+            continue
+        if not isinstance(t, str):
+            raise CheckpointError(f"{f}: chat_template must be a string or a list of named "
+                                  f"templates with a 'default', got {type(t).__name__}")
+        return ChatTemplate(t, str(f), _special_token_strings(p))
+    return None
+
+
+def _special_token_strings(path: Path) -> dict:
+    """bos/eos/pad/unk token strings of the tokenizer config (what transformers passes to a chat
+    template), densert's own where the checkpoint declares none."""
+    out = dict(BUILTIN_TEMPLATE.special_tokens)
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        f = path / name
+        if f.is_file():
+            for k, v in _read_json(f).items():
+                if k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+                    v = v.get("content") if isinstance(v, dict) else v
+                    if isinstance(v, str):
+                        out[k] = v
+    return out
 
 
 def write_task_defaults(path: str | Path, depth_preset: str) -> Path:

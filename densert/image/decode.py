@@ -1,26 +1,32 @@
 """Decoding real-world image files into the uint8 RGB array the processor expects.
 
-What the released processor sees is ``PIL.Image.open(...).convert("RGB")`` through transformers'
-``convert_to_rgb``; we reproduce that and handle the cases it leaves to chance:
+The release's processor decodes with transformers' ``load_image``: ``PIL.Image.open``, EXIF
+transpose, then ``convert("RGB")``. densert does exactly that (tested equal to ``load_image`` on
+RGBA, palette-with-transparency, 16-bit, CMYK and EXIF-rotated files), so the model sees the
+release's pixels. That conversion has consequences a user may not expect, kept on purpose:
 
-- EXIF orientation is applied (a phone portrait is processed upright, as a person sees it).
-- Alpha (RGBA, LA, PA, palette with transparency) is composited on **white**, as transformers'
-  ``convert_to_rgb`` does, rather than dropped (dropping alpha exposes arbitrary colours that
-  were hidden under transparent pixels).
-- 16-bit and 32-bit integer greyscale (PNG ``I;16``/``I``) is scaled to 8 bit by value/257
-  (65535 -> 255), rounded; float images (``F``) are clipped to 0..255.
+- Alpha is dropped, not composited: a transparent pixel shows the colour stored under it.
+- 16-bit and 32-bit greyscale (PNG ``I;16``, TIFF ``I``) and float (``F``) images are clipped to
+  0..255, not rescaled (a 16-bit value 10000 becomes 255).
+- CMYK is converted with PIL's simple formula (no ICC profile).
+
+Beyond ``load_image``:
+
 - Very large JPEGs are decoded with ``Image.draft`` at the smallest DCT scale that still covers
   ``min_side`` pixels, so a 200 MP photo never allocates its full-resolution buffer. Only files
-  above ``DRAFT_ABOVE_PIXELS`` take this path: below it decoding is exact, as in the processor.
+  above ``DRAFT_ABOVE_PIXELS`` take this path: below it decoding is the release's, exactly.
 - Anything PIL cannot decode (corrupt, empty, truncated, not an image) raises ``ImageError``
   naming the file, and so does an image over ``MAX_IMAGE_PIXELS``, from its header alone: a
   decompression bomb never reaches the decoder.
+- Arrays (no file, so no processor path to match): uint8 is taken as is (a 4th channel, alpha, is
+  dropped as ``convert("RGB")`` drops it); uint16 is scaled by 1/257 and floats in [0, 1] by 255.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -125,38 +131,34 @@ def load_rgb(source, min_side: int | None = None) -> np.ndarray:
         raise ImageError(f"{name}: out of memory while decoding the image") from None
 
 
+def jpeg_round_trip(rgb: np.ndarray, quality: int = 95) -> np.ndarray:
+    """``rgb`` as the model sees it after OpenCV writes it as a JPEG at ``quality``: the demo sends
+    each referring crop as ``cv2.imencode(".jpg", crop)`` (quality 95 by default), which the
+    processor decodes like any file (``load_rgb``)."""
+    import cv2
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]),
+                           [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ImageError(f"OpenCV could not encode a {rgb.shape} image as JPEG")
+    return load_rgb(buf.tobytes())
+
+
 def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:
+    """transformers' ``load_image`` from here on: EXIF transpose, then ``convert("RGB")``."""
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not make a readable image fail
         pass
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(img).astype(np.float64)
-        # 'I' also holds plain 8-bit data promoted by some codecs: only rescale real 16-bit ranges.
-        if mode.startswith("I;16") or a.max(initial=0) > 255:
-            a = a / 257.0
-        return _gray_to_rgb(np.clip(np.rint(a), 0, 255).astype(np.uint8))
-    if mode == "F":
-        return _gray_to_rgb(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8))
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif mode in ("LA", "PA", "La", "RGBa"):
-        img = img.convert("RGBA")
-    elif mode == "L" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        bg.alpha_composite(img)
-        img = bg
-    out = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    try:
+        with warnings.catch_warnings():
+            # PIL's advice to convert palette transparency to RGBA: convert("RGB") is the point.
+            warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
+            out = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{name}: cannot convert the {img.mode} image to RGB ({e})") from None
     if out.ndim != 3 or out.shape[2] != 3 or out.shape[0] == 0 or out.shape[1] == 0:
         raise ImageError(f"{name}: decoded to an unusable array of shape {out.shape}")
     return np.ascontiguousarray(out)
-
-
-def _gray_to_rgb(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=2))
 
 
 def _array_to_rgb(a: np.ndarray, name: str) -> np.ndarray:
@@ -171,8 +173,7 @@ def _array_to_rgb(a: np.ndarray, name: str) -> np.ndarray:
         a = a * 255.0
     a = np.clip(np.rint(a), 0, 255).astype(np.uint8) if a.dtype != np.uint8 else a
     if a.shape[2] == 4:
-        alpha = a[..., 3:4].astype(np.float32) / 255.0
-        a = np.rint(a[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+        a = a[..., :3]
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     return np.ascontiguousarray(a)

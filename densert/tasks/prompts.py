@@ -59,11 +59,42 @@ def detect_categories(classes: list[str]) -> Prompt:
                   + ",".join(names))
 
 
+DETECT_ALL_PROMPT = "Detect all objects in the provided image."
+# MPII Human Pose joints in the order the release's pose prompt asks for them.
+MPII_JOINTS = ("right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle",
+               "pelvis", "thorax", "upper_neck", "head_top", "right_wrist", "right_elbow",
+               "right_shoulder", "left_shoulder", "left_elbow", "left_wrist")
+
+
+def detect_all() -> Prompt:
+    """The demo's object detection: every object, labelled boxes."""
+    return Prompt(DETECT_ALL_PROMPT)
+
+
+def grounding(expression: str) -> Prompt:
+    """The demo's grounding: one box for an expression (also the paper's recommended first stage
+    of referring segmentation)."""
+    return Prompt("Please provide the bounding box coordinate of the region this sentence "
+                  "describes: " + _check_expression(expression))
+
+
+def pose() -> Prompt:
+    """The demo's pose estimation: persons with a box and the 16 MPII keypoints each."""
+    joints = ", ".join(f"({i}) {n}" for i, n in enumerate(MPII_JOINTS))
+    return Prompt(
+        "Detect all persons and their poses from the image within the class set of MPII Human "
+        "Pose Dataset. The output format should be a JSON-like string, containing person "
+        "instances. Each person instance is enclosed in <person>...</person> tags. Within each "
+        "person instance, provide the bounding box using <box>...</box> tags and their 16 "
+        "keypoints using <kpt>...</kpt> tags. The bounding box is defined by "
+        "<x_x1><y_y1><x_x2><y_y2> tags, and each keypoint is defined by <x_...><y_...><v_...> "
+        "tags, where x, y are coordinates and v is visibility. The joints must be in this "
+        f"specific order: {joints}. Please output all detected persons with their bounding boxes "
+        "and keypoints.")
+
+
 def referring(expression: str) -> Prompt:
-    expr = expression.strip()
-    if not expr:
-        raise ValueError("referring segmentation needs a non-empty expression")
-    return Prompt(f'Can you segment "{expr}" in this image?')
+    return Prompt(f'Can you segment "{_check_expression(expression)}" in this image?')
 
 
 def core_target() -> Prompt:
@@ -81,3 +112,10 @@ def _check_name(name: str) -> str:
     if "," in n:
         raise ValueError(f"class name {n!r} contains a comma, which separates names in the prompt")
     return n
+
+
+def _check_expression(expression: str) -> str:
+    expr = expression.strip()
+    if not expr:
+        raise ValueError("the expression is empty; say what to find, e.g. \"the red cup\"")
+    return expr

@@ -4,7 +4,7 @@ Segmentation: ``<ref>NAME_0</ref><ref>NAME_1</ref>...<mask>(v,n),(v,n),...</mask
 index the ``<ref>`` list; the expanded length is H*W of the image the map belongs to.
 Depth: ``This is the <depth>.<mask>(v,n),...</mask>``, values are depth codes (0 invalid,
 1..1000 bins) on the (H//16, W//16) grid of the image (spec sec. 9.1); the demo expands them to
-H x W by bilinear resize and rounding (``expand_depth_codes``).
+H x W with OpenCV's bilinear resize of the uint16 codes (``expand_depth_codes``).
 Parsing follows the official demo's regexes, so its strings read back unchanged.
 """
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from densert.errors import RLEError
 from densert.text import tokens as T
@@ -96,12 +94,17 @@ def decode_depth(text: str, image_hw: tuple[int, int]) -> np.ndarray:
 
 
 def resize_codes(codes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """float32 bilinear resize of a code map, half-pixel centres, no antialias: the same
-    interpolation as ``cv2.resize(INTER_LINEAR)`` when upsampling (the demo's expansion)."""
-    t = torch.from_numpy(np.asarray(codes, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    """OpenCV ``INTER_LINEAR`` resize of a code map to ``size`` = (h, w), the demo's expansion:
+    uint16 codes come back as uint16 (OpenCV rounds), anything else as float32."""
+    import cv2  # here, not at import: the CLI's --help reads the task contract
+    a = np.ascontiguousarray(codes)
+    if a.dtype != np.uint16:
+        a = a.astype(np.float32)
+    h, w = (int(v) for v in size)
+    return cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def expand_depth_codes(codes_grid: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
-    """The demo's expansion of the (H//16, W//16) codes to H x W: bilinear, then round."""
-    return np.rint(resize_codes(codes_grid, image_hw)).astype(np.uint16)
+    """The demo's expansion of the (H//16, W//16) codes to H x W: ``cv2.resize(INTER_LINEAR)`` of
+    the uint16 codes."""
+    return resize_codes(np.asarray(codes_grid).astype(np.uint16), image_hw)

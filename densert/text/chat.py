@@ -1,6 +1,7 @@
-"""The Youtu-VL chat template (spec ``youtu-vl-checkpoint.md`` sec. 6), in Python and as Jinja.
+"""The chat template: the checkpoint's own (Jinja, rendered the way transformers renders it) or
+the built-in Youtu-VL template (spec ``youtu-vl-checkpoint.md`` sec. 6) for checkpoints without one.
 
-One turn with one image renders as::
+The built-in template renders one turn with one image as::
 
     <|begin_of_text|>system\\nYou are a helpful assistant.<|end_of_text|>\\n
     <|begin_of_text|>user\\n<|vision_start|>{N x <|image_pad|>}<|vision_end|>{prompt}<|end_of_text|>\\n
@@ -12,12 +13,16 @@ One turn with one image renders as::
 default system prompt is inserted when the first message is not a system message.
 
 Messages use the HF shape: ``{"role": ..., "content": str | [{"type": "image"} |
-{"type": "text", "text": ...}, ...]}``. The Jinja template (written into checkpoints) renders one
-``<|image_pad|>`` per image, the way HF processors expect; ``expand_image_pads`` then repeats it
-N times, exactly what ``render_chat`` does directly.
+{"type": "text", "text": ...}, ...]}``. A template renders one ``<|image_pad|>`` per image, the way
+HF processors expect; the processor then repeats it N times (``expand_image_pads``), and the ids
+are the tokenizer's encoding of that text, as ``apply_chat_template(tokenize=True)`` gives them.
 """
 from __future__ import annotations
 
+import functools
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Sequence
 
 import torch
@@ -46,6 +51,20 @@ CHAT_TEMPLATE = (
 )
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A Jinja chat template, where it came from, and the special-token strings transformers
+    passes to every template (``bos_token``, ``eos_token``, ...)."""
+
+    template: str
+    source: str = "built-in"
+    special_tokens: dict = field(default_factory=lambda: {
+        "bos_token": T.BOS, "eos_token": T.EOS, "pad_token": T.EOS})
+
+
+BUILTIN_TEMPLATE = ChatTemplate(CHAT_TEMPLATE)
+
+
 def _segments(message: dict[str, Any], index: int) -> list[tuple[str, str]]:
     """A message's content as [("text", s) | ("image", "")] in order."""
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -68,70 +87,103 @@ def _segments(message: dict[str, Any], index: int) -> list[tuple[str, str]]:
     return out
 
 
-def _pieces(messages: Sequence[dict], image_tokens: Sequence[int],
-            add_generation_prompt: bool) -> list[tuple[bool, str, int]]:
-    """The rendered chat as (is_special, text, repeat) pieces; text pieces go through BPE."""
-    msgs = list(messages)
-    if not msgs or msgs[0].get("role") != "system":
-        msgs.insert(0, {"role": "system", "content": DEFAULT_SYSTEM_PROMPT})
-    n_images = sum(kind == "image" for i, m in enumerate(msgs) for kind, _ in _segments(m, i))
+def _check_messages(messages: Sequence[dict], image_tokens: Sequence[int]) -> None:
+    n_images = sum(kind == "image" for i, m in enumerate(messages) for kind, _ in _segments(m, i))
     if n_images != len(image_tokens):
         raise ChatError(f"messages hold {n_images} image(s) but image_tokens has "
                         f"{len(image_tokens)} entries ({list(image_tokens)})")
     bad = [n for n in image_tokens if not (isinstance(n, int) and n > 0)]
     if bad:
         raise ChatError(f"image_tokens must be positive ints, got {list(image_tokens)}")
-    counts = iter(image_tokens)
-    out: list[tuple[bool, str, int]] = []
-    for i, m in enumerate(msgs):
-        out += [(True, T.BOS, 1), (False, m["role"] + "\n", 1)]
+    for i, m in enumerate(messages):
         for kind, text in _segments(m, i):
-            if kind == "image":
-                out += [(True, T.VISION_START, 1), (True, T.IMAGE_PAD, next(counts)),
-                        (True, T.VISION_END, 1)]
-            elif text:
-                out.append((False, text, 1))
-        out += [(True, T.EOS, 1), (False, "\n", 1)]
-    if add_generation_prompt:
-        out += [(True, T.BOS, 1), (False, "assistant\n", 1)]
-    return out
+            hit = [c for c in T.CONTROL_TOKENS if c in text]
+            if hit:
+                raise ChatError(f"message {i} text contains the control token {hit[0]!r}; remove it")
 
 
-def render_chat(messages: Sequence[dict], image_tokens: Sequence[int] = (),
-                add_generation_prompt: bool = True) -> str:
-    """The prompt string; ``image_tokens[k]`` = image-pad count of the k-th image."""
-    return "".join(text * n for _, text, n in _pieces(messages, image_tokens, add_generation_prompt))
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+    """The template compiled in the environment transformers' ``apply_chat_template`` uses: a
+    sandbox, ``trim_blocks`` and ``lstrip_blocks``, loop controls, ``{% generation %}`` blocks,
+    ``raise_exception``, ``strftime_now`` and a ``tojson`` that does not escape HTML."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class GenerationBlock(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` marks assistant text for training masks;
+        rendering keeps its body as is."""
 
-def encode_chat(vocab: T.Vocab, messages: Sequence[dict], image_tokens: Sequence[int] = (),
-                add_generation_prompt: bool = True) -> torch.Tensor:
-    """LongTensor [1, T] of the rendered chat.
+        tags = {"generation"}
 
-    Special tokens are emitted by id and only the text pieces go through BPE, so a long run of
-    image pads costs nothing. Text that itself spells a control token (e.g. ``<|image_pad|>``)
-    would still split into that token; such input is rejected rather than silently miscounted.
-    """
-    ids: list[int] = []
-    control = {vocab.token_id(s) for s in T.CONTROL_TOKENS}
-    for special, text, n in _pieces(messages, image_tokens, add_generation_prompt):
-        if special:
-            ids += [vocab.token_id(text)] * n
-        else:
-            piece = vocab.encode(text)
-            if control.intersection(piece):
-                raise ChatError(f"message text {text!r} contains a control token; remove it")
-            ids += piece
-    return torch.tensor([ids], dtype=torch.long)
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, \
+        sort_keys=False: json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                                    separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatError(f"chat template: Jinja syntax error on line {e.lineno}: {e.message}") from None
 
 
 def render_jinja(messages: Sequence[dict], add_generation_prompt: bool = True,
-                 template: str = CHAT_TEMPLATE) -> str:
-    """Render with jinja2 the way HF ``apply_chat_template`` does (one pad per image)."""
+                 template: ChatTemplate | str = BUILTIN_TEMPLATE) -> str:
+    """The chat as text, one ``<|image_pad|>`` per image, rendered the way transformers'
+    ``apply_chat_template`` renders ``template`` (checked against it in the tests)."""
     import jinja2
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             undefined=jinja2.StrictUndefined)
-    return env.from_string(template).render(messages=list(messages),
-                                            add_generation_prompt=add_generation_prompt)
+    t = template if isinstance(template, ChatTemplate) else ChatTemplate(template)
+    try:
+        return _compiled(t.template).render(messages=list(messages), tools=None, documents=None,
+                                            add_generation_prompt=add_generation_prompt,
+                                            **t.special_tokens)
+    except jinja2.TemplateError as e:
+        raise ChatError(f"chat template ({t.source}) failed to render: {e}") from None
+
+
+def render_chat(messages: Sequence[dict], image_tokens: Sequence[int] = (),
+                add_generation_prompt: bool = True,
+                template: ChatTemplate | str = BUILTIN_TEMPLATE) -> str:
+    """The prompt string as the model reads it; ``image_tokens[k]`` = image-pad count of the k-th
+    image."""
+    _check_messages(messages, image_tokens)
+    return expand_image_pads(render_jinja(messages, add_generation_prompt, template), image_tokens)
+
+
+def encode_chat(vocab: T.Vocab, messages: Sequence[dict], image_tokens: Sequence[int] = (),
+                add_generation_prompt: bool = True,
+                template: ChatTemplate | str = BUILTIN_TEMPLATE) -> torch.Tensor:
+    """LongTensor [1, T]: the tokenizer's encoding of ``render_chat``. The text is encoded with one
+    pad per image, whose id is then repeated: the pad is a special token, so this equals
+    encoding the expanded text, and a long run of image pads costs nothing. Message text that
+    spells a control token (e.g. ``<|image_pad|>``) is rejected rather than silently miscounted."""
+    _check_messages(messages, image_tokens)
+    text = render_jinja(messages, add_generation_prompt, template)
+    ids = vocab.encode(text)
+    pad = vocab.image_pad_id
+    if ids.count(pad) != len(image_tokens):
+        src = template.source if isinstance(template, ChatTemplate) else "the given template"
+        raise ChatError(f"chat template ({src}) rendered {ids.count(pad)} image pad(s) for "
+                        f"{len(image_tokens)} image(s)")
+    counts = iter(image_tokens)
+    out: list[int] = []
+    for i in ids:
+        out += [i] * next(counts) if i == pad else [i]
+    return torch.tensor([out], dtype=torch.long)
 
 
 def expand_image_pads(text: str, image_tokens: Sequence[int]) -> str:
