@@ -30,8 +30,7 @@ import triton
 import triton.language as tl
 
 from . import arch_key
-from .ntpm import (NTPMSparse, check_args, compute_dtype, loss_from_selection, operand_dtype,
-                   select_tokens)
+from .ntpm import NTPMSparse, check_args, compute_dtype, loss_from_selection, operand_dtype, select_tokens
 
 _INT64_MIN = -(2 ** 63)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -78,7 +78,6 @@ def _reference_torch(kind, h, w, pos, tmask, vmask, **kw):
     """The same definitions with autograd in float64 (for the gradient check), via the loop's
     scalar structure replicated on tensors, so gradients are those of the definition."""
     z = h @ w.t()
-    terms = []
     per = []
     for i in range(L):
         if not tmask[i]:

@@ -157,8 +157,8 @@ def test_write_samples(tmp_path):
     assert paths == [tmp_path / "scene_3.png"]
     img = np.asarray(Image.open(paths[0]))
     np.testing.assert_array_equal(img, render_scene(3, 32, 64, "indoor").image)
-    from densert.training.userdata import load_depth
     from densert.training.scenes import DEPTH_PNG_SCALE
+    from densert.training.userdata import load_depth
 
     d = load_depth(tmp_path / "scene_3_depth.png", scale=DEPTH_PNG_SCALE)
     np.testing.assert_allclose(d, render_scene(3, 32, 64, "indoor").depth, atol=0.5 / DEPTH_PNG_SCALE)

@@ -40,7 +40,8 @@ from densert.tasks import DENSE_TASKS, prompts
 from densert.text import tokens as T
 from densert.text.chat import encode_chat, user_message
 
-from . import finetune, state as S
+from . import finetune
+from . import state as S
 from .classes import CLASS_NAMES, NUM_CLASSES
 from .config import TrainConfig
 from .data import CELL
