@@ -117,10 +117,14 @@ def max_window_slots(max_patches: int, cfg: VisionConfig,
     aspect ratio: a 1-cell-high image needs 8x its patches), or the most of ``grids``."""
     if grids:
         return max(window_count(gh, gw, cfg) for gh, gw in grids) * window_slot_count(cfg)
-    cells = max_patches // cfg.merge_unit
-    ws = cfg.window_cells
-    most = max(-(-lh // ws) * -(-(cells // lh) // ws) for lh in range(1, cells + 1))
-    return most * window_slot_count(cfg)
+    return most_windows(max_patches // cfg.merge_unit, cfg.window_cells) * window_slot_count(cfg)
+
+
+def most_windows(cells: int, window_cells: int) -> int:
+    """Most windows of window_cells x window_cells an image of at most ``cells`` merged cells
+    covers, over every aspect ratio."""
+    ws = window_cells
+    return max((-(-lh // ws) * -(-(cells // lh) // ws) for lh in range(1, cells + 1)), default=1)
 
 
 def check_grid(gh: int, gw: int, cfg: VisionConfig) -> None:
