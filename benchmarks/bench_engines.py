@@ -10,8 +10,8 @@
 4. ``frame``: ``densert depth --backend onnxruntime`` on a 3000x4000 photo at the default
    36,864-patch cap: peak resident memory of the whole process.
 
-Every measurement runs in its own process (peak RSS = VmHWM); a process whose resident memory
-passes ``--rss-limit-gb`` is stopped and reported as such. Example (the results in
+Every measurement runs in its own process (peak RSS: the kernel's ru_maxrss of that process); a
+process whose resident memory passes ``--rss-limit-gb`` is stopped and reported as such. Example (the results in
 ``benchmarks/results/engines.md``):
 
     python -m densert.benchmarks.bench_engines --model CKPT_4B_2L --out benchmarks/results/engines
@@ -32,9 +32,9 @@ _CHILD = "--child"
 
 
 # ---------------------------------------------------------------- child side
-def _rss_mib(field: str = "VmRSS") -> float:
+def _rss_mib() -> float:
     s = Path("/proc/self/status").read_text()
-    return int(s.split(f"{field}:")[1].split()[0]) / 1024
+    return int(s.split("VmRSS:")[1].split()[0]) / 1024
 
 
 def child_vision(engine_dir: str, grid: str, runs: int, threads: int) -> dict:
@@ -53,8 +53,7 @@ def child_vision(engine_dir: str, grid: str, runs: int, threads: int) -> dict:
         t = time.perf_counter()
         ob.encode_image(px, meta)
         times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "peak_rss_mib": _rss_mib("VmHWM"),
-            "baseline_rss_mib": base}
+    return {"median_s": statistics.median(times), "baseline_rss_mib": base}
 
 
 def child_decode(engine_dir: str, steps: int, threads: int) -> dict:
@@ -69,7 +68,7 @@ def child_decode(engine_dir: str, steps: int, threads: int) -> dict:
     for _ in range(steps):
         logits, cache = ob.decode(int(logits.argmax()), cache)
     dt = time.perf_counter() - t
-    return {"tokens_per_s": steps / dt, "peak_rss_mib": _rss_mib("VmHWM")}
+    return {"tokens_per_s": steps / dt}
 
 
 def child_verify(engine_dir: str, model_dir: str) -> dict:
@@ -84,39 +83,43 @@ def child_verify(engine_dir: str, model_dir: str) -> dict:
             "cosine_min": min(t.cosine for t in rep.tensors), "report": rep.format()}
 
 
-def child_frame(engine_dir: str, image: str, out: str) -> dict:
-    from densert.cli import main
-    t = time.perf_counter()
-    rc = main(["depth", image, "--backend", "onnxruntime", "--engine-dir", engine_dir, "--out", out])
-    return {"rc": rc, "seconds": time.perf_counter() - t, "peak_rss_mib": _rss_mib("VmHWM")}
-
-
-CHILDREN = {"vision": child_vision, "decode": child_decode, "verify": child_verify, "frame": child_frame}
+CHILDREN = {"vision": child_vision, "decode": child_decode, "verify": child_verify}
 
 
 # ---------------------------------------------------------------- parent side
-def run_child(kind: str, args: list, limit_gb: float) -> dict:
-    """Run one measurement in a fresh process; stop it when its RSS passes the limit."""
-    cmd = [sys.executable, "-m", "densert.benchmarks.bench_engines", _CHILD, kind, json.dumps(args)]
+def run_measured(cmd: list[str], limit_gb: float) -> tuple[int, str, float, str | None]:
+    """(exit status, stdout, peak RSS MiB from the kernel's rusage, why it was stopped): the
+    process is killed when its resident memory passes ``limit_gb``."""
     with tempfile.TemporaryFile("w+") as out:
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL)
-        peak = 0.0
-        while p.poll() is None:
+        stopped = None
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
             try:
                 rss = int(Path(f"/proc/{p.pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 2**20
-                peak = max(peak, rss)
-                if rss > limit_gb:
+                if rss > limit_gb and stopped is None:
+                    stopped = f"resident memory passed {limit_gb:g} GB"
                     p.kill()
-                    p.wait()
-                    return {"stopped": f"resident memory passed {limit_gb:g} GB", "peak_rss_mib": peak * 1024}
             except (OSError, IndexError):
                 pass
             time.sleep(0.2)
+        p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
-        lines = [ln for ln in out.read().splitlines() if ln.startswith("{")]
-        if p.returncode or not lines:
-            return {"failed": f"exit {p.returncode}"}
-        return json.loads(lines[-1])
+        return p.returncode, out.read(), usage.ru_maxrss / 1024, stopped
+
+
+def run_child(kind: str, args: list, limit_gb: float) -> dict:
+    """One measurement in a fresh process; its peak RSS is the process's own (rusage)."""
+    cmd = [sys.executable, "-m", "densert.benchmarks.bench_engines", _CHILD, kind, json.dumps(args)]
+    rc, out, peak, stopped = run_measured(cmd, limit_gb)
+    if stopped:
+        return {"stopped": stopped, "peak_rss_mib": peak}
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if rc or not lines:
+        return {"failed": f"exit {rc}", "peak_rss_mib": peak}
+    return {**json.loads(lines[-1]), "peak_rss_mib": peak}
 
 
 def _hybrid_checkpoint(root: Path, vision_layers: int) -> Path:
@@ -258,7 +261,12 @@ def main(argv=None) -> int:
             d = work / f"frame-{p}"
             if not (d / "manifest.json").is_file():
                 export_engine(a.model, d, precision=p, max_image_tokens=9216, progress=False)
-            rows.append({"precision": p, **run_child("frame", [str(d), str(img), str(work / "frame-out")], lim)})
+            t = time.perf_counter()
+            rc, _, peak, stopped = run_measured(
+                [sys.executable, "-m", "densert", "depth", str(img), "--backend", "onnxruntime",
+                 "--engine-dir", str(d), "--out", str(work / "frame-out")], lim)
+            rows.append({"precision": p, "rc": stopped or rc, "seconds": time.perf_counter() - t,
+                         "peak_rss_mib": peak})
             print("frame", rows[-1], flush=True)
         res["frame"] = rows
 

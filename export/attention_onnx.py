@@ -75,6 +75,7 @@ def _expand(b: _Builder, node, float_type: int) -> None:
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     scale, causal, budget, windows, rank = a["scale"], a["causal"], a["budget"], a["windows"], a["rank"]
     q, k, v, *masks = node.input
+    post = masks.pop(0) if a.get("post") else None
     fdt = np.float16 if float_type == _FLOAT16 else np.float32
     axis = 0 if windows else rank - 2          # the axis cut into chunks
 
@@ -134,6 +135,8 @@ def _expand(b: _Builder, node, float_type: int) -> None:
     if float_type != _FLOAT:
         p = body.op("Cast", p, to=float_type)
     o = body.op("MatMul", p, v_c)
+    if post is not None:      # per-chunk output projection: only projected rows are stacked
+        o = body.op("MatMul", o, post)
     cond_out = body.op("Identity", cond_in)
     graph = helper.make_graph(
         body.nodes, body.name("graph"),

@@ -2,6 +2,7 @@
 force one chunk and many chunks."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,3 +73,63 @@ def test_decoder_in_small_chunks_equals_one_chunk_and_trains():
         torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
     chunked.sum().backward()
     assert model.model.layers[0].self_attn.kv_b_proj.weight.grad.abs().sum() > 0
+
+
+def test_post_projection_per_chunk():
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, 3, 9, 16), torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 8)
+    post = torch.randn(3, 8, 5)
+    mask = torch.arange(9)[None, :] <= torch.arange(9)[:, None]
+    ref = _ref(q, k.expand(1, 3, -1, -1), v.expand(1, 3, -1, -1), 0.2, mask) @ post
+    for budget in BUDGETS:
+        torch.testing.assert_close(attention(q, k, v, 0.2, causal=True, post=post, budget=budget), ref,
+                                   atol=1e-5, rtol=1e-5)
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, budget):
+        super().__init__()
+        self.budget = budget
+
+    def forward(self, q, k, v, post, seg, wq, wk, wv, valid):
+        a = attention(q, k, v, 0.3, causal=True, post=post, budget=self.budget)
+        b = attention(q[0], q[0], q[0], 0.3, q_segments=seg, k_segments=seg, budget=self.budget)
+        return a, b, window_attention(wq, wk, wv, valid, 0.5, self.budget)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 4 * 3 * 20 * 2])
+def test_exported_loops_equal_eager(tmp_path, budget):
+    """One export, then sizes other than the traced one (past lengths, one query, many chunks):
+    the ONNX Loops (densert.export.attention_onnx) give the eager numbers in ONNX Runtime."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    from densert.export.attention_onnx import expand_chunked_attention, op_types
+
+    def args(t, past, w=5):
+        g = torch.Generator().manual_seed(t * 100 + past)
+        r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        valid = torch.rand(w, 6, generator=g) > 0.3
+        valid[:, 0] = True
+        return (r(1, 3, t, 16), r(1, 1, past + t, 16), r(1, 1, past + t, 8), r(3, 8, 4),
+                torch.tensor([0] * (t // 2) + [1] * (t - t // 2)), r(w, 2, 6, 8), r(w, 2, 6, 8), r(w, 2, 6, 8), valid)
+
+    names = ["q", "k", "v", "post", "seg", "wq", "wk", "wv", "valid"]
+    dyn = {"q": {2: "T"}, "k": {2: "P"}, "v": {2: "P"}, "seg": {0: "T"}, **{n: {0: "W"} for n in names[5:]}}
+    m = _Attn(budget)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, args(9, 3), str(tmp_path / "a.onnx"), dynamo=False, opset_version=17,
+                          input_names=names, output_names=["a", "b", "c"], dynamic_axes=dyn)
+    model = onnx.load(str(tmp_path / "a.onnx"))
+    assert expand_chunked_attention(model) == 3
+    onnx.checker.check_model(model)
+    assert "Loop" in op_types(model.graph) and not any("::" in o for o in op_types(model.graph))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for t, past, w in ((9, 3, 5), (1, 7, 1), (13, 0, 9), (4, 0, 2)):
+        a = args(t, past, w)
+        got = sess.run(None, {n: x.numpy() for n, x in zip(names, a)})
+        for g, r in zip(got, m(*a)):
+            np.testing.assert_allclose(g, r.numpy(), atol=2e-6, rtol=1e-5)

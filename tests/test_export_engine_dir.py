@@ -99,7 +99,7 @@ def bundled_engines(tmp_path_factory):
     model = load_model(ck, torch.float32)
     return ck, model, {p: (root / p, export_engine(ck, root / p, precision=p, progress=False, model=model,
                                                    tasks=["depth", "segment"]))
-                       for p in ("fp32", "int8", "int4")}
+                       for p in ("int8", "int4")}
 
 
 @pytest.mark.parametrize("precision", ["int4", pytest.param("int8", marks=pytest.mark.slow)])
@@ -118,7 +118,7 @@ def test_quantized_graph_formats_and_sizes(bundled_engines):
     from onnx import helper
     ck, model, engines = bundled_engines
     size = {p: sum(f.stat().st_size for f in d.iterdir()) for p, (d, _) in engines.items()}
-    assert size["int4"] < size["int8"] < 0.6 * size["fp32"]
+    assert size["int4"] < size["int8"]     # the real-width ratios to fp32: test_export_realwidth.py
     for p in ("int8", "int4"):
         d, m = engines[p]
         assert m["tied_table"]["format"] == "int8" and m["tied_table"]["layout"] == "dv"

@@ -49,14 +49,17 @@ def _softmax_attend(q, k, v, mask):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
               causal: bool = False, q_segments: torch.Tensor | None = None,
-              k_segments: torch.Tensor | None = None, budget: int = DEFAULT_SCORE_BUDGET
-              ) -> torch.Tensor:
-    """softmax(q k^T * scale [+ mask]) v, query-chunked; see the module docstring."""
+              k_segments: torch.Tensor | None = None, post: torch.Tensor | None = None,
+              budget: int = DEFAULT_SCORE_BUDGET) -> torch.Tensor:
+    """softmax(q k^T * scale [+ mask]) v [@ post], query-chunked; see the module docstring.
+    ``post`` [..., Dv, Do] projects each chunk's output inside the loop, so only the projected
+    rows are kept (MLA: the latent output, 512 lanes per head, becomes the 128-lane value)."""
     if (q_segments is None) != (k_segments is None):
         raise ValueError("q_segments and k_segments go together")
     if torch.onnx.is_in_onnx_export():
-        seg = () if q_segments is None else (q_segments, k_segments)
-        return _ChunkedAttention.apply(q, k, v, float(scale), int(causal), int(budget), 0, *seg)
+        extra = (() if post is None else (post,)) + (() if q_segments is None else (q_segments, k_segments))
+        return _ChunkedAttention.apply(q, k, v, float(scale), int(causal), int(budget), 0,
+                                       int(post is not None), *extra)
     tq, tk = q.shape[-2], k.shape[-2]
     lead = 1
     for s in torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]):
@@ -73,7 +76,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *
         if q_segments is not None:
             seg = q_segments[s0:s1, None] == k_segments[None, :]
             mask = seg if mask is None else mask & seg
-        outs.append(_softmax_attend(q[..., s0:s1, :], k, v, mask))
+        o = _softmax_attend(q[..., s0:s1, :], k, v, mask)
+        outs.append(o if post is None else torch.matmul(o, post))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
@@ -81,7 +85,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_vali
                      scale: float, budget: int = DEFAULT_SCORE_BUDGET) -> torch.Tensor:
     """Attention inside each of W windows: q, k, v [W, H, S, D], key_valid [W, S] bool."""
     if torch.onnx.is_in_onnx_export():
-        return _ChunkedAttention.apply(q, k, v, float(scale), 0, int(budget), 1, key_valid)
+        return _ChunkedAttention.apply(q, k, v, float(scale), 0, int(budget), 1, 0, key_valid)
     w, h, s = q.shape[0], q.shape[1], q.shape[2]
     per = chunk_rows(w, h * s * k.shape[2], budget)
     q = q * scale
@@ -95,7 +99,8 @@ class _ChunkedAttention(torch.autograd.Function):
     outputs), and emits one ``densert::ChunkedAttention`` node for the ONNX pass to expand."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, budget, windows, *masks):
+    def forward(ctx, q, k, v, scale, causal, budget, windows, has_post, *extra):
+        post, masks = (extra[0], extra[1:]) if has_post else (None, extra)
         if windows:
             return _softmax_attend(q * scale, k, v, masks[0][:, None, None, :])
         mask = None
@@ -105,14 +110,15 @@ class _ChunkedAttention(torch.autograd.Function):
         if masks:
             seg = masks[0][:, None] == masks[1][None, :]
             mask = seg if mask is None else mask & seg
-        return _softmax_attend(q * scale, k, v, mask)
+        o = _softmax_attend(q * scale, k, v, mask)
+        return o if post is None else torch.matmul(o, post)
 
     @staticmethod
-    def symbolic(g, q, k, v, scale, causal, budget, windows, *masks):
+    def symbolic(g, q, k, v, scale, causal, budget, windows, has_post, *extra):
         rank = q.type().dim()
         if rank is None:
             raise RuntimeError("ChunkedAttention export needs the rank of q")
-        out = g.op(f"{ONNX_DOMAIN}::{ONNX_OP}", q, k, v, *masks, scale_f=scale, causal_i=causal,
-                   budget_i=budget, windows_i=windows, rank_i=rank)
+        out = g.op(f"{ONNX_DOMAIN}::{ONNX_OP}", q, k, v, *extra, scale_f=scale, causal_i=causal,
+                   budget_i=budget, windows_i=windows, post_i=has_post, rank_i=rank)
         out.setType(q.type().with_sizes([None] * rank))
         return out

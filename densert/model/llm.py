@@ -149,9 +149,10 @@ class YoutuMLAttention(nn.Module):
             # Absorb kv_b's key half into the query: q_nope . (W_uk c) == (W_uk^T q_nope) . c
             q_lat = torch.cat([torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk), q_rot], dim=-1)
             # The latent is both key (all 576 lanes) and value (the first 512), shared by heads.
+            # kv_b's value half is applied per query chunk (``post``): [H, rank, vdim].
             c1 = c.unsqueeze(1)
-            o_lat = attention(q_lat, c1, c1[..., : self.rank], scale, causal=True, budget=budget)
-            o = torch.einsum("bhtc,hdc->bhtd", o_lat, w_uv)                 # [B, H, T, vdim]
+            o = attention(q_lat, c1, c1[..., : self.rank], scale, causal=True,
+                          post=w_uv.transpose(1, 2), budget=budget)             # [B, H, T, vdim]
         else:
             raise ValueError(f"unknown cache layout {layout!r}; expected one of {CACHE_LAYOUTS}")
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
