@@ -113,6 +113,19 @@ def test_quantized_engines_pass_their_gate(bundled_engines, precision):
     assert rep.precision == precision and rep.dense and rep.agreement
 
 
+def test_thresholds_are_enforced(bundled_engines, monkeypatch, capsys):
+    """The gate is per precision and binding: the int4 engine judged by the fp32 row fails, and
+    ``densert verify`` exits 1 with FAIL."""
+    from densert.cli import main
+    from densert.export import verify as V
+    ck, model, engines = bundled_engines
+    monkeypatch.setitem(V.THRESHOLDS, "int4", V.THRESHOLDS["fp32"])
+    assert main(["verify", str(engines["int4"][0]), "--model", str(ck), "--grids", "12x20",
+                 "--decode-steps", "2"]) == 1
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("FAIL") and "cosine >= 0.99999" in out
+
+
 def test_quantized_graph_formats_and_sizes(bundled_engines):
     import onnx
     from onnx import helper
