@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         results["torch"] = bench(TorchBackend(model), px, meta, ids, a.runs, a.warmup, a.decode_steps)
     ort = OrtBackend(engine_dir, model_dir=model_dir, intra_op_threads=a.threads)
     results["onnxruntime"] = bench(ort, px, meta, ids, a.runs, a.warmup, a.decode_steps)
-    info = {"model": str(model_dir), "preset": a.preset if a.model is None else None, "grid": [gh, gw],
+    info = {"model": str(model_dir), "model_size": a.model_size if a.model is None else None, "grid": [gh, gw],
             "image_tokens": gh * gw // 4, "prompt_tokens": int(ids.shape[1]), "threads": a.threads,
             "decode_steps": a.decode_steps, "runs": a.runs, "export_s": export_s,
             "providers": ort.providers, "torch": torch.__version__, "results": results}

@@ -1,9 +1,10 @@
 """The stages every backend runs, and the PyTorch reference backend.
 
-The runtime talks to a backend only through these three stages (the same split as the exported
-engines: ``vision.onnx``, ``llm_prefill.onnx``, ``llm_decode.onnx``), so torch, ONNX Runtime and
-TensorRT are interchangeable and can be compared stage by stage. The cache is opaque to the
-runtime: whatever a backend's ``prefill`` returns, its ``decode`` takes back.
+The runtime talks to a backend only through these three stages (the exported engines run them
+as ``vision.onnx`` and ``llm.onnx``: prefill is an LLM call with an empty past, decode one with a
+single token), so torch, ONNX Runtime and TensorRT are interchangeable and can be compared stage
+by stage. The cache is opaque to the runtime: whatever a backend's ``prefill`` returns, its
+``decode`` takes back.
 """
 from __future__ import annotations
 

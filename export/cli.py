@@ -57,8 +57,12 @@ def run(args) -> int:
                  for g, i in m["graphs"].items()}
         for g, s in sizes.items():
             print(f"{g:<12} {s / 2**20:10.1f} MiB  {m['graphs'][g]['file']}")
-        print(f"engine dir {args.out}: {m['precision']}, cache layout {m['cache_layout']}, tasks "
-              f"{','.join(m['tasks'])}, checkpoint {m['checkpoint']['checkpoint_id'][:16]}")
+        total = sum(p.stat().st_size for p in Path(args.out).iterdir() if p.is_file())
+        sizes_txt = (f"sized for {' '.join('x'.join(map(str, s)) for s in m['image_sizes'])} px"
+                     if m["image_sizes"] else f"up to {m['max_image_tokens']} image tokens")
+        print(f"engine dir {args.out}: {total / 2**20:.1f} MiB, {m['precision']}, {sizes_txt}, cache "
+              f"layout {m['cache_layout']}, tasks {','.join(m['tasks'])}, checkpoint "
+              f"{m['checkpoint']['checkpoint_id'][:16]} (not needed to run it)")
         return 0
     if args.command == "verify":
         from .verify import verify

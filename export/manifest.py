@@ -22,7 +22,7 @@ from densert.errors import EngineError
 
 MANIFEST = "manifest.json"
 FORMAT = "densert-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: vision.onnx + llm.onnx (one decoder graph), side files, tied table
 CHECKPOINT_FILES_GLOB = ("config.json", "*.safetensors", "tokenizer.json")
 
 
@@ -159,15 +159,21 @@ def read_manifest(engine_dir: str | Path) -> dict[str, Any]:
 
 
 def check_files(engine_dir: str | Path, m: dict[str, Any]) -> None:
-    """Every graph file still has the sha256 it had at export (catches swapped / truncated files)."""
+    """Every graph file and side file (tokenizer, config, ...) still has the sha256 it had at
+    export (catches swapped / truncated files)."""
     d = Path(engine_dir)
-    for g, info in m["graphs"].items():
-        for f, want in info.get("sha256", {}).items():
-            got = file_sha256(d / f)
-            if got != want:
-                raise EngineError(f"engine dir {d}: {f} (graph {g!r}) has sha256 {got[:16]}..., the "
-                                  f"manifest says {want[:16]}...; the file was replaced or damaged; "
-                                  f"{_rebuild_hint(d, None, m)}")
+    listed = [(f, want, f"graph {g!r}") for g, info in m["graphs"].items()
+              for f, want in info.get("sha256", {}).items()]
+    listed += [(f, want, "side file") for f, want in m.get("files", {}).items()]
+    for f, want, what in listed:
+        if not (d / f).is_file():
+            raise EngineError(f"engine dir {d} is missing {f} ({what} listed in {MANIFEST}); "
+                              f"{_rebuild_hint(d, None, m)}")
+        got = file_sha256(d / f)
+        if got != want:
+            raise EngineError(f"engine dir {d}: {f} ({what}) has sha256 {got[:16]}..., the "
+                              f"manifest says {want[:16]}...; the file was replaced or damaged; "
+                              f"{_rebuild_hint(d, None, m)}")
 
 
 def check_checkpoint(engine_dir: str | Path, m: dict[str, Any], model_dir: str | Path) -> None:
@@ -189,7 +195,10 @@ def check_checkpoint(engine_dir: str | Path, m: dict[str, Any], model_dir: str |
 
 
 def check_tasks(engine_dir: str | Path, m: dict[str, Any], tasks: Iterable[str]) -> None:
-    missing = [t for t in tasks if t not in m["tasks"]]
+    """Dense tasks need their vocab subsets in the graph; text generation (chat) works with
+    every engine (the LLM graph decodes)."""
+    from densert.tasks import DENSE_TASKS
+    missing = [t for t in tasks if t in DENSE_TASKS and t not in m["tasks"]]
     if missing:
         raise EngineError(f"engine dir {engine_dir} was exported for tasks {sorted(m['tasks'])}, not "
                           f"{missing}; re-run `densert export ... --tasks {','.join(sorted(set(m['tasks']) | set(missing)))}`")
@@ -197,11 +206,21 @@ def check_tasks(engine_dir: str | Path, m: dict[str, Any], tasks: Iterable[str])
 
 def load_manifest(engine_dir: str | Path, model_dir: str | Path | None = None,
                   tasks: Iterable[str] = (), check_hashes: bool = True) -> dict[str, Any]:
-    """Everything the runtime checks before it opens a graph, in order of cost."""
+    """Everything the runtime checks before it opens a graph, in order of cost. ``model_dir``:
+    the checkpoint the caller believes the engine came from (checked against the hashes kept
+    for provenance); None, or the engine dir itself: the engine dir stands alone."""
     m = read_manifest(engine_dir)
     check_tasks(engine_dir, m, tasks)
     if check_hashes:
         check_files(engine_dir, m)
-    if model_dir is not None:
+    if model_dir is not None and not is_engine_dir(model_dir, engine_dir):
         check_checkpoint(engine_dir, m, model_dir)
     return m
+
+
+def is_engine_dir(path: str | Path, engine_dir: str | Path | None = None) -> bool:
+    """``path`` is an engine directory (``engine_dir`` itself when given), not a checkpoint."""
+    p = Path(path)
+    if engine_dir is not None and p.resolve() == Path(engine_dir).resolve():
+        return True
+    return (p / MANIFEST).is_file()

@@ -4,36 +4,62 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from densert.image import DEFAULT_MAX_PATCHES, MIN_MAX_PATCHES
+from densert.image import MERGE, MIN_MAX_PATCHES
 from densert.model.config import CACHE_LAYOUTS
-from densert.options import check_choices, comma_list, opt
+from densert.options import check_choices, comma_list, hw_size, opt
 from densert.tasks import TASKS
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# A 1k-token frame: 1024 merged tokens = 4096 patches (e.g. 1024x1024 px, or 768x1344).
+DEFAULT_MAX_IMAGE_TOKENS = 1024
 
 
 @dataclass
 class ExportOptions:
-    precision: str = opt("fp32", "weights and activations of the graphs (fp16 keeps norms, "
-                                 "attention softmax and RoPE in fp32)", choices=PRECISIONS)
-    max_patches: int = opt(DEFAULT_MAX_PATCHES, "largest image (16x16 patches) the engines "
-                                                "accept; recorded in the manifest and used as the "
-                                                "TensorRT profile maximum")
+    precision: str = opt("fp32", "fp32; fp16 (norms, attention softmax and RoPE stay fp32); int8 "
+                                 "/ int4: weight-only quantized decoder (int8 per channel / int4 "
+                                 "in blocks), lm_head table and vision tower int8, fp32 "
+                                 "activations",
+                         choices=PRECISIONS)
+    max_image_tokens: int = opt(DEFAULT_MAX_IMAGE_TOKENS,
+                                "largest image the engines take, in vision tokens (one per 32x32 "
+                                "px): the TensorRT profile maximum and the runtime's image cap")
+    image_size: tuple[str, ...] = opt((), "comma list of the image sizes you deploy, HxW px (e.g. "
+                                          "480x640): size the engines for exactly these instead "
+                                          "of --max-image-tokens", type=comma_list,
+                                      metavar="HxW[,HxW...]")
     tasks: tuple[str, ...] = opt(TASKS, "comma list of tasks to serve: their vocab subsets are "
-                                        "baked into the prefill graph; a task that generates text "
-                                        "adds llm_decode.onnx", type=comma_list, metavar="TASKS")
+                                        "baked into the LLM graph", type=comma_list, metavar="TASKS")
     cache_layout: str = opt("latent", "KV cache: the MLA latent (576 values per token per layer) "
                                       "or per-head keys and values", choices=CACHE_LAYOUTS)
+    int4_block: int = opt(32, "int4: weights per quantization block along the input dimension",
+                          choices=(16, 32, 64, 128))
+    attention_chunk_mib: int = opt(64, "fp32 attention scores held per chunk of queries (MiB): "
+                                       "bounds attention memory at any image size")
 
     def __post_init__(self):
         self.tasks = tuple(dict.fromkeys(self.tasks))
+        self.image_size = tuple(self.image_size)
         check_choices(self)
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ValueError(f"unknown tasks {list(bad or self.tasks)}; expected a subset of {TASKS}")
-        if self.max_patches < MIN_MAX_PATCHES:
-            raise ValueError(f"max_patches {self.max_patches} is below {MIN_MAX_PATCHES} "
-                             "(one merged token)")
+        if self.max_image_tokens < 1:
+            raise ValueError(f"max_image_tokens {self.max_image_tokens} must be >= 1")
+        for s in self.image_size:
+            hw_size(s)
+        if self.attention_chunk_mib < 1:
+            raise ValueError(f"attention_chunk_mib {self.attention_chunk_mib} must be >= 1")
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        return [hw_size(s) for s in self.image_size]
+
+    @property
+    def max_patches(self) -> int:
+        """--max-image-tokens in 16x16 patches (--image-size is resolved at export, where the
+        processor's size search runs)."""
+        return self.max_image_tokens * MERGE * MERGE
 
 
 @dataclass
@@ -41,19 +67,19 @@ class BuildRequest:
     """What ``densert build-engine`` asks TensorRT for; ``tensorrt.BuildOptions.from_manifest``
     resolves it against the engine directory's manifest."""
 
-    fp16: bool = opt(False, "allow fp16 tactics for an fp32 export (an fp16 export is built "
-                            "strongly typed)")
     min_patches: int = opt(MIN_MAX_PATCHES, "smallest image (16x16 patches) of the optimization "
                                             "profile")
     opt_patches: int = opt(1024, "image size TensorRT tunes its tactics for")
-    max_patches: int | None = opt(None, "largest image of the profile (default: the manifest's "
-                                        "max_patches)", type=int)
+    max_patches: int | None = opt(None, "largest image of the profile (default: the export's, "
+                                        "from --max-image-tokens / --image-size)", type=int)
     max_seq: int | None = opt(None, "longest prompt + generated tokens (default: max image "
                                     "tokens + 512)", type=int)
     opt_seq: int | None = opt(None, "sequence length TensorRT tunes for (default: opt image "
                                     "tokens + 64)", type=int)
     workspace_gb: float = opt(4.0, "TensorRT workspace memory pool, GB")
     timing_cache: str | None = opt(None, "timing cache file (default: ENGINE_DIR/timing.cache)")
+    tf32: bool = opt(False, "allow TF32 math in fp32 layers (faster on Ampere and later; the fp32 "
+                            "parity gate is measured without it)")
 
 
 # `densert verify`: synthetic images (patch grids: square, wide with padded windows, tall) and

@@ -6,18 +6,28 @@ steps fed with the engine's own cache (logits per step, and the generated tokens
 max abs error, relative error (max abs error / max |reference|) and cosine similarity. Dense maps:
 task scores bilinearly upsampled to the image's pixels (``pytorch_half_pixel``), argmax, and the
 share of pixels where the engine's argmax equals the reference's, counted over pixels whose
-reference top-2 margin is not a near-tie.
+reference top-2 margin is not a near-tie. Next tokens: the share of steps (the prefill's last
+position and each decode step, fed the reference's tokens) whose argmax equals the reference's.
 
-Thresholds (``THRESHOLDS``), reference = fp32 torch on CPU:
+Thresholds (``THRESHOLDS``), reference = fp32 torch on CPU. The quantized rows are the lowest
+values measured on the bundled densert-tiny and on a random-weight real-width 2 + 2 layer
+checkpoint (``benchmarks/bench_engines.py``, results in ``benchmarks/results/engines.md``),
+rounded down:
 
-============  ===========  =============  =========================  ==============
-precision     cosine >=    rel. error <=  dense-map agreement >=     greedy tokens
-============  ===========  =============  =========================  ==============
-fp32          0.99999      1e-3           99.9 % (tie margin 1e-3)   identical
-fp16          0.999        5e-2           99.0 % (tie margin 2e-2)   reported only
-============  ===========  =============  =========================  ==============
+=========  =========  ===========  ==============================  ==========  ===========
+precision  cosine >=  rel. err <=  dense agreement >= depth / seg   tie margin  next tokens
+                                   / refer
+=========  =========  ===========  ==============================  ==========  ===========
+fp32       0.99999    1e-3         99.9 / 99.9 / 99.9 %            1e-3        all
+fp16       0.999      5e-2         99.0 / 99.0 / 99.0 %            2e-2        reported
+int8       0.999      6e-2         90 / 97 / 97 %                  2e-2        >= 80 %
+int4       0.93       0.4          30 / 88 / 90 %                  2e-2        reported
+=========  =========  ===========  ==============================  ==========  ===========
 
-The tie margin is relative to the standard deviation of the reference scores of that map.
+The tie margin is relative to the standard deviation of the reference scores of that map. int4
+on the random-weight checkpoint is the floor: its 1000 depth rows are unrelated random vectors
+and its logits have no margin, so a few percent of hidden-state error moves the depth argmax and
+the greedy token; on the trained bundled model int4 keeps >= 95 % of the depth bins.
 """
 from __future__ import annotations
 
@@ -35,9 +45,15 @@ from densert.model.vision_meta import build_vision_meta
 
 from .options import VERIFY_DECODE_STEPS, VERIFY_GRIDS
 
+def _dense(depth: float, segment: float, refer: float) -> dict[str, float]:
+    return {"depth": depth, "segment": segment, "refer": refer}
+
+
 THRESHOLDS = {
-    "fp32": {"cosine": 0.99999, "rel": 1e-3, "dense": 0.999, "tie": 1e-3, "tokens": True},
-    "fp16": {"cosine": 0.999, "rel": 5e-2, "dense": 0.99, "tie": 2e-2, "tokens": False},
+    "fp32": {"cosine": 0.99999, "rel": 1e-3, "dense": _dense(0.999, 0.999, 0.999), "tie": 1e-3, "tokens": 1.0},
+    "fp16": {"cosine": 0.999, "rel": 5e-2, "dense": _dense(0.99, 0.99, 0.99), "tie": 2e-2, "tokens": None},
+    "int8": {"cosine": 0.999, "rel": 6e-2, "dense": _dense(0.90, 0.97, 0.97), "tie": 2e-2, "tokens": 0.8},
+    "int4": {"cosine": 0.93, "rel": 0.4, "dense": _dense(0.30, 0.88, 0.90), "tie": 2e-2, "tokens": None},
 }
 
 
@@ -56,23 +72,29 @@ class Report:
     tensors: list[TensorStat] = field(default_factory=list)
     dense: list[tuple[str, float, int, bool]] = field(default_factory=list)  # (name, agreement, pixels, ok)
     tokens: list[tuple[str, list[int], list[int], bool]] = field(default_factory=list)
+    # (name, next-token argmax agreement on the reference token stream, positions, ok)
+    agreement: list[tuple[str, float, int, bool]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return (all(t.ok for t in self.tensors) and all(d[3] for d in self.dense)
-                and all(t[3] for t in self.tokens))
+                and all(t[3] for t in self.agreement))
 
     def format(self) -> str:
         th = THRESHOLDS[self.precision]
+        dense = " / ".join(f"{t} {v * 100:g}%" for t, v in th["dense"].items())
+        tokens = "reported" if th["tokens"] is None else f">= {th['tokens'] * 100:g}%"
         lines = [f"parity vs torch fp32 ({self.precision}: cosine >= {th['cosine']}, rel <= {th['rel']}, "
-                 f"dense agreement >= {th['dense'] * 100:.1f}%)",
+                 f"dense agreement >= {dense}, next tokens {tokens})",
                  f"{'tensor':<44}{'max_abs':>12}{'rel':>12}{'cosine':>12}  ok"]
         for t in self.tensors:
             lines.append(f"{t.name:<44}{t.max_abs:>12.3e}{t.rel:>12.3e}{t.cosine:>12.7f}  {'ok' if t.ok else 'FAIL'}")
         for name, agree, n, ok in self.dense:
             lines.append(f"{name:<44} argmax agreement {agree * 100:8.3f}% of {n} non-tie pixels  {'ok' if ok else 'FAIL'}")
         for name, ref, got, ok in self.tokens:
-            lines.append(f"{name:<44} torch {ref} engine {got}  {'ok' if ok else 'FAIL'}")
+            lines.append(f"{name:<44} torch {ref} engine {got}  {'same' if ok else 'differ'}")
+        for name, agree, n, ok in self.agreement:
+            lines.append(f"{name:<44} next-token agreement {agree * 100:7.2f}% of {n} steps  {'ok' if ok else 'FAIL'}")
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
@@ -197,29 +219,33 @@ def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] 
             s_got = p_got.scores[t]
             rep.tensors.append(compare(f"[{label}] prefill scores_{t}", s_ref, s_got, th))
             agree, n = dense_agreement(s_ref, s_got, (grid[0] // 2, grid[1] // 2), out_hw, th["tie"])
-            rep.dense.append((f"[{label}] {t} map {out_hw[0]}x{out_hw[1]}", agree, n, agree >= th["dense"]))
+            rep.dense.append((f"[{label}] {t} map {out_hw[0]}x{out_hw[1]}", agree, n, agree >= th["dense"][t]))
         # End-to-end with the engine's own vision output: the dense map a user would get.
         if subsets:
             p_e2e = eng.prefill(ids, e_got)
             for t, w in subsets.items():
                 agree, n = dense_agreement(p_ref.vision_hidden.float() @ w.T, p_e2e.scores[t],
                                            (grid[0] // 2, grid[1] // 2), out_hw, th["tie"])
-                rep.dense.append((f"[{label}] {t} map end-to-end", agree, n, agree >= th["dense"]))
-        if "llm_decode" in m["graphs"] and decode_steps:
+                rep.dense.append((f"[{label}] {t} map end-to-end", agree, n, agree >= th["dense"][t]))
+        if decode_steps:
             toks_ref, _ = greedy_decode(ref.decode, p_ref.last_logits, p_ref.cache, decode_steps)
             toks_got, _ = greedy_decode(eng.decode, p_got.last_logits, p_got.cache, decode_steps)
-            rep.tokens.append((f"[{label}] greedy tokens", toks_ref, toks_got,
-                               toks_ref == toks_got or not th["tokens"]))
+            rep.tokens.append((f"[{label}] greedy tokens", toks_ref, toks_got, toks_ref == toks_got))
             # Per-step logits on the reference token stream (independent of argmax flips). The
             # torch cache grows in place, so the reference starts again from a new prefill.
             cr, cg = ref.prefill(ids, e_ref).cache, p_got.cache
             worst = None
+            same = [int(torch.argmax(p_ref.last_logits)) == int(torch.argmax(p_got.last_logits))]
             for tok in toks_ref[:-1] or toks_ref:
                 lr, cr = ref.decode(tok, cr)
                 lg, cg = eng.decode(tok, cg)
+                same.append(int(torch.argmax(lr)) == int(torch.argmax(lg)))
                 s = compare(f"[{label}] decode logits", lr, lg, th)
                 if worst is None or s.cosine < worst.cosine or s.rel > worst.rel:
                     worst = s
+            agree = sum(same) / len(same)
+            rep.agreement.append((f"[{label}] next tokens", agree, len(same),
+                                  th["tokens"] is None or agree >= th["tokens"]))
             if worst is not None:
                 worst.name = f"[{label}] decode logits (worst of {len(toks_ref[:-1] or toks_ref)} steps)"
                 rep.tensors.append(worst)

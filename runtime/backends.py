@@ -58,12 +58,17 @@ def _import(module: str, attr: str, name: str):
 
 
 def lm_head_weight(backend, model_dir: str | Path | None) -> torch.Tensor:
-    """[V, d] lm_head weight. From the torch model when there is one (no copy), else read from
-    the checkpoint's safetensors (``lm_head.weight``, or the tied ``model.embed_tokens.weight``).
-    Only a few rows are ever used (``kernels.dense_head.subset_weight``)."""
+    """[V, d] lm_head weight. From the torch model when there is one (no copy); from an engine
+    backend's tied table (``head_table``: rows read from the engine directory on demand, in the
+    engine's precision); else read from the checkpoint's safetensors (``lm_head.weight``, or the
+    tied ``model.embed_tokens.weight``). Only a few rows are ever used
+    (``kernels.dense_head.subset_weight``)."""
     model = getattr(backend, "model", None)
     if model is not None and hasattr(model, "lm_head"):
         return model.lm_head.weight.detach()
+    table = getattr(backend, "head_table", None)
+    if table is not None:
+        return table
     if model_dir is None:
         raise BackendError(f"backend {backend.name!r} exposes no lm_head and no model_dir was given")
     from densert.checkpoint.files import read_all_headers

@@ -75,7 +75,8 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
                         help="image files or directories of images" + (
                             " (none: a text-only prompt)" if command == "chat" else ""))
     parser.add_argument("--model", default=None,
-                        help="checkpoint directory (default: the bundled densert-tiny)")
+                        help="checkpoint directory (default: the bundled densert-tiny; with an "
+                             "engine backend and --engine-dir, the engine directory alone)")
     parser.add_argument("--out", default="densert-out", help="output directory (created)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar or per-image lines; errors only")

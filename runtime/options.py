@@ -114,12 +114,14 @@ class PredictorOptions:
 
     backend: str = opt("torch", "torch (eager reference), onnxruntime or tensorrt (engines of "
                                 "`densert export` / `build-engine`)", choices=BACKENDS)
-    engine_dir: str | None = opt(None, "engine directory for onnxruntime / tensorrt (default: the "
-                                       "per-checkpoint cache, exported on first use)")
+    engine_dir: str | None = opt(None, "engine directory for onnxruntime / tensorrt: it runs alone, "
+                                       "no --model needed (default: the per-checkpoint cache, "
+                                       "exported on first use)")
     dtype: str = opt("float32", "torch weight dtype", choices=DTYPES)
     device: str = opt("auto", "torch device (auto: cuda when available)", type=device_name,
                       metavar="{auto,cpu,cuda,cuda:N}")
-    max_patches: int = opt(DEFAULT_MAX_PATCHES, "the processor's cap on 16x16 patches per image")
+    max_patches: int = opt(DEFAULT_MAX_PATCHES, "the processor's cap on 16x16 patches per image "
+                                                "(an engine's own budget caps it further)")
     upscale: int = opt(1, "upscale factor before the size search (paper: x2-x4 for small images)",
                        choices=UPSCALES)
     # None: the checkpoint's generation_config.json, else the release's values (the demo's call,

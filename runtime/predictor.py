@@ -136,14 +136,19 @@ def _input_hw(image) -> tuple[int, int] | None:
 
 class DensePredictor:
     """``DensePredictor(model_dir=None, options=None, **settings)``: ``model_dir`` None = the
-    bundled densert-tiny; ``options`` = ``DenseOptions`` (decoding); ``settings`` = the fields of
-    ``PredictorOptions`` (backend, engine_dir, dtype, device, max_patches, upscale,
-    max_new_tokens, repetition_penalty), with the defaults declared there."""
+    bundled densert-tiny, or, for an engine backend given an ``engine_dir``, that directory
+    alone (it holds the tokenizer, config and weights: no checkpoint needed); ``options`` =
+    ``DenseOptions`` (decoding); ``settings`` = the fields of ``PredictorOptions`` (backend,
+    engine_dir, dtype, device, max_patches, upscale, max_new_tokens, repetition_penalty), with
+    the defaults declared there. An engine's image budget caps ``max_patches`` (images are
+    scaled to fit it)."""
 
     def __init__(self, model_dir=None, options: DenseOptions | None = None, **settings):
         from densert.text.tokens import Vocab
         s = PredictorOptions(**settings)
-        self.model_dir = check_model_dir(model_dir if model_dir is not None else bundled_model_dir())
+        if model_dir is None:
+            model_dir = s.engine_dir if s.engine_dir and s.backend != "torch" else bundled_model_dir()
+        self.model_dir = check_model_dir(model_dir)
         self.task_defaults = read_task_defaults(self.model_dir)
         be = make_backend(s.backend, self.model_dir, s.dtype, s.engine_dir, device=s.device)
         self._setup(be, Vocab.from_file(self.model_dir), options, s)
@@ -164,6 +169,7 @@ class DensePredictor:
         self.options = options or DenseOptions()
         self.settings = settings
         self._head = lm_head_weight(backend, self.model_dir)
+        self._max_patches = min(settings.max_patches, getattr(backend, "max_patches", settings.max_patches))
         self._weights: dict[tuple, torch.Tensor] = {}
         self._metas: dict[tuple[int, int], object] = {}
         self.chat_template = (read_chat_template(self.model_dir) if self.model_dir else None) \
@@ -276,7 +282,7 @@ class DensePredictor:
 
     def _pre(self, image, tm: Timings, upscale: float | None = None) -> Preprocessed:
         with tm.stage("preprocess"):
-            return preprocess(image, self.settings.max_patches,
+            return preprocess(image, self._max_patches,
                               self.settings.upscale if upscale is None else upscale)
 
     def _answer(self, image, prompt: prompts.Prompt, tm: Timings):

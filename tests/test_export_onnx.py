@@ -9,15 +9,16 @@ import torch
 
 from densert.checkpoint.loader import load_model
 from densert.errors import EngineError
+from densert.export import trt_rules
 from densert.export.manifest import MANIFEST, load_manifest
-from densert.export.onnx_export import TRT_SUPPORTED_OPS, export_engine
+from densert.export.onnx_export import export_engine
 from densert.export.ort_backend import OrtBackend
 from densert.export.verify import verify
 from densert.model.generation import generate, greedy_decode
 from densert.model.vision_meta import build_vision_meta
 from densert.tasks import DENSE_TASKS
 
-GRIDS = ((8, 8), (12, 20), (18, 10), (2, 2))  # one export serves all of them
+GRIDS = ((12, 20), (18, 10), (2, 2))  # one export serves all of them
 
 
 
@@ -35,22 +36,29 @@ def engine(tiny_checkpoint, model, tmp_path_factory):
 
 
 def test_manifest_describes_every_graph(engine, tiny_checkpoint):
+    import onnx
     m = load_manifest(engine, tiny_checkpoint)
-    assert set(m["graphs"]) == {"vision", "llm_prefill", "llm_decode"}
+    assert set(m["graphs"]) == {"vision", "llm"}
     assert m["precision"] == "fp32" and m["cache_layout"] == "latent" and m["exporter"]["onnx_opset"] >= 17
     v = {i["name"]: i for i in m["graphs"]["vision"]["inputs"]}
     assert v["pixel_values"]["shape"] == ["patches", 768] and v["window_index"]["shape"] == ["cells"]
-    dec = {i["name"]: i for i in m["graphs"]["llm_decode"]["inputs"]}
+    assert v["window_slots"]["shape"] == ["slots"] and v["window_inverse"]["shape"] == ["patches"]
+    llm = {i["name"]: i for i in m["graphs"]["llm"]["inputs"]}
     cfg = m["config"]
-    assert dec["past_latent"]["shape"] == [cfg["num_hidden_layers"], 1, "past_seq", cfg["latent_cache_dim"]]
+    assert llm["inputs_embeds"]["shape"] == [1, "seq", cfg["hidden_size"]]
+    assert llm["past_latent"]["shape"] == [cfg["num_hidden_layers"], 1, "past_seq", cfg["latent_cache_dim"]]
     assert len(m["tasks"]["depth"]["groups"]) == 1000 and m["tasks"]["segment"]["labels"] == ["FG", "BG", "OTHERS"]
     assert set(m["checkpoint"]["files"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
+    # sized for a 1k-token frame by default
+    assert m["max_image_tokens"] == 1024 and m["max_patches"] == 4096
     for g, info in m["graphs"].items():
-        assert not set(info["op_types"]) - TRT_SUPPORTED_OPS, f"{g} uses ops TensorRT's ONNX parser lacks"
+        graph = onnx.load(str(engine / info["file"]), load_external_data=False)
+        assert trt_rules.problems(graph) == [], f"{g}.onnx breaks TensorRT {trt_rules.OLDEST_TENSORRT}'s rules"
+        assert "Loop" in info["op_types"] and "CumSum" not in info["op_types"]
 
 
 def test_parity_gate_several_sizes_one_export(engine, tiny_checkpoint, model):
-    rep = verify(engine, tiny_checkpoint, grids=GRIDS, decode_steps=4, model=model, log=lambda s: None)
+    rep = verify(engine, tiny_checkpoint, grids=GRIDS, decode_steps=3, model=model, log=lambda s: None)
     assert rep.ok, rep.format()
     # every stage was checked at every size, dense maps included
     assert len([t for t in rep.tensors if "vision image_embeds" in t.name]) == len(GRIDS)
@@ -104,8 +112,11 @@ def test_engine_of_another_checkpoint_is_refused(engine, tmp_path):
 
 def test_missing_file_is_refused(engine, tmp_path, tiny_checkpoint):
     d = _copy(engine, tmp_path)
-    (d / "llm_decode.onnx").unlink()
-    with pytest.raises(EngineError, match="is missing llm_decode.onnx"):
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(EngineError, match="is missing tokenizer.json"):
+        OrtBackend(d)
+    (d / "llm.onnx.data").unlink()
+    with pytest.raises(EngineError, match="is missing llm.onnx.data"):
         OrtBackend(d, model_dir=tiny_checkpoint)
     (d / MANIFEST).unlink()
     with pytest.raises(EngineError, match="has no manifest.json"):
@@ -128,39 +139,40 @@ def test_tampered_manifest_is_refused(engine, tmp_path, tiny_checkpoint):
 
 def test_replaced_graph_file_is_refused(engine, tmp_path, tiny_checkpoint):
     d = _copy(engine, tmp_path)
-    shutil.copyfile(d / "llm_prefill.onnx", d / "llm_decode.onnx")
-    with pytest.raises(EngineError, match="llm_decode.onnx .* was replaced or damaged"):
+    shutil.copyfile(d / "vision.onnx", d / "llm.onnx")
+    with pytest.raises(EngineError, match="llm.onnx .* was replaced or damaged"):
         OrtBackend(d, model_dir=tiny_checkpoint)
 
 
 def test_task_not_exported_is_refused(tiny_checkpoint, model, tmp_path):
     out = tmp_path / "depth-only"
     m = export_engine(tiny_checkpoint, out, tasks=["depth"], progress=False, model=model)
-    assert set(m["graphs"]) == {"vision", "llm_prefill"}
-    with pytest.raises(EngineError, match=r"exported for tasks \['depth'\], not \['chat'\]"):
-        OrtBackend(out, model_dir=tiny_checkpoint, tasks=["chat"])
-    ob = OrtBackend(out, model_dir=tiny_checkpoint, tasks=["depth"])
+    assert set(m["graphs"]) == {"vision", "llm"}
+    with pytest.raises(EngineError, match=r"exported for tasks \['depth'\], not \['segment'\]"):
+        OrtBackend(out, model_dir=tiny_checkpoint, tasks=["segment"])
+    # the one LLM graph decodes whatever tasks it was exported for
+    ob = OrtBackend(out, model_dir=tiny_checkpoint, tasks=["depth", "chat"])
     pre = ob.prefill(torch.tensor([[1, 2, 3]]), None)
-    with pytest.raises(EngineError, match="no llm_decode.onnx"):
-        ob.decode(5, pre.cache)
+    logits, cache = ob.decode(5, pre.cache)
+    assert logits.shape == (model.config.vocab_size,) and cache.length == 4
 
 
 def test_too_many_patches_is_refused(tiny_checkpoint, model, tmp_path):
     out = tmp_path / "small"
-    export_engine(tiny_checkpoint, out, tasks=["chat"], max_patches=256, progress=False, model=model)
+    export_engine(tiny_checkpoint, out, tasks=["chat"], max_image_tokens=64, progress=False, model=model)
     ob = OrtBackend(out, model_dir=tiny_checkpoint)
     meta = build_vision_meta([(16, 20)], model.config.vision_config)
-    with pytest.raises(EngineError, match="320 patches.*at most 256.*--max-patches 320"):
+    with pytest.raises(EngineError, match="320 patches.*at most 256.*--max-image-tokens 80"):
         ob.encode_image(torch.randn(320, 768), meta)
 
 
 # ---------------------------------------------------------------- variants
 def test_full_cache_layout_and_external_data(tiny_checkpoint, model, tmp_path):
     out = tmp_path / "full-ext"
-    m = export_engine(tiny_checkpoint, out, tasks=["chat"], cache_layout="full", progress=False, model=model,
-                      external_data_threshold=0)
+    m = export_engine(tiny_checkpoint, out, tasks=["chat"], cache_layout="full", progress=False, model=model)
     assert all(info["external_data"] == [info["file"] + ".data"] for info in m["graphs"].values())
-    assert [o["name"] for o in m["graphs"]["llm_decode"]["outputs"]] == ["logits", "present_key", "present_value"]
+    assert [o["name"] for o in m["graphs"]["llm"]["outputs"]] == [
+        "vision_hidden", "pre_vision_hidden", "last_logits", "present_key", "present_value"]
     rep = verify(out, tiny_checkpoint, grids=((8, 12), (4, 4)), decode_steps=3, model=model, log=lambda s: None)
     assert rep.ok, rep.format()
 
@@ -169,7 +181,10 @@ def test_cli_export_and_verify(tiny_checkpoint, tmp_path, capsys):
     from densert.cli import main
     out = tmp_path / "cli-eng"
     assert main(["export", "--model", str(tiny_checkpoint), "--out", str(out), "--tasks", "depth,chat",
-                 "--quiet"]) == 0
+                 "--image-size", "480x640", "--quiet"]) == 0
+    assert "sized for 480x640 px" in capsys.readouterr().out
+    m = load_manifest(out)
+    assert m["max_patches"] == 30 * 40 and m["grids"] == [[30, 40]] and m["max_window_slots"] == 6 * 256
     assert main(["verify", str(out), "--model", str(tiny_checkpoint), "--grids", "4x6", "--decode-steps", "2"]) == 0
     assert "PASS" in capsys.readouterr().out
     assert main(["verify", str(tmp_path / "missing"), "--model", str(tiny_checkpoint)]) == 2
@@ -195,7 +210,7 @@ def test_youtu_vl_4b_widths_few_layers(tmp_path):
     model = load_model(ck, torch.float32)
     out = tmp_path / "eng"
     m = export_engine(ck, out, tasks=["depth", "segment", "chat"], progress=False, model=model)
-    assert m["graphs"]["llm_prefill"]["external_data"] == ["llm_prefill.onnx.data"]
+    assert m["graphs"]["llm"]["external_data"] == ["llm.onnx.data"]
     rep = verify(out, ck, grids=((16, 16), (20, 36)), decode_steps=3, model=model, log=lambda s: None)
     assert rep.ok, rep.format()
 
@@ -226,10 +241,10 @@ def test_fp16_export_keeps_fp32_islands_and_passes_gate(tiny_checkpoint, model, 
 
 
 def test_unused_vision_input_is_kept(tmp_path):
-    """One vision layer = all full attention: window_segment_ids is unused but stays an input."""
+    """One vision layer = all full attention: the window slots are unused but stay inputs."""
     from densert.checkpoint.random_init import make_test_checkpoint
     ck = make_test_checkpoint(tmp_path / "ck", "tiny", text_layers=1, vision_layers=1, seed=0, dtype="bfloat16")
     m = export_engine(ck, tmp_path / "eng", tasks=["chat"], progress=False)
-    assert [i["name"] for i in m["graphs"]["vision"]["inputs"]][5] == "window_segment_ids"
+    assert [i["name"] for i in m["graphs"]["vision"]["inputs"]][5:7] == ["window_slots", "window_inverse"]
     rep = verify(tmp_path / "eng", ck, grids=((8, 8),), decode_steps=2, log=lambda s: None)
     assert rep.ok, rep.format()

@@ -213,7 +213,7 @@ def test_base_install_runs_without_extras(tiny_checkpoint, tmp_path):
     from densert.export.onnx_export import export_engine
     from densert.extras import EXTRA_OF_MODULE
     engine = tmp_path / "engine"
-    export_engine(tiny_checkpoint, engine, max_patches=1024, progress=False)
+    export_engine(tiny_checkpoint, engine, max_image_tokens=256, progress=False)
     img = ROOT / "samples" / "scene_3.png"
     runs = [["depth", str(img)], ["segment", str(img), "--classes", "floor,wall", "--no-crf"],
             ["refer", str(img), "--expression", "the box", "--refer-short-side", "64", "--no-crf"],

@@ -11,7 +11,10 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 from densert.model.config import VisionConfig, sized_config
 from densert.model.modeling import YoutuVLForConditionalGeneration
 from densert.model.vision import Siglip2EncoderLayer
-from densert.model.vision_meta import build_vision_meta, merge_block_positions, window_index
+from densert.model.attention import DEFAULT_SCORE_BUDGET
+from densert.model.vision_meta import (VisionMeta, build_vision_meta, max_window_slots,
+                                       merge_block_positions, window_count, window_index,
+                                       window_slot_count)
 
 RELEASED = VisionConfig()
 GRIDS = [(2, 2), (2, 30), (30, 40), (24, 32), (16, 16), (18, 34), (32, 32), (34, 2), (68, 120), (166, 220)]
@@ -88,10 +91,13 @@ def test_encoder_layer_equals_siglip2_without_rope():
     oracle = OracleLayer(oc).eval()
     oracle.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(37, 96)
+    one_image = VisionMeta(grids=[], cos=None, sin=None, window_index=None, reverse_index=None,
+                           window_seqlens=[], image_seqlens=[37], window_slots=None,
+                           window_inverse=None, image_segment_ids=None)
     with torch.no_grad():
         ref = oracle(x[None], attention_mask=None)
         ref = ref[0] if isinstance(ref, tuple) else ref
-        got = ours(x, None, None, seqlens=[37])
+        got = ours(x, one_image, full=True)
     torch.testing.assert_close(got, ref[0], atol=1e-5, rtol=1e-5)
 
 
@@ -126,10 +132,11 @@ def reference_tower(model, pixel_values, gh, gw):
 
 
 @pytest.mark.parametrize("gh,gw", [(30, 40), (2, 2), (20, 36)])
-def test_tower_window_mechanics_equal_masked_reference(gh, gw):
-    """Released geometry (8x8-cell windows) with small widths: the permute / window attention /
-    un-permute path equals attention restricted by an explicit window mask in raster order;
-    both the eager block loop and the single masked call (the export path)."""
+@pytest.mark.parametrize("budget", [DEFAULT_SCORE_BUDGET, 40_000])
+def test_tower_window_mechanics_equal_masked_reference(gh, gw, budget):
+    """Released geometry (8x8-cell windows) with small widths: the permute / padded-window
+    attention / un-permute path equals attention restricted by an explicit window mask in raster
+    order, whole (the default budget) and in many small chunks of queries and windows."""
     torch.manual_seed(1)
     cfg = sized_config("tiny", vision_layers=3)
     cfg.vision_config.hidden_size, cfg.vision_config.num_attention_heads = 144, 2  # head_dim 72
@@ -138,13 +145,45 @@ def test_tower_window_mechanics_equal_masked_reference(gh, gw):
     model = YoutuVLForConditionalGeneration(cfg).eval()
     px = torch.randn(gh * gw, 768)
     meta = build_vision_meta([(gh, gw)], cfg.vision_config)
+    model.siglip2.vision_model.score_budget = budget
     with torch.no_grad():
         ref = reference_tower(model, px, gh, gw)
-        eager = model.encode_image(px, meta, eager_segments=True)
-        masked = model.encode_image(px, meta, eager_segments=False)
-    torch.testing.assert_close(eager, ref, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(masked, ref, atol=2e-5, rtol=1e-4)
-    assert eager.shape == (gh * gw // 4, cfg.hidden_size)
+        got = model.encode_image(px, meta)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    assert got.shape == (gh * gw // 4, cfg.hidden_size)
+
+
+def test_packed_images_attend_within_their_image():
+    """Two images packed along the patch axis: the full-attention layers take the segment mask,
+    so each image's embeddings equal those of the image encoded alone."""
+    torch.manual_seed(2)
+    cfg = sized_config("tiny", vision_layers=2)
+    model = YoutuVLForConditionalGeneration(cfg).eval()
+    a, b = torch.randn(8 * 12, 768), torch.randn(6 * 4, 768)
+    vc = cfg.vision_config
+    model.siglip2.vision_model.score_budget = 30_000  # several query chunks
+    with torch.no_grad():
+        both = model.encode_image(torch.cat([a, b]), build_vision_meta([(8, 12), (6, 4)], vc))
+        ea = model.encode_image(a, build_vision_meta([(8, 12)], vc))
+        eb = model.encode_image(b, build_vision_meta([(6, 4)], vc))
+    torch.testing.assert_close(both, torch.cat([ea, eb]), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gh,gw", [(30, 40), (2, 30), (34, 2)])
+def test_window_layout_round_trips(gh, gw):
+    meta = build_vision_meta([(gh, gw)], RELEASED)
+    n, s = gh * gw, window_slot_count(RELEASED)
+    assert meta.window_slots.numel() == window_count(gh, gw, RELEASED) * s
+    filled = meta.window_slots[meta.window_slots < n]
+    assert torch.equal(filled, torch.arange(n))          # every patch once, in window order
+    assert torch.equal(meta.window_slots[meta.window_inverse], torch.arange(n))
+    assert meta.window_slots.numel() <= max_window_slots(n, RELEASED)
+
+
+def test_max_window_slots_is_the_worst_aspect_ratio():
+    # 1024 tokens: a 1 x 1024-cell image needs 128 windows; a 32x32-cell one only 16.
+    assert max_window_slots(4096, RELEASED) == 128 * 256
+    assert max_window_slots(4096, RELEASED, grids=[(64, 64)]) == 16 * 256
 
 
 def test_bad_grid_is_rejected():

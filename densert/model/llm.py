@@ -20,9 +20,9 @@ import functools
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention import DEFAULT_SCORE_BUDGET, attention
 from .config import CACHE_LAYOUTS, YoutuVLConfig
 from .layers import ACT2FN, RMSNorm, rotate_half
 
@@ -48,13 +48,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     cos2, sin2 = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
     return x * cos2 + rotate_half(x) * sin2
-
-
-def causal_mask(t: int, past_len: int | torch.Tensor, device) -> torch.Tensor:
-    """[T, P+T] bool: query i (absolute position P+i) sees keys 0..P+i."""
-    q = torch.arange(t, device=device) + past_len
-    k = torch.arange(t + past_len, device=device)
-    return k[None, :] <= q[:, None]
 
 
 class KVCache:
@@ -126,10 +119,12 @@ class YoutuMLAttention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                store: Callable[[Cache], Cache], layout: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                store: Callable[[Cache], Cache], layout: str,
+                budget: int = DEFAULT_SCORE_BUDGET) -> torch.Tensor:
         """``store(new)`` takes this step's cache entries and returns the layer's whole cache
-        (past + new) to attend over."""
+        (past + new) to attend over; causal (query i of T sees the past and keys up to i),
+        query-chunked so no [heads, T, T] scores exist (``attention``)."""
         b, t, _ = x.shape
         q = self._query(x).view(b, t, self.num_heads, -1).transpose(1, 2)
         q_nope, q_rot = q.split([self.nope, self.rope], dim=-1)
@@ -146,18 +141,18 @@ class YoutuMLAttention(nn.Module):
             k = torch.cat([k_nope, k_rot[:, None].expand(-1, self.num_heads, -1, -1)], dim=-1)
             k, v = store((k, v))
             qf = torch.cat([q_nope, q_rot], dim=-1)
-            o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
+            o = attention(qf, k, v, scale, causal=True, budget=budget)
         elif layout == "latent":
             (c,) = store((torch.cat([latent, k_rot], dim=-1),))          # [B, P+T, rank+rope]
             w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.vdim, self.rank)
             w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
             # Absorb kv_b's key half into the query: q_nope . (W_uk c) == (W_uk^T q_nope) . c
             q_lat = torch.cat([torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk), q_rot], dim=-1)
-            scores = torch.matmul(q_lat, c.transpose(1, 2).unsqueeze(1)).float() * scale
-            scores = scores.masked_fill(~mask, float("-inf"))
-            p = scores.softmax(dim=-1).to(c.dtype)
-            o_lat = torch.matmul(p, c[..., : self.rank].unsqueeze(1))  # [B, H, T, rank]
-            o = torch.einsum("bhtc,hdc->bhtd", o_lat, w_uv)
+            # The latent is both key (all 576 lanes) and value (the first 512), shared by heads.
+            # kv_b's value half is applied per query chunk (``post``): [H, rank, vdim].
+            c1 = c.unsqueeze(1)
+            o = attention(q_lat, c1, c1[..., : self.rank], scale, causal=True,
+                          post=w_uv.transpose(1, 2), budget=budget)             # [B, H, T, vdim]
         else:
             raise ValueError(f"unknown cache layout {layout!r}; expected one of {CACHE_LAYOUTS}")
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
@@ -184,8 +179,8 @@ class YoutuDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = YoutuMLP(cfg)
 
-    def forward(self, x, cos, sin, mask, store, layout):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, store, layout)
+    def forward(self, x, cos, sin, store, layout, budget: int = DEFAULT_SCORE_BUDGET):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, store, layout, budget)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -199,6 +194,8 @@ class YoutuModel(nn.Module):
         self.layers = nn.ModuleList(YoutuDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # fp32 score bytes per attention chunk; the exporter sets it from its options.
+        self.score_budget = DEFAULT_SCORE_BUDGET
 
     def rope(self, t: int, past_len, device) -> tuple[torch.Tensor, torch.Tensor]:
         pos = (torch.arange(t, device=device) + past_len).float()
@@ -219,7 +216,6 @@ class YoutuModel(nn.Module):
         past_len = cache_length(past)
         cos, sin = self.rope(t, past_len, inputs_embeds.device)
         cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
-        mask = causal_mask(t, past_len, inputs_embeds.device)
         presents: list[Cache] = []
 
         def store(i: int, new: Cache) -> Cache:
@@ -235,7 +231,7 @@ class YoutuModel(nn.Module):
             past.reserve(past_len + t)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, functools.partial(store, i), layout)
+            h = layer(h, cos, sin, functools.partial(store, i), layout, self.score_budget)
         if isinstance(past, KVCache):
             past.length += t
             return self.norm(h), past

@@ -36,10 +36,9 @@ class YoutuVLForConditionalGeneration(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # ---- stages (each one is also an export unit) ----
-    def encode_image(self, pixel_values: torch.Tensor, meta: VisionMeta,
-                     eager_segments: bool = True) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
         """[N, patch_dim] patches in merge-block order -> [N/4, d] embeddings, raster order."""
-        return self.merger(self.siglip2(pixel_values, meta, eager_segments))
+        return self.merger(self.siglip2(pixel_values, meta))
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the k-th image-pad position replaced by the k-th image row."""

@@ -7,12 +7,12 @@ host metadata (RoPE, window permutation, segments) comes from ``vision_meta``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention import DEFAULT_SCORE_BUDGET, attention, window_attention
 from .config import VisionConfig
 from .layers import ACT2FN, RMSNorm, rotate_half
-from .vision_meta import VisionMeta
+from .vision_meta import VisionMeta, window_slot_count
 
 
 def apply_vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -40,31 +40,35 @@ class Siglip2Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.q_proj, self.k_proj = nn.Linear(d, d), nn.Linear(d, d)
         self.v_proj, self.out_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.slots_per_window = window_slot_count(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                seqlens: list[int] | None, segment_ids: torch.Tensor | None) -> torch.Tensor:
-        """x [N, d]. Attention stays inside segments: ``seqlens`` (eager, a loop over blocks) or
-        ``segment_ids`` (one masked call; static control flow for export). Neither = full."""
+    def forward(self, x: torch.Tensor, meta: VisionMeta, full: bool,
+                budget: int = DEFAULT_SCORE_BUDGET) -> torch.Tensor:
+        """x [N, d] in window order. ``full``: attention over each whole image (query-chunked);
+        else inside each window, on the padded [W, S] slot layout of ``meta``. One path for
+        eager torch and export (static control flow)."""
         n = x.shape[0]
         shape = (n, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(0, 1)
         k = self.k_proj(x).view(shape).transpose(0, 1)
         v = self.v_proj(x).view(shape).transpose(0, 1)
-        if cos is not None:
-            q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
-        # A leading batch axis of 1: torch's fused (flash) CPU attention takes 4-D inputs only;
-        # with 3-D ones SDPA falls back to the math path and holds the [heads, N, N] scores.
-        if seqlens is not None and len(seqlens) > 1:
-            outs = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], scale=self.scale)[0]
-                    for qs, ks, vs in zip(q.split(seqlens, 1), k.split(seqlens, 1), v.split(seqlens, 1))]
-            o = torch.cat(outs, dim=1)
-        else:
-            mask = None
-            if seqlens is None and segment_ids is not None:
-                mask = segment_ids[:, None] == segment_ids[None, :]
-            o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
-                                               scale=self.scale)[0]
-        return self.out_proj(o.transpose(0, 1).reshape(n, -1))
+        if meta.cos is not None:
+            q, k = apply_vision_rope(q, meta.cos, meta.sin), apply_vision_rope(k, meta.cos, meta.sin)
+        if full:
+            # One image (the runtime's case) needs no segment mask; the graph always applies it.
+            seg = meta.image_segment_ids if len(meta.image_seqlens) != 1 else None
+            o = attention(q, k, v, self.scale, q_segments=seg, k_segments=seg, budget=budget)
+            return self.out_proj(o.transpose(0, 1).reshape(n, -1))
+        slots, s = meta.window_slots, self.slots_per_window
+
+        def windows(t):  # [H, N, hd] -> [W, H, S, hd]; empty slots read a zero row
+            rows = torch.cat([t.transpose(0, 1), t.new_zeros(1, self.num_heads, self.head_dim)])
+            return rows.index_select(0, slots).view(-1, s, self.num_heads, self.head_dim).transpose(1, 2)
+
+        valid = (slots < n).view(-1, s)
+        o = window_attention(windows(q), windows(k), windows(v), valid, self.scale, budget)
+        o = o.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim).index_select(0, meta.window_inverse)
+        return self.out_proj(o)
 
 
 class Siglip2MLP(nn.Module):
@@ -86,8 +90,8 @@ class Siglip2EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = Siglip2MLP(cfg)
 
-    def forward(self, x, cos, sin, seqlens=None, segment_ids=None):
-        x = x + self.self_attn(self.layer_norm1(x), cos, sin, seqlens, segment_ids)
+    def forward(self, x, meta: VisionMeta, full: bool, budget: int = DEFAULT_SCORE_BUDGET):
+        x = x + self.self_attn(self.layer_norm1(x), meta, full, budget)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -105,26 +109,17 @@ class Siglip2VisionTransformer(nn.Module):
         self.encoder = Siglip2Encoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.full_attention = set(cfg.fullatt_block_indexes)
+        # fp32 score bytes per attention chunk; the exporter sets it from its options.
+        self.score_budget = DEFAULT_SCORE_BUDGET
 
-    def forward(self, pixel_values: torch.Tensor, meta: VisionMeta, eager_segments: bool = True
-                ) -> torch.Tensor:
-        """pixel_values [N, patch_dim] in merge-block order -> [N, hidden] in the same order.
-
-        ``eager_segments`` picks the block loop (fast in eager torch) over one masked attention
-        call (a static graph for export); both give the same numbers.
-        """
+    def forward(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
+        """pixel_values [N, patch_dim] in merge-block order -> [N, hidden] in the same order."""
         u = self.config.merge_unit
         h = self.embeddings(pixel_values)
         n, d = h.shape
         h = h.view(n // u, u, d)[meta.window_index].reshape(n, d)
         for i, layer in enumerate(self.encoder.layers):
-            full = i in self.full_attention
-            if eager_segments:
-                seq = meta.image_seqlens if full else meta.window_seqlens
-                h = layer(h, meta.cos, meta.sin, seqlens=seq)
-            else:
-                seg = meta.image_segment_ids if full else meta.window_segment_ids
-                h = layer(h, meta.cos, meta.sin, segment_ids=seg)
+            h = layer(h, meta, i in self.full_attention, self.score_budget)
         h = h.view(n // u, u, d)[meta.reverse_index].reshape(n, d)
         return self.post_layernorm(h)
 
@@ -136,8 +131,8 @@ class Siglip2VisionModel(nn.Module):
         super().__init__()
         self.vision_model = Siglip2VisionTransformer(cfg)
 
-    def forward(self, pixel_values, meta, eager_segments=True):
-        return self.vision_model(pixel_values, meta, eager_segments)
+    def forward(self, pixel_values, meta):
+        return self.vision_model(pixel_values, meta)
 
 
 class VLPatchMerger(nn.Module):

@@ -1,9 +1,15 @@
 """Host-side metadata of the vision tower, computed once per image size, in one place.
 
 Everything here depends only on the patch grid(s) and the vision config, never on pixels:
-2-D RoPE cos/sin, the window permutation and its inverse, and the attention segments. The torch
-model consumes it directly; the ONNX graphs take the same tensors as inputs, so one exported
-graph serves every image size (spec ``youtu-vl-checkpoint.md`` sec. 4).
+2-D RoPE cos/sin, the window permutation and its inverse, the padded window layout (which patch
+sits in which slot of which window) and the image segments. The torch model consumes it
+directly; the ONNX graphs take the same tensors as inputs, so one exported graph serves every
+image size (spec ``youtu-vl-checkpoint.md`` sec. 4).
+
+Window attention runs on W windows of ``window_slot_count`` slots each (8x8 merged cells = 256
+patches at the released geometry): ``window_slots`` gathers the window-ordered patches into that
+padded [W, S] layout (slot value N = an empty slot), ``window_inverse`` gathers them back. So the
+attention of a windowed layer costs N x S, never N x N.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ class VisionMeta:
     reverse_index: torch.Tensor       # [M] int64: argsort(window_index)
     window_seqlens: list[int]         # patches per attention window (zeros dropped), window order
     image_seqlens: list[int]          # patches per image (full-attention segments)
-    window_segment_ids: torch.Tensor  # [N] int64: window id of each patch (window order)
+    window_slots: torch.Tensor        # [W*S] int64: window-order patch in each slot, N = empty
+    window_inverse: torch.Tensor      # [N] int64: slot of each window-order patch
     image_segment_ids: torch.Tensor   # [N] int64: image id of each patch (window order)
 
     @property
@@ -36,7 +43,7 @@ class VisionMeta:
         t = lambda x: x.to(device)  # noqa: E731
         return VisionMeta(self.grids, t(self.cos), t(self.sin), t(self.window_index),
                           t(self.reverse_index), self.window_seqlens, self.image_seqlens,
-                          t(self.window_segment_ids), t(self.image_segment_ids))
+                          t(self.window_slots), t(self.window_inverse), t(self.image_segment_ids))
 
 
 def merge_block_positions(gh: int, gw: int, merge: int) -> torch.Tensor:
@@ -80,6 +87,46 @@ def window_index(gh: int, gw: int, cfg: VisionConfig) -> tuple[torch.Tensor, lis
     return idx[valid], [int(c) * cfg.merge_unit for c in counts if c > 0]
 
 
+def window_slot_count(cfg: VisionConfig) -> int:
+    """Slots of one padded window: window_cells^2 merged cells of merge_unit patches (256)."""
+    return cfg.window_cells ** 2 * cfg.merge_unit
+
+
+def window_layout(window_seqlens: list[int], cfg: VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(window_slots [W*S], window_inverse [N]) of windows that are contiguous runs of the
+    window-ordered patches, of the given lengths."""
+    S = window_slot_count(cfg)
+    lens = torch.tensor(window_seqlens, dtype=torch.int64)
+    n, w = int(lens.sum()), len(window_seqlens)
+    starts = torch.cumsum(lens, 0) - lens
+    j = torch.arange(S)
+    slots = torch.where(j[None, :] < lens[:, None], starts[:, None] + j[None, :], n).reshape(-1)
+    win = torch.repeat_interleave(torch.arange(w), lens)
+    inverse = win * S + (torch.arange(n) - starts[win])
+    return slots, inverse
+
+
+def window_count(gh: int, gw: int, cfg: VisionConfig) -> int:
+    m, ws = cfg.spatial_merge_size, cfg.window_cells
+    return -(-(gh // m) // ws) * -(-(gw // m) // ws)
+
+
+def max_window_slots(max_patches: int, cfg: VisionConfig,
+                     grids: list[tuple[int, int]] | None = None) -> int:
+    """Most window slots any one image of at most ``max_patches`` patches needs (the worst
+    aspect ratio: a 1-cell-high image needs 8x its patches), or the most of ``grids``."""
+    if grids:
+        return max(window_count(gh, gw, cfg) for gh, gw in grids) * window_slot_count(cfg)
+    return most_windows(max_patches // cfg.merge_unit, cfg.window_cells) * window_slot_count(cfg)
+
+
+def most_windows(cells: int, window_cells: int) -> int:
+    """Most windows of window_cells x window_cells an image of at most ``cells`` merged cells
+    covers, over every aspect ratio."""
+    ws = window_cells
+    return max((-(-lh // ws) * -(-(cells // lh) // ws) for lh in range(1, cells + 1)), default=1)
+
+
 def check_grid(gh: int, gw: int, cfg: VisionConfig) -> None:
     m = cfg.spatial_merge_size
     if gh <= 0 or gw <= 0 or gh % m or gw % m:
@@ -104,11 +151,12 @@ def build_vision_meta(grids: list[tuple[int, int]], cfg: VisionConfig) -> Vision
     ang = torch.cat(angles)
     emb = torch.cat([ang, ang], dim=-1)
     wi = torch.cat(widx)
-    win_seg = torch.repeat_interleave(torch.arange(len(wlens)), torch.tensor(wlens))
+    slots, inverse = window_layout(wlens, cfg)
     img_seg = torch.repeat_interleave(torch.arange(len(ilens)), torch.tensor(ilens))
     return VisionMeta(grids=list(grids), cos=emb.cos().float(), sin=emb.sin().float(),
                       window_index=wi, reverse_index=torch.argsort(wi), window_seqlens=wlens,
-                      image_seqlens=ilens, window_segment_ids=win_seg, image_segment_ids=img_seg)
+                      image_seqlens=ilens, window_slots=slots, window_inverse=inverse,
+                      image_segment_ids=img_seg)
 
 
 def num_image_tokens(gh: int, gw: int, cfg: VisionConfig) -> int:

@@ -1,0 +1,122 @@
+"""Weight-only quantization of the exported graphs: what is quantized, how, and the numpy code
+that does it (export), reads it back (the runtime's tied-table rows) and checks it (tests).
+
+Formats (symmetric, no zero point: TensorRT's IDequantizeLayer takes only zero zero-points):
+
+``int8``  per output channel: ``W[K, N] ~= q[K, N] * s[N]``, q in [-127, 127]. Graph:
+          ``DequantizeLinear(q, s, axis=1) -> MatMul``. ONNX Runtime (CPU / CUDA) fuses that pair
+          into ``MatMulNBits`` (8-bit); TensorRT 10 takes per-channel INT8 weight Q/DQ.
+``int4``  blocks of ``block`` rows along K: ``W ~= q * s[K / block, N]``, q in [-8, 7] (absmax
+          maps to +-7), packed two per byte, low nibble first (ONNX INT4). Graph:
+          ``DequantizeLinear(q, s, axis=0, block_size=block) -> MatMul`` (opset 21); ONNX
+          Runtime fuses it into 4-bit ``MatMulNBits``, TensorRT 10 runs it as INT4 block
+          weight-only quantization (2-D weights, blocks along K).
+
+Policy (``POLICY``), per precision:
+
+=================  ==========  ===========================================================
+tensor             int8        int4
+=================  ==========  ===========================================================
+decoder Linear     int8        int4 (block)
+tied lm_head/emb   int8        int8: 1000 depth-bin rows differ by little; int4 rows flip
+                               the depth argmax (``bench_engines`` measures both)
+vision + merger    int8        int8: the ViT feeds every dense map (measured likewise)
+norms, biases,     fp32        fp32 (small; statistics and RoPE stay exact)
+RoPE, task rows
+=================  ==========  ===========================================================
+
+Scales are fp32: the graphs' activations are fp32 and DequantizeLinear outputs the scale's type.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+QUANTIZED_PRECISIONS = ("int8", "int4")
+INT4_BLOCK = 32            # default block (ONNX Runtime GenAI's default); ExportOptions may change it
+INT8_MAX, INT4_MAX = 127, 7
+_CHUNK = 1 << 14           # output channels quantized per step (bounds the fp32 scratch)
+
+
+# part -> weight format, per precision (see the table above; parts: 'llm' = decoder Linears,
+# 'table' = the tied lm_head / embedding table, 'vision' = vision tower + merger).
+POLICY = {
+    "int8": {"llm": "int8", "table": "int8", "vision": "int8"},
+    "int4": {"llm": "int4", "table": "int8", "vision": "int8"},
+}
+
+
+def weight_format(precision: str, part: str, policy: dict[str, str] | None = None) -> str | None:
+    """'int8', 'int4' or None (keep float) for a 2-D weight of ``part`` under ``precision``;
+    ``policy`` overrides ``POLICY[precision]`` part by part, None keeping a part float
+    (benchmarks measure the choices)."""
+    if precision not in QUANTIZED_PRECISIONS:
+        return None
+    return {**POLICY[precision], **(policy or {})}[part]
+
+
+def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] float -> (q int8 [K, N], s float32 [N]), one scale per column (output channel)."""
+    k, n = w.shape
+    q = np.empty((k, n), np.int8)
+    s = np.empty(n, np.float32)
+    for a in range(0, n, _CHUNK):
+        blk = np.asarray(w[:, a:a + _CHUNK], dtype=np.float32)
+        sc = np.abs(blk).max(axis=0) / INT8_MAX
+        sc[sc == 0] = 1.0
+        q[:, a:a + _CHUNK] = np.clip(np.rint(blk / sc), -INT8_MAX, INT8_MAX)
+        s[a:a + _CHUNK] = sc
+    return q, s
+
+
+def quantize_int4(w: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] float -> (q int8 values in [-8, 7] [K, N], s float32 [K // block, N])."""
+    k, n = w.shape
+    if k % block:
+        raise ValueError(f"int4 blocks of {block} do not tile K = {k}")
+    q = np.empty((k, n), np.int8)
+    s = np.empty((k // block, n), np.float32)
+    for a in range(0, n, _CHUNK):
+        blk = np.asarray(w[:, a:a + _CHUNK], dtype=np.float32).reshape(k // block, block, -1)
+        sc = np.abs(blk).max(axis=1) / INT4_MAX
+        sc[sc == 0] = 1.0
+        q[:, a:a + _CHUNK] = np.clip(np.rint(blk / sc[:, None]), -8, INT4_MAX).reshape(k, -1)
+        s[:, a:a + _CHUNK] = sc
+    return q, s
+
+
+def dequantize(q: np.ndarray, s: np.ndarray, fmt: str) -> np.ndarray:
+    """Inverse of the quantizers on [K, n] columns: float32 [K, n]."""
+    if fmt == "int8":
+        return q.astype(np.float32) * s[None, :]
+    k = q.shape[0]
+    block = k // s.shape[0]
+    return (q.astype(np.float32).reshape(s.shape[0], block, -1) * s[:, None, :]).reshape(k, -1)
+
+
+def quantize(w: np.ndarray, fmt: str, block: int = INT4_BLOCK):
+    return quantize_int8(w) if fmt == "int8" else quantize_int4(w, block)
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 values in [-8, 7] -> uint8 bytes, two per byte, element 2i in the low nibble."""
+    flat = q.reshape(-1).astype(np.uint8) & 0x0F
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(b: np.ndarray, count: int) -> np.ndarray:
+    """uint8 bytes -> ``count`` int8 values (sign-extended nibbles)."""
+    b = np.asarray(b, dtype=np.uint8)
+    out = np.empty(b.size * 2, np.int8)
+    out[0::2] = (b & 0x0F).astype(np.int8)
+    out[1::2] = (b >> 4).astype(np.int8)
+    out[out > 7] -= 16
+    return out[:count]
+
+
+def fake_quantize(w: np.ndarray, fmt: str | None, block: int = INT4_BLOCK) -> np.ndarray:
+    """What a [K, N] weight becomes in an engine of this format (float32)."""
+    if fmt is None:
+        return np.asarray(w, dtype=np.float32)
+    return dequantize(*quantize(w, fmt, block), fmt)

@@ -1,0 +1,181 @@
+"""The engine directory alone: tokenizer, config and the tied table travel with the graphs, the
+runtime needs no checkpoint; weight-only quantized engines and their gate; no telemetry."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from densert.checkpoint.loader import load_model
+from densert.export import quantize as Q
+from densert.export.onnx_export import export_engine
+from densert.export.ort_backend import OrtBackend
+from densert.export.verify import verify
+from densert.resources import bundled_model_dir
+
+
+def _image(path: Path, h=96, w=160, seed=0) -> Path:
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    low = rng.random((4, 6, 3))
+    img = np.kron(low, np.ones((h // 4, w // 6 + 1, 1)))[:h, :w]
+    Image.fromarray((img * 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def moved(tiny_checkpoint, tmp_path_factory):
+    """(engine dir, where the checkpoint went): exported, then the checkpoint moved away."""
+    root = tmp_path_factory.mktemp("alone")
+    ck = shutil.copytree(tiny_checkpoint, root / "ck")
+    export_engine(ck, root / "eng", progress=False)
+    gone = shutil.move(str(ck), str(root / "archive" / "ck"))
+    assert not ck.exists()
+    return root / "eng", Path(gone)
+
+
+def test_depth_segment_chat_run_from_the_engine_dir_alone(moved, tmp_path, capsys):
+    from densert.cli import main
+    from densert.runtime.predictor import DensePredictor
+    eng, ck = moved
+    img = _image(tmp_path / "frame.png")
+    common = ["--backend", "onnxruntime", "--engine-dir", str(eng)]
+    assert main(["depth", str(img), *common, "--out", str(tmp_path / "d")]) == 0
+    assert main(["segment", str(img), *common, "--classes", "cat,dog", "--out", str(tmp_path / "s")]) == 0
+    assert main(["chat", "--prompt", "hello", *common]) == 0
+    assert (tmp_path / "d" / "frame.depth.npy").is_file() and (tmp_path / "s" / "frame.labels.npy").is_file()
+    # the same maps as the torch reference on the (moved) checkpoint
+    got = np.load(tmp_path / "d" / "frame.depth.npy")
+    ref = DensePredictor(ck, backend="torch").depth(img)
+    assert (got == ref.depth).mean() >= 0.999
+    seg = DensePredictor(eng, backend="onnxruntime", engine_dir=str(eng)).segment(img, classes=["cat", "dog"])
+    seg_ref = DensePredictor(ck, backend="torch").segment(img, classes=["cat", "dog"])
+    assert (seg.labels == seg_ref.labels).mean() >= 0.999
+
+
+def test_text_only_prompt_on_every_backend(moved):
+    """A prompt without an image: no image rows, an empty past; torch and onnxruntime agree
+    (TensorRT: tests/test_export_tensorrt.py records its bindings for the same prompt)."""
+    from densert.runtime.predictor import DensePredictor
+    eng, ck = moved
+    a = DensePredictor(ck, backend="torch").chat(None, "what is depth?", max_new_tokens=8)
+    b = DensePredictor(None, backend="onnxruntime", engine_dir=str(eng)).chat(None, "what is depth?",
+                                                                             max_new_tokens=8)
+    assert a.token_ids == b.token_ids and len(a.token_ids) > 0
+
+
+def test_engine_budget_caps_the_image(moved, tmp_path):
+    """An engine exported for small frames takes a bigger photo scaled to fit its budget."""
+    from densert.runtime.predictor import DensePredictor
+    eng, ck = moved
+    small = tmp_path / "small"
+    export_engine(ck, small, tasks=["depth"], max_image_tokens=24, progress=False)
+    p = DensePredictor(None, backend="onnxruntime", engine_dir=str(small))
+    r = p.depth(_image(tmp_path / "big.png", 480, 640))
+    assert r.depth.shape == (480, 640) and r.resized_hw[0] * r.resized_hw[1] <= 24 * 32 * 32
+
+
+def test_tied_table_stored_once_and_read_back(moved):
+    import onnx
+    eng, ck = moved
+    ob = OrtBackend(eng)
+    V, d = ob.config.vocab_size, ob.config.hidden_size
+    shapes = {g: [tuple(t.dims) for t in onnx.load(str(eng / f"{g}.onnx"), load_external_data=False).graph.initializer]
+              for g in ("vision", "llm")}
+    assert shapes["llm"].count((V, d)) == 1 and (d, V) not in shapes["llm"]
+    assert (V, d) not in shapes["vision"]
+    model = load_model(ck, torch.float32)
+    ids = torch.tensor([0, 5, V - 1, 1234 % V])
+    torch.testing.assert_close(ob.head_table.index_select(0, ids), model.lm_head.weight[ids], atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def bundled_engines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    ck = bundled_model_dir()
+    model = load_model(ck, torch.float32)
+    return ck, model, {p: (root / p, export_engine(ck, root / p, precision=p, progress=False, model=model,
+                                                   tasks=["depth", "segment"]))
+                       for p in ("int8", "int4")}
+
+
+@pytest.mark.parametrize("precision", ["int4", pytest.param("int8", marks=pytest.mark.slow)])
+def test_quantized_engines_pass_their_gate(bundled_engines, precision):
+    """Quantized engines of the bundled (trained) model against the fp32 torch reference, with
+    the documented thresholds of export.verify.THRESHOLDS (all verify grids: ``-m slow``)."""
+    ck, model, engines = bundled_engines
+    grids = ((12, 20),) if precision == "int4" else ((8, 8), (12, 20), (34, 18))
+    rep = verify(engines[precision][0], ck, grids=grids, decode_steps=3, model=model, log=lambda s: None)
+    assert rep.ok, rep.format()
+    assert rep.precision == precision and rep.dense and rep.agreement
+
+
+def test_thresholds_are_enforced(bundled_engines, monkeypatch, capsys):
+    """The gate is per precision and binding: the int4 engine judged by the fp32 row fails, and
+    ``densert verify`` exits 1 with FAIL."""
+    from densert.cli import main
+    from densert.export import verify as V
+    ck, model, engines = bundled_engines
+    monkeypatch.setitem(V.THRESHOLDS, "int4", V.THRESHOLDS["fp32"])
+    assert main(["verify", str(engines["int4"][0]), "--model", str(ck), "--grids", "12x20",
+                 "--decode-steps", "2"]) == 1
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("FAIL") and "cosine >= 0.99999" in out
+
+
+def test_quantized_graph_formats_and_sizes(bundled_engines):
+    import onnx
+    from onnx import helper
+    ck, model, engines = bundled_engines
+    size = {p: sum(f.stat().st_size for f in d.iterdir()) for p, (d, _) in engines.items()}
+    assert size["int4"] < size["int8"]     # the real-width ratios to fp32: test_export_realwidth.py
+    for p in ("int8", "int4"):
+        d, m = engines[p]
+        assert m["tied_table"]["format"] == "int8" and m["tied_table"]["layout"] == "dv"
+        for g, fmt_llm in (("llm", p), ("vision", "int8")):
+            graph = onnx.load(str(d / f"{g}.onnx"), load_external_data=False).graph
+            types = {t.name: t.data_type for t in graph.initializer}
+            dqs = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+            assert dqs, f"{p} {g}: no quantized weights"
+            kinds = {types[n.input[0]] for n in dqs}
+            assert (onnx.TensorProto.INT4 in kinds) == (g == "llm" and p == "int4")
+            for n in dqs:
+                attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+                if types[n.input[0]] == onnx.TensorProto.INT4:
+                    assert attrs["axis"] == 0 and attrs["block_size"] == 32
+                else:
+                    assert attrs["axis"] == 1 and not attrs.get("block_size")
+
+
+def test_quantizers_round_trip():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 40)).astype(np.float32)
+    q, s = Q.quantize_int8(w)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127 and s.shape == (40,)
+    assert np.abs(Q.dequantize(q, s, "int8") - w).max() <= s.max() / 2 + 1e-7
+    q4, s4 = Q.quantize_int4(w, 16)
+    assert q4.min() >= -8 and q4.max() <= 7 and s4.shape == (4, 40)
+    err = np.abs(Q.dequantize(q4, s4, "int4") - w).reshape(4, 16, 40)
+    assert (err <= s4[:, None, :] / 2 + 1e-6).all()
+    assert np.array_equal(Q.unpack_int4(Q.pack_int4(q4), q4.size), q4.reshape(-1))
+    # what the engine stores is a fixed point: quantizing it again changes nothing
+    once = Q.fake_quantize(w, "int4", 16)
+    np.testing.assert_array_equal(Q.fake_quantize(once, "int4", 16), once)
+
+
+def test_no_telemetry_and_one_session_factory(moved, monkeypatch):
+    """ONNX Runtime's telemetry is on by default: every session densert creates comes from
+    make_session, which turns it off first."""
+    import onnxruntime as ort
+    eng, _ = moved
+    calls = []
+    monkeypatch.setattr(ort, "disable_telemetry_events", lambda: calls.append("off"))
+    OrtBackend(eng)
+    assert calls == ["off", "off"]            # vision + llm sessions
+    repo = Path(__import__("densert").__file__).resolve().parents[1]
+    users = sorted(str(p.relative_to(repo)) for top in ("densert", "export", "runtime", "benchmarks", "training")
+                   for p in (repo / top).rglob("*.py") if "InferenceSession(" in p.read_text())
+    assert users == ["export/ort_backend.py"]
