@@ -44,8 +44,7 @@ from densert.image import DEFAULT_MAX_PATCHES, PATCH
 from densert.kernels.dense_head import subset_weight
 from densert.model.config import CACHE_LAYOUTS, YoutuVLConfig
 from densert.model.modeling import YoutuVLForConditionalGeneration
-from densert.model.vision_meta import (VisionMeta, build_vision_meta, max_window_slots,
-                                       window_slot_count)
+from densert.model.vision_meta import VisionMeta, build_vision_meta, max_window_slots, window_slot_count
 from densert.tasks import DENSE_TASKS
 
 from . import quantize as Q

@@ -33,8 +33,14 @@ from densert.model.config import YoutuVLConfig
 from densert.model.vision_meta import VisionMeta
 
 from .manifest import load_manifest
-from .ort_backend import (NO_POSITIONS, OrtPrefillResult, check_patches, empty_past_shapes,
-                          prompt_embeddings, vision_feeds)
+from .ort_backend import (
+    NO_POSITIONS,
+    OrtPrefillResult,
+    check_patches,
+    empty_past_shapes,
+    prompt_embeddings,
+    vision_feeds,
+)
 from .tensorrt import PROFILES, check_engine_metadata, import_tensorrt
 from .tied_table import TiedTable
 
@@ -219,7 +225,7 @@ class TrtBackend:
         # cross to the host. The last logits do: greedy decoding picks tokens on the host.
         return OrtPrefillResult(
             vision_hidden=out["vision_hidden"].float() if n else None,
-            pre_vision_hidden=out["pre_vision_hidden"][0].float().cpu() if n and int(pos[0]) > 0 else None,
+            pre_vision_hidden=out["pre_vision_hidden"][0].float() if n and int(pos[0]) > 0 else None,
             last_logits=out["last_logits"][0].float().cpu(),
             cache=TrtCache([out[c] for c in self.cache_outputs], int(emb.shape[0])),
             scores={k[len("scores_"):]: v.float() for k, v in out.items() if k.startswith("scores_")})

@@ -45,6 +45,7 @@ from densert.model.vision_meta import build_vision_meta
 
 from .options import VERIFY_DECODE_STEPS, VERIFY_GRIDS
 
+
 def _dense(depth: float, segment: float, refer: float) -> dict[str, float]:
     return {"depth": depth, "segment": segment, "refer": refer}
 

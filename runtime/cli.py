@@ -155,10 +155,6 @@ def _say(msg: str, quiet: bool = False) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
-def _model_dir(args) -> Path:
-    from densert.resources import bundled_model_dir
-    return Path(args.model) if args.model is not None else bundled_model_dir()
-
 
 def _check_inputs(args, inputs: list[tuple[Path, str]], preset: str | None, settings
                   ) -> list[tuple[Path, str]]:
@@ -193,8 +189,8 @@ def run(args) -> int:
     classes = _classes(args)
     if command in MAP_COMMANDS and opts.crf:  # before the model loads
         require(CRF_MODULE, CRF_PURPOSE)
-    from .predictor import check_model_dir
-    model_dir = check_model_dir(_model_dir(args))
+    from .predictor import runtime_dir
+    model_dir = runtime_dir(args.model, settings.backend, settings.engine_dir)
     preset = None
     if command == "depth":
         from densert.tasks.depth_bins import OPEN_WORLD

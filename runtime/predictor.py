@@ -85,6 +85,27 @@ def check_model_dir(path) -> Path:
     return p
 
 
+# What a self-contained engine directory holds for the runtime besides its graphs (``densert
+# export`` copies the checkpoint's tokenizer and config next to its manifest).
+ENGINE_DIR_FILES = ("manifest.json", "config.json", "tokenizer.json")
+
+
+def runtime_dir(model_dir, backend: str, engine_dir) -> Path:
+    """Where the runtime reads its tokenizer, config and task defaults: ``model_dir``; without
+    one, an engine backend's ``engine_dir`` (it stands alone: no checkpoint on the device), else
+    the bundled densert-tiny."""
+    if model_dir is not None:
+        return check_model_dir(model_dir)
+    if engine_dir is None or backend == "torch":
+        return check_model_dir(bundled_model_dir())
+    d = Path(engine_dir)
+    missing = [f for f in ENGINE_DIR_FILES if not (d / f).is_file()]
+    if missing:
+        raise ModelDirError(f"engine dir {d}: no {', '.join(missing)}; re-run `densert export` "
+                            "(it writes a self-contained directory) or pass --model CHECKPOINT")
+    return d
+
+
 class Timings(dict):
     """stage -> seconds; a stage timed twice accumulates."""
 
@@ -146,9 +167,7 @@ class DensePredictor:
     def __init__(self, model_dir=None, options: DenseOptions | None = None, **settings):
         from densert.text.tokens import Vocab
         s = PredictorOptions(**settings)
-        if model_dir is None:
-            model_dir = s.engine_dir if s.engine_dir and s.backend != "torch" else bundled_model_dir()
-        self.model_dir = check_model_dir(model_dir)
+        self.model_dir = runtime_dir(model_dir, s.backend, s.engine_dir)
         self.task_defaults = read_task_defaults(self.model_dir)
         be = make_backend(s.backend, self.model_dir, s.dtype, s.engine_dir, device=s.device)
         self._setup(be, Vocab.from_file(self.model_dir), options, s)
@@ -208,7 +227,14 @@ class DensePredictor:
         """Provenance every result carries into its sidecar: model, backend, device, dtype."""
         be = self.backend
         model = None
-        if self.model_dir is not None:
+        manifest = getattr(be, "manifest", None)
+        if self.model_dir is not None and manifest is not None and \
+                self.model_dir.resolve() == Path(be.engine_dir).resolve():
+            # An engine directory standing alone: its identity is the checkpoint it came from.
+            model = {"path": str(self.model_dir), "demo": False,
+                     "fingerprint": manifest["checkpoint"]["checkpoint_id"],
+                     "exported_from": str(manifest["checkpoint"].get("path"))}
+        elif self.model_dir is not None:
             model = {"path": str(self.model_dir), "fingerprint": fingerprint(self.model_dir),
                      "demo": self.is_demo_model}
         dtype = getattr(be, "dtype", None) or getattr(be, "precision", None)

@@ -2,6 +2,7 @@
 runtime needs no checkpoint; weight-only quantized engines and their gate; no telemetry."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def test_depth_segment_chat_run_from_the_engine_dir_alone(moved, tmp_path, capsy
     assert main(["segment", str(img), *common, "--classes", "cat,dog", "--out", str(tmp_path / "s")]) == 0
     assert main(["chat", "--prompt", "hello", *common]) == 0
     assert (tmp_path / "d" / "frame.depth.npy").is_file() and (tmp_path / "s" / "frame.labels.npy").is_file()
+    # provenance without the checkpoint: the engine dir, and the checkpoint its manifest names
+    import jsonschema
+
+    from densert.runtime.results import sidecar_schema
+    side = json.loads((tmp_path / "d" / "frame.json").read_text())
+    jsonschema.validate(side, sidecar_schema())
+    assert side["model"]["path"] == str(eng) and side["model"]["exported_from"] == str((eng.parent / "ck").resolve())
     # the same maps as the torch reference on the (moved) checkpoint
     got = np.load(tmp_path / "d" / "frame.depth.npy")
     ref = DensePredictor(ck, backend="torch").depth(img)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -114,13 +115,15 @@ def test_tensorrt_prefill_hands_back_the_engine_buffers(reads):
     L, d, V, K = 6, 8, 30, 4
     image_id = 7
     be = object.__new__(TrtBackend)
-    be.manifest = {"config": {"image_token_id": image_id, "hidden_size": d}}
-    be.cache_outputs = []
+    be.config = SimpleNamespace(image_token_id=image_id, hidden_size=d)
+    be.table = SimpleNamespace(rows=lambda ids: np.zeros((len(ids), d), np.float32))
+    be.manifest = {"graphs": {"llm": {"inputs": []}}}
+    be.past_inputs, be.cache_outputs, be.float_dtype = [], [], torch.float32
     buffers = {"vision_hidden": on_device(torch.randn(L, d)),
                "pre_vision_hidden": on_device(torch.randn(1, d)),
                "last_logits": on_device(torch.randn(1, V)),
                "scores_depth": on_device(torch.randn(L, K))}
-    be._run = lambda graph, feeds: buffers
+    be._run = lambda graph, feeds, profile: buffers
     ids = torch.tensor([1, 2] + [image_id] * L + [3])
     pf = be.prefill(ids, torch.randn(L, d))
     assert pf.vision_hidden.data_ptr() == buffers["vision_hidden"].data_ptr()

@@ -8,13 +8,19 @@ from transformers.models.siglip2.configuration_siglip2 import Siglip2VisionConfi
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer as OracleLayer
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
+from densert.model.attention import DEFAULT_SCORE_BUDGET
 from densert.model.config import VisionConfig, sized_config
 from densert.model.modeling import YoutuVLForConditionalGeneration
 from densert.model.vision import Siglip2EncoderLayer
-from densert.model.attention import DEFAULT_SCORE_BUDGET
-from densert.model.vision_meta import (VisionMeta, build_vision_meta, max_window_slots,
-                                       merge_block_positions, window_count, window_index,
-                                       window_slot_count)
+from densert.model.vision_meta import (
+    VisionMeta,
+    build_vision_meta,
+    max_window_slots,
+    merge_block_positions,
+    window_count,
+    window_index,
+    window_slot_count,
+)
 
 RELEASED = VisionConfig()
 GRIDS = [(2, 2), (2, 30), (30, 40), (24, 32), (16, 16), (18, 34), (32, 32), (34, 2), (68, 120), (166, 220)]
