@@ -38,6 +38,7 @@ from densert.text.chat import encode_chat, user_message
 
 from .backends import lm_head_weight, make_backend
 from .dense import align_hidden, depth_map, segment_labels
+from .multitask import DenseResult, SharedPrefill
 from .options import DenseOptions, PredictorOptions
 from .results import ChatResult, DepthResult, ReferResult, SegResult
 
@@ -134,6 +135,7 @@ class DensePredictor:
         self._head = lm_head_weight(backend, self.model_dir)
         self._weights: dict[tuple, torch.Tensor] = {}
         self._metas: dict[tuple[int, int], object] = {}
+        self._shared_prefill = SharedPrefill(backend, vocab)
         self._stop = {vocab.eos_id}
         self._control = {vocab.token_id(s) for s in T.CONTROL_TOKENS}
         self.info = self._run_info()
@@ -217,6 +219,8 @@ class DensePredictor:
         return align_hidden(pf.vision_hidden, pf.pre_vision_hidden, self.options.alignment)
 
     def _pre(self, image, tm: Timings, upscale: float | None = None) -> Preprocessed:
+        if isinstance(image, Preprocessed):  # prepared ahead (DensePredictor.stream)
+            return image
         with tm.stage("preprocess"):
             return preprocess(image, self.settings.max_patches,
                               self.settings.upscale if upscale is None else upscale)
@@ -231,9 +235,20 @@ class DensePredictor:
         """``preset`` None: the model's declared default (``default_depth_preset``)."""
         tm = Timings()
         preset = preset or self.default_depth_preset
-        open_world = depth_bins.get_preset(preset).focal is not None  # unknown presets fail here
+        pre = self._depth_pre(image, preset, focal, tm)
+        pf = self._run_prompt(pre, prompts.depth(preset), tm)
+        return self._depth_result(image, pre, self._hidden(pf), preset, focal, tm)
+
+    def _depth_pre(self, image, preset: str, focal: float | None, tm: Timings) -> Preprocessed:
+        depth_bins.get_preset(preset)  # unknown presets fail here
+        if isinstance(image, Preprocessed):
+            return image
         scale = depth_scale(preset, focal, _input_hw(image), self.settings.upscale)
-        pre = self._pre(image, tm, upscale=scale)
+        return self._pre(image, tm, upscale=scale)
+
+    def _depth_result(self, image, pre: Preprocessed, hidden: torch.Tensor, preset: str,
+                      focal: float | None, tm: Timings) -> DepthResult:
+        open_world = depth_bins.get_preset(preset).focal is not None
         eff = None
         if focal is not None:
             # The patch cap and 32-px rounding may keep the network input off 2000 px exactly;
@@ -241,9 +256,8 @@ class DensePredictor:
             sy = pre.resized_hw[0] / pre.original_hw[0]
             sx = pre.resized_hw[1] / pre.original_hw[1]
             eff = float(focal) * (sx * sy) ** 0.5
-        pf = self._run_prompt(pre, prompts.depth(preset), tm)
         with tm.stage("dense_head"):
-            dm = depth_map(self._hidden(pf), self._depth_weight(), pre.merged_grid, pre.original_hw,
+            dm = depth_map(hidden, self._depth_weight(), pre.merged_grid, pre.original_hw,
                            self.options, preset, fx=eff)
         return DepthResult(depth=dm.depth, bins=dm.bins, codes_grid=dm.codes_grid, preset=preset,
                            metric=not open_world or focal is not None, focal=focal,
@@ -274,20 +288,68 @@ class DensePredictor:
             if not names:
                 warn.append(f"the model named no class (answer: {text[:80]!r}); every pixel is "
                             "background")
+        for w in warn:
+            warnings.warn(w, stacklevel=2)
+        return self._seg_result(image, pre, self._hidden(pf), names, bg, text, warn, tm)
+
+    def _seg_result(self, image, pre: Preprocessed, hidden: torch.Tensor, names: list[str],
+                    bg: bool, text: str | None, warn: list[str], tm: Timings) -> SegResult:
         with tm.stage("dense_head"):
             if names:
-                labels = segment_labels(self._hidden(pf), self._subset(tuple(names)), pre.merged_grid,
+                labels = segment_labels(hidden, self._subset(tuple(names)), pre.merged_grid,
                                         pre.original_hw, self.options, background=bg,
                                         image=self._image_at(pre) if self.options.crf else None)
             else:
                 labels = np.zeros(pre.original_hw, dtype=np.int64)
         class_names = names + ([BACKGROUND_NAME] if (bg or not names) else [])
-        for w in warn:
-            warnings.warn(w, stacklevel=2)
         return SegResult(labels=labels.astype(np.uint16), class_names=class_names,
                          generated_text=text, original_hw=pre.original_hw,
                          resized_hw=pre.resized_hw, timings=dict(tm), warnings=warn,
                          info=self._result_info(image), image=self._image_at(pre))
+
+    def dense(self, image, depth: bool = True, classes: list[str] | None = None,
+              preset: str | None = None, focal: float | None = None,
+              background: bool = False) -> DenseResult:
+        """The depth map and the closed-set segmentation of ``classes`` of one frame: the image is
+        encoded once and, for image-first depth prompts (open world), one prefill cut at the last
+        image pad serves both (``runtime.multitask``). The maps equal those of ``depth()`` and
+        ``segment(classes=...)``. With ``focal``, segmentation reads the depth's rescaled input."""
+        names = [c.strip() for c in classes or [] if c.strip()]
+        if not depth and not names:
+            raise ValueError("dense() needs depth=True or at least one class name")
+        if names:
+            prompts.semantic(names, background)  # the names' checks (empty, commas)
+        tm = Timings()
+        preset = preset or self.default_depth_preset
+        pre = self._depth_pre(image, preset, focal, tm) if depth else self._pre(image, tm)
+        with tm.stage("vision"):
+            embeds = self.backend.encode_image(pre.pixel_values, self._meta(pre.grid))
+        depth_prompt = prompts.depth(preset) if depth else None
+        hidden, prefills, note = None, 0, None
+        if names or (depth_prompt is not None and depth_prompt.image_first):
+            with tm.stage("prefill"):
+                hidden = self._hidden(self._shared_prefill(embeds, pre.num_image_tokens))
+            prefills += 1
+        out = {}
+        if depth_prompt is not None:
+            h = hidden
+            if not depth_prompt.image_first:
+                note = (f"the {preset} depth prompt precedes the image (paper D.3), so the vision "
+                        "tokens depend on it: depth runs its own prefill")
+                with tm.stage("prefill_depth"):
+                    ids = encode_chat(self.vocab, [user_message(depth_prompt.text, image_first=False)],
+                                      [pre.num_image_tokens])
+                    h = self._hidden(self.backend.prefill(ids, embeds))
+                prefills += 1
+            td = Timings(tm)
+            out["depth"] = self._depth_result(image, pre, h, preset, focal, td)
+            tm["depth_head"] = td["dense_head"]
+        if names:
+            ts = Timings(tm)
+            out["segmentation"] = self._seg_result(image, pre, hidden, names, background, None, [], ts)
+            tm["segment_head"] = ts["dense_head"]
+        return DenseResult(depth=out.get("depth"), segmentation=out.get("segmentation"),
+                           prefills=prefills, timings=dict(tm), note=note)
 
     def refer(self, image, expression: str) -> ReferResult:
         tm = Timings()
