@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("densert.runtime.cli", "semantic / open-set segmentation maps from images"),
     "refer": ("densert.runtime.cli", "referring segmentation of an expression"),
     "chat": ("densert.runtime.cli", "plain chat / VQA with greedy decoding"),
+    "dense": ("densert.runtime.onboard.cli", "depth and segmentation of every frame of a source from one prefill"),
+    "ros2": ("densert.runtime.onboard.cli", "ROS 2 node: image (+ camera_info) in, depth / labels images out"),
     "export": ("densert.export.cli", "export ONNX engines (vision, LLM prefill, LLM decode) + manifest"),
     "verify": ("densert.export.cli", "parity gate: an engine directory against the torch reference"),
     "build-engine": ("densert.export.cli", "build TensorRT engines from an engine directory"),

@@ -351,6 +351,19 @@ class DensePredictor:
         return DenseResult(depth=out.get("depth"), segmentation=out.get("segmentation"),
                            prefills=prefills, timings=dict(tm), note=note)
 
+    def stream(self, frames, task: str = "depth", drop: bool | None = None, **task_options):
+        """A generator of ``StreamItem`` (frame, result, per-stage timings, frames dropped) over
+        ``frames``: a ``--source`` spec (``runtime.sources.open_source``), a ``Source``, or any
+        iterable of frames / arrays / paths. ``task``: depth, segment or dense, with that call's
+        options (preset, focal, classes, background, depth). Decoding and preprocessing of the
+        next frame overlap the model on this one; ``drop`` (default: live sources only) keeps
+        the latest frame when the caller is slower than the source (``runtime.stream``)."""
+        from .sources import open_source
+        from .stream import TaskSpec, stream
+        if isinstance(frames, (str, int, Path)):
+            frames = open_source(frames)
+        return stream(self, frames, TaskSpec(task, **task_options), drop)
+
     def refer(self, image, expression: str) -> ReferResult:
         tm = Timings()
         warn: list[str] = []

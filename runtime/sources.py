@@ -45,6 +45,8 @@ class Frame:
     image: Any                 # RGB uint8 [H, W, 3] array, or an image file path
     name: str                  # output stem: the file's stem, else frame_<index:06d>
     stamp: float | None = None  # seconds: video position, bag log time or message header stamp
+    focal: float | None = None  # px, when the source knows it (ROS camera_info); beats --focal
+    meta: Any = None            # the source's own record of the frame (a ROS message header)
 
 
 def frame_name(index: int) -> str:
