@@ -80,6 +80,33 @@ class LatestSlot:
         self.close()
 
 
+class LiveFrames(Source):
+    """Frames pushed by a callback (a ROS subscription): a live source whose waiting frame is
+    replaced by a newer one (``dropped`` counts them) until ``close``."""
+
+    live = True
+    description = "pushed frames"
+
+    def __init__(self):
+        self._slot = LatestSlot(drop=True)
+
+    @property
+    def dropped(self) -> int:
+        return self._slot.dropped
+
+    def push(self, frame: Frame) -> None:
+        self._slot.put(frame)
+
+    def __iter__(self):
+        while (f := self._slot.get()) is not _END:
+            yield f
+
+    def close(self) -> None:
+        self._slot.close()
+
+    interrupt = close
+
+
 @dataclass
 class _Prepared:
     frame: Frame
@@ -236,6 +263,9 @@ def stream(pred, frames: Iterable[Frame] | Source, spec: TaskSpec,
         raw.close()
         ready.close()
         close = getattr(frames, "close", None)
+        interrupt = getattr(frames, "interrupt", None)
+        if interrupt is not None:  # a reader waiting on a pushed source wakes up
+            interrupt()
         for t in threads:
             t.join(timeout=1.0)
         if close is not None and not any(t.is_alive() for t in threads):

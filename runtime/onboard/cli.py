@@ -49,8 +49,7 @@ def add_source_arguments(parser: argparse.ArgumentParser, required: bool = False
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "ros2":
-        from .. import ros2_node
-        ros2_node.configure(parser)
+        configure_ros2(parser)
         return
     parser.add_argument("--model", default=None,
                         help="checkpoint directory (default: the bundled densert-tiny)")
@@ -76,10 +75,41 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
                         help="closed set with the <OTHERS> background rule")
 
 
+def configure_ros2(parser: argparse.ArgumentParser) -> None:
+    from .. import ros2_node
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory (default: the bundled densert-tiny)")
+    add_dataclass_arguments(parser, PredictorOptions, exclude=("max_new_tokens",))
+    add_dataclass_arguments(parser, DenseOptions, ros2_node.DENSE_FLAGS)
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help="depth preset (default: the model's task_defaults.json, else open-world)")
+    parser.add_argument("--focal", type=float, default=None,
+                        help="focal length in px until a camera_info arrives (open world; default: "
+                             "none, relative depth)")
+    parser.add_argument("--depth", action=argparse.BooleanOptionalAction, default=True,
+                        help="publish depth (32FC1)")
+    parser.add_argument("--depth-mm", action="store_true",
+                        help="also publish depth_mm (16UC1 millimetres, 0 invalid; metric depth)")
+    parser.add_argument("--classes", default=None,
+                        help="comma-separated class names: publish labels (mono16) from the same "
+                             "prefill (default: none)")
+    parser.add_argument("--background", action="store_true",
+                        help="closed set with the <OTHERS> background rule")
+    parser.add_argument("--labels-color", action="store_true",
+                        help="also publish labels_color (rgb8 class colours)")
+    parser.add_argument("--name", default=ros2_node.NODE_NAME, help="node name")
+    parser.add_argument("--max-frames", type=int, default=0,
+                        help="exit after this many processed frames (0: run until stopped)")
+    parser.add_argument("--quiet", action="store_true", help="no per-frame log lines")
+    parser.add_argument("--ros-args", nargs=argparse.REMAINDER, default=None,
+                        help="ROS arguments (remaps, -p parameter overrides), as for any ROS node "
+                             "(default: none)")
+
+
 def run(args) -> int:
     if args.command == "ros2":
         from .. import ros2_node
-        return ros2_node.run(args)
+        return ros2_node.spin(args)
     return run_source(args)
 
 
