@@ -19,6 +19,7 @@ and, when the source has one, a time stamp. A source that cannot be opened is on
 from __future__ import annotations
 
 import glob as globlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,10 @@ class VideoCapture(Source):
     """Video files, cameras and network streams through OpenCV's ``VideoCapture``."""
 
     def __init__(self, target: str | int, live: bool):
+        # FFmpeg's own log lines ("moov atom not found") would precede our one-line error; a
+        # user who wants them sets OPENCV_FFMPEG_LOGLEVEL themselves.
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # V4L's "can't open camera by index"
         cv2 = require("cv2", "video, camera and stream sources")
         self.target, self.live = target, live
         kind = "camera" if isinstance(target, int) else ("stream" if live else "video")

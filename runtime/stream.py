@@ -70,6 +70,12 @@ class LatestSlot:
             self._cv.notify_all()
             return item
 
+    def take_dropped(self) -> int:
+        """Frames dropped since the last call (read and reset under the lock)."""
+        with self._cv:
+            n, self.dropped = self.dropped, 0
+            return n
+
     def close(self) -> None:
         with self._cv:
             self.closed = True
@@ -221,7 +227,7 @@ def stream(pred, frames: Iterable[Frame] | Source, spec: TaskSpec,
                 r = raw.get()
                 if r is _END:
                     break
-                dropped, raw.dropped = raw.dropped, 0
+                dropped = raw.take_dropped()
                 tm = Timings(read=r.read_s)
                 try:
                     pre = _prepare(pred, spec, r.frame, tm)
