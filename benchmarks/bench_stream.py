@@ -14,8 +14,10 @@ files for every mode. Three ways to get a depth map of each:
   (imports, model load, the file set written): what one file per process costs. Measured on the
   first ``--process-frames`` files (it is slow) and quoted per frame.
 
-``stream`` and ``loop`` run alternately ``--rounds`` times (medians quoted: the machine may be
-shared). Then ``dense``: ``pred.dense(frame, classes=...)`` (one prefill, open-world depth) against
+``stream`` and ``loop`` run alternately ``--rounds`` times, which one goes first swapping every
+round (medians and per-round ratios quoted: the machine may be shared, and its load drifts).
+``--threads N`` sets torch's intra-op threads, here and in the per-image processes
+(OMP_NUM_THREADS); by default torch's own choice. Then ``dense``: ``pred.dense(frame, classes=...)`` (one prefill, open-world depth) against
 ``pred.depth`` + ``pred.segment(classes=...)``, per backend, medians over the frames; the dataset
 preset row shows its own prefill (the prompt precedes the image; the image is encoded once).
 """
@@ -65,14 +67,15 @@ def run_loop(pred, paths: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
-def run_processes(paths: list[Path], out: Path, model: str | None) -> list[float]:
+def run_processes(paths: list[Path], out: Path, model: str | None, threads: int) -> list[float]:
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     times = []
     for p in paths:
         args = [sys.executable, "-m", "densert", "depth", str(p), "--out", str(out), "--quiet"]
         if model:
             args += ["--model", model]
         t0 = time.perf_counter()
-        r = subprocess.run(args, capture_output=True, text=True)
+        r = subprocess.run(args, capture_output=True, text=True, env=env)
         times.append(time.perf_counter() - t0)
         if r.returncode != 0:
             raise RuntimeError(f"densert depth {p} failed: {r.stderr[-1000:]}")
@@ -113,7 +116,8 @@ def markdown(rep: dict) -> str:
     lines = [f"# Stream vs single calls; one prefill vs two task calls\n\n`{rep['command']}`\n",
              f"Machine: {rep['machine']}; model: {rep['model']}; commit {rep['commit']}. "
              f"{s['frames']} frames of {rep['size']} px (rendered scenes, PNG files), depth with the "
-             f"model's preset; torch backend, CPU. Medians of {rep['rounds']} alternating rounds "
+             f"model's preset; torch backend, CPU, {rep['torch_threads']} torch thread(s). "
+             f"Medians of {rep['rounds']} alternating rounds "
              "(the machine is shared: absolute numbers are noisy, the rows of a table ran side by "
              "side).\n",
              "## Frames per second\n",
@@ -148,7 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=100, help="frames in the stream (default: 100)")
     ap.add_argument("--size", type=hw_size, default=(240, 320), metavar="HxW",
                     help="frame size (default: 240x320)")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating stream / loop rounds (default: 3)")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating stream / loop rounds (default: 4)")
     ap.add_argument("--process-frames", type=int, default=8,
                     help="files run as one process each (default: 8)")
     ap.add_argument("--dense-frames", type=int, default=16,
@@ -158,7 +162,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled one)")
     ap.add_argument("--json", default=None, help="write the report as JSON (default: none)")
     ap.add_argument("--md", default=None, help="write the report as Markdown (default: print)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (default: 0, torch's own choice)")
     a = ap.parse_args(argv)
+    import torch
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from densert.runtime.predictor import DensePredictor
     with tempfile.TemporaryDirectory(prefix="densert-stream-") as td:
         folder = Path(td) / "frames"
@@ -168,10 +177,14 @@ def main(argv=None) -> int:
         run_loop(pred, paths[:3])  # warm-up: weights paged in, metadata per grid cached
         stream_s, loop_s = [], []
         for r in range(a.rounds):
-            stream_s.append(run_stream(pred, folder, a.frames))
-            loop_s.append(run_loop(pred, paths))
+            if r % 2:
+                loop_s.append(run_loop(pred, paths))
+                stream_s.append(run_stream(pred, folder, a.frames))
+            else:
+                stream_s.append(run_stream(pred, folder, a.frames))
+                loop_s.append(run_loop(pred, paths))
             print(f"round {r + 1}: stream {stream_s[-1]:.2f} s, loop {loop_s[-1]:.2f} s", file=sys.stderr)
-        proc = run_processes(paths[:a.process_frames], Path(td) / "out", a.model)
+        proc = run_processes(paths[:a.process_frames], Path(td) / "out", a.model, a.threads)
         print(f"process per image: {statistics.median(proc):.2f} s median", file=sys.stderr)
         dense = []
         for backend in a.backends:
@@ -182,7 +195,7 @@ def main(argv=None) -> int:
     rep = {"command": "python -m densert.benchmarks.bench_stream " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": f"{cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
            "model": a.model or "bundled densert-tiny", "commit": source_commit(),
-           "size": f"{a.size[0]}x{a.size[1]}", "rounds": a.rounds,
+           "size": f"{a.size[0]}x{a.size[1]}", "rounds": a.rounds, "torch_threads": torch.get_num_threads(),
            "stream": {"frames": a.frames, "stream_s": stream_s, "loop_s": loop_s,
                       "process_frames": len(proc), "process_times_s": proc,
                       "process_per_image_s": statistics.median(proc)},

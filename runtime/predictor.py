@@ -345,7 +345,7 @@ class DensePredictor:
             out["depth"] = self._depth_result(image, pre, h, preset, focal, td)
             tm["depth_head"] = td["dense_head"]
         if names:
-            ts = Timings(tm)
+            ts = Timings({k: v for k, v in tm.items() if k not in ("prefill_depth", "depth_head")})
             out["segmentation"] = self._seg_result(image, pre, hidden, names, background, None, [], ts)
             tm["segment_head"] = ts["dense_head"]
         return DenseResult(depth=out.get("depth"), segmentation=out.get("segmentation"),

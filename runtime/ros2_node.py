@@ -89,7 +89,7 @@ class DensertNode:
             raise CLIError(f"parameter backend {p['backend']!r}: expected one of {BACKENDS}")
         if p["preset"] and p["preset"] not in PRESETS:
             raise CLIError(f"parameter preset {p['preset']!r}: expected one of {tuple(PRESETS)}")
-        settings = {k: v for k, v in asdict(PredictorOptions()).items()}
+        settings = asdict(PredictorOptions())
         settings.update(backend=p["backend"], engine_dir=p["engine_dir"] or None,
                         device=p["device"], dtype=p["dtype"], max_patches=args.max_patches,
                         upscale=args.upscale)

@@ -151,9 +151,11 @@ def test_ros2_node_publishes_depth_for_every_image(ros_env):
 
 
 def test_ros2_camera_info_focal_gives_metric_depth_mm(ros_env):
-    """Open world: fx from camera_info replaces --focal, so depth is metric and depth_mm flows."""
+    """Open world: fx from camera_info replaces --focal, so depth is metric and depth_mm flows.
+    The preset and depth_mm come in as ROS parameters."""
     from densert.runtime.predictor import DensePredictor
-    proc = _start(ros_env, "--preset", "open-world", "--depth-mm", "--max-frames", "1", "--quiet")
+    proc = _start(ros_env, "--max-frames", "1", "--quiet", "--ros-args", "-p", "preset:=open-world",
+                  "-p", "depth_mm:=true")
     client = _Client()
     try:
         assert client.spin_until(lambda: client.info_pub.get_subscription_count() > 0, 180, proc)

@@ -3,6 +3,7 @@ bag written here, folders and globs, sources that cannot be opened, the latest-f
 the console lines."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -117,9 +118,12 @@ def test_cli_source_errors_are_one_line(tmp_path):
                       (["depth", "--source", str(SAMPLES / "scene_0.png"), str(SAMPLES / "scene_3.png")],
                        "either IMAGE arguments or --source"),
                       (["depth"], "no input: give IMAGE arguments or --source"),
-                      (["dense", "--source", str(SAMPLES), "--no-depth"], "nothing to compute")):
+                      (["dense", "--source", str(SAMPLES), "--no-depth"], "nothing to compute"),
+                      (["depth", "--source", str(SAMPLES / "scene_0.png"), "--show"],
+                       "--show needs a display")):
+        env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
         r = subprocess.run([sys.executable, "-m", "densert", *args, "--out", str(tmp_path / "o")],
-                           capture_output=True, text=True, cwd=ROOT)
+                           capture_output=True, text=True, cwd=ROOT, env=env)
         assert r.returncode == 2, r.stderr
         assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 

@@ -170,9 +170,6 @@ def run_source(args) -> int:
     command = args.command
     if getattr(args, "images", None):
         raise CLIError("give either IMAGE arguments or --source, not both")
-    if args.topic is not None and not str(args.source).lower().endswith(".mcap") \
-            and not Path(args.source).is_dir():
-        raise CLIError(f"--topic applies to ROS 2 bags (.mcap), not to {args.source!r}")
     task = command
     opts, settings, out_opts = _options(args, task)
     classes = _classes(args)
