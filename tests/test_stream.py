@@ -285,3 +285,19 @@ def test_speed_report_percentiles():
     row = next(ln for ln in s.splitlines() if ln.strip().startswith("prefill")).split()
     assert row[1:] == ["25.0", "37.0", "25.0"]  # p50, p90, mean
     assert rep.line(0, "f", (2, 3), "depth", {"prefill": 0.0125}).startswith("frame 1/4 f 3x2 depth: prefill 12.5ms")
+
+
+@pytest.mark.parametrize("module,args,extra", [
+    ("rclpy", ["ros2"], "ros2"),
+    ("cv2", ["depth", "--source", "clip.mp4"], "video"),
+    ("mcap_ros2", ["depth", "--source", "run.mcap"], "bag"),
+])
+def test_missing_extra_of_a_source_is_one_line(tmp_path, module, args, extra):
+    for name in ("clip.mp4", "run.mcap"):
+        (tmp_path / name).write_bytes(b"x")
+    code = (f"import sys\nsys.modules[{module!r}] = None\nfrom densert.cli import main\n"
+            f"sys.exit(main({args!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().endswith(f"which is not installed: pip install 'densert[{extra}]'"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
