@@ -70,6 +70,7 @@ def test_prefix_cache_is_computed_once_and_not_modified(pred):
     assert all(torch.equal(a, b) for a, b in zip(before, cache))
 
 
+@pytest.mark.slow
 def test_one_prefill_with_k_minus_1_alignment():
     """k-1 reads the hidden state at <|vision_start|>: the first token after the kept prefix."""
     p = DensePredictor(options=DenseOptions(alignment="k-1"))

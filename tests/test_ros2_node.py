@@ -150,6 +150,7 @@ def test_ros2_node_publishes_depth_for_every_image(ros_env):
     assert diag["latency_ms"] > 0 and "prefill" in diag["stages_ms"] and diag["dropped"] == 0
 
 
+@pytest.mark.slow
 def test_ros2_camera_info_focal_gives_metric_depth_mm(ros_env):
     """Open world: fx from camera_info replaces --focal, so depth is metric and depth_mm flows.
     The preset and depth_mm come in as ROS parameters."""
