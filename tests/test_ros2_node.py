@@ -74,6 +74,15 @@ class _Client:
         self.executor = rclpy.executors.SingleThreadedExecutor(context=self.ctx)
         self.executor.add_node(self.node)
 
+    def wait_for_node(self, proc, pub, outputs=()):
+        """Until the node's subscription matched ``pub`` and its output topics exist, then a
+        moment for both sides of every match to settle (best-effort samples sent before that
+        are lost)."""
+        ok = self.spin_until(lambda: pub.get_subscription_count() > 0
+                             and all(self.node.count_publishers(t) > 0 for t in outputs), 180, proc)
+        self.spin_until(lambda: False, 1.0, proc)
+        return ok
+
     def spin_until(self, cond, timeout, proc):
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -110,8 +119,8 @@ def test_ros2_node_publishes_depth_for_every_image(ros_env):
     proc = _start(ros_env, "--classes", "floor,wall", "--labels-color", "--max-frames", str(len(FRAMES)))
     client = _Client()
     try:
-        assert client.spin_until(lambda: client.pub.get_subscription_count() > 0, 180, proc), \
-            "the node's image subscription never appeared"
+        assert client.wait_for_node(proc, client.pub, ("depth", "labels", "labels_color")), \
+            "the node's image subscription or its output topics never appeared"
         rng = np.random.default_rng(0)
         sent = []
         for k, (hw, enc) in enumerate(FRAMES):
@@ -159,7 +168,7 @@ def test_ros2_camera_info_focal_gives_metric_depth_mm(ros_env):
                   "-p", "depth_mm:=true")
     client = _Client()
     try:
-        assert client.spin_until(lambda: client.info_pub.get_subscription_count() > 0, 180, proc)
+        assert client.wait_for_node(proc, client.info_pub, ("depth_mm",))
         info = CameraInfo()
         info.k = [300.0, 0.0, 32.0, 0.0, 300.0, 24.0, 0.0, 0.0, 1.0]
         client.info_pub.publish(info)
