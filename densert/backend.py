@@ -71,11 +71,25 @@ class TorchBackend:
         cache = KVCache(self.config, self.cache_layout, capacity=ids.shape[1] + CACHE_HEADROOM,
                         dtype=self.dtype, device=self.device)
         h, cache = self.model.model(self.model.embed(ids, image_embeds), cache, self.cache_layout)
+        return self._result(ids, h, cache)
+
+    def _result(self, ids: torch.Tensor, h: torch.Tensor, cache) -> PrefillResult:
         pos = (ids[0] == self.config.image_token_id).nonzero().flatten()
         vision = h[0, pos] if len(pos) else None
         pre = h[0, pos[0] - 1] if len(pos) and int(pos[0]) > 0 else None
         return PrefillResult(vision_hidden=vision, pre_vision_hidden=pre,
                              last_logits=self.model.logits(h[0, -1]), cache=cache)
+
+    @torch.inference_mode()
+    def extend(self, past: tuple[torch.Tensor, ...], input_ids: torch.Tensor,
+               image_embeds: torch.Tensor | None) -> PrefillResult:
+        """Optional stage: prefill ``input_ids`` after the positions ``past`` holds (stacked cache
+        tensors of an earlier prefill: a prompt prefix computed once). ``past`` is only read, so
+        one prefix serves every frame. Backends without it run whole prefills (the runtime checks
+        ``hasattr(backend, "extend")``). The result's cache is stacked tensors, not for decode."""
+        ids = input_ids.to(self.device)
+        h, cache = self.model.model(self.model.embed(ids, image_embeds), past, self.cache_layout)
+        return self._result(ids, h, cache)
 
     @torch.inference_mode()
     def decode(self, token_id: int, cache: KVCache) -> tuple[torch.Tensor, KVCache]:

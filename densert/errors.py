@@ -62,3 +62,8 @@ class MissingExtraError(DensertError, ImportError):
 class DatasetError(DensertError, ValueError):
     """A training / evaluation dataset on disk that does not follow the documented layout
     (README "Training on your data"); the message names the file and what is wrong with it."""
+
+
+class SourceError(DensertError, ValueError):
+    """A frame source (image files, video, camera, stream URL, ROS 2 bag) that cannot be opened
+    or read; the message names it and says what to check."""

@@ -25,6 +25,11 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "transformers": "dev",
     "pytest": "dev",
     "jedi": "dev",
+    "mcap": "bag",
+    "mcap_ros2": "bag",
+    "rclpy": "ros2",
+    "sensor_msgs": "ros2",
+    "std_msgs": "ros2",
 }
 
 

@@ -71,15 +71,19 @@ MAP_COMMANDS = ("segment", "refer")
 
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("images", nargs="*" if command == "chat" else "+", metavar="IMAGE",
-                        help="image files or directories of images" + (
-                            " (none: a text-only prompt)" if command == "chat" else ""))
+    parser.add_argument("images", nargs="*" if command in ("chat", "depth", "segment") else "+",
+                        metavar="IMAGE", help="image files or directories of images" + (
+                            " (none: a text-only prompt)" if command == "chat" else "") + (
+                            " (or --source)" if command in ("depth", "segment") else ""))
     parser.add_argument("--model", default=None,
                         help="checkpoint directory (default: the bundled densert-tiny; with an "
                              "engine backend and --engine-dir, the engine directory alone)")
     parser.add_argument("--out", default="densert-out", help="output directory (created)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar or per-image lines; errors only")
+    if command in ("depth", "segment"):
+        from .onboard.cli import add_source_arguments
+        add_source_arguments(parser)
     add_dataclass_arguments(parser, PredictorOptions)
     add_dataclass_arguments(parser, DenseOptions, DENSE_FLAGS[command])
     add_dataclass_arguments(parser, OutputOptions, OUTPUT_FLAGS[command])
@@ -185,6 +189,11 @@ def run(args) -> int:
     from . import outputs as O
 
     command = args.command
+    if getattr(args, "source", None) is not None:
+        from .onboard.cli import run_source
+        return run_source(args)
+    if command in ("depth", "segment") and not args.images:
+        raise CLIError("no input: give IMAGE arguments or --source")
     opts, settings, out_opts = _options(args)
     classes = _classes(args)
     if command in MAP_COMMANDS and opts.crf:  # before the model loads

@@ -62,6 +62,7 @@ from densert.text.chat import BUILTIN_TEMPLATE, encode_chat, user_message
 
 from .backends import lm_head_weight, make_backend
 from .dense import align_hidden, depth_map, segment_labels
+from .multitask import DenseResult, SharedPrefill
 from .options import DenseOptions, PredictorOptions
 from .results import (
     ChatResult,
@@ -196,6 +197,7 @@ class DensePredictor:
         gen = read_generation_config(self.model_dir) if self.model_dir else {}
         self.generation = self._generation(settings, gen)
         self._stop = {vocab.eos_id} | {i for i in gen.get("eos_token_id", ()) if i < len(vocab)}
+        self._shared_prefill = SharedPrefill(backend, vocab, self.chat_template)
         self._control = {vocab.token_id(s) for s in T.CONTROL_TOKENS}
         self.info = self._run_info()
 
@@ -307,6 +309,8 @@ class DensePredictor:
         return align_hidden(pf.vision_hidden, pf.pre_vision_hidden, self.options.alignment)
 
     def _pre(self, image, tm: Timings, upscale: float | None = None) -> Preprocessed:
+        if isinstance(image, Preprocessed):  # prepared ahead (DensePredictor.stream)
+            return image
         with tm.stage("preprocess"):
             return preprocess(image, self._max_patches,
                               self.settings.upscale if upscale is None else upscale)
@@ -317,7 +321,8 @@ class DensePredictor:
         pf, ids = self._prefill(pre, self._encode(pre, tm), prompt, tm)
         return pre, self._text(self._generate(pf, ids, tm, self._stop))
 
-    def _labels(self, pf, pre: Preprocessed, class_list: list[str], tm: Timings) -> np.ndarray:
+    def _labels(self, hidden: torch.Tensor, pre: Preprocessed, class_list: list[str], tm: Timings
+                ) -> np.ndarray:
         """Label map over ``class_list`` as written: its names scored, ``<OTHERS>`` (wherever it
         stands) the background rule."""
         names = [c for c in class_list if c != BACKGROUND_NAME]
@@ -325,7 +330,7 @@ class DensePredictor:
             return np.zeros(pre.original_hw, dtype=np.uint16)
         bg = BACKGROUND_NAME in class_list
         with tm.stage("dense_head"):
-            return segment_labels(self._hidden(pf), self._subset(tuple(names)), pre.merged_grid,
+            return segment_labels(hidden, self._subset(tuple(names)), pre.merged_grid,
                                   pre.original_hw, self.options, background=bg,
                                   image=self._image_at(pre) if self.options.crf else None,
                                   background_index=class_list.index(BACKGROUND_NAME) if bg else None)
@@ -358,9 +363,20 @@ class DensePredictor:
         """``preset`` None: the model's declared default (``default_depth_preset``)."""
         tm = Timings()
         preset = preset or self.default_depth_preset
-        open_world = depth_bins.get_preset(preset).focal is not None  # unknown presets fail here
+        pre = self._depth_pre(image, preset, focal, tm)
+        pf, _ = self._prefill(pre, self._encode(pre, tm), prompts.depth(preset), tm)
+        return self._depth_result(image, pre, self._hidden(pf), preset, focal, tm)
+
+    def _depth_pre(self, image, preset: str, focal: float | None, tm: Timings) -> Preprocessed:
+        depth_bins.get_preset(preset)  # unknown presets fail here
+        if isinstance(image, Preprocessed):
+            return image
         scale = depth_scale(preset, focal, _input_hw(image), self.settings.upscale)
-        pre = self._pre(image, tm, upscale=scale)
+        return self._pre(image, tm, upscale=scale)
+
+    def _depth_result(self, image, pre: Preprocessed, hidden: torch.Tensor, preset: str,
+                      focal: float | None, tm: Timings) -> DepthResult:
+        open_world = depth_bins.get_preset(preset).focal is not None
         eff = None
         if focal is not None:
             # The patch cap and 32-px rounding may keep the network input off 2000 px exactly;
@@ -368,9 +384,8 @@ class DensePredictor:
             sy = pre.resized_hw[0] / pre.original_hw[0]
             sx = pre.resized_hw[1] / pre.original_hw[1]
             eff = float(focal) * (sx * sy) ** 0.5
-        pf, _ = self._prefill(pre, self._encode(pre, tm), prompts.depth(preset), tm)
         with tm.stage("dense_head"):
-            dm = depth_map(self._hidden(pf), self._depth_weight(), pre.merged_grid, pre.original_hw,
+            dm = depth_map(hidden, self._depth_weight(), pre.merged_grid, pre.original_hw,
                            self.options, preset, fx=eff)
         return DepthResult(depth=dm.depth, bins=dm.bins, codes_grid=dm.codes_grid, preset=preset,
                            metric=not open_world or focal is not None, focal=focal,
@@ -428,7 +443,7 @@ class DensePredictor:
                     warn.append(f"the model named no class (answer: {text[:80]!r}); every pixel "
                                 "is background")
                     class_list = [BACKGROUND_NAME]
-        labels = self._labels(pf, pre, class_list, tm)
+        labels = self._labels(self._hidden(pf), pre, class_list, tm)
         return self._seg_result(image, pre, labels, class_list, flow, tm, warn, **seg)
 
     def _open_set_boxes(self, pre: Preprocessed, emb, names: list[str], tm: Timings,
@@ -467,6 +482,67 @@ class DensePredictor:
                          original_hw=pre.original_hw, resized_hw=pre.resized_hw,
                          timings=dict(tm), warnings=warn, info=self._result_info(image),
                          image=self._image_at(pre), flow=flow, **kw)
+
+    def dense(self, image, depth: bool = True, classes: list[str] | None = None,
+              preset: str | None = None, focal: float | None = None,
+              background: bool = False) -> DenseResult:
+        """The depth map and the closed-set segmentation of ``classes`` of one frame: the image is
+        encoded once and, for image-first depth prompts (open world), one prefill cut at the last
+        image pad serves both (``runtime.multitask``). The maps equal those of ``depth()`` and of
+        ``segment(classes=...)`` in its one-prefill flow (``DenseOptions.fast``: every given class
+        scored; the release's default flow first generates the names present, which a shared
+        prefill cannot do). With ``focal``, segmentation reads the depth's rescaled input."""
+        names = [c.strip() for c in classes or [] if c.strip()]
+        if not depth and not names:
+            raise ValueError("dense() needs depth=True or at least one class name")
+        if names:
+            prompts.semantic(names, background)  # the names' checks (empty, commas)
+        tm = Timings()
+        preset = preset or self.default_depth_preset
+        pre = self._depth_pre(image, preset, focal, tm) if depth else self._pre(image, tm)
+        embeds = self._encode(pre, tm)
+        depth_prompt = prompts.depth(preset) if depth else None
+        hidden, prefills, note = None, 0, None
+        if names or (depth_prompt is not None and depth_prompt.image_first):
+            with tm.stage("prefill"):
+                hidden = self._hidden(self._shared_prefill(embeds, pre.num_image_tokens))
+            prefills += 1
+        out = {}
+        if depth_prompt is not None:
+            h = hidden
+            if not depth_prompt.image_first:
+                note = (f"the {preset} depth prompt precedes the image (paper D.3), so the vision "
+                        "tokens depend on it: depth runs its own prefill")
+                own = Timings()
+                h = self._hidden(self._prefill(pre, embeds, depth_prompt, own)[0])
+                tm["prefill_depth"] = own["prefill"]
+                prefills += 1
+            td = Timings(tm)
+            out["depth"] = self._depth_result(image, pre, h, preset, focal, td)
+            tm["depth_head"] = td["dense_head"]
+        if names:
+            ts = Timings({k: v for k, v in tm.items() if k not in ("prefill_depth", "depth_head")})
+            class_list = names + ([BACKGROUND_NAME] if background else [])
+            labels = self._labels(hidden, pre, class_list, ts)
+            out["segmentation"] = self._seg_result(image, pre, labels, class_list,
+                                                   "closed-set:one-prefill", ts, [],
+                                                   generated_text=None, prompt_classes=names)
+            tm["segment_head"] = ts["dense_head"]
+        return DenseResult(depth=out.get("depth"), segmentation=out.get("segmentation"),
+                           prefills=prefills, timings=dict(tm), note=note)
+
+    def stream(self, frames, task: str = "depth", drop: bool | None = None, **task_options):
+        """A generator of ``StreamItem`` (frame, result, per-stage timings, frames dropped) over
+        ``frames``: a ``--source`` spec (``runtime.sources.open_source``), a ``Source``, or any
+        iterable of frames / arrays / paths. ``task``: depth, segment or dense, with that call's
+        options (preset, focal, classes, background, depth). Decoding and preprocessing of the
+        next frame overlap the model on this one; ``drop`` (default: live sources only) keeps
+        the latest frame when the caller is slower than the source (``runtime.stream``)."""
+        from .sources import open_source
+        from .stream import TaskSpec, stream
+        if isinstance(frames, (str, int, Path)):
+            frames = open_source(frames)
+        return stream(self, frames, TaskSpec(task, **task_options), drop)
 
     def refer(self, image, expression: str) -> ReferResult:
         tm = Timings()

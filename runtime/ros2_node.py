@@ -1,0 +1,270 @@
+"""``densert ros2``: a ROS 2 node around one ``DensePredictor`` (needs ``densert[ros2]``: the ROS 2
+Jazzy wheels on PyPI, no system ROS install).
+
+Topics (relative names: remap with ``--ros-args -r image:=/camera/color/image_raw``):
+
+=================  ===========================  =============================================
+``image``          in, ``sensor_msgs/Image``    rgb8, bgr8, mono8 (rgba8 / bgra8 too)
+``camera_info``    in, ``sensor_msgs/CameraInfo``  fx = K[0] replaces ``--focal`` (open world)
+``depth``          out, ``32FC1``               metres (relative without a focal length), NaN
+                                                where invalid; header copied from the input
+``depth_mm``       out, ``16UC1``               millimetres, 0 invalid (``--depth-mm``; metric)
+``labels``         out, ``mono16``              class ids of ``--classes`` (index order)
+``labels_color``   out, ``rgb8``                class colours (``--labels-color``)
+``~/diagnostics``  out, ``std_msgs/String``     JSON per frame: latency, per-stage ms, fps,
+                                                frames received / processed / dropped
+=================  ===========================  =============================================
+
+Inputs use the sensor-data QoS (best effort, keep last 5); outputs are reliable, which both
+reliable and best-effort subscribers accept. The model runs on its own thread over
+``DensePredictor.stream`` with the latest-frame policy: an image that arrives while the model is
+busy replaces the one waiting, and is counted as dropped. Depth and segmentation of a frame come
+from one prefill where the preset allows it (``runtime.multitask``).
+
+Every option is also a ROS parameter (``model``, ``backend``, ``engine_dir``, ``device``,
+``dtype``, ``preset``, ``classes``, ``background``, ``focal``, ``depth``, ``depth_mm``,
+``labels_color``), read at start: the flags set the defaults, ``--ros-args -p name:=value``
+overrides them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from densert.errors import CLIError, SourceError
+from densert.extras import require
+from densert.tasks.depth_bins import PRESETS
+
+from .options import BACKENDS, DenseOptions, PredictorOptions
+from .sources import Frame, image_msg_to_rgb
+from .stream import LiveFrames
+
+NODE_NAME = "densert"
+DENSE_FLAGS = ("alignment", "temperature", "depth_mode", "depth_upsample")  # the node's decoding flags
+
+
+def _parameters(args) -> dict:
+    """ROS parameter name -> default, from the flags ('' / 0.0 mean unset: ROS parameters are typed)."""
+    return {"model": args.model or "", "backend": args.backend, "engine_dir": args.engine_dir or "",
+            "device": args.device, "dtype": args.dtype, "preset": args.preset or "",
+            "classes": args.classes or "", "background": bool(args.background),
+            "focal": float(args.focal or 0.0), "depth": bool(args.depth),
+            "depth_mm": bool(args.depth_mm), "labels_color": bool(args.labels_color)}
+
+
+def depth_image(depth: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """float32 metres with NaN where the model gave no valid bin (REP 118)."""
+    return np.where(bins > 0, depth, np.nan).astype(np.float32)
+
+
+def depth_mm_image(depth: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """uint16 millimetres, 0 invalid or beyond 65.535 m (REP 118 16UC1)."""
+    mm = np.rint(np.where(bins > 0, depth, 0.0) * 1000.0)
+    return np.where(mm > 65535, 0, mm).astype(np.uint16)
+
+
+class DensertNode:
+    """The node: subscriptions feed a live frame source, a worker thread publishes results."""
+
+    def __init__(self, rclpy, args, predictor_factory=None):
+        from rclpy.node import Node
+        from rclpy.qos import QoSProfile, qos_profile_sensor_data
+        from sensor_msgs.msg import CameraInfo, Image
+        from std_msgs.msg import String
+        self.rclpy, self.Image, self.String = rclpy, Image, String
+        self.node = node = Node(args.name)
+        p = {k: node.declare_parameter(k, v).value for k, v in _parameters(args).items()}
+        self.params = p
+        self.quiet = args.quiet
+        self.max_frames = args.max_frames
+        classes = [c.strip() for c in p["classes"].split(",") if c.strip()]
+        if not p["depth"] and not classes:
+            raise CLIError("nothing to publish: depth is off and no classes are given")
+        if p["backend"] not in BACKENDS:
+            raise CLIError(f"parameter backend {p['backend']!r}: expected one of {BACKENDS}")
+        if p["preset"] and p["preset"] not in PRESETS:
+            raise CLIError(f"parameter preset {p['preset']!r}: expected one of {tuple(PRESETS)}")
+        settings = asdict(PredictorOptions())
+        settings.update(backend=p["backend"], engine_dir=p["engine_dir"] or None,
+                        device=p["device"], dtype=p["dtype"], max_patches=args.max_patches,
+                        upscale=args.upscale)
+        opts = DenseOptions(**{k: getattr(args, k) for k in DENSE_FLAGS})
+        if predictor_factory is None:
+            from .predictor import DensePredictor
+
+            def predictor_factory():
+                return DensePredictor(p["model"] or None, opts, **settings)
+        self.pred = predictor_factory()
+        self.preset = p["preset"] or self.pred.default_depth_preset
+        from densert.tasks.depth_bins import get_preset
+        self.open_world = get_preset(self.preset).focal is not None
+        self.task = "dense" if (p["depth"] and classes) else ("depth" if p["depth"] else "segment")
+        self.classes = classes
+        self.focal = p["focal"] or None
+        if self.focal is not None and not self.open_world:
+            raise CLIError(f"focal applies to the open-world preset only, not {self.preset!r}")
+        self.frames = LiveFrames()
+        self.received = 0
+        self.processed = 0
+        self.warned: set[str] = set()
+        from .speed import SpeedReport
+        self.report = SpeedReport(f"densert ros2 ({self.task})")
+
+        reliable = QoSProfile(depth=5)
+        self.pubs = {}
+        if p["depth"]:
+            self.pubs["depth"] = node.create_publisher(Image, "depth", reliable)
+            if p["depth_mm"]:
+                self.pubs["depth_mm"] = node.create_publisher(Image, "depth_mm", reliable)
+        if classes:
+            self.pubs["labels"] = node.create_publisher(Image, "labels", reliable)
+            if p["labels_color"]:
+                self.pubs["labels_color"] = node.create_publisher(Image, "labels_color", reliable)
+        self.diag = node.create_publisher(String, "~/diagnostics", reliable)
+        node.create_subscription(Image, "image", self._on_image, qos_profile_sensor_data)
+        node.create_subscription(CameraInfo, "camera_info", self._on_info, qos_profile_sensor_data)
+        self.worker = threading.Thread(target=self._work, name="densert-ros2-model", daemon=True)
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    # ---- callbacks (executor thread)
+    def _on_info(self, msg) -> None:
+        fx = float(msg.k[0])
+        if not self.open_world:
+            self._warn_once("info", f"camera_info ignored: the {self.preset} preset has a fixed "
+                                    "camera; its focal length does not apply")
+        elif fx > 0:
+            self.focal = fx
+
+    def _on_image(self, msg) -> None:
+        self.received += 1
+        try:
+            rgb = image_msg_to_rgb(msg.encoding, msg.height, msg.width, msg.step, bytes(msg.data),
+                                   f"image message {self.received}")
+        except SourceError as e:
+            self._warn_once(f"enc-{msg.encoding}", str(e))
+            return
+        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        self.frames.push(Frame(self.received - 1, rgb, f"frame_{self.received - 1:06d}",
+                               stamp=stamp, focal=self.focal if self.open_world else None,
+                               meta=msg.header))
+
+    def _warn_once(self, key: str, text: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            self.node.get_logger().warning(text)
+
+    # ---- the model thread
+    def _work(self) -> None:
+        try:
+            items = self.pred.stream(self.frames, task=self.task, drop=True, **self._task_options())
+            for item in items:
+                if item.error is not None:
+                    self.node.get_logger().error(f"{item.frame.name}: {item.error}")
+                    self.report.add(item.timings, item.dropped, failed=True)
+                    continue
+                t0 = time.perf_counter()
+                self._publish(item)
+                timings = {**item.timings, "publish": time.perf_counter() - t0}
+                self.processed += 1
+                self.report.add(timings, item.dropped, item.latency)
+                self._diagnostics(item, timings)
+                if not self.quiet:
+                    hw = item.frame.image.shape[:2]
+                    self.node.get_logger().info(self.report.line(
+                        item.frame.index, item.frame.name, hw, self.task, timings, item.dropped))
+                if self.max_frames and self.processed >= self.max_frames:
+                    break
+            items.close()
+        except BaseException as e:  # reported by run(); the node must not hang on it
+            self.error = e
+        finally:
+            self.done.set()
+
+    def _task_options(self) -> dict:
+        if self.task == "segment":
+            return {"classes": self.classes, "background": bool(self.params["background"])}
+        opts = {"preset": self.preset, "focal": None}
+        if self.task == "dense":
+            opts.update(classes=self.classes, background=bool(self.params["background"]))
+        return opts
+
+    def _publish(self, item) -> None:
+        header = item.frame.meta
+        r = item.result
+        depth = r.depth if self.task == "dense" else (r if self.task == "depth" else None)
+        seg = r.segmentation if self.task == "dense" else (r if self.task == "segment" else None)
+        if depth is not None:
+            if not depth.metric:
+                self._warn_once("relative", "depth is relative (open world without a focal "
+                                            "length): publish camera_info or pass --focal for metres")
+            self.pubs["depth"].publish(self._msg(header, depth_image(depth.depth, depth.bins), "32FC1"))
+            if "depth_mm" in self.pubs:
+                if depth.metric:
+                    self.pubs["depth_mm"].publish(
+                        self._msg(header, depth_mm_image(depth.depth, depth.bins), "16UC1"))
+        if seg is not None:
+            self.pubs["labels"].publish(self._msg(header, seg.labels.astype(np.uint16), "mono16"))
+            if "labels_color" in self.pubs:
+                from .outputs import class_colours
+                colours = class_colours(seg.class_names)
+                self.pubs["labels_color"].publish(self._msg(header, colours[seg.labels], "rgb8"))
+
+    def _msg(self, header, array: np.ndarray, encoding: str):
+        m = self.Image()
+        m.header = header
+        m.height, m.width = int(array.shape[0]), int(array.shape[1])
+        m.encoding = encoding
+        m.is_bigendian = int(sys.byteorder == "big")
+        m.step = int(array.strides[0])
+        m.data = np.ascontiguousarray(array).tobytes()
+        return m
+
+    def _diagnostics(self, item, timings: dict) -> None:
+        msg = self.String()
+        msg.data = json.dumps({
+            "frame": item.frame.index, "stamp": item.frame.stamp,
+            "latency_ms": round(item.latency * 1e3, 3),
+            "stages_ms": {k: round(v * 1e3, 3) for k, v in timings.items()},
+            "received": self.received, "processed": self.processed,
+            "dropped": self.report.dropped + self.frames.dropped, "fps": round(self.report.fps, 3)})
+        self.diag.publish(msg)
+
+
+def spin(args) -> int:
+    """Run the node until SIGINT, ``--max-frames`` or a ROS shutdown (``densert ros2``)."""
+    rclpy = require("rclpy", "densert ros2")
+    require("sensor_msgs.msg", "densert ros2")
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    rclpy.init(args=["densert-ros2", "--ros-args", *args.ros_args] if args.ros_args else None)
+    node = None
+    try:
+        node = DensertNode(rclpy, args)
+        log = node.node.get_logger()
+        if node.pred.is_demo_model:
+            log.info("using the bundled demo model densert-tiny (its maps of real images mean "
+                     "little): pass --model DIR with a Youtu-VL checkpoint")
+        log.info(f"ready: {node.task} with {node.pred.backend_name}, preset {node.preset}; "
+                 f"subscribed to {node.node.resolve_topic_name('image')}")
+        node.worker.start()
+        executor = SingleThreadedExecutor()
+        executor.add_node(node.node)
+        while rclpy.ok() and not node.done.is_set():
+            executor.spin_once(timeout_sec=0.1)
+        if node.error is not None:
+            raise node.error
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.frames.close()
+            print(node.report.summary(), file=sys.stderr)
+            node.node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
