@@ -45,7 +45,9 @@ from .sources import Frame, image_msg_to_rgb
 from .stream import LiveFrames
 
 NODE_NAME = "densert"
-DENSE_FLAGS = ("alignment", "temperature", "depth_mode", "depth_upsample")  # the node's decoding flags
+# The node's decoding flags: --no-crf and --fast (one prefill, no naming pass) trade the release's
+# segmentation flow for camera rate.
+DENSE_FLAGS = ("alignment", "temperature", "depth_mode", "depth_upsample", "crf", "fast")
 
 
 def _parameters(args) -> dict:
@@ -94,6 +96,11 @@ class DensertNode:
                         device=p["device"], dtype=p["dtype"], max_patches=args.max_patches,
                         upscale=args.upscale)
         opts = DenseOptions(**{k: getattr(args, k) for k in DENSE_FLAGS})
+        if classes and opts.crf:  # before the model loads
+            from densert.extras import require
+
+            from .options import CRF_MODULE, CRF_PURPOSE
+            require(CRF_MODULE, CRF_PURPOSE)
         if predictor_factory is None:
             from .predictor import DensePredictor
 
