@@ -224,6 +224,7 @@ def main(argv=None) -> int:
                 rows.append({"image_tokens": tokens, "grid": grid, "graph": when, **r})
                 print("vision", rows[-1], flush=True)
         res["vision"] = rows
+        save(a.out, res)   # what is measured so far survives a stopped run
 
     engines = {}
     if "engines" in sections or "accuracy" in sections:
@@ -239,6 +240,7 @@ def main(argv=None) -> int:
                          "size_vs_fp32": dir_bytes(d) / dir_bytes(engines["fp32"]), **r})
             print("engines", rows[-1], flush=True)
         res["engines"] = rows
+        save(a.out, res)   # what is measured so far survives a stopped run
 
     if "accuracy" in sections:
         rows = []
@@ -261,6 +263,7 @@ def main(argv=None) -> int:
                          **run_child("verify", [str(d), a.model], lim)})
             print("accuracy", {k: v for k, v in rows[-1].items() if k != "report"}, flush=True)
         res["accuracy"] = rows
+        save(a.out, res)   # what is measured so far survives a stopped run
 
     if "frame" in sections:
         import numpy as np
@@ -279,11 +282,16 @@ def main(argv=None) -> int:
                                                            lim)})
             print("frame", rows[-1], flush=True)
         res["frame"] = rows
+        save(a.out, res)   # what is measured so far survives a stopped run
 
-    Path(a.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
-    Path(a.out + ".md").write_text(report_md(res))
+    save(a.out, res)
     print(report_md(res))
     return 0
+
+
+def save(stem: str, res: dict) -> None:
+    Path(stem + ".json").write_text(json.dumps(res, indent=2) + "\n")
+    Path(stem + ".md").write_text(report_md(res))
 
 
 def report_md(r: dict) -> str:
