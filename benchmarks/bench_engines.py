@@ -87,11 +87,14 @@ def child_verify(engine_dir: str, model_dir: str) -> dict:
 
 
 def child_cli(argv: list[str]) -> dict:
-    """A ``densert`` command, as ``python -m densert`` runs it: exit status, seconds, peak RSS."""
-    from densert.cli import main
+    """``python -m densert ARGV``: exit status, seconds, peak RSS. Run from this small child (no
+    torch imported), so the command's ``ru_maxrss``, which starts from the memory of the process
+    that forked it, is its own."""
     t = time.perf_counter()
-    rc = main(argv)
-    return {"rc": rc, "seconds": time.perf_counter() - t, "peak_rss_mib": _rss_mib("VmHWM")}
+    p = subprocess.Popen([sys.executable, "-m", "densert", *argv], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)
+    return {"rc": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - t,
+            "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
 CHILDREN = {"vision": child_vision, "decode": child_decode, "verify": child_verify, "cli": child_cli}
