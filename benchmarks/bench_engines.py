@@ -11,9 +11,10 @@
    36,864-patch cap: peak resident memory of the whole process.
 
 Every measurement runs in its own process and reports that process's peak resident memory
-(``VmHWM``, read by the process itself at the end: the kernel's ``ru_maxrss`` of a child also
-counts the parent's pages it shared before ``exec``); a process whose resident memory passes
-``--rss-limit-gb`` is stopped and reported as such. Example (the results in
+(``VmHWM``, read by the process itself at the end; a ``densert`` command: its ``ru_maxrss``,
+taken by a small parent, since ``ru_maxrss`` starts from the memory of the process that forked
+it); a measurement whose processes' resident memory passes ``--rss-limit-gb`` is stopped and
+reported as such. Example (the results in
 ``benchmarks/results/engines.md``):
 
     python -m densert.benchmarks.bench_engines --model CKPT_4B_2L --out benchmarks/results/engines
@@ -101,23 +102,30 @@ CHILDREN = {"vision": child_vision, "decode": child_decode, "verify": child_veri
 
 
 # ---------------------------------------------------------------- parent side
+def _tree_rss_gib(pid: int) -> float:
+    """Resident memory of a process and its descendants."""
+    try:
+        rss = int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 2**20
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (OSError, IndexError):
+        return 0.0
+    return rss + sum(_tree_rss_gib(int(k)) for k in kids)
+
+
 def run_child(kind: str, args: list, limit_gb: float) -> dict:
-    """One measurement in a fresh process (its JSON line, with its own peak RSS); the process is
-    killed when its resident memory passes ``limit_gb``."""
+    """One measurement in a fresh process (its JSON line, with its own peak RSS); the process and
+    its children are killed when their resident memory passes ``limit_gb``."""
     cmd = [sys.executable, "-m", "densert.benchmarks.bench_engines", _CHILD, kind, json.dumps(args)]
     with tempfile.TemporaryFile("w+") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)
         seen = 0.0
         while p.poll() is None:
-            try:
-                rss = int(Path(f"/proc/{p.pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 2**20
-                seen = max(seen, rss)
-                if rss > limit_gb:
-                    p.kill()
-                    p.wait()
-                    return {"stopped": f"resident memory passed {limit_gb:g} GB", "peak_rss_mib": seen * 1024}
-            except (OSError, IndexError):
-                pass
+            rss = _tree_rss_gib(p.pid)
+            seen = max(seen, rss)
+            if rss > limit_gb:
+                os.killpg(p.pid, 9)
+                p.wait()
+                return {"stopped": f"resident memory passed {limit_gb:g} GB", "peak_rss_mib": seen * 1024}
             time.sleep(0.2)
         out.seek(0)
         lines = [ln for ln in out.read().splitlines() if ln.startswith("{")]
