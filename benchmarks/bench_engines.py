@@ -10,8 +10,11 @@
 4. ``frame``: ``densert depth --backend onnxruntime`` on a 3000x4000 photo at the default
    36,864-patch cap: peak resident memory of the whole process.
 
-Every measurement runs in its own process (peak RSS: the kernel's ru_maxrss of that process); a
-process whose resident memory passes ``--rss-limit-gb`` is stopped and reported as such. Example (the results in
+Every measurement runs in its own process and reports that process's peak resident memory
+(``VmHWM``, read by the process itself at the end; a ``densert`` command: its ``ru_maxrss``,
+taken by a small parent, since ``ru_maxrss`` starts from the memory of the process that forked
+it); a measurement whose processes' resident memory passes ``--rss-limit-gb`` is stopped and
+reported as such. Example (the results in
 ``benchmarks/results/engines.md``):
 
     python -m densert.benchmarks.bench_engines --model CKPT_4B_2L --out benchmarks/results/engines
@@ -32,9 +35,9 @@ _CHILD = "--child"
 
 
 # ---------------------------------------------------------------- child side
-def _rss_mib() -> float:
+def _rss_mib(field: str = "VmRSS") -> float:
     s = Path("/proc/self/status").read_text()
-    return int(s.split("VmRSS:")[1].split()[0]) / 1024
+    return int(s.split(f"{field}:")[1].split()[0]) / 1024
 
 
 def child_vision(engine_dir: str, grid: str, runs: int, threads: int) -> dict:
@@ -53,7 +56,7 @@ def child_vision(engine_dir: str, grid: str, runs: int, threads: int) -> dict:
         t = time.perf_counter()
         ob.encode_image(px, meta)
         times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "baseline_rss_mib": base}
+    return {"median_s": statistics.median(times), "baseline_rss_mib": base, "peak_rss_mib": _rss_mib("VmHWM")}
 
 
 def child_decode(engine_dir: str, steps: int, threads: int) -> dict:
@@ -68,7 +71,7 @@ def child_decode(engine_dir: str, steps: int, threads: int) -> dict:
     for _ in range(steps):
         logits, cache = ob.decode(int(logits.argmax()), cache)
     dt = time.perf_counter() - t
-    return {"tokens_per_s": steps / dt}
+    return {"tokens_per_s": steps / dt, "peak_rss_mib": _rss_mib("VmHWM")}
 
 
 def child_verify(engine_dir: str, model_dir: str) -> dict:
@@ -80,46 +83,55 @@ def child_verify(engine_dir: str, model_dir: str) -> dict:
         dense[task] = min(dense.get(task, 1.0), agree)
     return {"ok": rep.ok, "dense_min": dense,
             "next_token_min": min((a for _, a, _, _ in rep.agreement), default=None),
-            "cosine_min": min(t.cosine for t in rep.tensors), "report": rep.format()}
+            "cosine_min": min(t.cosine for t in rep.tensors), "report": rep.format(),
+            "peak_rss_mib": _rss_mib("VmHWM")}
 
 
-CHILDREN = {"vision": child_vision, "decode": child_decode, "verify": child_verify}
+def child_cli(argv: list[str]) -> dict:
+    """``python -m densert ARGV``: exit status, seconds, peak RSS. Run from this small child (no
+    torch imported), so the command's ``ru_maxrss``, which starts from the memory of the process
+    that forked it, is its own."""
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "densert", *argv], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)
+    return {"rc": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - t,
+            "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+CHILDREN = {"vision": child_vision, "decode": child_decode, "verify": child_verify, "cli": child_cli}
 
 
 # ---------------------------------------------------------------- parent side
-def run_measured(cmd: list[str], limit_gb: float) -> tuple[int, str, float, str | None]:
-    """(exit status, stdout, peak RSS MiB from the kernel's rusage, why it was stopped): the
-    process is killed when its resident memory passes ``limit_gb``."""
-    with tempfile.TemporaryFile("w+") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL)
-        stopped = None
-        while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            try:
-                rss = int(Path(f"/proc/{p.pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 2**20
-                if rss > limit_gb and stopped is None:
-                    stopped = f"resident memory passed {limit_gb:g} GB"
-                    p.kill()
-            except (OSError, IndexError):
-                pass
-            time.sleep(0.2)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        return p.returncode, out.read(), usage.ru_maxrss / 1024, stopped
+def _tree_rss_gib(pid: int) -> float:
+    """Resident memory of a process and its descendants."""
+    try:
+        rss = int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 2**20
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (OSError, IndexError):
+        return 0.0
+    return rss + sum(_tree_rss_gib(int(k)) for k in kids)
 
 
 def run_child(kind: str, args: list, limit_gb: float) -> dict:
-    """One measurement in a fresh process; its peak RSS is the process's own (rusage)."""
+    """One measurement in a fresh process (its JSON line, with its own peak RSS); the process and
+    its children are killed when their resident memory passes ``limit_gb``."""
     cmd = [sys.executable, "-m", "densert.benchmarks.bench_engines", _CHILD, kind, json.dumps(args)]
-    rc, out, peak, stopped = run_measured(cmd, limit_gb)
-    if stopped:
-        return {"stopped": stopped, "peak_rss_mib": peak}
-    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-    if rc or not lines:
-        return {"failed": f"exit {rc}", "peak_rss_mib": peak}
-    return {**json.loads(lines[-1]), "peak_rss_mib": peak}
+    with tempfile.TemporaryFile("w+") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)
+        seen = 0.0
+        while p.poll() is None:
+            rss = _tree_rss_gib(p.pid)
+            seen = max(seen, rss)
+            if rss > limit_gb:
+                os.killpg(p.pid, 9)
+                p.wait()
+                return {"stopped": f"resident memory passed {limit_gb:g} GB", "peak_rss_mib": seen * 1024}
+            time.sleep(0.2)
+        out.seek(0)
+        lines = [ln for ln in out.read().splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        return {"failed": f"exit {p.returncode}", "peak_rss_mib": seen * 1024}
+    return json.loads(lines[-1])
 
 
 def _hybrid_checkpoint(root: Path, vision_layers: int) -> Path:
@@ -173,6 +185,13 @@ def export_vision_pair(ck: Path, root: Path, tokens: int) -> dict[str, Path]:
     return out
 
 
+def _model_summary(ck: Path) -> str:
+    c = json.loads((ck / "config.json").read_text())
+    t, v = c.get("text_config", c), c.get("vision_config", {})
+    return (f"{ck.name}: decoder {t.get('hidden_size')} wide x {t.get('num_hidden_layers')} layers, vocab "
+            f"{t.get('vocab_size')}; vision {v.get('hidden_size')} wide x {v.get('num_hidden_layers')} layers")
+
+
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in Path(d).iterdir() if f.is_file())
 
@@ -203,7 +222,7 @@ def main(argv=None) -> int:
     sections = a.sections.split(",")
     res: dict = {"command": "python -m densert.benchmarks.bench_engines " + " ".join(argv),
                  "machine": f"{os.cpu_count()} CPU cores, {a.threads} ONNX Runtime threads",
-                 "rss_limit_gb": a.rss_limit_gb}
+                 "rss_limit_gb": a.rss_limit_gb, "model": _model_summary(Path(a.model))}
     lim = a.rss_limit_gb
 
     if "vision" in sections:
@@ -216,6 +235,7 @@ def main(argv=None) -> int:
                 rows.append({"image_tokens": tokens, "grid": grid, "graph": when, **r})
                 print("vision", rows[-1], flush=True)
         res["vision"] = rows
+        save(a.out, res)   # what is measured so far survives a stopped run
 
     engines = {}
     if "engines" in sections or "accuracy" in sections:
@@ -231,6 +251,7 @@ def main(argv=None) -> int:
                          "size_vs_fp32": dir_bytes(d) / dir_bytes(engines["fp32"]), **r})
             print("engines", rows[-1], flush=True)
         res["engines"] = rows
+        save(a.out, res)   # what is measured so far survives a stopped run
 
     if "accuracy" in sections:
         rows = []
@@ -253,6 +274,7 @@ def main(argv=None) -> int:
                          **run_child("verify", [str(d), a.model], lim)})
             print("accuracy", {k: v for k, v in rows[-1].items() if k != "report"}, flush=True)
         res["accuracy"] = rows
+        save(a.out, res)   # what is measured so far survives a stopped run
 
     if "frame" in sections:
         import numpy as np
@@ -266,24 +288,27 @@ def main(argv=None) -> int:
             d = work / f"engine-{p}"
             if not (d / "manifest.json").is_file():
                 export_engine(a.model, d, precision=p, max_image_tokens=9216, progress=False)
-            t = time.perf_counter()
-            rc, _, peak, stopped = run_measured(
-                [sys.executable, "-m", "densert", "depth", str(img), "--backend", "onnxruntime",
-                 "--engine-dir", str(d), "--out", str(work / "frame-out")], lim)
-            rows.append({"precision": p, "rc": stopped or rc, "seconds": time.perf_counter() - t,
-                         "peak_rss_mib": peak})
+            rows.append({"precision": p, **run_child("cli", [["depth", str(img), "--backend", "onnxruntime",
+                                                             "--engine-dir", str(d), "--out", str(work / "frame-out")]],
+                                                           lim)})
             print("frame", rows[-1], flush=True)
         res["frame"] = rows
+        save(a.out, res)   # what is measured so far survives a stopped run
 
-    Path(a.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
-    Path(a.out + ".md").write_text(report_md(res))
+    save(a.out, res)
     print(report_md(res))
     return 0
 
 
+def save(stem: str, res: dict) -> None:
+    Path(stem + ".json").write_text(json.dumps(res, indent=2) + "\n")
+    Path(stem + ".md").write_text(report_md(res))
+
+
 def report_md(r: dict) -> str:
     out = ["# Engines that fit the device", "", f"Command: `{r['command']}`", "",
-           f"Machine: {r['machine']}; shared with other jobs. One run; each row in its own process.", ""]
+           f"Machine: {r['machine']}; shared with other jobs. One run; each row in its own process.", "",
+           f"Checkpoint: {r.get('model')} (random weights, made by `densert make-test-checkpoint`).", ""]
     if "vision" in r:
         out += ["## Vision graph, ONNX Runtime CPU (real-width tower: 1152 wide, 16 heads, one windowed "
                 "+ one full-attention layer)", "",
