@@ -101,7 +101,7 @@ def test_dense_requests_are_checked(pred):
 
 
 def test_one_prefill_on_the_onnxruntime_engine(pred):
-    """The engine backend has no ``extend`` (its prefill graph takes no past cache): the cut prompt
+    """The engine backend has no ``extend`` (not implemented for engines): the cut prompt
     is prefilled whole, and the maps still equal its own separate calls."""
     ort = DensePredictor(backend="onnxruntime", options=FAST)  # exports the bundled model into the test cache
     assert not ort._shared_prefill.reuses_prefix
