@@ -18,7 +18,7 @@ files for every mode. Three ways to get a depth map of each:
 round (medians and per-round ratios quoted: the machine may be shared, and its load drifts).
 ``--threads N`` sets torch's intra-op threads, here and in the per-image processes
 (OMP_NUM_THREADS); by default torch's own choice. Then ``dense``: ``pred.dense(frame, classes=...)`` (one prefill, open-world depth) against
-``pred.depth`` + ``pred.segment(classes=...)``, per backend, medians over the frames; the dataset
+``pred.depth`` + ``pred.segment(classes=...)`` in its one-prefill flow (``--fast``), per backend, medians over the frames; the dataset
 preset row shows its own prefill (the prompt precedes the image; the image is encoded once).
 """
 from __future__ import annotations
@@ -168,6 +168,7 @@ def main(argv=None) -> int:
     import torch
     if a.threads:
         torch.set_num_threads(a.threads)
+    from densert.runtime.options import DenseOptions
     from densert.runtime.predictor import DensePredictor
     with tempfile.TemporaryDirectory(prefix="densert-stream-") as td:
         folder = Path(td) / "frames"
@@ -187,8 +188,10 @@ def main(argv=None) -> int:
         proc = run_processes(paths[:a.process_frames], Path(td) / "out", a.model, a.threads)
         print(f"process per image: {statistics.median(proc):.2f} s median", file=sys.stderr)
         dense = []
+        # dense() is segment()'s one-prefill flow (every given class scored): compare like with like
+        fast = DenseOptions(fast=True)
         for backend in a.backends:
-            p = pred if backend == "torch" else DensePredictor(a.model, backend=backend)
+            p = DensePredictor(a.model, fast, backend=backend)
             for preset in ("open-world", "cityscapes"):
                 dense.append(bench_dense(p, paths[:a.dense_frames], preset))
                 print(json.dumps(dense[-1]), file=sys.stderr)
