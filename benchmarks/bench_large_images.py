@@ -22,6 +22,8 @@ from pathlib import Path
 from densert.machine import cpu_model
 from densert.options import hw_size
 
+from .report import save
+
 CLASSES_20 = ("sky,road,sidewalk,grass,tree,car,building,person,pole,traffic sign,rock,bench,"
               "floor,wall,ceiling,table,chair,sofa,bed,lamp")
 TASK_ARGS = {"depth": [], "segment": ["--classes", CLASSES_20]}
@@ -112,13 +114,7 @@ def main(argv=None) -> int:
            "model": a.model or "bundled densert-tiny", "runs": runs,
            "fit": {t: fit([(r["megapixels"], r["peak_rss_mb"]) for r in runs if r["task"] == t])
                    for t in a.tasks}}
-    if a.json:
-        Path(a.json).write_text(json.dumps(rep, indent=1) + "\n")
-    md = markdown(rep)
-    if a.md:
-        Path(a.md).write_text(md)
-    else:
-        print(md)
+    save(rep, markdown(rep), a.json, a.md)
     return 0
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 from densert.machine import cpu_model, source_commit
 from densert.options import hw_size
 
+from .report import save
+
 CLASSES = ["floor", "wall", "sky", "road", "tree", "car"]
 
 
@@ -203,13 +205,7 @@ def main(argv=None) -> int:
                       "process_frames": len(proc), "process_times_s": proc,
                       "process_per_image_s": statistics.median(proc)},
            "dense": dense}
-    if a.json:
-        Path(a.json).write_text(json.dumps(rep, indent=1) + "\n")
-    md = markdown(rep)
-    if a.md:
-        Path(a.md).write_text(md)
-    else:
-        print(md)
+    save(rep, markdown(rep), a.json, a.md)
     return 0
 
 

@@ -12,6 +12,16 @@ STAGE_ORDER = ("preprocess", "vision_encoder", "llm_prefill", "dense_head", "pos
 ROOF_STAGES = ("vision_encoder", "llm_prefill", "dense_head")
 
 
+def save(rep: dict, md: str, json_path: str | None, md_path: str | None) -> None:
+    """A benchmark's report: JSON where asked, the Markdown to its file or to stdout."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(rep, indent=1) + "\n")
+    if md_path:
+        Path(md_path).write_text(md)
+    else:
+        print(md)
+
+
 def schema() -> dict:
     """``benchmarks/schema.json`` (JSON Schema draft 2020-12), from the installed package."""
     return json.loads((resources.files("densert.benchmarks") / "schema.json").read_text())
