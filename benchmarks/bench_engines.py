@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import report
+
 _CHILD = "--child"
 
 
@@ -301,8 +303,7 @@ def main(argv=None) -> int:
 
 
 def save(stem: str, res: dict) -> None:
-    Path(stem + ".json").write_text(json.dumps(res, indent=2) + "\n")
-    Path(stem + ".md").write_text(report_md(res))
+    report.save(res, report_md(res), stem + ".json", stem + ".md")
 
 
 def report_md(r: dict) -> str:

@@ -28,6 +28,7 @@ import torch
 
 from densert.backend import PrefillResult
 from densert.errors import EngineError
+from densert.image import MERGE
 from densert.model.config import YoutuVLConfig
 from densert.model.vision_meta import VisionMeta
 
@@ -38,7 +39,7 @@ _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32":
 _PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 # MatMulNBits compute of the quantized graphs: 4 = int8 activations x quantized weights (what
 # the verify thresholds are measured with). 1 (fp32 math) has no fast 8-bit CPU kernel in ONNX
-# Runtime 1.31: an int8 [2560, 8192] MatMulNBits took 0.28 s at level 1, 4 ms at level 4.
+# Runtime 1.31 (int8 / int4 decode about two orders of magnitude slower at level 1 here).
 NBITS_ACCURACY_LEVEL = 4
 
 
@@ -149,7 +150,8 @@ class OrtBackend:
             precision = "fp16"
         if engine_dir is None:
             if model_dir is None:
-                raise EngineError("the onnxruntime backend needs an engine dir or a checkpoint to export one from")
+                raise EngineError("the onnxruntime backend needs an engine dir or a checkpoint to export one "
+                                  "from: pass --engine-dir ENGINES or --model CHECKPOINT")
             engine_dir = default_engine_dir(model_dir, precision, cache_layout)
             if not (Path(engine_dir) / "manifest.json").is_file():
                 from densert.tasks import TASKS
@@ -157,7 +159,7 @@ class OrtBackend:
                 from .onnx_export import export_engine
                 print(f"densert: no ONNX engine for {model_dir} yet; exporting to {engine_dir} "
                       "(once per checkpoint)", file=sys.stderr)
-                from densert.image import DEFAULT_MAX_PATCHES, MERGE
+                from densert.image import DEFAULT_MAX_PATCHES
                 export_engine(model_dir, engine_dir, precision=precision, cache_layout=cache_layout,
                               tasks=list(tasks) if tasks else _tasks_available(model_dir, TASKS),
                               max_image_tokens=DEFAULT_MAX_PATCHES // (MERGE * MERGE))
@@ -233,7 +235,7 @@ NO_POSITIONS = np.zeros(0, np.int64)
 def check_patches(n: int, max_patches: int, engine_dir) -> None:
     if n > max_patches:
         raise EngineError(f"image has {n} patches, engine dir {engine_dir} was exported for at most "
-                          f"{max_patches}; re-run `densert export ... --max-image-tokens {-(-n // 4)}`")
+                          f"{max_patches}; re-run `densert export ... --max-image-tokens {-(-n // (MERGE * MERGE))}`")
 
 
 def vision_feeds(pixel_values: torch.Tensor, meta: VisionMeta) -> dict[str, torch.Tensor]:

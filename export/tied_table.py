@@ -35,7 +35,8 @@ class TiedTable:
         self.tensors = info["tensors"]
         self.shape = torch.Size([vocab_size, hidden])
         if not self.path.is_file():
-            raise EngineError(f"engine dir {engine_dir}: the tied table's file {info['file']} is missing")
+            raise EngineError(f"engine dir {engine_dir}: the tied table's file {info['file']} is missing; re-run "
+                              "`densert export` into this directory")
 
     def dim(self) -> int:
         return 2

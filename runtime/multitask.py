@@ -45,7 +45,7 @@ class SharedPrefill:
 
     def __init__(self, backend, vocab: T.Vocab, template: ChatTemplate | str = BUILTIN_TEMPLATE):
         self.backend, self.vocab, self.template = backend, vocab, template
-        self._prefix_ids: torch.Tensor | None = None
+        self._ids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # image tokens -> (prefix, rest)
         self._prefix_cache: tuple[torch.Tensor, ...] | None = None
 
     @property
@@ -53,13 +53,15 @@ class SharedPrefill:
         return hasattr(self.backend, "extend")
 
     def __call__(self, image_embeds: torch.Tensor, n_image_tokens: int) -> PrefillResult:
-        prefix, rest = image_first_ids(self.vocab, n_image_tokens, self.template)
+        # The prompt is rendered once per image size (a camera has one), not once per frame.
+        if n_image_tokens not in self._ids:
+            self._ids[n_image_tokens] = image_first_ids(self.vocab, n_image_tokens, self.template)
+        prefix, rest = self._ids[n_image_tokens]
         if not self.reuses_prefix:
             return self.backend.prefill(torch.cat([prefix, rest], dim=1), image_embeds)
-        if self._prefix_ids is None or not torch.equal(prefix, self._prefix_ids):
+        if self._prefix_cache is None:  # the prefix stops before the image: one for every size
             pf = self.backend.prefill(prefix, None)
             self._prefix_cache = tuple(t.clone() for t in self.backend.cache_tensors(pf.cache))
-            self._prefix_ids = prefix
         return self.backend.extend(self._prefix_cache, rest, image_embeds)
 
 
@@ -77,9 +79,3 @@ class DenseResult:
     def results(self) -> list:
         return [r for r in (self.depth, self.segmentation) if r is not None]
 
-    def print_line(self, label: str) -> str:
-        t = self.timings
-        stages = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in t.items())
-        tasks = "+".join(r.task for r in self.results)
-        return (f"{label} {tasks} ({self.prefills} prefill{'s' if self.prefills > 1 else ''}): "
-                f"{stages} ms; total {sum(t.values()) * 1e3:.1f} ms")

@@ -41,7 +41,7 @@ from densert.extras import require
 from densert.tasks.depth_bins import PRESETS
 
 from .options import BACKENDS, DenseOptions, PredictorOptions
-from .sources import Frame, image_msg_to_rgb
+from .sources import Frame, frame_name, image_msg_to_rgb
 from .stream import LiveFrames
 
 NODE_NAME = "densert"
@@ -86,7 +86,8 @@ class DensertNode:
         self.max_frames = args.max_frames
         classes = [c.strip() for c in p["classes"].split(",") if c.strip()]
         if not p["depth"] and not classes:
-            raise CLIError("nothing to publish: depth is off and no classes are given")
+            raise CLIError("nothing to publish: depth is off and no classes are given; pass --classes "
+                           "a,b (or -p classes:=a,b) or drop --no-depth")
         if p["backend"] not in BACKENDS:
             raise CLIError(f"parameter backend {p['backend']!r}: expected one of {BACKENDS}")
         if p["preset"] and p["preset"] not in PRESETS:
@@ -110,8 +111,11 @@ class DensertNode:
         self.preset = p["preset"] or self.pred.default_depth_preset
         from densert.tasks.depth_bins import get_preset
         self.open_world = get_preset(self.preset).focal is not None
-        self.task = "dense" if (p["depth"] and classes) else ("depth" if p["depth"] else "segment")
+        # Labels from the shared prefill (dense, also without depth): their ids index --classes in
+        # its order on every frame, which segment()'s naming pass would not guarantee.
+        self.task = "dense" if classes else "depth"
         self.classes = classes
+        self._colours = None
         self.focal = p["focal"] or None
         if self.focal is not None and not self.open_world:
             raise CLIError(f"focal applies to the open-world preset only, not {self.preset!r}")
@@ -157,7 +161,7 @@ class DensertNode:
             self._warn_once(f"enc-{msg.encoding}", str(e))
             return
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-        self.frames.push(Frame(self.received - 1, rgb, f"frame_{self.received - 1:06d}",
+        self.frames.push(Frame(self.received - 1, rgb, frame_name(self.received - 1),
                                stamp=stamp, focal=self.focal if self.open_world else None,
                                meta=msg.header))
 
@@ -194,18 +198,17 @@ class DensertNode:
             self.done.set()
 
     def _task_options(self) -> dict:
-        if self.task == "segment":
-            return {"classes": self.classes, "background": bool(self.params["background"])}
         opts = {"preset": self.preset, "focal": None}
         if self.task == "dense":
-            opts.update(classes=self.classes, background=bool(self.params["background"]))
+            opts.update(classes=self.classes, background=bool(self.params["background"]),
+                        depth=bool(self.params["depth"]))
         return opts
 
     def _publish(self, item) -> None:
         header = item.frame.meta
         r = item.result
-        depth = r.depth if self.task == "dense" else (r if self.task == "depth" else None)
-        seg = r.segmentation if self.task == "dense" else (r if self.task == "segment" else None)
+        depth = r.depth if self.task == "dense" else r
+        seg = r.segmentation if self.task == "dense" else None
         if depth is not None:
             if not depth.metric:
                 self._warn_once("relative", "depth is relative (open world without a focal "
@@ -216,11 +219,12 @@ class DensertNode:
                     self.pubs["depth_mm"].publish(
                         self._msg(header, depth_mm_image(depth.depth, depth.bins), "16UC1"))
         if seg is not None:
-            self.pubs["labels"].publish(self._msg(header, seg.labels.astype(np.uint16), "mono16"))
+            self.pubs["labels"].publish(self._msg(header, seg.labels, "mono16"))  # uint16 already
             if "labels_color" in self.pubs:
-                from .outputs import class_colours
-                colours = class_colours(seg.class_names)
-                self.pubs["labels_color"].publish(self._msg(header, colours[seg.labels], "rgb8"))
+                if self._colours is None:  # the class list is fixed for the node's life
+                    from .outputs import class_colours
+                    self._colours = class_colours(seg.class_names)
+                self.pubs["labels_color"].publish(self._msg(header, self._colours[seg.labels], "rgb8"))
 
     def _msg(self, header, array: np.ndarray, encoding: str):
         m = self.Image()

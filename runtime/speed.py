@@ -64,9 +64,3 @@ class SpeedReport:
                          f"{a.mean():8.1f}")
         return "\n".join(lines)
 
-    def to_dict(self) -> dict:
-        return {"frames": self.frames, "failed": self.failed, "dropped": self.dropped,
-                "seconds": round(self.elapsed, 4), "fps": round(self.fps, 3),
-                "stages_ms": {k: {"p50": round(float(np.percentile(np.asarray(v) * 1e3, 50)), 3),
-                                  "p90": round(float(np.percentile(np.asarray(v) * 1e3, 90)), 3)}
-                              for k, v in self.stages.items()}}

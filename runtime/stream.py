@@ -145,7 +145,7 @@ class TaskSpec:
         if self.task not in TASKS:
             raise ValueError(f"stream task {self.task!r}: expected one of {TASKS}")
         if self.task == "dense" and not self.depth and not self.classes:
-            raise ValueError("a dense stream needs depth or classes")
+            raise ValueError("a dense stream needs depth or classes: pass depth=True or classes=[...]")
 
 
 def _prepare(pred, spec: TaskSpec, frame: Frame, tm):

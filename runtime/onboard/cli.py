@@ -159,6 +159,11 @@ class _Window:
         self.cv2.destroyWindow(self.title)
 
 
+def _is_cuda_oom(e: BaseException) -> bool:
+    oom = getattr(sys.modules.get("torch"), "cuda", None)
+    return oom is not None and isinstance(e, oom.OutOfMemoryError)
+
+
 def run_source(args) -> int:
     """``--source`` of depth / segment, and ``densert dense``."""
     from densert.checkpoint.files import read_task_defaults
@@ -237,7 +242,9 @@ def run_source(args) -> int:
                     failures += 1
                     report.add(item.timings, item.dropped, failed=True)
                     e = item.error
-                    if not isinstance(e, (DensertError, ValueError, OSError)):
+                    if _is_cuda_oom(e):  # one frame too big for the GPU: say how, go on
+                        e = ValueError("out of GPU memory; lower --max-patches")
+                    elif not isinstance(e, (DensertError, ValueError, OSError)):
                         raise e
                     msg = str(e) if label in str(e) else f"{label}: {e}"
                     _say(f"densert {command}: error: {msg}")
