@@ -158,6 +158,10 @@ def main(argv=None) -> int:
     print(f"Triton {triton.__version__}: ahead-of-time compile, ptxas resource usage per launch "
           "configuration", flush=True)
     rows = run(a.arch, a.kernel)
+    if not rows:
+        print(f"no kernel variant matches --kernel {' '.join(a.kernel)}; run without --kernel to "
+              "list every variant's label", file=sys.stderr)
+        return 2
     print(format_table(rows))
     bad = [r for r in rows if not r.ok]
     print(f"{len(rows)} variants, {len(bad)} with spills or errors")

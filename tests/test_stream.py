@@ -108,7 +108,6 @@ def test_sources_that_cannot_be_opened_say_so():
         open_source("97")
     with pytest.raises(SourceError, match="unsupported stream scheme 'ftp'"):
         open_source("ftp://127.0.0.1/x")
-    assert open_source("97" if False else str(SAMPLES / "scene_0.png")).live is False
 
 
 def test_cli_source_errors_are_one_line(tmp_path):

@@ -13,12 +13,10 @@ from densert.training.data import (
     fit_to_multiple,
     padded_indices,
     referring_crop,
-    resize_sample,
     segmentation_targets,
     split_seeds,
     token_grid,
 )
-from densert.training.scenes import Intrinsics
 
 
 def rows(t):
@@ -245,14 +243,7 @@ def test_scene_dataset_bad_args():
 
 # ---------------- resizing -----------------
 
-def test_resize_sample_keeps_depth_values_and_scales_intrinsics():
-    img = np.zeros((64, 64, 3), np.uint8)
-    d = np.zeros((64, 64), np.float32)
-    d[:, 32:] = 7.0
-    lab = np.zeros((64, 64), np.int64)
-    im2, d2, l2, k2 = resize_sample(img, (32, 96), d, lab, Intrinsics(50, 50, 32, 32))
-    assert set(np.unique(d2)) == {0.0, 7.0}
-    assert k2 == Intrinsics(75, 25, 48, 16)
+def test_fit_to_multiple_rounds_to_cells():
     assert fit_to_multiple(10, 100) == (32, 96)
 
 

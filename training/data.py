@@ -171,18 +171,6 @@ def resize_array(a: np.ndarray, size_hw: tuple[int, int], nearest: bool) -> np.n
     return np.asarray(Image.fromarray(a.astype(mode_dtype)).resize((w, h), resample)).astype(a.dtype)
 
 
-def resize_sample(image: np.ndarray, size_hw: tuple[int, int], depth=None, labels=None,
-                  intrinsics: Intrinsics | None = None):
-    """Resize an image (bilinear) with its depth and labels (nearest: no depth mixed across edges,
-    no invented classes). Metric depth is unchanged; intrinsics scale with the image."""
-    h0, w0 = image.shape[:2]
-    h, w = size_hw
-    out_depth = None if depth is None else resize_array(np.asarray(depth, np.float32), size_hw, True)
-    out_labels = None if labels is None else resize_array(np.asarray(labels), size_hw, True)
-    k = None if intrinsics is None else intrinsics.scaled(w / w0, h / h0)
-    return resize_array(image, size_hw, False), out_depth, out_labels, k
-
-
 def fit_to_multiple(height: int, width: int, multiple: int = CELL) -> tuple[int, int]:
     """Nearest size with both sides positive multiples of ``multiple``."""
     return max(multiple, round(height / multiple) * multiple), max(multiple, round(width / multiple) * multiple)
