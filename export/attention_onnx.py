@@ -17,7 +17,8 @@ import numpy as np
 
 from densert.model.attention import ONNX_DOMAIN, ONNX_OP
 
-_FLOAT, _FLOAT16, _INT64, _BOOL = 1, 10, 7, 9
+from .onnx_types import BOOL, FLOAT, FLOAT16, INT64
+
 
 
 class _Builder:
@@ -47,7 +48,7 @@ class _Builder:
         return self.op("Slice", shape, self.const([axis]), self.const([end]), self.const([0]))
 
 
-def expand_chunked_attention(model, float_type: int = _FLOAT) -> int:
+def expand_chunked_attention(model, float_type: int = FLOAT) -> int:
     """Replace every ChunkedAttention node of ``model`` (an onnx ModelProto, edited in place);
     returns how many were expanded. ``float_type``: the ONNX dtype of q/k/v (float or float16)."""
     g = model.graph
@@ -76,7 +77,7 @@ def _expand(b: _Builder, node, float_type: int) -> None:
     scale, causal, budget, windows, rank = a["scale"], a["causal"], a["budget"], a["windows"], a["rank"]
     q, k, v, *masks = node.input
     post = masks.pop(0) if a.get("post") else None
-    fdt = np.float16 if float_type == _FLOAT16 else np.float32
+    fdt = np.float16 if float_type == FLOAT16 else np.float32
     axis = 0 if windows else rank - 2          # the axis cut into chunks
 
     shp_q, shp_k, shp_v = b.op("Shape", q), b.op("Shape", k), b.op("Shape", v)
@@ -127,12 +128,12 @@ def _expand(b: _Builder, node, float_type: int) -> None:
             seg = body.op("Equal", body.op("Unsqueeze", qseg, b.const([1])),
                           body.op("Unsqueeze", masks[1], b.const([0])))
             mask = seg if mask is None else body.op("And", mask, seg)
-    if float_type != _FLOAT:
-        s = body.op("Cast", s, to=_FLOAT)
+    if float_type != FLOAT:
+        s = body.op("Cast", s, to=FLOAT)
     if mask is not None:
         s = body.op("Where", mask, s, neg_inf)
     p = body.op("Softmax", s, axis=-1)
-    if float_type != _FLOAT:
+    if float_type != FLOAT:
         p = body.op("Cast", p, to=float_type)
     o = body.op("MatMul", p, v_c)
     if post is not None:      # per-chunk output projection: only projected rows are stacked
@@ -140,8 +141,8 @@ def _expand(b: _Builder, node, float_type: int) -> None:
     cond_out = body.op("Identity", cond_in)
     graph = helper.make_graph(
         body.nodes, body.name("graph"),
-        [helper.make_tensor_value_info(it, _INT64, []), helper.make_tensor_value_info(cond_in, _BOOL, [])],
-        [helper.make_tensor_value_info(cond_out, _BOOL, []),
+        [helper.make_tensor_value_info(it, INT64, []), helper.make_tensor_value_info(cond_in, BOOL, [])],
+        [helper.make_tensor_value_info(cond_out, BOOL, []),
          helper.make_tensor_value_info(o, float_type, None)], body.inits)
     stacked = b.op("Loop", b.op("Squeeze", iters, b.const([0])), b.const(np.array(True), np.bool_),
                    body=graph)                                            # [iters, <chunk out>]

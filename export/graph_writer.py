@@ -1,14 +1,21 @@
-"""From the tracer's ONNX file to the engine directory's ``<stem>.onnx`` + ``<stem>.onnx.data``.
+"""One engine graph (``<stem>.onnx`` + ``<stem>.onnx.data``), written part by part.
 
-One pass per graph, one tensor in memory at a time (a 4B checkpoint's graphs do not fit twice):
+A graph is built from parts: a traced module (one decoder layer, one ViT layer, the embedding
+or the head) or a few nodes written directly (the tied lm_head). Each part is rewritten and its
+weights are streamed into the data file before the next part exists, so export memory is that of
+one layer whatever the depth (the ONNX Runtime GenAI model builder's way). Per part:
 
 1. ``densert::ChunkedAttention`` nodes become Loops (``attention_onnx``);
-2. inputs the tracer dropped are put back, in the manifest's order;
-3. quantized precisions: every MatMul / Gemm whose weight is a 2-D constant gets
+2. quantized precisions: every MatMul / Gemm whose weight is a 2-D constant gets
    ``DequantizeLinear(q, s) -> MatMul`` (``quantize`` holds the formats and the policy);
+3. names inside the part get the part's prefix (the tracer names every part alike); the names
+   of the part's inputs and outputs are the graph's own, so parts connect by name;
 4. every initializer is streamed into ``<stem>.onnx.data`` at a page-aligned offset (so ONNX
    Runtime can map it, and the runtime can read the tied lm_head / embedding table straight from
-   it: ``tied_table``), and the weight-free graph is saved beside it.
+   it: ``tied_table``).
+
+``finish`` puts the graph inputs in the manifest's order (the tracer drops inputs a part never
+reads) and saves the weight-free graph beside its data.
 """
 from __future__ import annotations
 
@@ -22,11 +29,12 @@ from densert.errors import EngineError
 
 from . import quantize as Q
 from .attention_onnx import expand_chunked_attention, op_types
+from .onnx_types import FLOAT, FLOAT16, INT4, INT8, ONNX_TYPES
 
 ALIGN = 4096
 INLINE_BYTES = 1024           # smaller tensors stay inside the .onnx file
-_FLOAT, _INT8, _FLOAT16, _INT4 = 1, 3, 10, 22
-_FLOAT_NAMES = {_FLOAT: "fp32", _FLOAT16: "fp16"}
+QUANT_OPSET = 21              # blocked DequantizeLinear
+_FLOAT_NAMES = {FLOAT: "fp32", FLOAT16: "fp16"}
 _EXTERNAL = 1
 
 
@@ -36,9 +44,10 @@ class WrittenGraph:
     ops: list[str]
     tensors: dict[str, dict[str, Any]] = field(default_factory=dict)   # name -> location in .data
     table: dict[str, Any] | None = None   # the tied lm_head table: format, layout, tensors
+    part_bytes: dict[str, int] = field(default_factory=dict)           # bytes in .data per part kind
 
 
-def source_array(t, src_dir: Path) -> np.ndarray:
+def source_array(t, src_dir: Path | None) -> np.ndarray:
     """An initializer's values: a read-only memmap of its external data, or its inline data."""
     from onnx import helper, numpy_helper
     if t.data_location != _EXTERNAL:
@@ -49,41 +58,195 @@ def source_array(t, src_dir: Path) -> np.ndarray:
                      shape=tuple(t.dims))
 
 
-def finalize_graph(onnx_path: Path, out_dir: Path, stem: str, inputs: list[dict[str, Any]], *,
-                   precision: str, part: str, float_type: int, block: int = Q.INT4_BLOCK,
-                   table_shape: tuple[int, int] | None = None,
-                   policy: dict[str, str] | None = None,
-                   input_source: dict[str, Any] | None = None) -> WrittenGraph:
-    """Rewrite and save the tracer's graph at ``onnx_path`` as ``out_dir/<stem>.onnx``.
+class GraphBuilder:
+    """Accumulates one graph from parts; see the module docstring.
 
-    ``part`` ('vision' / 'llm') picks the quantization policy of the graph's weights;
-    ``table_shape`` (V, d) marks the tied lm_head weight (its own policy and manifest entry);
-    ``input_source`` {name, file, dtype, shape} turns a traced graph input into an initializer
-    whose values are the raw file ``file`` beside ``onnx_path``."""
-    import onnx
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    src_dir = onnx_path.parent
-    _constants_to_initializers(model)
-    if input_source is not None:
-        _input_to_initializer(model, input_source)
-    expand_chunked_attention(model, float_type)
-    _restore_inputs(model, inputs)
-    producers: dict[str, Callable[[], np.ndarray]] = {}
-    table = None
-    if precision in Q.QUANTIZED_PRECISIONS:
-        table = _quantize_weights(model, src_dir, producers, precision, part, block, table_shape,
-                                  policy)
-        _set_opset(model, 21)
-    else:
-        name = _table_initializer(model, table_shape) if table_shape is not None else None
-        table = {"format": precision, "layout": "vd", "tensors": {"weight": name}} if name else None
-    written = _write(model, src_dir, out_dir, stem, producers)
-    onnx.checker.check_model(str(out_dir / f"{stem}.onnx"))
-    if table is not None:
-        table = {**table, "file": f"{stem}.onnx.data",
-                 "tensors": {k: written[v] for k, v in table["tensors"].items()}}
-    return WrittenGraph([f"{stem}.onnx", f"{stem}.onnx.data"], sorted(op_types(model.graph)),
-                        written, table)
+    ``precision`` / ``part`` (the policy part of this graph's weights: 'vision' or 'llm') /
+    ``block`` / ``policy`` choose the weight formats; ``float_type`` is the graph's float type."""
+
+    def __init__(self, out_dir: Path, stem: str, *, precision: str, part: str, float_type: int,
+                 block: int = Q.INT4_BLOCK, policy: dict[str, str] | None = None):
+        self.out_dir, self.stem = Path(out_dir), stem
+        self.precision, self.part, self.float_type = precision, part, float_type
+        self.block, self.policy = block, policy
+        self.nodes: list = []
+        self.initializers: list = []
+        self.outputs: dict[str, Any] = {}         # graph output name -> ValueInfoProto
+        self.opsets: dict[str, int] = {}
+        self.locations: dict[str, dict[str, Any]] = {}
+        self.part_bytes: dict[str, int] = {}
+        self.table: dict[str, Any] | None = None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.data_name = f"{stem}.onnx.data"
+        self._f = open(self.out_dir / self.data_name, "wb")
+        self._prefixes: set[str] = set()
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in Q.QUANTIZED_PRECISIONS
+
+    # ---- parts
+    def add(self, model, prefix: str, *, keep: set[str], outputs: list[str] = (),
+            src_dir: Path | None = None, sources: dict[str, Any] | None = None,
+            kind: str | None = None, table: str | None = None) -> None:
+        """Append one part (an onnx ModelProto, edited in place).
+
+        ``keep``: the graph-level names the part reads or writes (left unprefixed); ``outputs``:
+        those that are graph outputs; ``sources``: {initializer name: array-like} for
+        placeholders whose values come from elsewhere (the tied table, read from the
+        checkpoint); ``kind``: the size-report bucket ('decoder', 'table', 'vision', ...);
+        ``table``: the name of the tied lm_head initializer, if the part holds it."""
+        if prefix in self._prefixes:
+            raise EngineError(f"export: part prefix {prefix!r} used twice in {self.stem}.onnx")
+        self._prefixes.add(prefix)
+        sources = dict(sources or {})
+
+        def source(t, name=None):   # name: the one it had before prefixing
+            name = name or t.name
+            return sources[name] if name in sources else source_array(t, src_dir)
+
+        _constants_to_initializers(model)
+        expand_chunked_attention(model, self.float_type)
+        producers: dict[str, Callable[[], Any]] = {}
+        if self.quantized:
+            tinfo = _quantize_weights(model, source, producers, self.precision, self.part,
+                                      self.block, table, self.policy)
+        else:
+            tinfo = ({"format": _FLOAT_NAMES[self.float_type], "layout": "vd", "tensors": {"weight": table}}
+                     if table else None)
+        _prefix_names(model.graph, f"{prefix}/", keep | {""})
+        if tinfo is not None:
+            tinfo["tensors"] = {k: f"{prefix}/{v}" for k, v in tinfo["tensors"].items()}
+            self.table = tinfo
+        producers = {f"{prefix}/{k}": v for k, v in producers.items()}
+        renamed = {f"{prefix}/{k}": v for k, v in sources.items()}
+        g = model.graph
+        for t in g.initializer:
+            if t.name in producers:
+                arr = producers[t.name]()
+            elif t.name in renamed:
+                arr = renamed[t.name]
+            else:
+                arr = source_array(t, src_dir)
+            n = self._append(t, arr)
+            bucket = kind or self.part
+            if tinfo is not None and t.name in tinfo["tensors"].values():
+                bucket = "table"
+            self.part_bytes[bucket] = self.part_bytes.get(bucket, 0) + n
+            del arr
+        self.nodes.extend(g.node)
+        self.initializers.extend(g.initializer)
+        for o in g.output:
+            if o.name in outputs:
+                self.outputs[o.name] = o
+        for o in model.opset_import:
+            d = o.domain or ""
+            self.opsets[d] = max(self.opsets.get(d, 0), o.version)
+
+    def add_raw(self, name: str, arr: np.ndarray, kind: str) -> dict[str, Any]:
+        """Bytes in the data file that no graph node reads (the runtime maps them itself)."""
+        from onnx import helper
+        t = placeholder(name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
+        n = self._append(t, arr, inline=False)
+        self.part_bytes[kind] = self.part_bytes.get(kind, 0) + n
+        return self.locations.pop(name)
+
+    def finish(self, inputs: list[dict[str, Any]], output_order: list[str]) -> WrittenGraph:
+        """Save ``<stem>.onnx``: graph inputs in the order of ``inputs`` (specs from the
+        manifest), outputs in ``output_order``."""
+        import onnx
+        from onnx import helper
+        self._f.close()
+        missing = [o for o in output_order if o not in self.outputs]
+        if missing:
+            raise EngineError(f"export: {self.stem}.onnx has no part producing {missing}")
+        graph = helper.make_graph(self.nodes, self.stem, [], [self.outputs[o] for o in output_order],
+                                  self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v)
+                                                        for d, v in sorted(self.opsets.items())])
+        model.ir_version = 8
+        _restore_inputs(model, inputs)
+        if self.quantized:
+            _set_opset(model, QUANT_OPSET)
+        onnx.save_model(model, str(self.out_dir / f"{self.stem}.onnx"))
+        onnx.checker.check_model(str(self.out_dir / f"{self.stem}.onnx"))
+        table = self.table
+        if table is not None:
+            table = {**table, "file": self.data_name,
+                     "tensors": {k: self.locations[v] for k, v in table["tensors"].items()}}
+        return WrittenGraph([f"{self.stem}.onnx", self.data_name], sorted(op_types(model.graph)),
+                            self.locations, table, dict(self.part_bytes))
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    # ---- writing
+    def _append(self, t, arr, inline: bool = True) -> int:
+        """Stream one initializer's values into the data file (page-aligned) or inline it;
+        returns its bytes. ``arr`` may be a lazy array (the checkpoint's table): it is read
+        64 MiB at a time."""
+        from onnx import helper
+        if t.data_type == INT4:
+            raw = Q.pack_int4(np.asarray(arr))
+        elif isinstance(arr, np.ndarray):
+            raw = np.ascontiguousarray(arr, dtype=helper.tensor_dtype_to_np_dtype(t.data_type))
+        else:
+            raw = arr
+        dt = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)) if t.data_type != INT4 else np.dtype(np.uint8)
+        nbytes = int(np.prod(raw.shape)) * dt.itemsize
+        t.ClearField("raw_data")
+        for fld in ("float_data", "int32_data", "int64_data", "double_data"):
+            t.ClearField(fld)
+        del t.external_data[:]
+        if inline and nbytes < INLINE_BYTES:
+            t.data_location = 0
+            t.raw_data = np.ascontiguousarray(raw, dtype=dt).tobytes()
+            return nbytes
+        f = self._f
+        f.seek(0, 2)
+        off = -(-f.tell() // ALIGN) * ALIGN
+        f.seek(off)
+        if raw.ndim >= 2 and not isinstance(raw, np.ndarray):
+            rows = max(1, (64 << 20) // max(1, nbytes // raw.shape[0]))
+            for a in range(0, raw.shape[0], rows):
+                f.write(np.ascontiguousarray(raw[a:a + rows], dtype=dt).tobytes())
+        else:
+            flat = np.asarray(raw).reshape(-1)
+            step = (64 << 20) // max(flat.itemsize, 1)   # a memmapped source is copied 64 MiB at a time
+            for a in range(0, flat.size, step):
+                f.write(np.ascontiguousarray(flat[a:a + step], dtype=dt).tobytes())
+        t.data_location = _EXTERNAL
+        for key, val in (("location", self.data_name), ("offset", str(off)), ("length", str(nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = key, val
+        self.locations[t.name] = {"offset": off, "length": nbytes,
+                                  "dtype": "int4" if t.data_type == INT4 else dt.name,
+                                  "shape": list(t.dims)}
+        return nbytes
+
+
+def _prefix_names(g, prefix: str, keep: set[str]) -> None:
+    """Prefix every value, initializer and node name of ``g`` and its subgraphs, except ``keep``."""
+    from onnx import helper
+
+    def r(name: str) -> str:
+        return name if name in keep else prefix + name
+
+    for t in g.initializer:
+        t.name = r(t.name)
+    for coll in (g.input, g.output, g.value_info):
+        for v in coll:
+            v.name = r(v.name)
+    for n in g.node:
+        n.name = prefix + (n.name or n.op_type)
+        n.input[:] = [r(i) for i in n.input]
+        n.output[:] = [r(o) for o in n.output]
+        for a in n.attribute:
+            v = helper.get_attribute_value(a)
+            for sub in (v if isinstance(v, list) else [v]):
+                if hasattr(sub, "node"):
+                    _prefix_names(sub, prefix, keep)
 
 
 def _constants_to_initializers(model) -> None:
@@ -103,31 +266,14 @@ def _constants_to_initializers(model) -> None:
     g.node.extend(keep)
 
 
-def _input_to_initializer(model, src: dict[str, Any]) -> None:
-    from onnx import helper
-    g = model.graph
-    keep = [i for i in g.input if i.name != src["name"]]
-    del g.input[:]
-    g.input.extend(keep)
-    t = _placeholder(src["name"], helper.np_dtype_to_tensor_dtype(np.dtype(src["dtype"])), src["shape"])
-    t.data_location = _EXTERNAL
-    for key, val in (("location", src["file"]), ("offset", "0")):
-        e = t.external_data.add()
-        e.key, e.value = key, val
-    g.initializer.append(t)
-
-
 # ---------------------------------------------------------------- inputs
-_ONNX_TYPES = {"float32": 1, "int64": 7, "int32": 6, "float16": 10, "bool": 9}
-
-
 def _restore_inputs(model, inputs: list[dict[str, Any]]) -> None:
     """The tracer drops inputs the graph never reads (e.g. image_segment_ids of a tower without
     a full-attention layer). Put them back, in order, so every engine has one interface."""
     from onnx import helper
     have = {i.name: i for i in model.graph.input}
     ordered = [have[s["name"]] if s["name"] in have else
-               helper.make_tensor_value_info(s["name"], _ONNX_TYPES[s["dtype"]], s["shape"])
+               helper.make_tensor_value_info(s["name"], ONNX_TYPES[s["dtype"]], s["shape"])
                for s in inputs]
     extra = [i for i in model.graph.input if i.name not in {s["name"] for s in inputs}]
     del model.graph.input[:]
@@ -168,26 +314,24 @@ def _graphs(g):
 
 
 # ---------------------------------------------------------------- quantization
-def _table_initializer(model, shape) -> str:
-    hits = [t.name for t in model.graph.initializer if tuple(t.dims) == tuple(shape)]
-    if len(hits) != 1:
-        raise EngineError(f"export: expected one lm_head table of shape {list(shape)} in the LLM "
-                          f"graph, found {hits}")
-    return hits[0]
+def _quantize_weights(model, source, producers, precision, part, block, table_name, policy):
+    """Rewrite MatMul/Gemm on 2-D constant weights to DequantizeLinear -> MatMul [+ Add].
 
-
-def _quantize_weights(model, src_dir, producers, precision, part, block, table_shape, policy):
-    """Rewrite MatMul/Gemm on 2-D constant weights to DequantizeLinear -> MatMul [+ Add]."""
+    ``source(initializer)`` gives a weight's values; ``producers`` receives, per new initializer,
+    a callable that quantizes on demand (the writer calls it when it reaches that tensor).
+    int4 block scales are stored fp16 (half the bytes of fp32, a 1/3 smaller model file at 4 bits
+    and block 32) and widened by a Cast that ONNX Runtime folds at load, so its DequantizeLinear
+    -> MatMul fusion into MatMulNBits sees a constant fp32 scale. Returns the tied table's entry
+    when ``table_name`` is among the weights."""
     from onnx import helper
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    table_name = _table_initializer(model, table_shape) if table_shape is not None else None
     new_nodes, replaced, table = [], {}, None
     for n in g.node:
         w = n.input[1] if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 else None
         t = inits.get(w)
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        usable = (t is not None and len(t.dims) == 2 and t.data_type in (_FLOAT, _FLOAT16)
+        usable = (t is not None and len(t.dims) == 2 and t.data_type in (FLOAT, FLOAT16)
                   and not w.startswith("subset_") and t.dims[0] * t.dims[1] >= 4096
                   and (n.op_type == "MatMul" or (attrs.get("alpha", 1.0) == 1.0 and not attrs.get("transA"))))
         if not usable:
@@ -202,17 +346,21 @@ def _quantize_weights(model, src_dir, producers, precision, part, block, table_s
                 table = {"format": _FLOAT_NAMES[t.data_type], "layout": "vd", "tensors": {"weight": w}}
             continue
         if fmt == "int4" and k % block:
-            fmt = "int8"   # K not a whole number of blocks (no densert weight today)
+            fmt = "int8"   # K not a whole number of blocks (small test widths)
         qn, sn = f"{w}_q{fmt[3:]}", f"{w}_scale"
         replaced[w] = (qn, sn, fmt, transpose)
-        dq = helper.make_node("DequantizeLinear", [qn, sn], [f"{w}_dq"], name=f"{n.name}/dq",
+        scale_in = sn
+        if fmt == "int4":
+            scale_in = f"{sn}_f32"
+            new_nodes.append(helper.make_node("Cast", [sn], [scale_in], name=f"{n.name}/scale", to=FLOAT))
+        dq = helper.make_node("DequantizeLinear", [qn, scale_in], [f"{w}_dq"], name=f"{n.name}/dq",
                               axis=1 if fmt == "int8" else 0,
                               **({"block_size": block} if fmt == "int4" else {}))
         new_nodes.append(dq)
         y = n.output[0]
         bias = n.input[2] if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] else None
-        if bias is not None and bias in inits and not source_array(inits[bias], src_dir).any():
-            bias = None   # the lm_head's zero bias only chose Gemm over Transpose+MatMul
+        if bias is not None and bias in inits and not np.asarray(source(inits[bias])).any():
+            bias = None   # a zero bias only chose Gemm over Transpose+MatMul
         mm_out = y if bias is None else f"{y}_nobias"
         new_nodes.append(helper.make_node("MatMul", [n.input[0], f"{w}_dq"], [mm_out], name=f"{n.name}/mm"))
         if bias is not None:
@@ -230,17 +378,17 @@ def _quantize_weights(model, src_dir, producers, precision, part, block, table_s
             k, nn_ = (t.dims[1], t.dims[0]) if transpose else (t.dims[0], t.dims[1])
             cache: dict[str, Any] = {}
 
-            def make(src=t, fmt=fmt, transpose=transpose, cache=cache):
+            def make(src=t, name=t.name, fmt=fmt, transpose=transpose, cache=cache):
                 if not cache:
-                    a = source_array(src, src_dir)
+                    a = source(src, name)
                     cache["q"], cache["s"] = Q.quantize(a.T if transpose else a, fmt, block)
                 return cache
 
             producers[qn] = lambda make=make: make().pop("q")
             producers[sn] = lambda make=make: make().pop("s")
-            kept.append(_placeholder(qn, _INT8 if fmt == "int8" else _INT4, [k, nn_]))
+            kept.append(placeholder(qn, INT8 if fmt == "int8" else INT4, [k, nn_]))
             scale_dims = [nn_] if fmt == "int8" else [k // block, nn_]
-            kept.append(_placeholder(sn, _FLOAT, scale_dims))
+            kept.append(placeholder(sn, FLOAT if fmt == "int8" else FLOAT16, scale_dims))
         elif t.name in used:
             kept.append(t)
     del g.initializer[:]
@@ -248,54 +396,9 @@ def _quantize_weights(model, src_dir, producers, precision, part, block, table_s
     return table
 
 
-def _placeholder(name, data_type, dims):
+def placeholder(name, data_type, dims):
     from onnx import TensorProto
     t = TensorProto()
     t.name, t.data_type = name, data_type
     t.dims.extend(dims)
     return t
-
-
-# ---------------------------------------------------------------- writing
-def _write(model, src_dir: Path, out_dir: Path, stem: str,
-           producers: dict[str, Callable[[], np.ndarray]]) -> dict[str, dict[str, Any]]:
-    """Stream every initializer's bytes into ``<stem>.onnx.data`` (page-aligned) and save the
-    graph; returns {name: {"offset", "length", "dtype", "shape"}} of the external tensors."""
-    import onnx
-    from onnx import helper
-    data_name = f"{stem}.onnx.data"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    locations = {}
-    with open(out_dir / data_name, "wb") as f:
-        for t in model.graph.initializer:
-            arr = producers[t.name]() if t.name in producers else source_array(t, src_dir)
-            if t.data_type == _INT4:
-                raw = Q.pack_int4(np.asarray(arr))
-            else:
-                raw = np.ascontiguousarray(arr, dtype=helper.tensor_dtype_to_np_dtype(t.data_type))
-            nbytes = raw.nbytes
-            t.ClearField("raw_data")
-            for fld in ("float_data", "int32_data", "int64_data", "double_data"):
-                t.ClearField(fld)
-            del t.external_data[:]
-            if nbytes < INLINE_BYTES:
-                t.data_location = 0
-                t.raw_data = raw.tobytes()
-                continue
-            f.seek(0, 2)
-            off = -(-f.tell() // ALIGN) * ALIGN
-            f.seek(off)
-            flat = raw.reshape(-1)
-            step = (64 << 20) // flat.itemsize     # a memmapped source is copied 64 MiB at a time
-            for a in range(0, flat.size, step):
-                f.write(flat[a:a + step].tobytes())
-            t.data_location = _EXTERNAL
-            for key, val in (("location", data_name), ("offset", str(off)), ("length", str(nbytes))):
-                e = t.external_data.add()
-                e.key, e.value = key, val
-            locations[t.name] = {"offset": off, "length": nbytes,
-                                 "dtype": "int4" if t.data_type == _INT4 else np.dtype(raw.dtype).name,
-                                 "shape": list(t.dims)}
-            del arr, raw
-    onnx.save_model(model, str(out_dir / f"{stem}.onnx"))
-    return locations

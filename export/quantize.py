@@ -68,8 +68,22 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, s
 
 
+def fp16_scale(sc: np.ndarray) -> np.ndarray:
+    """Block scales as the engine stores them (fp16), in float32: the values are quantized
+    against the stored scale, so dequantizing the file gives the best q for it. A zero block
+    keeps scale 1; a scale below fp16's range becomes its smallest normal value (those weights
+    are ~0 and clip)."""
+    out = np.asarray(sc, dtype=np.float32).astype(np.float16).astype(np.float32)
+    out[sc == 0] = 1.0
+    tiny = (out == 0) | ~np.isfinite(out)
+    out[tiny & (sc < 1)] = float(np.finfo(np.float16).tiny)
+    out[tiny & (sc >= 1)] = float(np.finfo(np.float16).max)
+    return out
+
+
 def quantize_int4(w: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """[K, N] float -> (q int8 values in [-8, 7] [K, N], s float32 [K // block, N])."""
+    """[K, N] float -> (q int8 values in [-8, 7] [K, N], s [K // block, N]: fp16 values held
+    in float32)."""
     k, n = w.shape
     if k % block:
         raise ValueError(f"int4 blocks of {block} do not tile K = {k}")
@@ -77,8 +91,7 @@ def quantize_int4(w: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, n
     s = np.empty((k // block, n), np.float32)
     for a in range(0, n, _CHUNK):
         blk = np.asarray(w[:, a:a + _CHUNK], dtype=np.float32).reshape(k // block, block, -1)
-        sc = np.abs(blk).max(axis=1) / INT4_MAX
-        sc[sc == 0] = 1.0
+        sc = fp16_scale(np.abs(blk).max(axis=1) / INT4_MAX)
         q[:, a:a + _CHUNK] = np.clip(np.rint(blk / sc[:, None]), -8, INT4_MAX).reshape(k, -1)
         s[:, a:a + _CHUNK] = sc
     return q, s

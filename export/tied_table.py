@@ -34,6 +34,9 @@ class TiedTable:
         self.block = info.get("block")
         self.tensors = info["tensors"]
         self.shape = torch.Size([vocab_size, hidden])
+        # Rows of the baked task heads, exact (quantized tables keep them beside the table).
+        self.head = info.get("head_rows")
+        self.head_ids = {int(i): k for k, i in enumerate(self.head["ids"])} if self.head else {}
         if not self.path.is_file():
             raise EngineError(f"engine dir {engine_dir}: the tied table's file {info['file']} is missing; re-run "
                               "`densert export` into this directory")
@@ -41,9 +44,10 @@ class TiedTable:
     def dim(self) -> int:
         return 2
 
-    def _map(self, key: str, dtype, shape):
-        t = self.tensors[key]
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=t["offset"], shape=tuple(shape))
+    def _map(self, key: str, dtype, shape, entry=None):
+        t = entry or self.tensors[key]
+        dt = np.dtype(t.get("dtype", dtype)) if t.get("dtype") not in (None, "int4") else dtype
+        return np.memmap(self.path, dtype=dt, mode="r", offset=t["offset"], shape=tuple(shape))
 
     def rows(self, ids) -> np.ndarray:
         """float32 [n, d] rows of the given token ids."""
@@ -51,6 +55,16 @@ class TiedTable:
         V, d = self.shape
         if ids.size and (ids.min() < 0 or ids.max() >= V):
             raise EngineError(f"token id out of range [0, {V}) for the tied table of {self.path.parent}")
+        out = self._table_rows(ids)
+        exact = [k for k, i in enumerate(ids.tolist()) if i in self.head_ids]
+        if exact:
+            h = self._map("head_rows", np.float32, (len(self.head_ids), d), self.head)
+            out[exact] = h[[self.head_ids[int(ids[k])] for k in exact]]
+            del h
+        return out
+
+    def _table_rows(self, ids: np.ndarray) -> np.ndarray:
+        V, d = self.shape
         if self.layout == "vd":
             w = self._map("weight", np.dtype(self.format.replace("fp", "float")), (V, d))
             out = np.asarray(w[ids], dtype=np.float32)
@@ -68,7 +82,7 @@ class TiedTable:
             scale = np.repeat(np.asarray(s[:, ids], dtype=np.float32), self.block, axis=0)
             out = (q.astype(np.float32) * scale).T
         del w   # unmap: the pages of these rows leave the process
-        return np.ascontiguousarray(out)
+        return np.array(out, dtype=np.float32, order="C")
 
     def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
         if dim != 0:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .onnx_types import BOOL, FLOAT, FLOAT16, INT4, INT8, INT32, INT64, NAMES
+
 OLDEST_TENSORRT = "10.3"
 MAX_OPSET = 21     # blocked DequantizeLinear (int4 weights) is opset 21
 
@@ -30,11 +32,8 @@ FORBIDDEN = {
 }
 
 # ONNX TensorProto data types TensorRT 10 tensors and weights can hold.
-_FLOAT, _INT8, _INT32, _INT64, _BOOL, _FLOAT16, _INT4 = 1, 3, 6, 7, 9, 10, 22
-IO_TYPES = {_FLOAT, _FLOAT16, _INT32, _INT64, _BOOL}
-WEIGHT_TYPES = {_FLOAT, _FLOAT16, _INT32, _INT64, _BOOL, _INT8, _INT4}
-_NAMES = {_FLOAT: "float32", _INT8: "int8", _INT32: "int32", _INT64: "int64", _BOOL: "bool",
-          _FLOAT16: "float16", _INT4: "int4"}
+IO_TYPES = {FLOAT, FLOAT16, INT32, INT64, BOOL}
+WEIGHT_TYPES = {FLOAT, FLOAT16, INT32, INT64, BOOL, INT8, INT4}
 
 
 def _walk(graph, path=""):
@@ -60,9 +59,12 @@ def problems(model) -> list[str]:
         out.append(f"opset {opset} > {MAX_OPSET}")
     inits = {t.name: t for t in g.initializer}
     consumers: dict[str, list[Any]] = {}
+    casts: dict[str, Any] = {}
     for n, _ in _walk(g):
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+        if n.op_type == "Cast":
+            casts[n.output[0]] = n
     for n, where in _walk(g):
         if n.domain not in ("", "ai.onnx"):
             out.append(f"{where}: custom op {n.domain}::{n.op_type}")
@@ -71,7 +73,7 @@ def problems(model) -> list[str]:
         elif n.op_type not in TRT_SUPPORTED_OPS:
             out.append(f"{where}: {n.op_type} is not in TensorRT's ONNX op set")
         if n.op_type == "DequantizeLinear":
-            out += [f"{where}: {p}" for p in _dq_problems(n, inits, consumers, helper, numpy_helper)]
+            out += [f"{where}: {p}" for p in _dq_problems(n, inits, consumers, casts, helper, numpy_helper)]
     for vi in [*g.input, *g.output]:
         t = vi.type.tensor_type.elem_type
         if t not in IO_TYPES:
@@ -82,27 +84,31 @@ def problems(model) -> list[str]:
     return out
 
 
-def _dq_problems(n, inits, consumers, helper, numpy_helper) -> list[str]:
+def _dq_problems(n, inits, consumers, casts, helper, numpy_helper) -> list[str]:
     attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
     x, scale = n.input[0], n.input[1]
     zp = n.input[2] if len(n.input) > 2 and n.input[2] else None
     out = []
+    # int4 block scales are stored fp16 and widened by a Cast of the constant (folded at build)
+    cast = casts.get(scale)
+    if cast is not None and cast.input[0] in inits:
+        scale = cast.input[0]
     if x not in inits or scale not in inits:
         return ["DequantizeLinear of a non-constant (only weight-only quantization is exported)"]
     xt, st = inits[x], inits[scale]
-    if st.data_type not in (_FLOAT, _FLOAT16):
+    if st.data_type not in (FLOAT, FLOAT16):
         out.append(f"scale {scale} must be float32/float16")
     if zp is not None:
         z = inits.get(zp)
         if z is None or z.data_location == 1 or numpy_helper.to_array(z).any():
             out.append(f"zero point {zp} must be absent or zero")
-    kind = _NAMES.get(xt.data_type, str(xt.data_type))
-    if xt.data_type == _INT8:
+    kind = NAMES.get(xt.data_type, str(xt.data_type))
+    if xt.data_type == INT8:
         if "block_size" in attrs and attrs["block_size"]:
             out.append("INT8 weights take per-tensor or per-channel scales, not blocks")
         if len(st.dims) > 1:
             out.append(f"INT8 scale of rank {len(st.dims)} (per-channel scales are 1-D)")
-    elif xt.data_type == _INT4:
+    elif xt.data_type == INT4:
         if len(xt.dims) != 2 or len(st.dims) != 2 or not attrs.get("block_size"):
             out.append("INT4 weights must be 2-D with 2-D block scales (block_size set)")
     else:

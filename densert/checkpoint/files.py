@@ -81,6 +81,53 @@ class TensorInfo:
         return ST_DTYPES[self.dtype]
 
 
+class MappedTensor:
+    """One stored 2-D tensor as float32 rows on demand, through a read-only memory map: the
+    exporter streams the 283k-row tied table from the checkpoint without holding it (numpy has
+    no bfloat16; its bits are widened here). Supports ``shape``, ``ndim``, ``T`` and row
+    indexing (slices or integer arrays), which is what the quantizer and the writer use."""
+
+    ndim = 2
+
+    def __init__(self, info: TensorInfo, rows: slice | None = None):
+        import numpy as np
+        if len(info.shape) != 2:
+            raise CheckpointError(f"{info.path}: {info.name!r} is not 2-D")
+        self.info = info
+        raw = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}.get(info.dtype)
+        if raw is None:
+            raise CheckpointError(f"{info.path}: {info.name!r} has dtype {info.dtype}; expected a float")
+        self._map = np.memmap(info.path, dtype=raw, mode="r", offset=info.begin, shape=info.shape)
+        self.shape = tuple(info.shape)
+
+    def __getitem__(self, key):
+        import numpy as np
+        part = np.asarray(self._map[key])
+        if self.info.dtype == "BF16":
+            return (part.astype(np.uint32) << 16).view(np.float32)
+        return part.astype(np.float32)
+
+    @property
+    def T(self):   # noqa: N802 (numpy's name)
+        return _TransposedRows(self)
+
+
+class _TransposedRows:
+    """``MappedTensor.T``: [d, V] whose column slices are row slices of the table."""
+
+    ndim = 2
+
+    def __init__(self, base: MappedTensor):
+        self.base = base
+        self.shape = base.shape[::-1]
+
+    def __getitem__(self, key):
+        rows, cols = key
+        if rows != slice(None):
+            raise IndexError("only whole columns of a transposed MappedTensor are read")
+        return self.base[cols].T
+
+
 def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
     """Parse and validate a safetensors header; raises CheckpointError naming the file."""
     path = Path(path)

@@ -32,6 +32,9 @@ IGNORED_KEYS = frozenset({
     "siglip2.vision_model.embeddings.position_ids",
 })
 FLOAT_DISK_DTYPES = ("F32", "F16", "BF16")
+# The repeated layers: what the layer-by-layer export traces one at a time, and what a streamed
+# model loads per forward.
+LAYER_STACKS = ("model.layers", "siglip2.vision_model.encoder.layers")
 
 
 @contextlib.contextmanager
@@ -111,9 +114,49 @@ def validate(expected: dict[str, tuple[int, ...]], infos: dict[str, TensorInfo],
                               + "; ".join(problems))
 
 
+def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    mod = module.get_submodule(owner) if owner else module
+    mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def materialize(module: nn.Module, prefix: str, infos: dict[str, TensorInfo],
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Read the parameters of one submodule (checkpoint names ``prefix + name``) from disk into
+    it: what the layer-by-layer export and the streamed reference hold at a time."""
+    for name, _ in list(module.named_parameters()):
+        info = infos[prefix + name]
+        t = read_tensor(info)
+        check_finite(t, info)
+        _set_param(module, name, t.to(dtype))
+    return module
+
+
+def release(module: nn.Module) -> None:
+    """Put a materialized submodule's parameters back on ``meta`` (their memory is freed)."""
+    for name, p in list(module.named_parameters()):
+        _set_param(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+
+def stream_layers(model, infos: dict[str, TensorInfo], dtype: torch.dtype) -> None:
+    """Decoder and ViT layers of a model built on ``meta`` load their weights right before their
+    forward and drop them right after: the model computes exactly as when loaded whole, holding
+    the embedding table, the small parts and one layer (a 4B model's fp32 reference in ~4 GB).
+    Each forward reads the layers from disk again (the page cache keeps that cheap)."""
+    for stack_name in LAYER_STACKS:
+        for i, layer in enumerate(model.get_submodule(stack_name)):
+            def load(m, args, prefix=f"{stack_name}.{i}."):
+                materialize(m, prefix, infos, dtype)
+            layer.register_forward_pre_hook(load)
+            layer.register_forward_hook(lambda m, args, out: release(m))
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu"):
-    """Load a Youtu-VL checkpoint directory (single-file or sharded safetensors)."""
+               device: str | torch.device = "cpu", *, streamed: bool = False):
+    """Load a Youtu-VL checkpoint directory (single-file or sharded safetensors).
+
+    ``streamed``: keep the decoder and ViT layers on disk and load each one for its forward
+    (``stream_layers``); CPU only. Slower per call, a fraction of the memory."""
     from densert.model.modeling import YoutuVLForConditionalGeneration
     dt = resolve_dtype(dtype)
     path = Path(path)
@@ -127,6 +170,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
 
     state: dict[str, torch.Tensor] = {}
     names = [n for n in expected if n in infos and not (tied and n == "lm_head.weight")]
+    if streamed:
+        names = [n for n in names if not n.startswith(tuple(f"{s}." for s in LAYER_STACKS))]
     by_file: dict[Path, list[str]] = {}
     for n in names:
         by_file.setdefault(infos[n].path, []).append(n)
@@ -148,6 +193,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
     if tied:
         # assign=True replaced the embedding Parameter; the head must point at the new one.
         model.lm_head.weight = model.model.embed_tokens.weight
+    if streamed:
+        if torch.device(device).type != "cpu":
+            raise CheckpointError("streamed layers load on the CPU only; use device='cpu'")
+        stream_layers(model, infos, dt)
+        return model.eval()
     model.to(device)
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:

@@ -21,6 +21,15 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dt)
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back: fp16 ViT activations overflow its variance
+    (the fp16 engine and a half-precision torch model compute it alike)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

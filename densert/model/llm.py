@@ -202,6 +202,12 @@ class YoutuModel(nn.Module):
         ang = pos[:, None] * self.inv_freq.to(device)[None, :]
         return ang.cos(), ang.sin()
 
+    def rope_for(self, inputs_embeds: torch.Tensor, past: Cache | KVCache | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the positions after ``past``, in the dtype of the embeddings."""
+        cos, sin = self.rope(inputs_embeds.shape[1], cache_length(past), inputs_embeds.device)
+        return cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
+
     def forward(self, inputs_embeds: torch.Tensor, past: Cache | KVCache | None = None,
                 layout: str = "latent", use_cache: bool = True
                 ) -> tuple[torch.Tensor, Cache | KVCache | None]:
@@ -213,22 +219,19 @@ class YoutuModel(nn.Module):
         if isinstance(past, KVCache) and past.layout != layout:
             raise ValueError(f"the KVCache holds the {past.layout!r} layout, not {layout!r}")
         t = inputs_embeds.shape[1]
-        past_len = cache_length(past)
-        cos, sin = self.rope(t, past_len, inputs_embeds.device)
-        cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
+        cos, sin = self.rope_for(inputs_embeds, past)
         presents: list[Cache] = []
 
         def store(i: int, new: Cache) -> Cache:
             if isinstance(past, KVCache):
                 return past.update(i, new)
-            full = new if past is None else tuple(torch.cat([p[i], n], dim=-2)
-                                                  for p, n in zip(past, new))
+            full = append_past(past, i, new)
             if use_cache:
                 presents.append(full)
             return full
 
         if isinstance(past, KVCache):
-            past.reserve(past_len + t)
+            past.reserve(cache_length(past) + t)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, functools.partial(store, i), layout, self.score_budget)
@@ -237,6 +240,11 @@ class YoutuModel(nn.Module):
             return self.norm(h), past
         present = tuple(torch.stack(parts) for parts in zip(*presents)) if use_cache else None
         return self.norm(h), present
+
+
+def append_past(past: Cache | None, i: int, new: Cache) -> Cache:
+    """Layer ``i``'s whole cache: its past (from the stacked tensors) followed by ``new``."""
+    return new if past is None else tuple(torch.cat([p[i], n], dim=-2) for p, n in zip(past, new))
 
 
 def empty_cache(cfg: YoutuVLConfig, layout: str, batch: int = 1, dtype=torch.float32,

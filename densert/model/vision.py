@@ -11,7 +11,7 @@ from torch import nn
 
 from .attention import DEFAULT_SCORE_BUDGET, attention, window_attention
 from .config import VisionConfig
-from .layers import ACT2FN, RMSNorm, rotate_half
+from .layers import ACT2FN, LayerNorm, RMSNorm, rotate_half
 from .vision_meta import VisionMeta, window_slot_count
 
 
@@ -85,9 +85,9 @@ class Siglip2MLP(nn.Module):
 class Siglip2EncoderLayer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = Siglip2Attention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = Siglip2MLP(cfg)
 
     def forward(self, x, meta: VisionMeta, full: bool, budget: int = DEFAULT_SCORE_BUDGET):
@@ -107,21 +107,34 @@ class Siglip2VisionTransformer(nn.Module):
         self.config = cfg
         self.embeddings = Siglip2VisionEmbeddings(cfg)
         self.encoder = Siglip2Encoder(cfg)
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.full_attention = set(cfg.fullatt_block_indexes)
         # fp32 score bytes per attention chunk; the exporter sets it from its options.
         self.score_budget = DEFAULT_SCORE_BUDGET
 
-    def forward(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
-        """pixel_values [N, patch_dim] in merge-block order -> [N, hidden] in the same order."""
+    # Stages: the export traces each one (and each layer) as its own graph part.
+    def embed(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
+        """Patch embeddings, permuted into window order."""
         u = self.config.merge_unit
         h = self.embeddings(pixel_values)
         n, d = h.shape
-        h = h.view(n // u, u, d)[meta.window_index].reshape(n, d)
-        for i, layer in enumerate(self.encoder.layers):
-            h = layer(h, meta, i in self.full_attention, self.score_budget)
-        h = h.view(n // u, u, d)[meta.reverse_index].reshape(n, d)
-        return self.post_layernorm(h)
+        return h.view(n // u, u, d)[meta.window_index].reshape(n, d)
+
+    def layer(self, i: int, h: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
+        return self.encoder.layers[i](h, meta, i in self.full_attention, self.score_budget)
+
+    def finish(self, h: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
+        """Back to merge-block order, post-LayerNorm."""
+        u = self.config.merge_unit
+        n, d = h.shape
+        return self.post_layernorm(h.view(n // u, u, d)[meta.reverse_index].reshape(n, d))
+
+    def forward(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
+        """pixel_values [N, patch_dim] in merge-block order -> [N, hidden] in the same order."""
+        h = self.embed(pixel_values, meta)
+        for i in range(len(self.encoder.layers)):
+            h = self.layer(i, h, meta)
+        return self.finish(h, meta)
 
 
 class Siglip2VisionModel(nn.Module):
