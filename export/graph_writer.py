@@ -315,79 +315,98 @@ def _graphs(g):
 
 # ---------------------------------------------------------------- quantization
 def _quantize_weights(model, source, producers, precision, part, block, table_name, policy):
-    """Rewrite MatMul/Gemm on 2-D constant weights to DequantizeLinear -> MatMul [+ Add].
+    """Rewrite MatMul/Gemm on constant weights to DequantizeLinear -> MatMul [+ Add].
 
-    ``source(initializer)`` gives a weight's values; ``producers`` receives, per new initializer,
-    a callable that quantizes on demand (the writer calls it when it reaches that tensor).
-    int4 block scales are stored fp16 (half the bytes of fp32, a 1/3 smaller model file at 4 bits
-    and block 32) and widened by a Cast that ONNX Runtime folds at load, so its DequantizeLinear
-    -> MatMul fusion into MatMulNBits sees a constant fp32 scale. Returns the tied table's entry
-    when ``table_name`` is among the weights."""
+    2-D weights take the part's format. 3-D weights (MLA's absorbed kv_b halves, [heads, K, N],
+    one batched MatMul, the value half inside the attention Loop) take int8 with a scale per
+    last-axis column: blocked int4 and multi-axis scales are not in TensorRT's weight-only
+    patterns. The DequantizeLinear of a weight read inside a Loop body is placed in the outer
+    graph (the body sees outer values), so the body is unchanged but for its weight's name.
+
+    ``source(initializer, name)`` gives a weight's values; ``producers`` receives, per new
+    initializer, a callable that quantizes on demand (the writer calls it when it reaches that
+    tensor). int4 block scales are stored fp16 (half the bytes of fp32) and widened by a Cast that
+    ONNX Runtime folds at load, so its DequantizeLinear -> MatMul fusion into MatMulNBits sees a
+    constant fp32 scale. Returns the tied table's entry when ``table_name`` is among the weights."""
     from onnx import helper
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    new_nodes, replaced, table = [], {}, None
-    for n in g.node:
-        w = n.input[1] if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 else None
-        t = inits.get(w)
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        usable = (t is not None and len(t.dims) == 2 and t.data_type in (FLOAT, FLOAT16)
-                  and not w.startswith("subset_") and t.dims[0] * t.dims[1] >= 4096
-                  and (n.op_type == "MatMul" or (attrs.get("alpha", 1.0) == 1.0 and not attrs.get("transA"))))
-        if not usable:
-            new_nodes.append(n)
-            continue
-        transpose = n.op_type == "Gemm" and bool(attrs.get("transB"))
-        k = t.dims[1] if transpose else t.dims[0]
-        fmt = Q.weight_format(precision, "table" if w == table_name else part, policy)
-        if fmt is None:        # this part stays float under the policy
-            new_nodes.append(n)
+    dq_nodes, replaced, table = [], {}, None
+    # Loop bodies first: rewriting a graph copies its nodes, bodies included.
+    for sub in reversed(list(_graphs(g))):
+        new_nodes = []
+        for n in sub.node:
+            w = n.input[1] if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 else None
+            t = inits.get(w)
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            usable = (t is not None and len(t.dims) in (2, 3) and t.data_type in (FLOAT, FLOAT16)
+                      and not w.startswith("subset_") and int(np.prod(t.dims)) >= 4096
+                      and (n.op_type == "MatMul" or (len(t.dims) == 2 and attrs.get("alpha", 1.0) == 1.0
+                                                     and not attrs.get("transA"))))
+            if not usable:
+                new_nodes.append(n)
+                continue
+            transpose = n.op_type == "Gemm" and bool(attrs.get("transB"))
+            k = t.dims[-1] if transpose else t.dims[-2]
+            fmt = Q.weight_format(precision, "table" if w == table_name else part, policy)
+            if fmt is None:        # this part stays float under the policy
+                new_nodes.append(n)
+                if w == table_name:
+                    table = {"format": _FLOAT_NAMES[t.data_type], "layout": "vd", "tensors": {"weight": w}}
+                continue
+            if fmt == "int4" and (k % block or len(t.dims) == 3):
+                fmt = "int8"   # K not a whole number of blocks (small test widths), or batched
+            qn, sn = f"{w}_q{fmt[3:]}", f"{w}_scale"
+            if w not in replaced:
+                replaced[w] = (qn, sn, fmt, transpose)
+                scale_in = sn
+                if fmt == "int4":
+                    scale_in = f"{sn}_f32"
+                    dq_nodes.append(helper.make_node("Cast", [sn], [scale_in], name=f"{w}/scale", to=FLOAT))
+                dq_nodes.append(helper.make_node(
+                    "DequantizeLinear", [qn, scale_in], [f"{w}_dq"], name=f"{w}/dq",
+                    axis=len(t.dims) - 1 if fmt == "int8" else 0,
+                    **({"block_size": block} if fmt == "int4" else {})))
+            y = n.output[0]
+            bias = n.input[2] if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] else None
+            if bias is not None and bias in inits and not np.asarray(source(inits[bias])).any():
+                bias = None   # a zero bias only chose Gemm over Transpose+MatMul
+            mm_out = y if bias is None else f"{y}_nobias"
+            new_nodes.append(helper.make_node("MatMul", [n.input[0], f"{w}_dq"], [mm_out], name=f"{n.name}/mm"))
+            if bias is not None:
+                new_nodes.append(helper.make_node("Add", [mm_out, bias], [y], name=f"{n.name}/bias"))
             if w == table_name:
-                table = {"format": _FLOAT_NAMES[t.data_type], "layout": "vd", "tensors": {"weight": w}}
-            continue
-        if fmt == "int4" and k % block:
-            fmt = "int8"   # K not a whole number of blocks (small test widths)
-        qn, sn = f"{w}_q{fmt[3:]}", f"{w}_scale"
-        replaced[w] = (qn, sn, fmt, transpose)
-        scale_in = sn
-        if fmt == "int4":
-            scale_in = f"{sn}_f32"
-            new_nodes.append(helper.make_node("Cast", [sn], [scale_in], name=f"{n.name}/scale", to=FLOAT))
-        dq = helper.make_node("DequantizeLinear", [qn, scale_in], [f"{w}_dq"], name=f"{n.name}/dq",
-                              axis=1 if fmt == "int8" else 0,
-                              **({"block_size": block} if fmt == "int4" else {}))
-        new_nodes.append(dq)
-        y = n.output[0]
-        bias = n.input[2] if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] else None
-        if bias is not None and bias in inits and not np.asarray(source(inits[bias])).any():
-            bias = None   # a zero bias only chose Gemm over Transpose+MatMul
-        mm_out = y if bias is None else f"{y}_nobias"
-        new_nodes.append(helper.make_node("MatMul", [n.input[0], f"{w}_dq"], [mm_out], name=f"{n.name}/mm"))
-        if bias is not None:
-            new_nodes.append(helper.make_node("Add", [mm_out, bias], [y], name=f"{n.name}/bias"))
-        if w == table_name:
-            table = {"format": fmt, "layout": "dv", "block": block if fmt == "int4" else None,
-                     "tensors": {"weight": qn, "scale": sn}}
+                table = {"format": fmt, "layout": "dv", "block": block if fmt == "int4" else None,
+                         "tensors": {"weight": qn, "scale": sn}}
+        del sub.node[:]
+        sub.node.extend(new_nodes)
+    # Dequantization reads initializers only: first in the graph, before any consumer.
+    nodes = dq_nodes + list(g.node)
     del g.node[:]
-    g.node.extend(new_nodes)
+    g.node.extend(nodes)
     used = {i for sub in _graphs(g) for node in sub.node for i in node.input}
     kept = []
     for t in g.initializer:
         if t.name in replaced:
             qn, sn, fmt, transpose = replaced[t.name]
-            k, nn_ = (t.dims[1], t.dims[0]) if transpose else (t.dims[0], t.dims[1])
+            dims = [t.dims[1], t.dims[0]] if transpose else list(t.dims)
             cache: dict[str, Any] = {}
 
-            def make(src=t, name=t.name, fmt=fmt, transpose=transpose, cache=cache):
+            def make(src=t, name=t.name, fmt=fmt, transpose=transpose, dims=dims, cache=cache):
                 if not cache:
                     a = source(src, name)
-                    cache["q"], cache["s"] = Q.quantize(a.T if transpose else a, fmt, block)
+                    a = a.T if transpose else a
+                    if len(dims) == 3:     # per last-axis column over all heads
+                        q, s = Q.quantize(np.asarray(a, dtype=np.float32).reshape(-1, dims[-1]), fmt, block)
+                        cache["q"], cache["s"] = q.reshape(dims), s
+                    else:
+                        cache["q"], cache["s"] = Q.quantize(a, fmt, block)
                 return cache
 
             producers[qn] = lambda make=make: make().pop("q")
             producers[sn] = lambda make=make: make().pop("s")
-            kept.append(placeholder(qn, INT8 if fmt == "int8" else INT4, [k, nn_]))
-            scale_dims = [nn_] if fmt == "int8" else [k // block, nn_]
+            kept.append(placeholder(qn, INT8 if fmt == "int8" else INT4, dims))
+            scale_dims = [dims[-1]] if fmt == "int8" else [dims[0] // block, dims[1]]
             kept.append(placeholder(sn, FLOAT if fmt == "int8" else FLOAT16, scale_dims))
         elif t.name in used:
             kept.append(t)

@@ -41,7 +41,7 @@ _CHUNK = 1 << 14           # output channels quantized per step (bounds the fp32
 # 'table' = the tied lm_head / embedding table, 'vision' = vision tower + merger).
 POLICY = {
     "int8": {"llm": "int8", "table": "int8", "vision": "int8"},
-    "int4": {"llm": "int4", "table": "int8", "vision": "int8"},
+    "int4": {"llm": "int4", "table": "int4", "vision": "int4"},
 }
 
 

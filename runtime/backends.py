@@ -14,16 +14,23 @@ from densert.errors import BackendError
 from .options import BACKENDS
 
 
-def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "float32",
-                 engine_dir: str | Path | None = None, device: str | None = None):
-    """``device``: torch's device for the torch backend (None or "auto": cuda when available)."""
+def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "auto",
+                 engine_dir: str | Path | None = None, device: str | None = None,
+                 max_patches: int | None = None):
+    """``device``: torch's device for the torch backend (None or "auto": cuda when available).
+    ``dtype`` "auto": see ``loader.auto_dtype``; the torch backend checks that the model fits the
+    memory left (``loader.check_fits``, for images of ``max_patches``) before reading weights."""
     if name == "torch":
         from densert.backend import TorchBackend
-        from densert.checkpoint.loader import load_model
+        from densert.checkpoint.loader import auto_dtype, check_fits, load_model
         dev = device if device not in (None, "auto") else (
             "cuda" if torch.cuda.is_available() else "cpu")
         check_device(dev)
-        return TorchBackend(load_model(model_dir, dtype, device=dev))
+        dt = auto_dtype(model_dir, dev) if dtype == "auto" else dtype
+        check_fits(model_dir, dt, dev, max_patches, chosen="auto" if dtype == "auto" else "--dtype")
+        return TorchBackend(load_model(model_dir, dt, device=dev))
+    if dtype == "auto":
+        dtype = "float32"     # engines carry their own precision; this is the host-side dtype
     if name == "onnxruntime":
         cls = _import("densert.export.ort_backend", "OrtBackend", name)
     elif name == "tensorrt":

@@ -117,7 +117,9 @@ class PredictorOptions:
     engine_dir: str | None = opt(None, "engine directory for onnxruntime / tensorrt: it runs alone, "
                                        "no --model needed (default: the per-checkpoint cache, "
                                        "exported on first use)")
-    dtype: str = opt("float32", "torch weight dtype", choices=DTYPES)
+    dtype: str = opt("auto", "torch weight dtype (auto: the checkpoint's own where the device "
+                             "computes it natively, CUDA or a CPU with AVX512-BF16 / AMX; float32 "
+                             "elsewhere)", choices=("auto", *DTYPES))
     device: str = opt("auto", "torch device (auto: cuda when available)", type=device_name,
                       metavar="{auto,cpu,cuda,cuda:N}")
     max_patches: int = opt(DEFAULT_MAX_PATCHES, "the processor's cap on 16x16 patches per image "

@@ -170,13 +170,17 @@ class DensePredictor:
         s = PredictorOptions(**settings)
         self.model_dir = runtime_dir(model_dir, s.backend, s.engine_dir)
         self.task_defaults = read_task_defaults(self.model_dir)
-        be = make_backend(s.backend, self.model_dir, s.dtype, s.engine_dir, device=s.device)
+        t0 = time.perf_counter()
+        be = make_backend(s.backend, self.model_dir, s.dtype, s.engine_dir, device=s.device,
+                          max_patches=s.max_patches)
+        self.load_seconds = time.perf_counter() - t0
         self._setup(be, Vocab.from_file(self.model_dir), options, s)
 
     @classmethod
     def from_backend(cls, backend, vocab, options: DenseOptions | None = None, model_dir=None,
                      **settings) -> "DensePredictor":
         self = cls.__new__(cls)
+        self.load_seconds = None
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.task_defaults = read_task_defaults(self.model_dir) if self.model_dir else {}
         self._setup(backend, vocab, options, PredictorOptions(**settings))
@@ -243,6 +247,7 @@ class DensePredictor:
         return {"model": model, "backend": self.backend_name,
                 "device": str(getattr(be, "device", None) or getattr(be, "_device", "cpu")),
                 "dtype": str(dtype).removeprefix("torch.") if dtype is not None else "unknown",
+                **({"load_s": round(self.load_seconds, 3)} if self.load_seconds is not None else {}),
                 "options": {**self.options.to_dict(), "generation": self.generation,
                             "chat_template": self.chat_template.source}}
 

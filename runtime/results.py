@@ -67,6 +67,7 @@ class _Result:
             "resized_hw": list(getattr(self, "resized_hw", None) or []) or None,
             "model": info.get("model"), "backend": info.get("backend"),
             "device": info.get("device"), "dtype": info.get("dtype"),
+            **({"load_s": info["load_s"]} if "load_s" in info else {}),
             "options": info.get("options", {}), "flow": self.flow,
             "timings_ms": t, "total_ms": round(sum(t.values()), 3),
             "files": files or [],

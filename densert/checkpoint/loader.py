@@ -203,3 +203,59 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
     if still_meta:
         raise CheckpointError(f"{path}: parameters left unloaded: {still_meta}")
     return model.eval()
+
+
+def auto_dtype(path: str | Path, device: str | torch.device = "cpu") -> torch.dtype:
+    """``--dtype auto``: the checkpoint's own dtype (config ``torch_dtype``) where the device
+    computes it natively (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX), float32
+    elsewhere (emulated bf16 is slower than fp32 on such CPUs)."""
+    from densert.machine import cpu_computes_bf16
+    own = resolve_dtype(read_config(path).torch_dtype or "float32")
+    if own == torch.float32:
+        return own
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return own if own != torch.bfloat16 or torch.cuda.is_bf16_supported() else torch.float16
+    return own if own == torch.bfloat16 and cpu_computes_bf16() else torch.float32
+
+
+# Activation bytes per 16x16 patch (ViT: hidden, qkv, MLP intermediate, fp32) and per decoder
+# token (MLA projections and the SwiGLU intermediate, fp32), plus the fixed attention chunks:
+# an upper bound from the widths, for the fit check only.
+def activation_bytes(cfg, max_patches: int) -> int:
+    vc = cfg.vision_config
+    per_patch = 4 * (6 * vc.hidden_size + 2 * vc.intermediate_size)
+    per_token = 4 * (6 * cfg.hidden_size + 3 * cfg.intermediate_size)
+    from densert.model.attention import DEFAULT_SCORE_BUDGET
+    return max_patches * per_patch + (max_patches // vc.merge_unit + 512) * per_token + 4 * DEFAULT_SCORE_BUDGET
+
+
+def weight_bytes(path: str | Path, dtype: torch.dtype) -> int:
+    infos = read_all_headers(path)
+    return sum(i.numel for n, i in infos.items() if n not in IGNORED_KEYS) * dtype.itemsize
+
+
+def check_fits(path: str | Path, dtype, device: str | torch.device = "cpu", max_patches: int | None = None,
+               chosen: str = "--dtype") -> int:
+    """Refuse, before reading any weight, a model that would not fit the memory left: one line
+    with the bytes it needs, the bytes available (and from where), and the dtype that would fit.
+    Returns the estimate."""
+    from densert.image import DEFAULT_MAX_PATCHES
+    from densert.machine import available_memory
+    dt = resolve_dtype(dtype)
+    cfg = read_config(path)
+    act = activation_bytes(cfg, max_patches or DEFAULT_MAX_PATCHES)
+    need = weight_bytes(path, dt) + act
+    free, source = available_memory(str(device))
+    if need <= free:
+        return need
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    fits = [d for d in (torch.bfloat16, torch.float16) if d != dt and d.itemsize < dt.itemsize
+            and weight_bytes(path, d) + act <= free]
+    hint = (f"; --dtype {str(fits[0]).removeprefix('torch.')} needs "
+            f"{gib(weight_bytes(path, fits[0]) + act)}" if fits else
+            "; no dtype fits: use an engine (densert export --precision int4) or a bigger machine")
+    raise CheckpointError(
+        f"{path}: the model needs about {gib(need)} at {str(dt).removeprefix('torch.')} ({chosen}: "
+        f"{gib(need - act)} of weights + {gib(act)} for images of {max_patches or DEFAULT_MAX_PATCHES} "
+        f"patches) but {gib(max(free, 0))} is available ({source}){hint}")

@@ -147,7 +147,7 @@ class YoutuMLAttention(nn.Module):
             w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.vdim, self.rank)
             w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
             # Absorb kv_b's key half into the query: q_nope . (W_uk c) == (W_uk^T q_nope) . c
-            q_lat = torch.cat([torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk), q_rot], dim=-1)
+            q_lat = torch.cat([torch.matmul(q_nope, w_uk), q_rot], dim=-1)      # [B, H, T, rank]
             # The latent is both key (all 576 lanes) and value (the first 512), shared by heads.
             # kv_b's value half is applied per query chunk (``post``): [H, rank, vdim].
             c1 = c.unsqueeze(1)
