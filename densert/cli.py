@@ -22,7 +22,7 @@ from .options import field_default
 # name -> (module, one-line help). One table; adding a command is one line here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-test-checkpoint": ("densert.checkpoint.cli", "write a randomly initialised checkpoint in the released layout"),
-    "inspect": ("densert.checkpoint.cli", "summarise a checkpoint; non-zero exit if it is broken"),
+    "inspect": ("densert.checkpoint.cli", "summarise a checkpoint (or an engine directory: sizes per part); non-zero exit if it is broken"),
     "depth": ("densert.runtime.cli", "metric depth maps from images"),
     "segment": ("densert.runtime.cli", "semantic / open-set segmentation maps from images"),
     "refer": ("densert.runtime.cli", "referring segmentation of an expression"),

@@ -69,8 +69,10 @@ class GraphBuilder:
         self.out_dir, self.stem = Path(out_dir), stem
         self.precision, self.part, self.float_type = precision, part, float_type
         self.block, self.policy = block, policy
-        self.nodes: list = []
-        self.initializers: list = []
+        from onnx import GraphProto
+        # Parts are copied into this graph: a protobuf message lives in its part's arena, and
+        # holding one node of a part would keep all of that part's weight bytes alive.
+        self.graph = GraphProto()
         self.outputs: dict[str, Any] = {}         # graph output name -> ValueInfoProto
         self.opsets: dict[str, int] = {}
         self.locations: dict[str, dict[str, Any]] = {}
@@ -134,11 +136,12 @@ class GraphBuilder:
                 bucket = "table"
             self.part_bytes[bucket] = self.part_bytes.get(bucket, 0) + n
             del arr
-        self.nodes.extend(g.node)
-        self.initializers.extend(g.initializer)
+        self.graph.node.extend(g.node)
+        self.graph.initializer.extend(g.initializer)
         for o in g.output:
             if o.name in outputs:
-                self.outputs[o.name] = o
+                self.outputs[o.name] = type(o)()
+                self.outputs[o.name].CopyFrom(o)
         for o in model.opset_import:
             d = o.domain or ""
             self.opsets[d] = max(self.opsets.get(d, 0), o.version)
@@ -160,8 +163,9 @@ class GraphBuilder:
         missing = [o for o in output_order if o not in self.outputs]
         if missing:
             raise EngineError(f"export: {self.stem}.onnx has no part producing {missing}")
-        graph = helper.make_graph(self.nodes, self.stem, [], [self.outputs[o] for o in output_order],
-                                  self.initializers)
+        graph = self.graph
+        graph.name = self.stem
+        graph.output.extend(self.outputs[o] for o in output_order)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v)
                                                         for d, v in sorted(self.opsets.items())])
         model.ir_version = 8
@@ -354,11 +358,12 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
                 if w == table_name:
                     table = {"format": _FLOAT_NAMES[t.data_type], "layout": "vd", "tensors": {"weight": w}}
                 continue
-            if fmt == "int4" and (k % block or len(t.dims) == 3):
-                fmt = "int8"   # K not a whole number of blocks (small test widths), or batched
+            blk = Q.int4_block_for(k, block) if fmt == "int4" and len(t.dims) == 2 else None
+            if fmt == "int4" and blk is None:
+                fmt = "int8"   # batched, or K not a whole number of any block (small test widths)
             qn, sn = f"{w}_q{fmt[3:]}", f"{w}_scale"
             if w not in replaced:
-                replaced[w] = (qn, sn, fmt, transpose)
+                replaced[w] = (qn, sn, fmt, transpose, blk)
                 scale_in = sn
                 if fmt == "int4":
                     scale_in = f"{sn}_f32"
@@ -366,7 +371,7 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
                 dq_nodes.append(helper.make_node(
                     "DequantizeLinear", [qn, scale_in], [f"{w}_dq"], name=f"{w}/dq",
                     axis=len(t.dims) - 1 if fmt == "int8" else 0,
-                    **({"block_size": block} if fmt == "int4" else {})))
+                    **({"block_size": blk} if fmt == "int4" else {})))
             y = n.output[0]
             bias = n.input[2] if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] else None
             if bias is not None and bias in inits and not np.asarray(source(inits[bias])).any():
@@ -376,7 +381,7 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
             if bias is not None:
                 new_nodes.append(helper.make_node("Add", [mm_out, bias], [y], name=f"{n.name}/bias"))
             if w == table_name:
-                table = {"format": fmt, "layout": "dv", "block": block if fmt == "int4" else None,
+                table = {"format": fmt, "layout": "dv", "block": blk,
                          "tensors": {"weight": qn, "scale": sn}}
         del sub.node[:]
         sub.node.extend(new_nodes)
@@ -388,25 +393,25 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
     kept = []
     for t in g.initializer:
         if t.name in replaced:
-            qn, sn, fmt, transpose = replaced[t.name]
+            qn, sn, fmt, transpose, blk = replaced[t.name]
             dims = [t.dims[1], t.dims[0]] if transpose else list(t.dims)
             cache: dict[str, Any] = {}
 
-            def make(src=t, name=t.name, fmt=fmt, transpose=transpose, dims=dims, cache=cache):
+            def make(src=t, name=t.name, fmt=fmt, transpose=transpose, dims=dims, blk=blk, cache=cache):
                 if not cache:
                     a = source(src, name)
                     a = a.T if transpose else a
                     if len(dims) == 3:     # per last-axis column over all heads
-                        q, s = Q.quantize(np.asarray(a, dtype=np.float32).reshape(-1, dims[-1]), fmt, block)
+                        q, s = Q.quantize(np.asarray(a, dtype=np.float32).reshape(-1, dims[-1]), fmt)
                         cache["q"], cache["s"] = q.reshape(dims), s
                     else:
-                        cache["q"], cache["s"] = Q.quantize(a, fmt, block)
+                        cache["q"], cache["s"] = Q.quantize(a, fmt, blk)
                 return cache
 
             producers[qn] = lambda make=make: make().pop("q")
             producers[sn] = lambda make=make: make().pop("s")
             kept.append(placeholder(qn, INT8 if fmt == "int8" else INT4, dims))
-            scale_dims = [dims[-1]] if fmt == "int8" else [dims[0] // block, dims[1]]
+            scale_dims = [dims[-1]] if fmt == "int8" else [dims[0] // blk, dims[1]]
             kept.append(placeholder(sn, FLOAT if fmt == "int8" else FLOAT16, scale_dims))
         elif t.name in used:
             kept.append(t)

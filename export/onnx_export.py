@@ -545,11 +545,12 @@ PRECISION_POLICY = {
     "fp32": "fp32 throughout",
     "fp16": "fp16 weights/activations; LayerNorm, RMSNorm, attention scores+softmax and vision "
             "RoPE computed in fp32",
-    "int8": "weight-only int8 (per output channel) for every Linear and the tied lm_head / "
-            "embedding table; norms, biases, RoPE and task rows fp32; fp32 activations",
-    "int4": "weight-only int4 (blocks of {block} along the input dim) for the decoder Linears; "
-            "the tied lm_head / embedding table, vision tower and merger int8 per channel; norms, "
-            "biases, RoPE and task rows fp32; fp32 activations",
+    "int8": "weight-only int8 (per output channel) for every Linear, MLA's batched kv_b halves and the "
+            "tied lm_head / embedding table; norms, biases, RoPE and the task rows fp32; fp32 activations",
+    "int4": "weight-only int4 (blocks of {block} along the input dim, fp16 scales) for the decoder "
+            "Linears, the tied lm_head / embedding table, the vision tower and merger; MLA's batched "
+            "kv_b halves int8; the task rows (depth bins, FG/BG) exact fp32 beside the table; norms, "
+            "biases, RoPE fp32; fp32 activations",
 }
 
 

@@ -10,6 +10,11 @@ from densert.options import check_choices, comma_list, hw_size, opt
 from densert.tasks import TASKS
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# int4 weights per scale along K. 128: the size of a full model's int4 directory fits 2.8 GiB only
+# from block 64 up, and on the bundled trained model blocks 32 / 64 / 128 keep the same dense-map
+# agreement within noise (benchmarks/results/fullscale.md, "int4 block size").
+INT4_BLOCK = 128
+INT4_BLOCKS = (16, 32, 64, 128)
 # A 1k-token frame: 1024 merged tokens = 4096 patches (e.g. 1024x1024 px, or 768x1344).
 DEFAULT_MAX_IMAGE_TOKENS = 1024
 
@@ -32,8 +37,10 @@ class ExportOptions:
                                         "baked into the LLM graph", type=comma_list, metavar="TASKS")
     cache_layout: str = opt("latent", "KV cache: the MLA latent (576 values per token per layer) "
                                       "or per-head keys and values", choices=CACHE_LAYOUTS)
-    int4_block: int = opt(32, "int4: weights per quantization block along the input dimension",
-                          choices=(16, 32, 64, 128))
+    int4_block: int = opt(INT4_BLOCK, "int4: weights per quantization block along the input "
+                                      "dimension (a weight whose input size it does not divide takes "
+                                      "the largest smaller block that does, down to 16)",
+                          choices=INT4_BLOCKS)
     attention_chunk_mib: int = opt(64, "fp32 attention scores held per chunk of queries (MiB): "
                                        "bounds attention memory at any image size")
 

@@ -18,21 +18,25 @@ Policy (``POLICY``), per precision:
 tensor             int8        int4
 =================  ==========  ===========================================================
 decoder Linear     int8        int4 (block)
-tied lm_head/emb   int8        int8: 1000 depth-bin rows differ by little; int4 rows flip
-                               the depth argmax (``bench_engines`` measures both)
-vision + merger    int8        int8: the ViT feeds every dense map (measured likewise)
+tied lm_head/emb   int8        int4 (block); the rows the dense heads read (1000 depth bins,
+                               FG/BG/OTHERS) stay exact fp32 beside it (``head_rows``):
+                               int4 depth-bin rows flip the depth argmax
+vision + merger    int8        int4 (block): a full model's int4 directory fits 2.8 GiB
+                               only so (``bench_fullscale``)
+MLA kv_b halves    int8        int8 (3-D, batched: one scale per output column)
 norms, biases,     fp32        fp32 (small; statistics and RoPE stay exact)
 RoPE, task rows
 =================  ==========  ===========================================================
 
-Scales are fp32: the graphs' activations are fp32 and DequantizeLinear outputs the scale's type.
+int8 scales are fp32; int4 block scales are stored fp16 (a Cast widens them in the graph).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .options import INT4_BLOCK, INT4_BLOCKS
+
 QUANTIZED_PRECISIONS = ("int8", "int4")
-INT4_BLOCK = 32            # default block (ONNX Runtime GenAI's default); ExportOptions may change it
 INT8_MAX, INT4_MAX = 127, 7
 _CHUNK = 1 << 14           # output channels quantized per step (bounds the fp32 scratch)
 
@@ -66,6 +70,16 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q[:, a:a + _CHUNK] = np.clip(np.rint(blk / sc), -INT8_MAX, INT8_MAX)
         s[a:a + _CHUNK] = sc
     return q, s
+
+
+def int4_block_for(k: int, block: int) -> int | None:
+    """The block an int4 weight with input size ``k`` takes: ``block``, or the largest smaller
+    one that tiles ``k`` (the ViT's 4304-wide MLP input takes 16 at any setting); None when
+    none does (the weight goes int8)."""
+    for b in sorted((b for b in INT4_BLOCKS if b <= block), reverse=True):
+        if k % b == 0:
+            return b
+    return None
 
 
 def fp16_scale(sc: np.ndarray) -> np.ndarray:

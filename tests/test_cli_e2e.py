@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from densert.checkpoint.loader import auto_dtype
 from densert.cli import main
 from densert.runtime.results import validate_sidecar
 from densert.tasks import rle
@@ -58,7 +59,9 @@ def test_depth(tiny_checkpoint, images, tmp_path, capsys):
         assert r["units"] == "m" and side["backend"] == "torch" and "densert_version" in side
         assert {"preprocess", "vision", "prefill", "dense_head"} <= set(side["timings_ms"])
         assert side["total_ms"] == pytest.approx(sum(side["timings_ms"].values()), abs=0.01)
-        assert side["device"] == "cpu" and side["dtype"] == "float32"
+        # --dtype auto: the checkpoint's bf16 where this CPU computes it natively, else float32
+        auto = str(auto_dtype(tiny_checkpoint, "cpu")).removeprefix("torch.")
+        assert side["device"] == "cpu" and side["dtype"] == auto and side["load_s"] > 0
         assert len(side["model"]["fingerprint"]) == 64 and side["model"]["demo"] is False
         mm = np.asarray(Image.open(out / f"{stem}.depth.mm.png"))
         assert mm.dtype == np.uint16 and np.array_equal(mm, np.rint(d * 1000).astype(np.uint16))

@@ -58,11 +58,11 @@ def test_depth_segment_chat_run_from_the_engine_dir_alone(moved, tmp_path):
     assert side["model"]["path"] == str(eng) and side["model"]["exported_from"] == str((eng.parent / "ck").resolve())
     # the same maps as the torch reference on the (moved) checkpoint
     got = np.load(tmp_path / "d" / "frame.depth.npy")
-    ref = DensePredictor(ck, backend="torch").depth(img)
+    ref = DensePredictor(ck, backend="torch", dtype="float32").depth(img)
     assert (got == ref.depth).mean() >= 0.999
     seg = DensePredictor(eng, backend="onnxruntime", engine_dir=str(eng), max_new_tokens=16).segment(
         img, classes=["cat", "dog"])
-    seg_ref = DensePredictor(ck, backend="torch", max_new_tokens=16).segment(img, classes=["cat", "dog"])
+    seg_ref = DensePredictor(ck, backend="torch", dtype="float32", max_new_tokens=16).segment(img, classes=["cat", "dog"])
     assert (seg.labels == seg_ref.labels).mean() >= 0.999
 
 
@@ -144,22 +144,31 @@ def test_quantized_graph_formats_and_sizes(bundled_engines):
     assert size["int4"] < size["int8"]     # the real-width ratios to fp32: test_export_realwidth.py
     for p in ("int8", "int4"):
         d, m = engines[p]
-        assert m["tied_table"]["format"] == "int8" and m["tied_table"]["layout"] == "dv"
-        for g, fmt in (("llm", p), ("vision", "int8")):
+        assert m["tied_table"]["format"] == p and m["tied_table"]["layout"] == "dv"
+        # the task rows the dense heads read stay exact beside a quantized table
+        ids = m["tied_table"]["head_rows"]["ids"]
+        assert set(ids) >= {i for g in m["tasks"]["depth"]["groups"] for i in g}
+        from densert.export.tied_table import TiedTable
+        tt = TiedTable(d, m["tied_table"], model.config.vocab_size, model.config.hidden_size)
+        np.testing.assert_array_equal(tt.rows(ids[:5]), model.lm_head.weight[ids[:5]].detach().float().numpy())
+        for g in ("llm", "vision"):
             graph = onnx.load(str(d / f"{g}.onnx"), load_external_data=False).graph
-            types = {t.name: t.data_type for t in graph.initializer}
+            inits = {t.name: t for t in graph.initializer}
             dqs = [n for n in graph.node if n.op_type == "DequantizeLinear"]
             assert dqs, f"{p} {g}: no quantized weights"
-            kinds = {types[n.input[0]] for n in dqs}
-            want = onnx.TensorProto.INT4 if fmt == "int4" else onnx.TensorProto.INT8
-            # llm at the engine's precision (int4 keeps some Linears int8), vision int8 only
+            kinds = {inits[n.input[0]].data_type for n in dqs}
+            want = onnx.TensorProto.INT4 if p == "int4" else onnx.TensorProto.INT8
+            # int4 keeps batched (3-D) weights and K no block tiles int8
             assert want in kinds and kinds <= {want, onnx.TensorProto.INT8}, (p, g, kinds)
             for n in dqs:
                 attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-                if types[n.input[0]] == onnx.TensorProto.INT4:
-                    assert attrs["axis"] == 0 and attrs["block_size"] == 32
+                q = inits[n.input[0]]
+                if q.data_type == onnx.TensorProto.INT4:
+                    k = q.dims[0]
+                    assert attrs["axis"] == 0 and attrs["block_size"] == Q.int4_block_for(k, m["int4_block"])
+                    assert n.input[1].endswith("_f32")    # fp16 scales, widened by a Cast
                 else:
-                    assert attrs["axis"] == 1 and not attrs.get("block_size")
+                    assert attrs["axis"] == len(q.dims) - 1 and not attrs.get("block_size")
 
 
 def test_quantizers_round_trip():

@@ -23,7 +23,7 @@ def configure(parser, command: str) -> None:
                                  "index.json (default: one model.safetensors)")
         parser.add_argument("--force", action="store_true", help="write into a non-empty directory")
     else:
-        parser.add_argument("model_dir", help="checkpoint directory")
+        parser.add_argument("model_dir", help="checkpoint directory, or an engine directory (densert export)")
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 

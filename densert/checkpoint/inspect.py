@@ -1,4 +1,6 @@
 """What a checkpoint holds, from its headers only (no weights read): ``densert inspect``.
+Given an engine directory (``densert export``), what its manifest says: precision, image budget,
+tasks, and the bytes of each part of the model (decoder, tied table, vision, task heads).
 
 Exit 0 with a summary when the checkpoint would load; exit 2 with the reason when it would not
 (the same validation as ``load_model``: config, safetensors headers against file sizes, the
@@ -18,6 +20,8 @@ from .files import read_all_headers, read_config
 def summarize(path: str | Path) -> dict:
     """The inspection result as a JSON-able dict; raises CheckpointError if broken."""
     import torch
+    if (Path(path) / "manifest.json").is_file():
+        return summarize_engine(path)
 
     from densert.model.modeling import YoutuVLForConditionalGeneration
 
@@ -96,7 +100,48 @@ def _tokenizer_summary(path: Path, cfg) -> dict:
                           "coord_ids": coords if None not in coords else None}}
 
 
+def summarize_engine(path: str | Path) -> dict:
+    import json
+    path = Path(path)
+    try:
+        m = json.loads((path / "manifest.json").read_text())
+        m["precision"], m["checkpoint"]     # noqa: B018 (the keys every manifest has)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / 'manifest.json'}: not a densert engine manifest ({e!r}); "
+                              "re-run `densert export` into this directory") from None
+    files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
+    return {"engine_dir": str(path), "precision": m["precision"], "precision_policy": m.get("precision_policy"),
+            "weight_formats": m.get("weight_formats"), "int4_block": m.get("int4_block"),
+            "cache_layout": m["cache_layout"], "max_image_tokens": m["max_image_tokens"],
+            "image_sizes": m.get("image_sizes", []), "tasks": list(m["tasks"]),
+            "sizes": m.get("sizes", {}), "files": files, "bytes_total": sum(files.values()),
+            "checkpoint": m["checkpoint"].get("checkpoint_id"), "config": m.get("config", {})}
+
+
+def _format_engine(s: dict) -> str:
+    c = s["config"]
+    sizes = s["sizes"]
+    lines = [f"engine dir  {s['engine_dir']}",
+             f"precision   {s['precision']}"
+             + (f" (int4 blocks of {s['int4_block']})" if s.get("int4_block") else "")
+             + (f"; {s['precision_policy']}" if s.get("precision_policy") else ""),
+             f"model       decoder {c.get('num_hidden_layers')} layers x {c.get('hidden_size')}, vocab "
+             f"{c.get('vocab_size')}, vision {c.get('vision', {}).get('num_hidden_layers')} layers",
+             f"images      up to {s['max_image_tokens']} tokens"
+             + (f", sized for {' '.join('x'.join(map(str, z)) for z in s['image_sizes'])} px"
+                if s["image_sizes"] else ""),
+             f"tasks       {', '.join(s['tasks'])}; cache {s['cache_layout']}"]
+    if sizes:
+        lines.append("weights     " + ", ".join(f"{k} {v / 1e6:,.1f} MB" for k, v in sizes.items())
+                     + f"  (total {sum(sizes.values()) / 1e6:,.1f} MB)")
+    lines.append(f"on disk     {s['bytes_total'] / 1e6:,.1f} MB ({s['bytes_total'] / 2**30:.3f} GiB) in "
+                 f"{len(s['files'])} files; checkpoint {str(s['checkpoint'])[:16]}")
+    return "\n".join(lines)
+
+
 def format_text(s: dict) -> str:
+    if "engine_dir" in s:
+        return _format_engine(s)
     a, p = s["architecture"], s["parameters"]
     t, v = a["text"], a["vision"]
     m = lambda n: f"{n / 1e6:,.2f} M"  # noqa: E731
