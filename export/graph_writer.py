@@ -29,7 +29,7 @@ from densert.errors import EngineError
 
 from . import quantize as Q
 from .attention_onnx import expand_chunked_attention, op_types
-from .onnx_types import FLOAT, FLOAT16, INT4, INT8, ONNX_TYPES
+from .onnx_types import FLOAT, FLOAT16, INT4, INT8, ONNX_TYPES, UINT8
 
 ALIGN = 4096
 INLINE_BYTES = 1024           # smaller tensors stay inside the .onnx file
@@ -65,10 +65,11 @@ class GraphBuilder:
     ``block`` / ``policy`` choose the weight formats; ``float_type`` is the graph's float type."""
 
     def __init__(self, out_dir: Path, stem: str, *, precision: str, part: str, float_type: int,
-                 block: int = Q.INT4_BLOCK, policy: dict[str, str] | None = None):
+                 block: int = Q.INT4_BLOCK, policy: dict[str, str] | None = None,
+                 target: str = "onnxruntime"):
         self.out_dir, self.stem = Path(out_dir), stem
         self.precision, self.part, self.float_type = precision, part, float_type
-        self.block, self.policy = block, policy
+        self.block, self.policy, self.target = block, policy, target
         from onnx import GraphProto
         # Parts are copied into this graph: a protobuf message lives in its part's arena, and
         # holding one node of a part would keep all of that part's weight bytes alive.
@@ -112,7 +113,7 @@ class GraphBuilder:
         producers: dict[str, Callable[[], Any]] = {}
         if self.quantized:
             tinfo = _quantize_weights(model, source, producers, self.precision, self.part,
-                                      self.block, table, self.policy)
+                                      self.block, table, self.policy, nbits=self.target == "onnxruntime")
         else:
             tinfo = ({"format": _FLOAT_NAMES[self.float_type], "layout": "vd", "tensors": {"weight": table}}
                      if table else None)
@@ -318,8 +319,11 @@ def _graphs(g):
 
 
 # ---------------------------------------------------------------- quantization
-def _quantize_weights(model, source, producers, precision, part, block, table_name, policy):
-    """Rewrite MatMul/Gemm on constant weights to DequantizeLinear -> MatMul [+ Add].
+def _quantize_weights(model, source, producers, precision, part, block, table_name, policy,
+                      nbits: bool = False):
+    """Rewrite MatMul/Gemm on constant weights to DequantizeLinear -> MatMul [+ Add], or, with
+    ``nbits`` (the onnxruntime target), int4 ones to ``com.microsoft.MatMulNBits`` with its
+    weight in MatMulNBits' own layout (``quantize.matmulnbits_weight``).
 
     2-D weights take the part's format. 3-D weights (MLA's absorbed kv_b halves, [heads, K, N],
     one batched MatMul, the value half inside the attention Loop) take int8 with a scale per
@@ -361,27 +365,36 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
             blk = Q.int4_block_for(k, block) if fmt == "int4" and len(t.dims) == 2 else None
             if fmt == "int4" and blk is None:
                 fmt = "int8"   # batched, or K not a whole number of any block (small test widths)
+            layout = "nbits" if fmt == "int4" and nbits else "dq"
             qn, sn = f"{w}_q{fmt[3:]}", f"{w}_scale"
             if w not in replaced:
-                replaced[w] = (qn, sn, fmt, transpose, blk)
+                replaced[w] = (qn, sn, fmt, transpose, blk, layout)
                 scale_in = sn
                 if fmt == "int4":
                     scale_in = f"{sn}_f32"
                     dq_nodes.append(helper.make_node("Cast", [sn], [scale_in], name=f"{w}/scale", to=FLOAT))
-                dq_nodes.append(helper.make_node(
-                    "DequantizeLinear", [qn, scale_in], [f"{w}_dq"], name=f"{w}/dq",
-                    axis=len(t.dims) - 1 if fmt == "int8" else 0,
-                    **({"block_size": blk} if fmt == "int4" else {})))
+                if layout == "dq":
+                    dq_nodes.append(helper.make_node(
+                        "DequantizeLinear", [qn, scale_in], [f"{w}_dq"], name=f"{w}/dq",
+                        axis=len(t.dims) - 1 if fmt == "int8" else 0,
+                        **({"block_size": blk} if fmt == "int4" else {})))
             y = n.output[0]
             bias = n.input[2] if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] else None
             if bias is not None and bias in inits and not np.asarray(source(inits[bias])).any():
                 bias = None   # a zero bias only chose Gemm over Transpose+MatMul
             mm_out = y if bias is None else f"{y}_nobias"
-            new_nodes.append(helper.make_node("MatMul", [n.input[0], f"{w}_dq"], [mm_out], name=f"{n.name}/mm"))
+            if layout == "nbits":
+                kn = (t.dims[1], t.dims[0]) if transpose else tuple(t.dims)
+                new_nodes.append(helper.make_node(
+                    "MatMulNBits", [n.input[0], qn, f"{sn}_f32"], [mm_out], name=f"{n.name}/mm",
+                    domain="com.microsoft", K=kn[0], N=kn[1], bits=4, block_size=blk,
+                    accuracy_level=Q.NBITS_ACCURACY_LEVEL))
+            else:
+                new_nodes.append(helper.make_node("MatMul", [n.input[0], f"{w}_dq"], [mm_out], name=f"{n.name}/mm"))
             if bias is not None:
                 new_nodes.append(helper.make_node("Add", [mm_out, bias], [y], name=f"{n.name}/bias"))
             if w == table_name:
-                table = {"format": fmt, "layout": "dv", "block": blk,
+                table = {"format": fmt, "layout": "nbits" if layout == "nbits" else "dv", "block": blk,
                          "tensors": {"weight": qn, "scale": sn}}
         del sub.node[:]
         sub.node.extend(new_nodes)
@@ -389,15 +402,19 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
     nodes = dq_nodes + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
+    if any(r[5] == "nbits" for r in replaced.values()) and \
+            not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     used = {i for sub in _graphs(g) for node in sub.node for i in node.input}
     kept = []
     for t in g.initializer:
         if t.name in replaced:
-            qn, sn, fmt, transpose, blk = replaced[t.name]
+            qn, sn, fmt, transpose, blk, layout = replaced[t.name]
             dims = [t.dims[1], t.dims[0]] if transpose else list(t.dims)
             cache: dict[str, Any] = {}
 
-            def make(src=t, name=t.name, fmt=fmt, transpose=transpose, dims=dims, blk=blk, cache=cache):
+            def make(src=t, name=t.name, fmt=fmt, transpose=transpose, dims=dims, blk=blk,
+                     layout=layout, cache=cache):
                 if not cache:
                     a = source(src, name)
                     a = a.T if transpose else a
@@ -406,13 +423,21 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
                         cache["q"], cache["s"] = q.reshape(dims), s
                     else:
                         cache["q"], cache["s"] = Q.quantize(a, fmt, blk)
+                    if layout == "nbits":   # per output column: [N, K / blk, blk / 2] and [N * K / blk]
+                        cache["q"] = Q.matmulnbits_weight(cache["q"], blk)
+                        cache["s"] = np.ascontiguousarray(cache["s"].T).reshape(-1)
                 return cache
 
             producers[qn] = lambda make=make: make().pop("q")
             producers[sn] = lambda make=make: make().pop("s")
-            kept.append(placeholder(qn, INT8 if fmt == "int8" else INT4, dims))
-            scale_dims = [dims[-1]] if fmt == "int8" else [dims[0] // blk, dims[1]]
-            kept.append(placeholder(sn, FLOAT if fmt == "int8" else FLOAT16, scale_dims))
+            k, n_out = dims[-2], dims[-1]
+            if layout == "nbits":
+                kept.append(placeholder(qn, UINT8, [n_out, k // blk, blk // 2]))
+                kept.append(placeholder(sn, FLOAT16, [n_out * (k // blk)]))
+            else:
+                kept.append(placeholder(qn, INT8 if fmt == "int8" else INT4, dims))
+                scale_dims = [dims[-1]] if fmt == "int8" else [dims[0] // blk, dims[1]]
+                kept.append(placeholder(sn, FLOAT if fmt == "int8" else FLOAT16, scale_dims))
         elif t.name in used:
             kept.append(t)
     del g.initializer[:]

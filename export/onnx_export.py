@@ -313,7 +313,8 @@ def make_vision(weights: WeightSource, out_dir: Path, tmp: Path, o: ExportOption
     for i in range(layers + 1):
         dyn[f"vh_{i}"] = {0: "patches"}
     b = GraphBuilder(out_dir, "vision", precision=precision, part="vision",
-                     float_type=float_type(precision), block=o.int4_block, policy=quant_policy)
+                     float_type=float_type(precision), block=o.int4_block, policy=quant_policy,
+                     target=o.target)
     parts = _Parts(b, tmp, dyn, tick)
     vt_name = "siglip2.vision_model"
     try:
@@ -377,7 +378,7 @@ def make_llm(weights: WeightSource, out_dir: Path, tmp: Path, o: ExportOptions, 
            "vision_hidden": {0: "cells"}, "pre_vision_hidden": {0: "first_cell"},
            **{f"scores_{t}": {0: "cells"} for t in subsets}, **{n: {seq_axis: "total_seq"} for n in pres_out}}
     b = GraphBuilder(out_dir, "llm", precision=precision, part="llm", float_type=float_type(precision),
-                     block=o.int4_block, policy=quant_policy)
+                     block=o.int4_block, policy=quant_policy, target=o.target)
     parts = _Parts(b, tmp, dyn, tick)
     dec = weights.model.model
     dec.score_budget = o.attention_chunk_mib << 20
@@ -484,7 +485,8 @@ def export_engine(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     graphs = {"vision": _graph_entry(wv, v_in, v_out), "llm": _graph_entry(wl, l_in, l_out)}
-    check_tensorrt_rules(out_dir, graphs)
+    if o.target == "tensorrt":
+        check_tensorrt_rules(out_dir, graphs)
     tick("TensorRT rules")
     side = copy_side_files(model_dir, out_dir)
     for g in graphs.values():
@@ -495,7 +497,7 @@ def export_engine(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "exporter": {"torch": torch.__version__, "onnx_opset": OPSET,
                      "mode": "torchscript (dynamo=False), one part per layer"},
-        "precision": precision, "io_float_dtype": "float16" if precision == "fp16" else "float32",
+        "target": o.target, "precision": precision, "io_float_dtype": "float16" if precision == "fp16" else "float32",
         "precision_policy": PRECISION_POLICY[precision].format(block=o.int4_block),
         "weight_formats": ({**Q.POLICY[precision], **(quant_policy or {})}
                            if precision in Q.QUANTIZED_PRECISIONS else None),

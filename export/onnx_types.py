@@ -2,11 +2,11 @@
 writes or checks graphs without importing onnx first."""
 from __future__ import annotations
 
-FLOAT, INT8, INT32, INT64, BOOL, FLOAT16, INT4 = 1, 3, 6, 7, 9, 10, 22
+FLOAT, UINT8, INT8, INT32, INT64, BOOL, FLOAT16, INT4 = 1, 2, 3, 6, 7, 9, 10, 22
 
 # numpy / torch dtype names of graph inputs and outputs -> ONNX type.
 ONNX_TYPES = {"float32": FLOAT, "int64": INT64, "int32": INT32, "float16": FLOAT16, "bool": BOOL}
-NAMES = {FLOAT: "float32", INT8: "int8", INT32: "int32", INT64: "int64", BOOL: "bool",
+NAMES = {FLOAT: "float32", UINT8: "uint8", INT8: "int8", INT32: "int32", INT64: "int64", BOOL: "bool",
          FLOAT16: "float16", INT4: "int4"}
 
 

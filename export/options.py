@@ -19,8 +19,19 @@ INT4_BLOCKS = (16, 32, 64, 128)
 DEFAULT_MAX_IMAGE_TOKENS = 1024
 
 
+# Which runtime the graphs are written for. onnxruntime: int4 weights as ONNX Runtime's own
+# com.microsoft MatMulNBits (its weight layout on disk: loaded once, prepacked once, no
+# DequantizeLinear fusion copying every weight at load); tensorrt: standard ONNX ops only
+# (weight-only DequantizeLinear -> MatMul), checked against TensorRT 10.3's parser.
+TARGETS = ("onnxruntime", "tensorrt")
+
+
 @dataclass
 class ExportOptions:
+    target: str = opt("onnxruntime", "runtime the graphs are written for: onnxruntime (its fused "
+                                     "int4 MatMulNBits) or tensorrt (standard ONNX ops that "
+                                     "TensorRT 10.3 parses; `densert build-engine` needs it)",
+                      choices=TARGETS)
     precision: str = opt("fp32", "fp32; fp16 (norms, attention softmax and RoPE stay fp32); int8 "
                                  "/ int4: weight-only quantized decoder (int8 per channel / int4 "
                                  "in blocks), lm_head table and vision tower int8, fp32 "

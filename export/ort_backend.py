@@ -9,7 +9,8 @@ Prompt embeddings are rows of the engine's tied table (``TiedTable``), looked up
 Memory: the CPU arena is off, so each stage returns its activations (the peak is the largest
 stage, not the sum of all). Float graphs run without weight prepacking, so their weights stay
 memory-mapped from ``*.onnx.data`` instead of being copied; quantized graphs need prepacking
-(it is how DequantizeLinear -> MatMul becomes one ``MatMulNBits``).
+(``MatMulNBits``' fast kernels run on prepacked weights; the onnxruntime target writes int4
+weights as MatMulNBits in its own layout, int8 ones as DequantizeLinear -> MatMul, fused at load).
 
 Execution providers: ``providers=None`` picks TensorRT > CUDA > CPU among
 ``onnxruntime.get_available_providers()`` (onnxruntime-gpu exposes the first two when a GPU and
@@ -33,14 +34,11 @@ from densert.model.config import YoutuVLConfig
 from densert.model.vision_meta import VisionMeta
 
 from .manifest import cache_root, checkpoint_identity, load_manifest
+from .quantize import NBITS_ACCURACY_LEVEL
 from .tied_table import TiedTable
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 _PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-# MatMulNBits compute of the quantized graphs: 4 = int8 activations x quantized weights (what
-# the verify thresholds are measured with). 1 (fp32 math) has no fast 8-bit CPU kernel in ONNX
-# Runtime 1.31 (int8 / int4 decode about two orders of magnitude slower at level 1 here).
-NBITS_ACCURACY_LEVEL = 4
 
 
 @dataclass
@@ -114,7 +112,8 @@ class OrtBackend:
         for g, info in m["graphs"].items():
             path = self.engine_dir / info["file"]
             try:
-                sess = make_session(path, self.providers, quantized="DequantizeLinear" in info["op_types"],
+                sess = make_session(path, self.providers, quantized=bool({"DequantizeLinear", "com.microsoft::MatMulNBits"}
+                                                   & set(info["op_types"])),
                                     intra_op_threads=intra_op_threads)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise EngineError(f"engine dir {self.engine_dir}: ONNX Runtime cannot load {info['file']} "

@@ -164,6 +164,9 @@ def trtexec_commands(engine_dir: str | Path, m: dict[str, Any], o: BuildOptions)
 
 def build_engines(engine_dir: str | Path, m: dict[str, Any], o: BuildOptions, graphs=None, log=print) -> dict[str, Path]:
     from . import trt_rules
+    if m.get("target", "tensorrt") != "tensorrt":
+        raise EngineError(f"{engine_dir}: exported for {m['target']} (its int4 weights are ONNX "
+                          "Runtime's MatMulNBits); re-export with `densert export --target tensorrt`")
     trt = import_tensorrt()
     d = Path(engine_dir)
     logger = trt.Logger(trt.Logger.WARNING)

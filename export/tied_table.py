@@ -8,8 +8,10 @@ pages of the requested rows are touched, and dequantized to fp32 exactly as the 
 DequantizeLinear does.
 
 Layouts: ``vd`` = [V, d] rows (float tables, the lm_head as Gemm(transB=1)); ``dv`` = [d, V]
-(quantized tables: DequantizeLinear -> MatMul needs K = d first; int8 one scale per vocab
-column, int4 in blocks of ``block`` along d, two values per byte).
+(quantized tables of the tensorrt target: DequantizeLinear -> MatMul needs K = d first; int8 one
+scale per vocab column, int4 in blocks of ``block`` along d, two values per byte); ``nbits`` =
+MatMulNBits' [V, d / block, block / 2] (the onnxruntime target's int4 table: each row's bytes
+together, unsigned nibbles with zero point 8, fp16 scales [V, d / block]).
 """
 from __future__ import annotations
 
@@ -72,6 +74,14 @@ class TiedTable:
             w = self._map("weight", np.int8, (d, V))
             s = self._map("scale", np.float32, (V,))
             out = w[:, ids].T.astype(np.float32) * s[ids][:, None]
+        elif self.layout == "nbits":   # MatMulNBits: uint8 [V, d / block, block / 2], zero point 8
+            w = self._map("weight", np.uint8, (V, d // 2))
+            s = self._map("scale", np.float16, (V, d // self.block))
+            byte = np.asarray(w[ids], dtype=np.uint8)
+            q = np.empty((ids.size, d), np.int8)
+            q[:, 0::2], q[:, 1::2] = byte & 0x0F, byte >> 4
+            scale = np.repeat(np.asarray(s[ids], dtype=np.float32), self.block, axis=1)
+            out = (q.astype(np.float32) - 8) * scale
         else:   # int4 [d, V] packed row-major; element (k, v) is nibble k * V + v
             w = self._map("weight", np.uint8, (-(-d * V // 2),))
             s = self._map("scale", np.float32, (d // self.block, V))

@@ -128,6 +128,9 @@ class TrtBackend:
         self.trt = trt
         self.engine_dir = Path(engine_dir)
         self.manifest = m = load_manifest(engine_dir, model_dir, tasks, check_hashes=check_hashes)
+        if m.get("target", "tensorrt") != "tensorrt":
+            raise EngineError(f"engine dir {engine_dir}: exported for {m['target']}; TensorRT needs "
+                              "`densert export --target tensorrt` then `densert build-engine`")
         self.config = YoutuVLConfig.from_json_file(self.engine_dir / "config.json")
         self.cache_layout, self.precision = m["cache_layout"], m["precision"]
         self.max_patches = int(m["max_patches"])

@@ -20,5 +20,6 @@ def test_export_peak_of_4_and_12_decoder_layers_differs_by_under_0_4_gib(tmp_pat
                                "--precision", "int4", "--image-size", "480x640", "--quiet"]], limit_gb=12.0)
         assert r.get("rc") == 0, r
         peaks[layers] = r["peak_rss_mib"] / 1024
+    print(f"export peak RSS GiB by decoder layers: {peaks}")
     assert abs(peaks[12] - peaks[4]) < 0.4, peaks
     assert peaks[12] < 8.0, peaks    # the full model's budget holds at any depth
