@@ -107,9 +107,13 @@ def bundled_engines(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     ck = bundled_model_dir()
     model = load_model(ck, torch.float32)
-    return ck, model, {p: (root / p, export_engine(ck, root / p, precision=p, progress=False, model=model,
-                                                   tasks=["depth", "segment"]))
-                       for p in ("int8", "int4")}
+    engines = {p: (root / p, export_engine(ck, root / p, precision=p, progress=False, model=model,
+                                           tasks=["depth", "segment"]))
+               for p in ("int8", "int4")}
+    engines["int4-tensorrt"] = (root / "int4-trt", export_engine(
+        ck, root / "int4-trt", precision="int4", progress=False, model=model, tasks=["depth", "segment"],
+        target="tensorrt"))
+    return ck, model, engines
 
 
 @pytest.mark.parametrize("precision", ["int4", pytest.param("int8", marks=pytest.mark.slow)])
@@ -142,24 +146,30 @@ def test_quantized_graph_formats_and_sizes(bundled_engines):
     ck, model, engines = bundled_engines
     size = {p: sum(f.stat().st_size for f in d.iterdir()) for p, (d, _) in engines.items()}
     assert size["int4"] < size["int8"]     # the real-width ratios to fp32: test_export_realwidth.py
-    for p in ("int8", "int4"):
+    for p in ("int8", "int4", "int4-tensorrt"):
         d, m = engines[p]
-        assert m["tied_table"]["format"] == p and m["tied_table"]["layout"] == "dv"
-        # the task rows the dense heads read stay exact beside a quantized table
+        fmt, nbits = m["precision"], p == "int4"     # the onnxruntime target's int4: MatMulNBits
+        assert m["tied_table"]["format"] == fmt and m["tied_table"]["layout"] == ("nbits" if nbits else "dv")
+        # the task rows the dense heads read stay exact beside a quantized table; the other rows
+        # come back as the graph dequantizes them
+        from densert.export.tied_table import TiedTable
         ids = m["tied_table"]["head_rows"]["ids"]
         assert set(ids) >= {i for g in m["tasks"]["depth"]["groups"] for i in g}
-        from densert.export.tied_table import TiedTable
         tt = TiedTable(d, m["tied_table"], model.config.vocab_size, model.config.hidden_size)
-        np.testing.assert_array_equal(tt.rows(ids[:5]), model.lm_head.weight[ids[:5]].detach().float().numpy())
+        w = model.lm_head.weight.detach().float().numpy()
+        np.testing.assert_array_equal(tt.rows(ids[:5]), w[ids[:5]])
+        other = [i for i in (0, 7, 100) if i not in ids]
+        np.testing.assert_array_equal(tt.rows(other), Q.fake_quantize(w[other].T, fmt, m["tied_table"]["block"] or 1).T)
         for g in ("llm", "vision"):
             graph = onnx.load(str(d / f"{g}.onnx"), load_external_data=False).graph
             inits = {t.name: t for t in graph.initializer}
             dqs = [n for n in graph.node if n.op_type == "DequantizeLinear"]
-            assert dqs, f"{p} {g}: no quantized weights"
+            nb = [n for n in graph.node if n.op_type == "MatMulNBits"]
+            assert (nb if nbits else dqs), f"{p} {g}: no quantized weights"
             kinds = {inits[n.input[0]].data_type for n in dqs}
-            want = onnx.TensorProto.INT4 if p == "int4" else onnx.TensorProto.INT8
-            # int4 keeps batched (3-D) weights and K no block tiles int8
-            assert want in kinds and kinds <= {want, onnx.TensorProto.INT8}, (p, g, kinds)
+            want = onnx.TensorProto.INT4 if fmt == "int4" and not nbits else onnx.TensorProto.INT8
+            # batched (3-D) weights and K no block tiles stay int8
+            assert kinds <= {want, onnx.TensorProto.INT8} and (nbits or want in kinds), (p, g, kinds)
             for n in dqs:
                 attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
                 q = inits[n.input[0]]
@@ -169,6 +179,25 @@ def test_quantized_graph_formats_and_sizes(bundled_engines):
                     assert n.input[1].endswith("_f32")    # fp16 scales, widened by a Cast
                 else:
                     assert attrs["axis"] == len(q.dims) - 1 and not attrs.get("block_size")
+            for n in nb:
+                attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+                assert n.domain == "com.microsoft" and attrs["bits"] == 4
+                assert attrs["block_size"] == Q.int4_block_for(attrs["K"], m["int4_block"])
+                assert list(inits[n.input[1]].dims) == [attrs["N"], attrs["K"] // attrs["block_size"],
+                                                        attrs["block_size"] // 2]
+    # only the tensorrt target is for TensorRT
+    from densert.export import trt_rules
+    trt_graph = onnx.load(str(engines["int4-tensorrt"][0] / "llm.onnx"), load_external_data=False)
+    assert trt_rules.problems(trt_graph) == []
+    ort_graph = onnx.load(str(engines["int4"][0] / "llm.onnx"), load_external_data=False)
+    assert any("MatMulNBits" in p for p in trt_rules.problems(ort_graph))
+
+
+def test_tensorrt_target_engines_pass_their_gate(bundled_engines):
+    ck, model, engines = bundled_engines
+    rep = verify(engines["int4-tensorrt"][0], ck, grids=((12, 20),), decode_steps=2, model=model,
+                 log=lambda s: None)
+    assert rep.ok, rep.format()
 
 
 def test_quantizers_round_trip():

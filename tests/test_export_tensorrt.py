@@ -34,7 +34,7 @@ def model(tiny_checkpoint):
 def engine(tiny_checkpoint, model, tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "eng"
     export_engine(tiny_checkpoint, out, tasks=["depth", "chat"], max_image_tokens=256, progress=False,
-                  model=model)
+                  model=model, target="tensorrt")
     return out
 
 
@@ -218,3 +218,13 @@ def test_build_and_verify_tensorrt(engine, tiny_checkpoint):
     build_engines(engine, m, BuildOptions.from_manifest(m, max_seq=400))
     rep = verify(engine, tiny_checkpoint, grids=((8, 8), (12, 20)), backend=TrtBackend(engine, tiny_checkpoint))
     assert rep.ok, rep.format()
+
+
+def test_build_engine_refuses_an_onnxruntime_target(engine):
+    """An onnxruntime-target directory (int4 as MatMulNBits) is refused before TensorRT is
+    touched, naming the export flag that makes a TensorRT one."""
+    from densert.errors import EngineError
+    from densert.export.tensorrt import build_engines
+    m = {**read_manifest(engine), "target": "onnxruntime"}
+    with pytest.raises(EngineError, match="--target tensorrt"):
+        build_engines(engine, m, BuildOptions.from_manifest(m))
