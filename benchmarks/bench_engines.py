@@ -76,9 +76,12 @@ def child_decode(engine_dir: str, steps: int, threads: int) -> dict:
     return {"tokens_per_s": steps / dt, "peak_rss_mib": _rss_mib("VmHWM")}
 
 
-def child_verify(engine_dir: str, model_dir: str) -> dict:
+def child_verify(engine_dir: str, model_dir: str, grids=None, decode_steps=None) -> dict:
+    from densert.export.options import VERIFY_DECODE_STEPS, VERIFY_GRIDS
     from densert.export.verify import verify
-    rep = verify(engine_dir, model_dir, log=lambda s: None)
+    rep = verify(engine_dir, model_dir, grids=[tuple(g) for g in grids] if grids else VERIFY_GRIDS,
+                 decode_steps=VERIFY_DECODE_STEPS if decode_steps is None else decode_steps,
+                 log=lambda s: None)
     dense: dict[str, float] = {}
     for name, agree, _, _ in rep.dense:
         task = name.split("] ")[1].split(" ")[0]

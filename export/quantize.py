@@ -140,7 +140,7 @@ def matmulnbits_weight(q: np.ndarray, block: int) -> np.ndarray:
     """int4 values [K, N] in [-8, 7] -> MatMulNBits' B: uint8 [N, K / block, block / 2], each
     output column's K values as unsigned nibbles (q + 8: its default zero point), low first."""
     k, n = q.shape
-    u = (q.T.astype(np.int16) + 8).astype(np.uint8).reshape(n, k // block, block)
+    u = (q.T + np.int8(8)).view(np.uint8).reshape(n, k // block, block)   # q + 8 fits int8
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 
