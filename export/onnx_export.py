@@ -50,7 +50,8 @@ from densert.tasks import DENSE_TASKS
 from . import quantize as Q
 from . import trt_rules
 from .graph_writer import finalize_graph
-from .manifest import FORMAT, FORMAT_VERSION, checkpoint_identity, file_sha256, write_manifest
+from .manifest import (FORMAT, FORMAT_VERSION, check_out_dir, checkpoint_identity, file_sha256,
+                       write_manifest)
 from .options import PRECISIONS, ExportOptions
 
 OPSET = 17
@@ -244,6 +245,7 @@ def export_engine(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         o = dataclasses.replace(options or ExportOptions(), **overrides)
     except ValueError as e:
         raise EngineError(str(e)) from None
+    check_out_dir(out_dir, model_dir, o.force)
     precision, tasks, cache_layout = o.precision, list(o.tasks), o.cache_layout
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     steps = ["hash checkpoint", "load model", "trace vision", "trace llm", "vision.onnx", "llm.onnx",

@@ -13,6 +13,7 @@ black.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -518,6 +519,23 @@ def check_writable(out_dir: str | Path) -> Path:
         raise OutputError(_describe(e, out) if e.errno != errno.ENOTDIR and e.errno != errno.EEXIST
                           else f"cannot create output directory {out}: {e.strerror}") from None
     return out
+
+
+@contextlib.contextmanager
+def no_empty_out(out_dir):
+    """Around a whole run: an output folder the run created (with its subfolders) is removed
+    again if the run leaves nothing in it, so a failed run leaves no empty ``--out`` behind."""
+    out = Path(out_dir)
+    existed = out.exists()
+    try:
+        yield
+    finally:
+        if not existed and out.is_dir():
+            for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only an empty folder goes
+            with contextlib.suppress(OSError):
+                out.rmdir()
 
 
 def output_stems(paths: Sequence[Path]) -> tuple[list[str], list[str]]:
