@@ -526,16 +526,20 @@ def no_empty_out(out_dir):
     """Around a whole run: an output folder the run created (with its subfolders) is removed
     again if the run leaves nothing in it, so a failed run leaves no empty ``--out`` behind."""
     out = Path(out_dir)
-    existed = out.exists()
+    top = None  # the outermost folder the run may create (``--out a/b``: a, when a is new)
+    for p in (out, *out.parents):
+        if p.exists():
+            break
+        top = p
     try:
         yield
     finally:
-        if not existed and out.is_dir():
-            for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if top is not None and top.is_dir():
+            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
                 with contextlib.suppress(OSError):
                     d.rmdir()  # only an empty folder goes
             with contextlib.suppress(OSError):
-                out.rmdir()
+                top.rmdir()
 
 
 def output_stems(paths: Sequence[Path]) -> tuple[list[str], list[str]]:
