@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib
 import inspect
+import re
 import sys
 from typing import Any, Iterable
 
@@ -68,7 +69,23 @@ def show_default(v: Any) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage errors are one line that points at ``--help`` (not the usage block), exit 2."""
+    """Usage errors are one line that points at ``--help`` (not the usage block), exit 2.
+
+    A value that starts with a minus and a digit (``--range -5:10``, ``--lr -1e-3``) is a value,
+    not a flag, so the option's own check names what is wrong with it; argparse alone only
+    knows plain negative numbers. ``intermixed``: positionals may follow options (``verify
+    ENGINES --model DIR IMAGES``)."""
+
+    intermixed = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+    def parse_args(self, args=None, namespace=None):
+        if self.intermixed:
+            return self.parse_intermixed_args(args, namespace)
+        return super().parse_args(args, namespace)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -99,7 +116,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, names: Iterabl
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = meta.get("type") or (type(default) if default is not None else str)
+            kw["type"] = _type_error_says_why(meta.get("type") or (type(default) if default is not
+                                                                    None else str))
             if meta.get("choices"):
                 kw["choices"] = meta["choices"]
             if meta.get("metavar"):
@@ -107,6 +125,22 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, names: Iterabl
         parser.add_argument(flag, **kw)
         added.append(name)
     return added
+
+
+def _type_error_says_why(parse):
+    """argparse shows only "invalid VALUE" for a ValueError of a type function; an
+    ``OptionError`` says what the value should be, so its message is kept."""
+    from .errors import OptionError
+    if parse in (int, float, str):
+        return parse
+
+    def wrapped(s):
+        try:
+            return parse(s)
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    wrapped.__name__ = getattr(parse, "__name__", "value")
+    return wrapped
 
 
 def dataclass_kwargs(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:

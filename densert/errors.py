@@ -18,6 +18,12 @@ class CLIError(DensertError):
     """Bad command-line usage (a flag value, a missing input)."""
 
 
+class OptionError(DensertError, ValueError):
+    """An option or argument value with no sensible meaning (a negative step count, a class list
+    given as one string, a NaN focal length); the message names the option and what it accepts.
+    The options dataclasses raise it, so the CLI, the API and the ROS parameters share it."""
+
+
 class ConfigError(DensertError, ValueError):
     """A config.json that is missing, unreadable or describes something densert cannot run."""
 

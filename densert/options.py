@@ -8,7 +8,10 @@ dataclass default, the flag default and the ``--help`` text cannot drift apart. 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
+
+from .errors import OptionError
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence | None = None,
@@ -34,7 +37,7 @@ def field_default(f: dataclasses.Field) -> Any:
 
 def check_choice(owner: str, name: str, value: Any, choices: Sequence) -> None:
     if value not in choices:
-        raise ValueError(f"{owner}: {name} {value!r} is not one of {tuple(choices)}")
+        raise OptionError(f"{owner}: {name} {value!r} is not one of {tuple(choices)}")
 
 
 def check_choices(obj) -> None:
@@ -50,12 +53,50 @@ def hw_size(s: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in str(s).lower().split("x"))
     except ValueError:
-        raise ValueError(f"size {s!r} is not HxW (e.g. 480x640)") from None
+        raise OptionError(f"size {s!r} is not HxW (e.g. 480x640)") from None
     if h < 1 or w < 1:
-        raise ValueError(f"size {s!r} must be positive")
+        raise OptionError(f"size {s!r} must be positive")
     return h, w
 
 
 def comma_list(s: str) -> tuple[str, ...]:
     """``"depth, segment"`` -> ("depth", "segment")."""
     return tuple(t.strip() for t in str(s).split(",") if t.strip())
+
+
+def check_range(owner: str, name: str, value: Any, lo: float | None = None,
+                hi: float | None = None, *, integer: bool = False, lo_open: bool = False,
+                hi_open: bool = False) -> None:
+    """``value`` is a finite number (an int when ``integer``; never a bool) within [lo, hi] (an
+    open end with ``lo_open`` / ``hi_open``), else an ``OptionError`` naming ``owner.name``, the
+    value and the range."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    if ok and not integer:
+        ok = math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
+        hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi:g}"
+        want = " and ".join(x for x in (lo_s, hi_s) if x)
+        what = "an integer" if integer else "a finite number"
+        raise OptionError(f"{owner}: {name} must be {what}{' ' + want if want else ''}, got "
+                          f"{value!r}")
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``lo`` (a refused value is one line, exit 2)."""
+    def parse(s: str) -> int:
+        import argparse
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} is below {lo}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse

@@ -6,16 +6,22 @@ import sys
 from pathlib import Path
 
 from densert.cli import add_dataclass_arguments, dataclass_kwargs, fields_of
-from densert.errors import CLIError
+from densert.errors import CLIError, DensertError
+from densert.image import MERGE
+from densert.options import int_at_least
 
 from .options import VERIFY_DECODE_STEPS, VERIFY_GRIDS, BuildRequest, ExportOptions
 
 
 def _grid(s: str) -> tuple[int, int]:
+    """A patch grid of a synthetic image: even sides (2x2 patches merge into one token)."""
     try:
         gh, gw = (int(x) for x in s.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r}: expected GHxGW in patches, e.g. 12x20") from None
+    if gh < MERGE or gw < MERGE or gh % MERGE or gw % MERGE:
+        raise argparse.ArgumentTypeError(f"{s!r}: both sides must be positive multiples of {MERGE} "
+                                         "patches (2x2 patches make one vision token), e.g. 12x20")
     return gh, gw
 
 
@@ -27,14 +33,17 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
     elif command == "verify":
         from densert.runtime.options import BACKENDS
+        parser.intermixed = True  # the README's `verify ENGINES --model DIR IMAGES`
         parser.add_argument("engine_dir", help="engine directory written by `densert export`")
         parser.add_argument("images", nargs="*", help="images to check (default: synthetic images of several sizes)")
         parser.add_argument("--model", required=True, help="checkpoint directory the engine was exported from")
         parser.add_argument("--grids", type=_grid, nargs="+", default=None,
                             help="patch grids of the synthetic images (default: "
-                                 + " ".join(f"{h}x{w}" for h, w in VERIFY_GRIDS) + ")")
-        parser.add_argument("--decode-steps", type=int, default=VERIFY_DECODE_STEPS,
-                            help="greedy decode steps compared")
+                                 + " ".join(f"{h}x{w}" for h, w in VERIFY_GRIDS) + ", each "
+                                 "scaled down to fit the engine's image budget)")
+        parser.add_argument("--decode-steps", type=int_at_least(0), default=VERIFY_DECODE_STEPS,
+                            help="greedy decode steps compared (0: none, the prefill's next "
+                                 "token only)")
         parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "torch"],
                             default="onnxruntime", help="engine backend under test")
     elif command == "build-engine":
@@ -52,7 +61,14 @@ def run(args) -> int:
             opts = ExportOptions(**dataclass_kwargs(args, fields_of(ExportOptions)))
         except ValueError as e:
             raise CLIError(str(e)) from None
-        m = export_engine(args.model, args.out, opts, progress=not args.quiet)
+        out = Path(args.out)
+        existed = out.exists()
+        try:
+            m = export_engine(args.model, args.out, opts, progress=not args.quiet)
+        except (DensertError, OSError, KeyboardInterrupt):
+            if not existed and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a failed export leaves no empty --out behind
+            raise
         sizes = {g: sum((Path(args.out) / f).stat().st_size for f in [i["file"], *i["external_data"]])
                  for g, i in m["graphs"].items()}
         for g, s in sizes.items():
@@ -70,7 +86,7 @@ def run(args) -> int:
         if args.backend == "tensorrt":
             from .trt_backend import TrtBackend
             backend = TrtBackend(args.engine_dir, model_dir=args.model)
-        rep = verify(args.engine_dir, args.model, images=args.images, grids=args.grids or VERIFY_GRIDS,
+        rep = verify(args.engine_dir, args.model, images=args.images, grids=args.grids,
                      decode_steps=args.decode_steps, backend=backend,
                      log=lambda s: print(s, file=sys.stderr))
         print(rep.format())

@@ -7,13 +7,17 @@ shape error deep inside ONNX Runtime or TensorRT.
 Identity of a checkpoint = sha256 of ``config.json``, of every ``*.safetensors`` file and of
 ``tokenizer.json`` when present (the task vocab subsets are read from it). Hashing a 9 GB
 checkpoint takes ~20 s, so file digests are memoised in ``<cache root>/file-hashes.json``
-keyed by (absolute path, size, mtime_ns); any rewrite of a file changes the key.
+keyed by (absolute path, size, mtime_ns, ctime_ns). The inode change time is in the key because
+the modification time can be set back (``touch -d``, ``os.utime``) after a file is rewritten in
+place, while the kernel moves the change time forward on every write and every utime, and no
+unprivileged call sets it back: any rewrite of a file changes the key.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,7 +43,7 @@ def cache_root() -> Path:
 
 
 # ---------------------------------------------------------------- hashing
-_memo: dict[tuple[str, int, int], str] = {}
+_memo: dict[tuple[str, int, int, int], str] = {}
 _lock = threading.Lock()
 
 
@@ -57,11 +61,11 @@ def _load_db() -> dict[str, str]:
 def file_sha256(path: str | Path) -> str:
     p = Path(path).resolve()
     st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
+    key = (str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _lock:
         if key in _memo:
             return _memo[key]
-        db_key = f"{key[0]}|{key[1]}|{key[2]}"
+        db_key = "|".join(map(str, key))
         db = _load_db()
         if db_key in db:
             _memo[key] = db[db_key]
@@ -74,7 +78,7 @@ def file_sha256(path: str | Path) -> str:
     with _lock:
         _memo[key] = digest
         # Drop entries of files that no longer exist so the table does not grow without bound.
-        db = {k: v for k, v in _load_db().items() if os.path.exists(k.rsplit("|", 2)[0])}
+        db = {k: v for k, v in _load_db().items() if os.path.exists(k.rsplit("|", 3)[0])}
         db[db_key] = digest
         try:
             _hash_db().parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +107,40 @@ def checkpoint_identity(model_dir: str | Path) -> dict[str, Any]:
     files = {p.name: file_sha256(p) for p in checkpoint_files(model_dir)}
     ident = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
     return {"files": files, "config_sha256": files["config.json"], "checkpoint_id": ident}
+
+
+# ---------------------------------------------------------------- the export's --out
+def check_out_dir(out_dir: str | Path, model_dir: str | Path, force: bool = False) -> Path:
+    """``densert export --out``, refused before any work when it cannot become an engine
+    directory: empty, an existing file, the checkpoint directory itself (its files would be
+    mixed with the engine's), a folder that already holds files (unless ``force``: an engine
+    directory is whole, files of an older export must not stay beside the new ones), or a
+    place this user cannot write. Creates nothing."""
+    if not str(out_dir).strip():
+        raise EngineError("--out is empty; name the engine directory to write, e.g. --out engines")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EngineError(f"--out {out} is an existing file, not a directory; name a new folder")
+    try:
+        same = out.is_dir() and Path(model_dir).is_dir() and out.samefile(model_dir)
+    except OSError:
+        same = False
+    if same:
+        raise EngineError(f"--out {out} is the checkpoint directory itself; write the engines "
+                          "into a folder of their own, e.g. --out engines")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise EngineError(f"--out {out} is not empty; choose a new folder, or pass --force to "
+                          "write into it (files of the same name are replaced)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EngineError(f"--out {out}: {parent} is a file, so the folder cannot be created")
+    try:  # the honest test (root, read-only mounts, /proc): make a folder there, then remove it
+        os.rmdir(tempfile.mkdtemp(prefix=".densert-probe.", dir=parent))
+    except OSError as e:
+        raise EngineError(f"--out {out}: cannot write in {parent} ({e.strerror})") from None
+    return out
 
 
 # ---------------------------------------------------------------- manifest I/O
@@ -150,12 +188,48 @@ def read_manifest(engine_dir: str | Path) -> dict[str, Any]:
     if want != got:
         raise EngineError(f"{path} was modified after export (integrity sha256 {want} != {got}); "
                           f"a hand-edited manifest cannot be trusted: {_rebuild_hint(d, None, m)}")
+    _check_fields(m, path, d)
     for g, info in m["graphs"].items():
         for f in [info["file"], *info.get("external_data", [])]:
             if not (d / f).is_file():
                 raise EngineError(f"engine dir {d} is missing {f} (graph {g!r} listed in {MANIFEST}); "
                                   f"{_rebuild_hint(d, None, m)}")
     return m
+
+
+# What the runtime reads from a manifest, with its JSON type: a manifest that passes its integrity
+# hash (it can be recomputed by hand) is still checked for these before any of them is used.
+FIELDS = {"precision": str, "cache_layout": str, "io_float_dtype": str, "max_patches": int,
+          "max_window_slots": int, "grids": list, "tasks": dict, "checkpoint": dict,
+          "files": dict, "tied_table": dict, "graphs": dict}
+GRAPHS = ("vision", "llm")
+GRAPH_FIELDS = {"file": str, "external_data": list, "inputs": list, "outputs": list,
+                "sha256": dict}
+CHECKPOINT_FIELDS = {"config_sha256": str, "checkpoint_id": str, "files": dict}
+
+
+def _check_fields(m: dict, path: Path, d: Path) -> None:
+    def need(obj, fields, where):
+        for k, t in fields.items():
+            if not isinstance(obj.get(k), t) or isinstance(obj.get(k), bool):
+                got = "missing" if k not in obj else f"a {type(obj[k]).__name__}"
+                raise EngineError(f"{path}: {where}{k!r} is {got}, expected a JSON "
+                                  f"{ {str: 'string', int: 'integer', list: 'list', dict: 'object'}[t]}; "
+                                  f"the manifest is damaged: {_rebuild_hint(d, None, m)}")
+    need(m, FIELDS, "")
+    need(m["checkpoint"], CHECKPOINT_FIELDS, "checkpoint.")
+    for g in GRAPHS:
+        if not isinstance(m["graphs"].get(g), dict):
+            raise EngineError(f"{path}: no graph {g!r} in 'graphs'; the manifest is damaged: "
+                              f"{_rebuild_hint(d, None, m)}")
+    for g, info in m["graphs"].items():
+        if not isinstance(info, dict):
+            raise EngineError(f"{path}: graphs.{g} is not an object; the manifest is damaged: "
+                              f"{_rebuild_hint(d, None, m)}")
+        need(info, GRAPH_FIELDS, f"graphs.{g}.")
+    if m["max_patches"] < 1:
+        raise EngineError(f"{path}: max_patches {m['max_patches']} must be >= 1; "
+                          f"{_rebuild_hint(d, None, m)}")
 
 
 def check_files(engine_dir: str | Path, m: dict[str, Any]) -> None:

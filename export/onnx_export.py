@@ -54,7 +54,8 @@ from densert.tasks import DENSE_TASKS
 from . import quantize as Q
 from . import trt_rules
 from .graph_writer import GraphBuilder, placeholder
-from .manifest import FORMAT, FORMAT_VERSION, checkpoint_identity, file_sha256, write_manifest
+from .manifest import (FORMAT, FORMAT_VERSION, check_out_dir, checkpoint_identity, file_sha256,
+                       write_manifest)
 from .onnx_types import float_type
 from .options import PRECISIONS, ExportOptions
 
@@ -459,6 +460,7 @@ def export_engine(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         o = dataclasses.replace(options or ExportOptions(), **overrides)
     except ValueError as e:
         raise EngineError(str(e)) from None
+    check_out_dir(out_dir, model_dir, o.force)
     precision, tasks = o.precision, list(o.tasks)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     weights = WeightSource(model_dir, precision, model)

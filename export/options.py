@@ -2,11 +2,13 @@
 which the CLI turns into flags."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from densert.image import MERGE, MIN_MAX_PATCHES
+from densert.errors import OptionError
+from densert.image import BLOCK, DEFAULT_MAX_PATCHES, MERGE, MIN_MAX_PATCHES, PATCH
 from densert.model.config import CACHE_LAYOUTS
-from densert.options import check_choices, comma_list, hw_size, opt
+from densert.options import check_choices, check_range, comma_list, hw_size, opt
 from densert.tasks import TASKS
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -54,20 +56,25 @@ class ExportOptions:
                           choices=INT4_BLOCKS)
     attention_chunk_mib: int = opt(64, "fp32 attention scores held per chunk of queries (MiB): "
                                        "bounds attention memory at any image size")
+    force: bool = opt(False, "write into a non-empty --out folder (its files may be replaced; "
+                             "default: refuse it)")
 
     def __post_init__(self):
+        if isinstance(self.tasks, str) or isinstance(self.image_size, str):
+            raise OptionError("ExportOptions: tasks and image_size are lists (e.g. "
+                              "tasks=('depth',), image_size=('480x640',)), not one string")
         self.tasks = tuple(dict.fromkeys(self.tasks))
         self.image_size = tuple(self.image_size)
         check_choices(self)
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
-            raise ValueError(f"unknown tasks {list(bad or self.tasks)}; expected a subset of {TASKS}")
-        if self.max_image_tokens < 1:
-            raise ValueError(f"max_image_tokens {self.max_image_tokens} must be >= 1")
+            raise OptionError(f"unknown tasks {list(bad or self.tasks)}; expected a subset of {TASKS}")
+        check_range("ExportOptions", "max_image_tokens", self.max_image_tokens, 1,
+                    DEFAULT_MAX_PATCHES // (MERGE * MERGE), integer=True)
         for s in self.image_size:
-            hw_size(s)
-        if self.attention_chunk_mib < 1:
-            raise ValueError(f"attention_chunk_mib {self.attention_chunk_mib} must be >= 1")
+            check_image_size(s)
+        check_range("ExportOptions", "attention_chunk_mib", self.attention_chunk_mib, 1,
+                    integer=True)
 
     @property
     def image_sizes(self) -> list[tuple[int, int]]:
@@ -78,6 +85,21 @@ class ExportOptions:
         """--max-image-tokens in 16x16 patches (--image-size is resolved at export, where the
         processor's size search runs)."""
         return self.max_image_tokens * MERGE * MERGE
+
+
+def check_image_size(s: str) -> tuple[int, int]:
+    """An ``--image-size`` the engines can take exactly: one the processor does not scale down
+    (its 32-aligned sides fit its cap of ``DEFAULT_MAX_PATCHES`` patches); a larger one would
+    quietly build for a smaller size than asked."""
+    h, w = hw_size(s)
+    th, tw = math.ceil(h / BLOCK) * BLOCK, math.ceil(w / BLOCK) * BLOCK
+    if (th // PATCH) * (tw // PATCH) > DEFAULT_MAX_PATCHES:
+        side = int(math.sqrt(DEFAULT_MAX_PATCHES)) * PATCH
+        raise OptionError(f"--image-size {s}: {th}x{tw} px is {(th // PATCH) * (tw // PATCH)} "
+                          f"patches, over the processor's cap of {DEFAULT_MAX_PATCHES} (e.g. "
+                          f"{side}x{side}), which would scale such images down; give the size "
+                          "the images have after your own resize")
+    return h, w
 
 
 @dataclass

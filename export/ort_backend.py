@@ -161,7 +161,8 @@ class OrtBackend:
                 from densert.image import DEFAULT_MAX_PATCHES
                 export_engine(model_dir, engine_dir, precision=precision, cache_layout=cache_layout,
                               tasks=list(tasks) if tasks else _tasks_available(model_dir, TASKS),
-                              max_image_tokens=DEFAULT_MAX_PATCHES // (MERGE * MERGE))
+                              max_image_tokens=DEFAULT_MAX_PATCHES // (MERGE * MERGE),
+                              force=True)  # the cache dir is densert's own: a failed try is redone
         return cls(engine_dir, model_dir=model_dir, tasks=tasks or (), **kwargs)
 
     # ---- helpers

@@ -181,16 +181,42 @@ def prompt_ids(cfg, n_cells: int) -> torch.Tensor:
     return torch.tensor([ids])
 
 
+def default_grids(m: dict) -> list[tuple[int, int]]:
+    """The synthetic images' patch grids for an engine: the sizes it was exported for
+    (``--image-size``), else ``VERIFY_GRIDS``, each scaled down (aspect kept, even sides) to fit
+    the engine's image budget, so the gate never refuses an engine for its own defaults."""
+    if m.get("grids"):
+        return [tuple(g) for g in m["grids"]]
+    cap, out = int(m["max_patches"]), []
+    for gh, gw in VERIFY_GRIDS:
+        if gh * gw > cap:
+            f = math.sqrt(cap / (gh * gw))
+            gh, gw = max(2, int(gh * f) // 2 * 2), max(2, int(gw * f) // 2 * 2)
+        if (gh, gw) not in out:
+            out.append((gh, gw))
+    return out
+
+
 @torch.no_grad()
 def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] = (),
-           grids: Sequence[tuple[int, int]] = VERIFY_GRIDS, decode_steps: int = VERIFY_DECODE_STEPS,
+           grids: Sequence[tuple[int, int]] | None = None, decode_steps: int = VERIFY_DECODE_STEPS,
            model=None, backend=None, log=print) -> Report:
+    """``grids`` None: ``default_grids`` of the engine."""
     from densert.checkpoint.loader import load_model
+    from densert.errors import EngineError
     from densert.kernels.dense_head import subset_weight
+    from densert.options import check_range
 
     from .ort_backend import OrtBackend
+    check_range("verify", "decode_steps", decode_steps, 0, integer=True)
     eng = backend or OrtBackend(engine_dir, model_dir=model_dir)
     m = eng.manifest
+    if grids is None:
+        grids = default_grids(m)
+    big = [f"{gh}x{gw}" for gh, gw in grids if gh * gw > int(m["max_patches"])]
+    if big:
+        raise EngineError(f"--grids {' '.join(big)}: over the engine's image budget of "
+                          f"{m['max_patches']} patches ({engine_dir}); pass smaller grids")
     th = THRESHOLDS[m["precision"]]
     # The reference streams its layers from the checkpoint (one layer held at a time): the
     # fp32 reference of a 4B model beside its engine fits a 24 GB machine; same numbers.

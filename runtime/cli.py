@@ -131,7 +131,8 @@ def _classes(args) -> list[str] | None:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not classes:
         raise CLIError(f"--classes {args.classes!r} names no class")
-    return classes
+    from .predictor import class_names
+    return class_names(classes, "--classes")
 
 
 class Terminated(BaseException):
@@ -183,6 +184,12 @@ def _check_inputs(args, inputs: list[tuple[Path, str]], preset: str | None, sett
 
 
 def run(args) -> int:
+    from .outputs import no_empty_out
+    with no_empty_out(args.out):
+        return _run(args)
+
+
+def _run(args) -> int:
     from densert.checkpoint.files import read_task_defaults
     from densert.image.decode import list_images
 
@@ -204,6 +211,8 @@ def run(args) -> int:
     if command == "depth":
         from densert.tasks.depth_bins import OPEN_WORLD
         preset = args.preset or read_task_defaults(model_dir).get("depth", {}).get("preset") or OPEN_WORLD
+        from .predictor import depth_scale
+        depth_scale(preset, args.focal, None, settings.upscale)  # the flag itself, before any image
     out = O.check_writable(args.out)
     paths = list_images(args.images)
     for d in (p for p in map(Path, args.images) if p.is_dir() and not any(q.parent == p for q in paths)):

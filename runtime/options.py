@@ -4,11 +4,13 @@ builds its flags from them (``densert.cli.add_dataclass_arguments``)."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 from densert.image import DEFAULT_MAX_PATCHES, MIN_MAX_PATCHES
 from densert.model.config import DTYPES
-from densert.options import check_choices, comma_list, opt
+from densert.errors import OptionError
+from densert.options import check_choices, check_range, comma_list, opt
 from densert.tasks import ALIGNMENTS
 from densert.tasks.classes import NAME_LEADING_SPACE
 from densert.tasks.grounding import REFER_PADDING, REFER_SHORT_SIDE
@@ -27,7 +29,7 @@ def device_name(s: str) -> str:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
     if s in ("auto", "cpu", "cuda") or (s.startswith("cuda:") and s[5:].isdigit()):
         return s
-    raise ValueError(f"device {s!r}: expected auto, cpu, cuda or cuda:N")
+    raise OptionError(f"device {s!r}: expected auto, cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -88,21 +90,27 @@ class DenseOptions:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok, msg):
-            if not ok:
-                raise ValueError(f"DenseOptions: {msg}")
+        def rng(name, lo=None, hi=None, **kw):
+            check_range("DenseOptions", name, getattr(self, name), lo, hi, **kw)
         check_choices(self)
-        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        need(0 < self.background_threshold < 1,
-             f"background_threshold must be in (0, 1), got {self.background_threshold}")
-        need(self.background_logit_scale > 0, "background_logit_scale must be > 0")
-        need(self.crf_iterations >= 1, "crf_iterations must be >= 1")
-        need(self.refer_padding >= 1.0, f"refer_padding must be >= 1, got {self.refer_padding}")
-        need(self.refer_short_side >= 32, f"refer_short_side must be >= 32, got {self.refer_short_side}")
-        need(self.open_set_max_boxes >= 1,
-             f"open_set_max_boxes must be >= 1, got {self.open_set_max_boxes}")
-        need(self.crop_jpeg_quality is None or 1 <= self.crop_jpeg_quality <= 100,
-             f"crop_jpeg_quality must be None or in 1..100, got {self.crop_jpeg_quality}")
+        for name in ("crf", "fast", "name_leading_space"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"DenseOptions: {name} must be True or False, got "
+                                  f"{getattr(self, name)!r}")
+        rng("temperature", 0, lo_open=True)
+        rng("background_threshold", 0, 1, lo_open=True, hi_open=True)
+        rng("background_logit_scale", 0, lo_open=True)
+        for name in ("crf_gaussian_sxy", "crf_gaussian_compat", "crf_bilateral_sxy",
+                     "crf_bilateral_srgb", "crf_bilateral_compat"):
+            rng(name, 0, lo_open=True)
+        rng("crf_iterations", 1, integer=True)
+        rng("crf_max_pixels", 1, integer=True)
+        rng("refer_padding", 1.0)
+        rng("refer_short_side", 32, integer=True)
+        rng("open_set_max_boxes", 1, integer=True)
+        if self.crop_jpeg_quality is not None:
+            rng("crop_jpeg_quality", 1, 100, integer=True)
+        rng("seed", 0, integer=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,16 +146,19 @@ class PredictorOptions:
 
     def __post_init__(self):
         check_choices(self)
+        if not isinstance(self.device, str):
+            raise OptionError(f"PredictorOptions: device must be a string, got {self.device!r}")
         device_name(self.device)
-        if self.max_patches < MIN_MAX_PATCHES:
-            raise ValueError(f"max_patches {self.max_patches} is below {MIN_MAX_PATCHES} "
-                             "(one merged token)")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.repetition_penalty is not None and not (math.isfinite(self.repetition_penalty)
-                                                        and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got "
-                             f"{self.repetition_penalty}")
+        if self.engine_dir is not None and not isinstance(self.engine_dir, (str, os.PathLike)):
+            raise OptionError(f"PredictorOptions: engine_dir must be a path, got {self.engine_dir!r}")
+        # max_patches: one merged token at least (a 32x32 image)
+        check_range("PredictorOptions", "max_patches", self.max_patches, MIN_MAX_PATCHES,
+                    integer=True)
+        if self.max_new_tokens is not None:
+            check_range("PredictorOptions", "max_new_tokens", self.max_new_tokens, 1, integer=True)
+        if self.repetition_penalty is not None:
+            check_range("PredictorOptions", "repetition_penalty", self.repetition_penalty, 0,
+                        lo_open=True)
 
 
 # Files each task can write (``OutputOptions.formats``), in the order they are written; the JSON
@@ -168,11 +179,11 @@ INVALID_DEPTH = ("zero", "nan")
 def depth_range(s: str) -> tuple[float, float]:
     """``"0.5:20"`` -> (0.5, 20.0): near and far metres of a fixed colour range."""
     try:
-        lo, hi = (float(v) for v in s.split(":"))
+        lo, hi = (float(v) for v in str(s).split(":"))
     except ValueError:
-        raise ValueError(f"range {s!r} is not MIN:MAX in metres (e.g. 0.5:20)") from None
-    if not (0 <= lo < hi) or hi == float("inf"):
-        raise ValueError(f"range {s!r} needs 0 <= MIN < MAX < inf")
+        raise OptionError(f"range {s!r} is not MIN:MAX in metres (e.g. 0.5:20)") from None
+    if not (0 <= lo < hi) or not math.isfinite(hi):
+        raise OptionError(f"range {s!r} needs 0 <= MIN < MAX < inf (metres)")
     return lo, hi
 
 
@@ -194,12 +205,18 @@ class OutputOptions:
 
     def __post_init__(self):
         check_choices(self)
+        if self.range is not None:
+            r = self.range
+            self.range = depth_range(r if isinstance(r, str) else ":".join(map(str, r))
+                                     if isinstance(r, (tuple, list)) and len(r) == 2 else repr(r))
+        if isinstance(self.formats, str):
+            self.formats = comma_list(self.formats)
 
     def formats_for(self, task: str) -> tuple[str, ...]:
         if self.formats is None:
             return DEFAULT_FORMATS[task]
         bad = [f for f in self.formats if f not in FORMATS[task]]
         if bad:
-            raise ValueError(f"--formats {','.join(bad)} not available for {task}; choose from "
-                             f"{','.join(FORMATS[task])}")
+            raise OptionError(f"--formats {','.join(bad)} not available for {task}; choose from "
+                              f"{','.join(FORMATS[task])}")
         return tuple(f for f in FORMATS[task] if f in self.formats)

@@ -13,6 +13,7 @@ black.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -518,6 +519,27 @@ def check_writable(out_dir: str | Path) -> Path:
         raise OutputError(_describe(e, out) if e.errno != errno.ENOTDIR and e.errno != errno.EEXIST
                           else f"cannot create output directory {out}: {e.strerror}") from None
     return out
+
+
+@contextlib.contextmanager
+def no_empty_out(out_dir):
+    """Around a whole run: an output folder the run created (with its subfolders) is removed
+    again if the run leaves nothing in it, so a failed run leaves no empty ``--out`` behind."""
+    out = Path(out_dir)
+    top = None  # the outermost folder the run may create (``--out a/b``: a, when a is new)
+    for p in (out, *out.parents):
+        if p.exists():
+            break
+        top = p
+    try:
+        yield
+    finally:
+        if top is not None and top.is_dir():
+            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only an empty folder goes
+            with contextlib.suppress(OSError):
+                top.rmdir()
 
 
 def output_stems(paths: Sequence[Path]) -> tuple[list[str], list[str]]:

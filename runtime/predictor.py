@@ -44,7 +44,7 @@ from densert.checkpoint.files import (
     read_generation_config,
     read_task_defaults,
 )
-from densert.errors import ModelDirError
+from densert.errors import ModelDirError, OptionError, SourceError
 from densert.image import BLOCK
 from densert.image.decode import jpeg_round_trip, probe
 from densert.image.preprocess import Preprocessed, preprocess
@@ -130,19 +130,50 @@ def depth_scale(preset: str, focal: float | None, original_hw: tuple[int, int] |
     checks the request (the CLI calls it for every input before loading the model)."""
     if focal is None:
         return upscale
+    if not (isinstance(focal, (int, float)) and not isinstance(focal, bool)
+            and math.isfinite(focal) and focal > 0):
+        raise OptionError(f"focal: the focal length must be a positive number of pixels, got "
+                          f"{focal!r}")
     if depth_bins.get_preset(preset).focal is None:
-        raise ValueError(f"--focal applies to the open-world preset only; {preset!r} is a "
-                         "fixed-camera linear preset")
-    if not (isinstance(focal, (int, float)) and math.isfinite(focal) and focal > 0):
-        raise ValueError(f"focal length must be a positive number of pixels, got {focal!r}")
+        raise OptionError(f"focal: --focal applies to the open-world preset only; {preset!r} is "
+                          "a fixed-camera linear preset (drop --focal, or pass --preset "
+                          "open-world)")
     factor = upscale * depth_bins.open_world_resize_factor(focal)
     if original_hw is not None and min(original_hw) * factor < MIN_RESCALED_SIDE:
         h, w = original_hw
-        raise ValueError(f"focal length {focal:g} px rescales the {w}x{h} image by {factor:.3g} to "
+        raise OptionError(f"focal length {focal:g} px rescales the {w}x{h} image by {factor:.3g} to "
                          f"the open world's {depth_bins.CANONICAL_FOCAL:g} px focal length, leaving "
                          f"a short side of {min(original_hw) * factor:.1f} px (the model needs "
                          f"{MIN_RESCALED_SIDE}); is the focal length in pixels of this image?")
     return factor
+
+
+def class_names(classes, arg: str = "classes") -> list[str] | None:
+    """``classes`` as the task calls take it: None, or a list of distinct non-empty names (the
+    prompt's checks: no comma). A single string is refused, not split into its letters."""
+    if classes is None:
+        return None
+    if isinstance(classes, (str, bytes)):
+        raise OptionError(f"{arg} must be a list of class names, got the string {classes!r}; "
+                          f"pass [{classes!r}]")
+    try:
+        items = list(classes)
+    except TypeError:
+        raise OptionError(f"{arg} must be a list of class names, got "
+                          f"{type(classes).__name__}") from None
+    names = [prompts.check_name(c, arg) for c in items if not (isinstance(c, str) and not c.strip())]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise OptionError(f"{arg}: {', '.join(map(repr, dup))} given more than once; each name is "
+                          "one class with its own label and colour")
+    return names
+
+
+def flag(value, arg: str, none_ok: bool = False):
+    """A True / False argument (None too with ``none_ok``); 0, 1 and strings are refused."""
+    if isinstance(value, bool) or (none_ok and value is None):
+        return value
+    raise OptionError(f"{arg} must be True or False{' or None' if none_ok else ''}, got {value!r}")
 
 
 def _input_hw(image) -> tuple[int, int] | None:
@@ -150,10 +181,20 @@ def _input_hw(image) -> tuple[int, int] | None:
     if isinstance(image, (str, Path)):
         return probe(image)
     if isinstance(image, np.ndarray):
-        return image.shape[:2]
+        return image.shape[:2] if image.ndim in (2, 3) else None
     if hasattr(image, "size") and hasattr(image, "mode"):  # a PIL image
         return image.size[::-1]
     return None
+
+
+def _settings(settings: dict) -> PredictorOptions:
+    """``**settings`` of ``DensePredictor``: the fields of ``PredictorOptions`` only."""
+    names = set(PredictorOptions.__dataclass_fields__)
+    bad = sorted(set(settings) - names)
+    if bad:
+        raise OptionError(f"unknown setting(s) {', '.join(bad)}; DensePredictor takes "
+                          f"{', '.join(sorted(names))}")
+    return PredictorOptions(**settings)
 
 
 class DensePredictor:
@@ -167,7 +208,10 @@ class DensePredictor:
 
     def __init__(self, model_dir=None, options: DenseOptions | None = None, **settings):
         from densert.text.tokens import Vocab
-        s = PredictorOptions(**settings)
+        if model_dir is not None and not isinstance(model_dir, (str, Path)):
+            raise OptionError(f"model_dir must be a checkpoint directory path or None, got "
+                              f"{type(model_dir).__name__}")
+        s = _settings(settings)
         self.model_dir = runtime_dir(model_dir, s.backend, s.engine_dir)
         self.task_defaults = read_task_defaults(self.model_dir)
         t0 = time.perf_counter()
@@ -183,13 +227,16 @@ class DensePredictor:
         self.load_seconds = None
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.task_defaults = read_task_defaults(self.model_dir) if self.model_dir else {}
-        self._setup(backend, vocab, options, PredictorOptions(**settings))
+        self._setup(backend, vocab, options, _settings(settings))
         return self
 
     def _setup(self, backend, vocab, options, settings: PredictorOptions):
         self.backend = backend
         self.vocab = vocab
         self.config = backend.config
+        if options is not None and not isinstance(options, DenseOptions):
+            raise OptionError(f"options must be a DenseOptions (densert.runtime.options), got "
+                              f"{type(options).__name__}")
         self.options = options or DenseOptions()
         self.settings = settings
         self._head = lm_head_weight(backend, self.model_dir)
@@ -367,7 +414,7 @@ class DensePredictor:
     def depth(self, image, preset: str | None = None, focal: float | None = None) -> DepthResult:
         """``preset`` None: the model's declared default (``default_depth_preset``)."""
         tm = Timings()
-        preset = preset or self.default_depth_preset
+        preset = self.default_depth_preset if preset is None else preset
         pre = self._depth_pre(image, preset, focal, tm)
         pf, _ = self._prefill(pre, self._encode(pre, tm), prompts.depth(preset), tm)
         return self._depth_result(image, pre, self._hidden(pf), preset, focal, tm)
@@ -375,6 +422,7 @@ class DensePredictor:
     def _depth_pre(self, image, preset: str, focal: float | None, tm: Timings) -> Preprocessed:
         depth_bins.get_preset(preset)  # unknown presets fail here
         if isinstance(image, Preprocessed):
+            depth_scale(preset, focal, None)  # the request's own checks
             return image
         scale = depth_scale(preset, focal, _input_hw(image), self.settings.upscale)
         return self._pre(image, tm, upscale=scale)
@@ -405,11 +453,12 @@ class DensePredictor:
         where the model names ``<OTHERS>`` (always, with ``fast``).
         ``classes`` None: the open set; ``background`` None lets the model decide (``<OTHERS>``
         in its answer), True / False force the rule on / off for the direct map."""
+        asked = class_names(classes)
+        flag(background, "background", none_ok=True)
         tm = Timings()
         warn: list[str] = []
         pre = self._pre(image, tm)
         emb = self._encode(pre, tm)
-        asked = None if classes is None else [c.strip() for c in classes if c.strip()]
         prompt = prompts.open_set() if asked is None else prompts.semantic(asked, bool(background))
         pf, ids = self._prefill(pre, emb, prompt, tm)
         seg = dict(generated_text=None, prompt_classes=asked)
@@ -497,13 +546,15 @@ class DensePredictor:
         ``segment(classes=...)`` in its one-prefill flow (``DenseOptions.fast``: every given class
         scored; the release's default flow first generates the names present, which a shared
         prefill cannot do). With ``focal``, segmentation reads the depth's rescaled input."""
-        names = [c.strip() for c in classes or [] if c.strip()]
+        names = class_names(classes) or []
+        flag(depth, "depth")
+        flag(background, "background")
         if not depth and not names:
-            raise ValueError("dense() needs depth=True or at least one class name")
+            raise OptionError("dense() needs depth=True or at least one class name")
         if names:
             prompts.semantic(names, background)  # the names' checks (empty, commas)
         tm = Timings()
-        preset = preset or self.default_depth_preset
+        preset = self.default_depth_preset if preset is None else preset
         pre = self._depth_pre(image, preset, focal, tm) if depth else self._pre(image, tm)
         embeds = self._encode(pre, tm)
         depth_prompt = prompts.depth(preset) if depth else None
@@ -543,11 +594,21 @@ class DensePredictor:
         options (preset, focal, classes, background, depth). Decoding and preprocessing of the
         next frame overlap the model on this one; ``drop`` (default: live sources only) keeps
         the latest frame when the caller is slower than the source (``runtime.stream``)."""
-        from .sources import open_source
+        from .sources import Source, open_source
         from .stream import TaskSpec, stream
+        spec = TaskSpec.of(task, task_options)
+        if spec.focal is not None and spec.task != "segment":
+            depth_scale(spec.preset or self.default_depth_preset, spec.focal, None)
+        flag(drop, "drop", none_ok=True)
+        if isinstance(frames, bool) or frames is None:
+            raise SourceError(f"frames: expected a source (path, glob, camera index, URL, bag), a "
+                              f"Source or an iterable of frames, got {frames!r}")
         if isinstance(frames, (str, int, Path)):
             frames = open_source(frames)
-        return stream(self, frames, TaskSpec(task, **task_options), drop)
+        elif not isinstance(frames, Source) and not hasattr(frames, "__iter__"):
+            raise SourceError(f"frames: expected a source or an iterable of frames, got "
+                              f"{type(frames).__name__}")
+        return stream(self, frames, spec, drop)
 
     def refer(self, image, expression: str) -> ReferResult:
         tm = Timings()
@@ -593,7 +654,7 @@ class DensePredictor:
         given categories (the open set's detection prompt); boxes largest first, as the demo
         lists them."""
         tm = Timings()
-        asked = None if classes is None else [c.strip() for c in classes if c.strip()]
+        asked = class_names(classes)
         prompt = prompts.detect_all() if asked is None else prompts.detect_categories(asked)
         pre, text = self._answer(image, prompt, tm)
         with tm.stage("postprocess"):
@@ -637,6 +698,10 @@ class DensePredictor:
 
     def chat(self, image, prompt: str, max_new_tokens: int | None = None) -> ChatResult:
         """VQA / chat: the answer to ``prompt`` about ``image`` (None: text only)."""
+        if max_new_tokens is not None:
+            from densert.options import check_range
+            check_range("chat", "max_new_tokens", max_new_tokens, 1, integer=True)
+        prompts.chat(prompt)  # a string, before any work
         tm = Timings()
         pre = self._pre(image, tm) if image is not None else None
         emb = self._encode(pre, tm) if pre is not None else None

@@ -36,6 +36,8 @@ VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".m
 BAG_EXTENSIONS = (".mcap",)
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+# OpenCV's camera index is a C int; no machine has more video devices than this.
+MAX_CAMERA_INDEX = 9999
 # ROS image encodings densert reads (sensor_msgs/image_encodings.hpp names).
 ENCODINGS = ("rgb8", "bgr8", "mono8", "rgba8", "bgra8")
 
@@ -48,6 +50,9 @@ class Frame:
     stamp: float | None = None  # seconds: video position, bag log time or message header stamp
     focal: float | None = None  # px, when the source knows it (ROS camera_info); beats --focal
     meta: Any = None            # the source's own record of the frame (a ROS message header)
+    # A message the source could not turn into an image (a bag's undecodable message): the
+    # stream reports it as that frame's failure and goes on, as a folder does with a bad file.
+    error: Exception | None = None
 
 
 def frame_name(index: int) -> str:
@@ -154,6 +159,9 @@ class McapImages(Source):
                     topics[ch.topic] = schema.name
         images = sorted(t for t, s in topics.items() if s in IMAGE_TYPES)
         where = ", ".join(map(str, files))
+        if not images and topic is None:
+            raise SourceError(f"{where}: the bag has no image topic ({' or '.join(IMAGE_TYPES)}); "
+                              f"its topics: {', '.join(sorted(topics)) or 'none'}")
         if topic is None:
             if len(images) != 1:
                 listed = ", ".join(images) if images else "none"
@@ -178,12 +186,16 @@ class McapImages(Source):
                 for schema, _, message, msg in reader.iter_decoded_messages(topics=[self.topic]):
                     h = msg.header.stamp
                     stamp = h.sec + h.nanosec * 1e-9 if (h.sec or h.nanosec) else message.log_time * 1e-9
-                    if schema.name.endswith("CompressedImage"):
-                        rgb = _decode_compressed(bytes(msg.data), f"{f} message {i}")
+                    try:
+                        if schema.name.endswith("CompressedImage"):
+                            rgb = _decode_compressed(bytes(msg.data), f"{f} message {i}")
+                        else:
+                            rgb = image_msg_to_rgb(msg.encoding, msg.height, msg.width, msg.step,
+                                                   bytes(msg.data), f"{f} message {i}")
+                    except SourceError as e:  # one bad message: that frame fails, the bag goes on
+                        yield Frame(i, None, frame_name(i), stamp=stamp, error=e)
                     else:
-                        rgb = image_msg_to_rgb(msg.encoding, msg.height, msg.width, msg.step,
-                                               bytes(msg.data), f"{f} message {i}")
-                    yield Frame(i, rgb, frame_name(i), stamp=stamp)
+                        yield Frame(i, rgb, frame_name(i), stamp=stamp)
                     i += 1
 
 
@@ -195,7 +207,9 @@ def image_msg_to_rgb(encoding: str, height: int, width: int, step: int, data: by
         raise SourceError(f"{where}: image encoding {encoding!r} is not supported; expected one "
                           f"of {', '.join(ENCODINGS)}")
     row = width * channels
-    if height <= 0 or width <= 0 or step < row or len(data) < step * (height - 1) + row:
+    if height <= 0 or width <= 0:
+        raise SourceError(f"{where}: {encoding} image message is {width}x{height}: an empty image")
+    if step < row or len(data) < step * (height - 1) + row:
         raise SourceError(f"{where}: {encoding} image {width}x{height} with step {step} needs "
                           f"{step * height} bytes, the message holds {len(data)}")
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -235,6 +249,9 @@ def open_source(spec: str | int, topic: str | None = None) -> Source:
             raise SourceError(f"{s}: no such file")
         return McapImages(files, topic)
     if re.fullmatch(r"\d+", s):
+        if int(s) > MAX_CAMERA_INDEX:
+            raise SourceError(f"camera index {s} is out of range (0..{MAX_CAMERA_INDEX}); for a "
+                              "file of that name pass ./" + s)
         return VideoCapture(int(s), live=True)
     scheme = s.split("://", 1)[0].lower() if "://" in s else None
     if scheme is not None:

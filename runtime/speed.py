@@ -50,7 +50,7 @@ class SpeedReport:
     def summary(self) -> str:
         """Several lines: totals, then p50 / p90 / mean milliseconds per stage."""
         head = (f"{self.label}: {self.frames} frame(s) in {self.elapsed:.2f} s, {self.fps:.2f} fps, "
-                f"{self.dropped} dropped" + (f", {self.failed} failed" if self.failed else ""))
+                f"{self.dropped} dropped" + (f", {self.failed} skipped (failed)" if self.failed else ""))
         rows = dict(self.stages)
         if self.latency:
             rows["latency"] = self.latency

@@ -142,14 +142,40 @@ class TaskSpec:
     kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"stream task {self.task!r}: expected one of {TASKS}")
+        from densert.errors import OptionError
+
+        from .predictor import class_names, depth_scale, flag
+        if not isinstance(self.task, str) or self.task not in TASKS:
+            raise OptionError(f"task {self.task!r}: expected one of {TASKS}")
+        self.classes = class_names(self.classes)
+        flag(self.background, "background", none_ok=True)
+        flag(self.depth, "depth")
+        if self.preset is not None:
+            from densert.tasks.depth_bins import get_preset
+            get_preset(self.preset)
+        if self.focal is not None:
+            from densert.tasks.depth_bins import OPEN_WORLD
+            depth_scale(OPEN_WORLD, self.focal, None)  # a number of pixels; the preset: below
         if self.task == "dense" and not self.depth and not self.classes:
-            raise ValueError("a dense stream needs depth or classes: pass depth=True or classes=[...]")
+            raise OptionError("a dense stream needs depth or classes: pass depth=True or "
+                              "classes=[...]")
+
+    @classmethod
+    def of(cls, task, options: dict) -> "TaskSpec":
+        """``DensePredictor.stream``'s ``task`` and ``**task_options``, checked by name."""
+        from densert.errors import OptionError
+        names = {"preset", "focal", "classes", "background", "depth"}
+        bad = sorted(set(options) - names)
+        if bad:
+            raise OptionError(f"unknown task option(s) {', '.join(bad)}; stream takes "
+                              f"{', '.join(sorted(names))}")
+        return cls(task, **options)
 
 
 def _prepare(pred, spec: TaskSpec, frame: Frame, tm):
     """Decode and preprocess ``frame`` as the task's call would (depth: the focal rescale)."""
+    if getattr(frame, "error", None) is not None:
+        raise frame.error
     focal = frame_focal(frame, spec)
     if spec.task == "depth" or (spec.task == "dense" and spec.depth):
         return pred._depth_pre(frame.image, spec.preset or pred.default_depth_preset, focal, tm)

@@ -10,7 +10,7 @@ from densert.cli import add_dataclass_arguments, dataclass_kwargs, fields_of
 from densert.errors import CLIError
 from densert.image import BLOCK
 from densert.model.config import DTYPES
-from densert.options import hw_size
+from densert.options import hw_size, int_at_least
 from densert.tasks import ALIGNMENTS
 
 from .config import SCENE_KINDS, AblationConfig, TrainConfig
@@ -25,6 +25,17 @@ def _size(s: str) -> tuple[int, int]:
     if h % BLOCK or w % BLOCK:
         raise CLIError(f"image size {s!r}: sides must be positive multiples of {BLOCK}")
     return h, w
+
+
+def _fraction(s: str) -> float:
+    """``eval --val-fraction``: TrainConfig's own range check on the same field."""
+    import argparse
+    try:
+        v = float(s)
+        TrainConfig(val_fraction=v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return v
 
 
 def configure(parser, command: str) -> None:
@@ -54,13 +65,13 @@ def configure(parser, command: str) -> None:
                                  "for more (default: rendered scenes)")
         parser.add_argument("--split", choices=["val", "train", "all"], default="val",
                             help="with --data: which images of each folder are scored")
-        parser.add_argument("--val-fraction", type=float,
+        parser.add_argument("--val-fraction", type=_fraction,
                             default=TrainConfig.__dataclass_fields__["val_fraction"].default,
                             help=_help(TrainConfig, "val_fraction"))
         parser.add_argument("--seeds", choices=["held-out", "train"], default="held-out",
                             help="held-out: scene seeds 1e9+i (never trained on); train: seeds of "
                                  "the training stream")
-        parser.add_argument("--n", type=int, default=64, help="scenes scored")
+        parser.add_argument("--n", type=int_at_least(1), default=64, help="scenes scored")
         parser.add_argument("--image-size", default=None,
                             help="HxW (default: the model's training size, from train_config.json; "
                                  "with --data and no train_config.json, the processor's own cap)")
@@ -68,7 +79,8 @@ def configure(parser, command: str) -> None:
                             help="default: the model's training alignment")
         parser.add_argument("--json", default=None,
                             help="also write the scores to this file (default: stdout only)")
-        parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+        parser.add_argument("--threads", type=int_at_least(0), default=0,
+                            help="torch threads (0: default)")
     elif command == "example-data":
         parser.add_argument("out", help="dataset folder to write")
         parser.add_argument("--n", type=int, default=12, help="images")

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, fields
 
 from densert.image import BLOCK
 from densert.model.config import DTYPES, MODEL_SIZES
-from densert.options import check_choices, comma_list, hw_size, opt
+from densert.errors import OptionError
+from densert.options import check_choices, check_range, comma_list, hw_size, opt
 from densert.tasks import ALIGNMENTS, DENSE_TASKS
 from densert.tasks.depth_bins import PRESETS
 
@@ -89,32 +90,53 @@ class TrainConfig:
         self.tasks, self.data, self.freeze = tuple(self.tasks), tuple(self.data), tuple(self.freeze)
         bad = [t for t in self.tasks if t not in DENSE_TASKS]
         if bad or not self.tasks:
-            raise ValueError(f"tasks {list(self.tasks)}: expected a non-empty subset of {DENSE_TASKS}")
+            raise OptionError(f"tasks {list(self.tasks)}: expected a non-empty subset of {DENSE_TASKS}")
         check_choices(self)
+        self._check_numbers()
         h, w = self.image_size
         if h % BLOCK or w % BLOCK or h <= 0 or w <= 0:
-            raise ValueError(f"image size {h}x{w} must be positive multiples of {BLOCK}")
+            raise OptionError(f"image size {h}x{w} must be positive multiples of {BLOCK}")
         bad = [p for p in self.freeze if p not in FREEZABLE]
         if bad:
-            raise ValueError(f"freeze: unknown part(s) {bad}; expected a subset of {FREEZABLE}")
+            raise OptionError(f"freeze: unknown part(s) {bad}; expected a subset of {FREEZABLE}")
         if set(self.freeze) >= set(FREEZABLE):
-            raise ValueError(f"freeze: {','.join(self.freeze)} leaves nothing to train")
+            raise OptionError(f"freeze: {','.join(self.freeze)} leaves nothing to train")
         if self.init and (self.text_layers or self.vision_layers):
-            raise ValueError("--text-layers / --vision-layers shape a fresh model; --init keeps "
+            raise OptionError("--text-layers / --vision-layers shape a fresh model; --init keeps "
                              "its checkpoint's layers")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora rank must be >= 0, got {self.lora_rank}")
         if self.lora_rank and "llm" in self.freeze:
-            raise ValueError("LoRA trains adapters on the LLM: do not also freeze llm")
+            raise OptionError("LoRA trains adapters on the LLM: do not also freeze llm")
         if self.lora_rank and self.fsdp:
-            raise ValueError("LoRA is the one-GPU option (DDP under torchrun works too); FSDP is for "
+            raise OptionError("LoRA is the one-GPU option (DDP under torchrun works too); FSDP is for "
                              "full fine-tuning")
-        if not 0 <= self.scene_ratio <= 1:
-            raise ValueError(f"scene ratio must be in [0, 1], got {self.scene_ratio}")
         if self.data and self.scene_ratio == 1:
-            raise ValueError("scene ratio 1 draws every sample from rendered scenes: drop --data")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val fraction must be in [0, 1), got {self.val_fraction}")
+            raise OptionError("scene ratio 1 draws every sample from rendered scenes: drop --data")
+
+    # Every number's range, checked where the field is declared: a value with no meaning (a
+    # negative step count, a zero batch) is refused before any work, in the CLI and the API alike.
+    _INTS = {"steps": 1, "batch": 1, "k": 1, "warmup": 0, "scenes": 1, "eval_every": 0,
+             "eval_n": 0, "save_every": 0, "lora_rank": 0, "threads": 0, "seed": 0}
+
+    def _check_numbers(self) -> None:
+        name = type(self).__name__
+        for f, lo in self._INTS.items():
+            check_range(name, f, getattr(self, f), lo, integer=True)
+        for f in ("text_layers", "vision_layers"):
+            if getattr(self, f) is not None:
+                check_range(name, f, getattr(self, f), 1, integer=True)
+        check_range(name, "lr", self.lr, 0, lo_open=True)
+        check_range(name, "min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_range(name, "weight_decay", self.weight_decay, 0)
+        check_range(name, "grad_clip", self.grad_clip, 0, lo_open=True)
+        check_range(name, "text_weight", self.text_weight, 0)
+        check_range(name, "vision_weight", self.vision_weight, 0)
+        if self.text_weight == 0 and self.vision_weight == 0:
+            raise OptionError(f"{name}: text_weight and vision_weight are both 0: nothing to train")
+        check_range(name, "max_minutes", self.max_minutes, 0)
+        check_range(name, "scene_ratio", self.scene_ratio, 0, 1)
+        check_range(name, "val_fraction", self.val_fraction, 0, 1, hi_open=True)
+        check_range(name, "lora_alpha", self.lora_alpha, 0, lo_open=True)
+        check_range(name, "lora_dropout", self.lora_dropout, 0, 1, hi_open=True)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -150,7 +172,8 @@ class AblationConfig:
     def __post_init__(self):
         bad = [s for s in self.losses if s not in LOSSES]
         if bad or not self.losses:
-            raise ValueError(f"losses: unknown {bad}; expected a subset of {LOSSES}")
+            raise OptionError(f"losses: unknown {bad}; expected a subset of {LOSSES}")
+        check_range("AblationConfig", "eval_n", self.eval_n, 1, integer=True)
         self.train_config(".")  # the per-loss TrainConfig validates sizes and tasks
 
     def train_config(self, out: str, loss: str = "ntpm") -> TrainConfig:

@@ -122,12 +122,18 @@ def load_depth(path, scale: float | None = None) -> np.ndarray:
 def load_label_map(path) -> np.ndarray:
     """int64 [H, W] class indices from a single-channel (L, P palette index, or 16-bit) PNG."""
     p = _exists(path)
-    with Image.open(p) as im:
-        if im.mode not in _LABEL_MODES:
-            raise DatasetError(f"{p}: label PNG must hold class indices in one channel (L / P / "
-                               f"16-bit), got mode {im.mode!r}; convert colour-coded masks to "
-                               "indices first")
-        return np.asarray(im).astype(np.int64)
+    try:
+        with Image.open(p) as im:
+            if im.mode not in _LABEL_MODES:
+                raise DatasetError(f"{p}: label PNG must hold class indices in one channel (L / "
+                                   f"P / 16-bit), got mode {im.mode!r}; convert colour-coded "
+                                   "masks to indices first")
+            return np.asarray(im).astype(np.int64)
+    except DatasetError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise DatasetError(f"{p}: not a readable label PNG ({e}); the file is corrupt or "
+                           "truncated") from None
 
 
 def load_class_names(source) -> list[str]:
@@ -175,12 +181,20 @@ def _read_json(p: Path):
         raise DatasetError(f"{p}: not readable JSON ({e})") from None
 
 
+# What PIL raises for a file it cannot decode (truncated, corrupt, a decompression bomb).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _image_size(p: Path) -> tuple[int, int]:
+    """(H, W) of a dataset image, decoded whole: the up-front check must catch a truncated file
+    (its header alone reads fine), not the training step that first loads it."""
     try:
         with Image.open(p) as im:
+            im.load()
             return im.height, im.width
-    except OSError as e:
-        raise DatasetError(f"{p}: not a readable image ({e})") from None
+    except _DECODE_ERRORS as e:
+        raise DatasetError(f"{p}: not a readable image ({e}); the file is corrupt or "
+                           "truncated") from None
 
 
 def _depth_size(p: Path) -> tuple[int, int]:
@@ -194,11 +208,18 @@ def _depth_size(p: Path) -> tuple[int, int]:
             raise DatasetError(f"{p}: depth .npy must be float [H, W] metres, got {a.dtype} "
                                f"{tuple(a.shape)}")
         return int(shape[0]), int(shape[1])
-    with Image.open(p) as im:
-        if im.mode not in _PNG16_MODES:
-            raise DatasetError(f"{p}: depth PNG must be 16-bit single channel (millimetres), "
-                               f"got mode {im.mode!r}")
-        return im.height, im.width
+    try:
+        with Image.open(p) as im:
+            if im.mode not in _PNG16_MODES:
+                raise DatasetError(f"{p}: depth PNG must be 16-bit single channel (millimetres), "
+                                   f"got mode {im.mode!r}")
+            im.load()
+            return im.height, im.width
+    except DatasetError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise DatasetError(f"{p}: not a readable depth PNG ({e}); the file is corrupt or "
+                           "truncated") from None
 
 
 def _by_stem(d: Path, exts, what: str) -> dict[str, Path]:

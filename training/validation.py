@@ -21,11 +21,8 @@ import warnings
 import numpy as np
 import torch
 
-from densert.tasks import grounding, prompts
-from densert.tasks.classes import class_id_groups
 from densert.tasks.depth_bins import get_preset
 from densert.text import tokens as T
-from densert.text.chat import encode_chat, user_message
 
 from .metrics import CIoUMeter, DepthMeter, SegmentationMeter
 from .userdata import UserData, mask_box
@@ -47,25 +44,12 @@ def predictor_for(model, vocab: T.Vocab, cap: int, alignment: str):
 
 @torch.no_grad()
 def core_target_mask(pred, image: np.ndarray, box) -> np.ndarray:
-    """The referring crop pass for a known box: crop, "Segment the core target.", FG pasted back
-    (the second half of ``DensePredictor.refer``, with the same options and box colour)."""
-    from densert.image.preprocess import preprocess
-    from densert.kernels.dense_head import subset_weight
-    from densert.model.vision_meta import build_vision_meta
-    from densert.runtime.backends import lm_head_weight
-    from densert.runtime.dense import align_hidden, segment_labels
-    opts, be = pred.options, pred.backend
-    crop = grounding.referring_crop(image, box, np.random.default_rng(opts.seed), opts.refer_padding,
-                                    opts.refer_short_side)
-    pre = preprocess(crop.image, pred.settings.max_patches, 1.0)
-    p = prompts.core_target()
-    ids = encode_chat(pred.vocab, [user_message(p.text, p.image_first)], [pre.num_image_tokens])
-    pf = be.prefill(ids, be.encode_image(pre.pixel_values,
-                                         build_vision_meta([pre.grid], be.config.vision_config)))
-    w = subset_weight(lm_head_weight(be, None), class_id_groups(pred.vocab, [T.BG, T.FG]))
-    lab = segment_labels(align_hidden(pf.vision_hidden, pf.pre_vision_hidden, opts.alignment), w,
-                         pre.merged_grid, pre.original_hw, opts)
-    return crop.paste(lab == 1, image.shape[:2])
+    """The referring crop pass for a known box: the runtime's own second half of
+    ``DensePredictor.refer`` (crop, JPEG as the demo sends it, "Segment the core target.", FG pasted
+    back, DenseCRF with the crop's pixels when on), with the same options and box colour."""
+    from densert.runtime.predictor import Timings
+    rng = np.random.default_rng(pred.options.seed)
+    return pred._core_target(image, box, rng, Timings())[0]
 
 
 def evaluate_dataset(pred, ds: UserData, split: str = "val", tasks=("depth", "segment", "refer")

@@ -18,8 +18,11 @@ Beyond ``load_image``:
 - Anything PIL cannot decode (corrupt, empty, truncated, not an image) raises ``ImageError``
   naming the file, and so does an image over ``MAX_IMAGE_PIXELS``, from its header alone: a
   decompression bomb never reaches the decoder.
-- Arrays (no file, so no processor path to match): uint8 is taken as is (a 4th channel, alpha, is
-  dropped as ``convert("RGB")`` drops it); uint16 is scaled by 1/257 and floats in [0, 1] by 255.
+- Arrays (no file, so no processor path to match), HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA, the
+  alpha dropped as ``convert("RGB")`` drops it): uint8 is taken as is; uint16 is scaled by 1/257;
+  floats must be finite and in [0, 1] (scaled by 255; one convention, never guessed from the
+  values: a float array beyond it, NaN or inf is refused, not rescaled); other integer types
+  only when every value is in 0..255. bool, complex, object and string arrays are refused.
 """
 from __future__ import annotations
 
@@ -106,6 +109,11 @@ def load_rgb(source, min_side: int | None = None) -> np.ndarray:
         return _array_to_rgb(source, "<array>")
     if isinstance(source, Image.Image):
         return _pil_to_rgb(source, "<PIL image>")
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray)):
+        raise ImageError(f"image: expected a file path, encoded bytes, a PIL image or a numpy "
+                         f"array, got {type(source).__name__}"
+                         + ("; wrap a nested list with np.asarray(x, dtype=np.uint8)"
+                            if isinstance(source, (list, tuple)) else ""))
     name = str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>"
     if isinstance(source, (str, os.PathLike)):
         fp = open(_file(source), "rb")
@@ -162,16 +170,36 @@ def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:
 
 
 def _array_to_rgb(a: np.ndarray, name: str) -> np.ndarray:
+    """An array by the module docstring's rules, or an ``ImageError`` naming its dtype, shape or
+    value range."""
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ImageError(f"{name}: expected an HxW, HxWx1, HxWx3 or HxWx4 array, got shape "
-                         f"{a.shape}")
-    if a.dtype == np.uint16:
-        a = np.rint(a / 257.0)
-    elif a.dtype.kind == "f" and a.max(initial=0) <= 1.0:
-        a = a * 255.0
-    a = np.clip(np.rint(a), 0, 255).astype(np.uint8) if a.dtype != np.uint8 else a
+        raise ImageError(f"{name}: expected an HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA) array, got "
+                         f"shape {a.shape}")
+    kind = a.dtype.kind
+    if a.dtype == np.uint8:
+        pass
+    elif a.dtype == np.uint16:
+        a = np.rint(a / 257.0).astype(np.uint8)
+    elif kind == "f":
+        if not np.isfinite(a).all():
+            raise ImageError(f"{name}: {a.dtype} array holds {int((~np.isfinite(a)).sum())} NaN or "
+                             "infinite value(s); float images must be finite, in [0, 1]")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 1:
+            raise ImageError(f"{name}: {a.dtype} array spans [{lo:g}, {hi:g}]; float images are "
+                             "read as [0, 1] (0..255 floats: divide by 255, or pass uint8)")
+        a = np.rint(a.astype(np.float64) * 255.0).astype(np.uint8)
+    elif kind in "iu":
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 255:
+            raise ImageError(f"{name}: {a.dtype} array spans [{lo}, {hi}]; integer images other "
+                             "than uint16 must hold 0..255 (pass uint8, or uint16 for 16-bit)")
+        a = a.astype(np.uint8)
+    else:
+        raise ImageError(f"{name}: a {a.dtype} array is not an image; pass uint8 (0..255), uint16 "
+                         "or float in [0, 1]")
     if a.shape[2] == 4:
         a = a[..., :3]
     if a.shape[2] == 1:

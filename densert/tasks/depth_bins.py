@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from densert.errors import OptionError
+
 NUM_BINS = 1000
 INVALID_BIN = 0
 CANONICAL_FOCAL = 2000.0
@@ -56,8 +58,9 @@ PRESETS: dict[str, DepthPreset] = {
 def get_preset(preset: str | DepthPreset) -> DepthPreset:
     if isinstance(preset, DepthPreset):
         return preset
-    if preset not in PRESETS:
-        raise ValueError(f"unknown depth preset {preset!r}; expected one of {tuple(PRESETS)}")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise OptionError(f"preset: unknown depth preset {preset!r}; expected one of "
+                          f"{tuple(PRESETS)}")
     return PRESETS[preset]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from densert.errors import OptionError
 from densert.text import tokens as T
 
 from .depth_bins import OPEN_WORLD, get_preset
@@ -38,9 +39,9 @@ def depth(preset: str = OPEN_WORLD) -> Prompt:
 def semantic(classes: list[str], background: bool = False) -> Prompt:
     """Closed-set prompt. Without ``background`` the prompt says "without the background class"
     (paper D.1); with it the phrase is omitted and the ``<OTHERS>`` rule applies."""
-    names = [_check_name(c) for c in classes]
+    names = [check_name(c) for c in classes]
     if not names:
-        raise ValueError("semantic segmentation needs at least one class name")
+        raise OptionError("classes: semantic segmentation needs at least one class name")
     tail = "." if background else ", without the background class."
     return Prompt("Segment: " + ", ".join(names) + tail)
 
@@ -52,9 +53,9 @@ def open_set() -> Prompt:
 def detect_categories(classes: list[str]) -> Prompt:
     """The demo's second open-set stage: detect the named categories (boxes); the demo joins
     the names with "," and no space."""
-    names = [_check_name(c) for c in classes]
+    names = [check_name(c) for c in classes]
     if not names:
-        raise ValueError("category detection needs at least one class name")
+        raise OptionError("classes: category detection needs at least one class name")
     return Prompt("Detect every objects that belongs to the following categories: "
                   + ",".join(names))
 
@@ -102,20 +103,28 @@ def core_target() -> Prompt:
 
 
 def chat(text: str) -> Prompt:
+    if not isinstance(text, str):
+        raise OptionError(f"prompt must be a string, got {type(text).__name__}")
     return Prompt(text)
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str, arg: str = "classes") -> str:
+    if not isinstance(name, str):
+        raise OptionError(f"{arg}: a class name must be a string, got {name!r} "
+                          f"({type(name).__name__})")
     n = name.strip()
     if not n:
-        raise ValueError(f"empty class name in {name!r}")
+        raise OptionError(f"{arg}: empty class name in {name!r}")
     if "," in n:
-        raise ValueError(f"class name {n!r} contains a comma, which separates names in the prompt")
+        raise OptionError(f"{arg}: class name {n!r} contains a comma, which separates names in "
+                          "the prompt")
     return n
 
 
 def _check_expression(expression: str) -> str:
+    if not isinstance(expression, str):
+        raise OptionError(f"expression must be a string, got {type(expression).__name__}")
     expr = expression.strip()
     if not expr:
-        raise ValueError("the expression is empty; say what to find, e.g. \"the red cup\"")
+        raise OptionError("expression is empty; say what to find, e.g. \"the red cup\"")
     return expr

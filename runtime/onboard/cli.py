@@ -110,7 +110,9 @@ def run(args) -> int:
     if args.command == "ros2":
         from .. import ros2_node
         return ros2_node.spin(args)
-    return run_source(args)
+    from ..outputs import no_empty_out
+    with no_empty_out(args.out):
+        return run_source(args)
 
 
 def _options(args, task: str) -> tuple[DenseOptions, PredictorOptions, OutputOptions]:
