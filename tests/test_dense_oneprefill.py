@@ -32,7 +32,7 @@ FAST = DenseOptions(fast=True)
 
 @pytest.fixture(scope="module")
 def pred():
-    return DensePredictor(options=FAST)  # the bundled densert-tiny, torch backend
+    return DensePredictor(options=FAST, dtype="float32")  # bundled densert-tiny, torch fp32 (vs the fp32 engine)
 
 
 def _assert_equal_to_separate(p, image, preset, classes=CLASSES):
