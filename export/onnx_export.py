@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from densert import __version__
-from densert.checkpoint.files import MappedTensor, read_all_headers, read_config
-from densert.checkpoint.loader import materialize, params_on_meta, release, validate
+from densert.checkpoint.files import MappedTensor
+from densert.checkpoint.loader import materialize, release, skeleton
 from densert.errors import EngineError
 from densert.extras import require
 from densert.image import DEFAULT_MAX_PATCHES, PATCH
@@ -120,13 +120,7 @@ class WeightSource:
         elif model is not None:
             model = for_precision(model, precision)
         else:
-            cfg = read_config(model_dir)
-            infos = read_all_headers(model_dir)
-            with params_on_meta():
-                model = YoutuVLForConditionalGeneration(cfg).eval()
-            validate({n: tuple(p.shape) for n, p in model.state_dict().items()}, infos,
-                     cfg.tie_word_embeddings, model_dir)
-            self.infos = infos
+            model, self.infos = skeleton(model_dir)
         self.model, self.config = model, model.config
 
     @contextlib.contextmanager
@@ -254,13 +248,12 @@ class _Parts:
     def __init__(self, builder: GraphBuilder, tmp: Path, dyn: dict[str, dict[int, str]], tick):
         self.builder, self.tmp, self.dyn, self.tick = builder, tmp, dyn, tick
 
-    def add(self, prefix: str, module, args, in_names, out_names, *, kind: str,
-            graph_outputs=(), graph_inputs=()):
+    def add(self, prefix: str, module, args, in_names, out_names, *, kind: str, graph_outputs=()):
         d = self.tmp / prefix
         d.mkdir()
         with torch.no_grad():
             model = _trace(module, args, d / "part.onnx", in_names, out_names, self.dyn)
-        self.builder.add(model, prefix, keep={*in_names, *out_names, *graph_inputs},
+        self.builder.add(model, prefix, keep={*in_names, *out_names},
                          outputs=list(graph_outputs), src_dir=d, kind=kind)
         shutil.rmtree(d, ignore_errors=True)
         self.tick(prefix)

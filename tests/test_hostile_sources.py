@@ -9,34 +9,11 @@ from densert.cli import main
 from densert.errors import SourceError
 from densert.runtime.sources import image_msg_to_rgb, open_source
 
-IMAGE_MSGDEF = """std_msgs/Header header
-uint32 height
-uint32 width
-string encoding
-uint8 is_bigendian
-uint32 step
-uint8[] data
-================================================================================
-MSG: std_msgs/Header
-builtin_interfaces/Time stamp
-string frame_id
-================================================================================
-MSG: builtin_interfaces/Time
-int32 sec
-uint32 nanosec
-"""
-COMPRESSED_MSGDEF = """std_msgs/Header header
-string format
-uint8[] data
-================================================================================
-MSG: std_msgs/Header
-builtin_interfaces/Time stamp
-string frame_id
-================================================================================
-MSG: builtin_interfaces/Time
-int32 sec
-uint32 nanosec
-"""
+# The Header part of sensor_msgs definitions: test_stream's Image definition, after its fields.
+from test_stream import IMAGE_MSGDEF  # noqa: E402 (pytest puts tests/ on sys.path)
+
+COMPRESSED_MSGDEF = "std_msgs/Header header\nstring format\nuint8[] data\n" + \
+    IMAGE_MSGDEF[IMAGE_MSGDEF.index("=" * 80):]
 
 
 def _one_line(err: str, command: str) -> str:

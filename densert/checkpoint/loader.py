@@ -151,22 +151,33 @@ def stream_layers(model, infos: dict[str, TensorInfo], dtype: torch.dtype) -> No
             layer.register_forward_hook(lambda m, args, out: release(m))
 
 
+def skeleton(path: str | Path):
+    """The model of a checkpoint directory with its parameters on ``meta`` (buffers real), and
+    the checkpoint's tensor headers, validated against it: what loading whole, streaming layers
+    and exporting layer by layer all start from."""
+    from densert.model.modeling import YoutuVLForConditionalGeneration
+    path = Path(path)
+    cfg = read_config(path)
+    infos = read_all_headers(path)
+    with params_on_meta():
+        model = YoutuVLForConditionalGeneration(cfg).eval()
+    validate({n: tuple(p.shape) for n, p in model.state_dict().items()}, infos,
+             cfg.tie_word_embeddings, path)
+    return model, infos
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", *, streamed: bool = False):
     """Load a Youtu-VL checkpoint directory (single-file or sharded safetensors).
 
     ``streamed``: keep the decoder and ViT layers on disk and load each one for its forward
     (``stream_layers``); CPU only. Slower per call, a fraction of the memory."""
-    from densert.model.modeling import YoutuVLForConditionalGeneration
     dt = resolve_dtype(dtype)
     path = Path(path)
-    cfg = read_config(path)
-    infos = read_all_headers(path)
-    with params_on_meta():
-        model = YoutuVLForConditionalGeneration(cfg)
+    model, infos = skeleton(path)
+    cfg = model.config
     expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     tied = cfg.tie_word_embeddings
-    validate(expected, infos, tied, path)
 
     state: dict[str, torch.Tensor] = {}
     names = [n for n in expected if n in infos and not (tied and n == "lm_head.weight")]
@@ -230,9 +241,10 @@ def activation_bytes(cfg, max_patches: int) -> int:
     return max_patches * per_patch + (max_patches // vc.merge_unit + 512) * per_token + 4 * DEFAULT_SCORE_BUDGET
 
 
-def weight_bytes(path: str | Path, dtype: torch.dtype) -> int:
-    infos = read_all_headers(path)
-    return sum(i.numel for n, i in infos.items() if n not in IGNORED_KEYS) * dtype.itemsize
+def weight_count(path: str | Path) -> int:
+    """Values the model loads (from the headers; a tied head counts once)."""
+    skip = IGNORED_KEYS | ({"lm_head.weight"} if read_config(path).tie_word_embeddings else set())
+    return sum(i.numel for n, i in read_all_headers(path).items() if n not in skip)
 
 
 def check_fits(path: str | Path, dtype, device: str | torch.device = "cpu", max_patches: int | None = None,
@@ -245,16 +257,17 @@ def check_fits(path: str | Path, dtype, device: str | torch.device = "cpu", max_
     dt = resolve_dtype(dtype)
     cfg = read_config(path)
     act = activation_bytes(cfg, max_patches or DEFAULT_MAX_PATCHES)
-    need = weight_bytes(path, dt) + act
+    count = weight_count(path)
+    need = count * dt.itemsize + act
     free, source = available_memory(str(device))
     if need <= free:
         return need
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
-    fits = [d for d in (torch.bfloat16, torch.float16) if d != dt and d.itemsize < dt.itemsize
-            and weight_bytes(path, d) + act <= free]
-    hint = (f"; --dtype {str(fits[0]).removeprefix('torch.')} needs "
-            f"{gib(weight_bytes(path, fits[0]) + act)}" if fits else
-            "; no dtype fits: use an engine (densert export --precision int4) or a bigger machine")
+    fits = [d for d in (torch.bfloat16, torch.float16) if d.itemsize < dt.itemsize
+            and count * d.itemsize + act <= free]
+    hint = (f"; --dtype {str(fits[0]).removeprefix('torch.')} needs {gib(count * fits[0].itemsize + act)}"
+            if fits else "; no dtype fits: run an engine (densert export --precision int4, then "
+            "--backend onnxruntime --engine-dir) or free memory")
     raise CheckpointError(
         f"{path}: the model needs about {gib(need)} at {str(dt).removeprefix('torch.')} ({chosen}: "
         f"{gib(need - act)} of weights + {gib(act)} for images of {max_patches or DEFAULT_MAX_PATCHES} "
