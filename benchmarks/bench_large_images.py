@@ -5,7 +5,8 @@
 
 Each run is a fresh process (the CLI on a JPEG made by upscaling a rendered sample scene) that
 reports its own peak resident memory (VmHWM, Linux) when it ends; the table fits peak = base +
-slope x megapixels per task, the figure the README quotes. Default model: the bundled one.
+slope x megapixels per task, the figure docs/tasks-and-outputs.md quotes. Default model: the
+bundled one.
 """
 from __future__ import annotations
 

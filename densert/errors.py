@@ -67,7 +67,8 @@ class MissingExtraError(DensertError, ImportError):
 
 class DatasetError(DensertError, ValueError):
     """A training / evaluation dataset on disk that does not follow the documented layout
-    (README "Training on your data"); the message names the file and what is wrong with it."""
+    (training/README.md, "One folder layout"); the message names the file and what is wrong
+    with it."""
 
 
 class SourceError(DensertError, ValueError):

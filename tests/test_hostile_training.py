@@ -27,14 +27,14 @@ def _finite_scores(row: dict) -> list[float]:
 
 
 def test_the_documented_fine_tuning_example_runs(tmp_path, capsys, monkeypatch):
-    """README's example, as written: example-data, train on it (DenseCRF on, the referring task
-    included), eval the result; each exits 0 and every score is a finite number."""
+    """training/README.md's example, as written: example-data, train on it (DenseCRF on, the
+    referring task included), eval the result; each exits 0 and every score is a finite number."""
     pytest.importorskip("pydensecrf.densecrf")
     pytest.importorskip("pycocotools")
     import torch
     monkeypatch.chdir(tmp_path)
     # One torch thread: on a shared 2-core machine two threads contend with other processes and
-    # run several times slower (README, "Streams"); the commands themselves are as documented.
+    # run several times slower (docs/streaming.md); the commands themselves are as documented.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -67,7 +67,7 @@ class TrainConfig:
     fsdp: bool = opt(False, "FSDP (each decoder and ViT layer sharded) instead of DDP under "
                             "torchrun: full fine-tuning across GPUs")
     # Datasets on disk (training.userdata): `--data DIR` may be given several times (training.cli).
-    data: tuple[str, ...] = opt((), "dataset folder (README 'Training on your data'); repeat the "
+    data: tuple[str, ...] = opt((), "dataset folder (layout: training/README.md); repeat the "
                                     "flag for more (default: rendered scenes only)", cli=False)
     scene_ratio: float = opt(0.0, "with --data: share of samples drawn from rendered scenes "
                                   "instead (0: none)")

@@ -1,5 +1,5 @@
 """Datasets on disk in the formats people already have: one folder layout for depth, semantic
-segmentation and referring segmentation (README "Training on your data").
+segmentation and referring segmentation (training/README.md, "One folder layout").
 
 ::
 

@@ -10,6 +10,6 @@ MIN_MAX_PATCHES = MERGE * MERGE  # one merged token: the smallest image the mode
 # image, in 16x16 patches, the processor lets through before it scales down.
 DEFAULT_MAX_PATCHES = 36864
 # The largest input densert takes, in pixels (100 MP, e.g. 10000 x 10000): its maps are made at
-# the input's size, so this bounds what one image can cost (README, "Large images"). Larger
+# the input's size, so this bounds what one image can cost (docs/tasks-and-outputs.md). Larger
 # files, decompression bombs among them, are refused from their header before any decoding.
 MAX_IMAGE_PIXELS = 100_000_000
