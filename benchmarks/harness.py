@@ -79,8 +79,7 @@ def synthetic_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 def _sync_fn(backend):
     import torch
-    dev = getattr(backend, "device", None)
-    if dev is not None and torch.device(dev).type == "cuda":
+    if torch.device(backend.device).type == "cuda":
         return torch.cuda.synchronize
     return lambda: None
 
@@ -97,27 +96,15 @@ class _Timer:
         return out, time.perf_counter() - t0
 
 
-def _head_rows(backend, model_dir: Path, ids: list[int]):
-    """lm_head rows for the given ids without loading the full [V, d] matrix (non-torch backends),
-    so the worker's RSS is what a dense-only deployment needs."""
+def _head_rows(backend, ids: list[int]):
+    """lm_head rows for the given ids, from where the runtime reads them
+    (``Backend.head_weight``: an engine's table reads only these rows, so the worker's RSS is what
+    a dense-only deployment needs)."""
     import torch
-    model = getattr(backend, "model", None)
-    if model is not None and hasattr(model, "lm_head"):
-        return model.lm_head.weight.detach()[torch.as_tensor(ids)].float()
-    from safetensors import safe_open
-
-    from densert.checkpoint.files import weight_files
-    for f in weight_files(model_dir):
-        with safe_open(str(f), framework="pt") as sf:
-            keys = set(sf.keys())
-            for key in ("lm_head.weight", "model.embed_tokens.weight"):
-                if key in keys:
-                    sl = sf.get_slice(key)
-                    return torch.stack([sl[i:i + 1][0] for i in ids]).float()
-    raise RuntimeError(f"{model_dir}: neither lm_head.weight nor model.embed_tokens.weight found")
+    return backend.head_weight().index_select(0, torch.as_tensor(ids)).float()
 
 
-def _subset_weights(backend, model_dir, vocab, opts):
+def _subset_weights(backend, vocab, opts):
     """task -> (K x d weight, id groups, class names). Static per task: built once, not timed."""
     from densert.kernels.dense_head import subset_weight
     from densert.tasks.classes import class_id_groups
@@ -126,7 +113,7 @@ def _subset_weights(backend, model_dir, vocab, opts):
     out = {}
     for task, g in groups.items():
         flat = sorted({i for grp in g for i in grp})
-        rows = _head_rows(backend, model_dir, flat)
+        rows = _head_rows(backend, flat)
         pos = {i: k for k, i in enumerate(flat)}
         out[task] = (subset_weight(rows, [[pos[i] for i in grp] for grp in g]), g)
     return out
@@ -170,15 +157,17 @@ def run_worker(spec: dict) -> dict:
     rec["memory"]["rss_mb_after_setup"] = max_rss_mb()
     if spec.get("prepare_only"):
         return rec
-    on_gpu = torch.device(getattr(backend, "device", "cpu")).type == "cuda"
-    rec["device"] = "cuda" if on_gpu else (
-        "cpu" if name == "torch" else str(getattr(backend, "providers", ["cpu"])[0]))
+    # An ONNX Runtime run is labelled with the provider it runs on first. Its GPU memory is ONNX
+    # Runtime's own, which torch's counters do not see: they are read for torch-allocated runs.
+    kind = torch.device(backend.device).type
+    rec["device"] = backend.providers[0] if backend.providers else kind
+    on_gpu = kind == "cuda" and not backend.providers
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     timer = _Timer(_sync_fn(backend))
     vocab = Vocab.from_file(model_dir / "tokenizer.json")
     opts = DenseOptions(crf=False)  # the dense_head stage times the head alone
-    weights = _subset_weights(backend, model_dir, vocab, opts)
+    weights = _subset_weights(backend, vocab, opts)
     cfg = backend.config
     runs, warmup, cap = int(spec["runs"]), int(spec["warmup"]), int(spec["decode_cap"])
     naive_inputs = []
@@ -245,7 +234,7 @@ def run_worker(spec: dict) -> dict:
         rec["memory"]["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     # ---- naive full-vocabulary head vs the subset head, same hidden states (torch worker only)
     if naive_inputs:
-        full_w = backend.model.lm_head.weight.detach()
+        full_w = backend.head_weight()   # the torch worker's: the model's own [V, d] tensor
         for case, hid, mgrid in naive_inputs:
             W, groups = weights[case["task"]]
             out_hw = tuple(case["head_out_hw"])

@@ -1,18 +1,24 @@
-"""The stages every backend runs, and the PyTorch reference backend.
+"""The backend contract, and the PyTorch reference backend.
 
-The runtime talks to a backend only through these three stages (the exported engines run them
-as ``vision.onnx`` and ``llm.onnx``: prefill is an LLM call with an empty past, decode one with a
-single token), so torch, ONNX Runtime and TensorRT are interchangeable and can be compared stage
-by stage. The cache is opaque to the runtime: whatever a backend's ``prefill`` returns, its
-``decode`` takes back.
+``Backend`` declares everything the runtime asks of a backend: three stages (the exported engines
+run them as ``vision.onnx`` and ``llm.onnx``: prefill is an LLM call with an empty past, decode one
+with a single token), so torch, ONNX Runtime and TensorRT are interchangeable and can be compared
+stage by stage; where the dense head's lm_head rows come from; the image budget; the provenance a
+result's sidecar records; and the optional ``extend`` stage, behind its declared flag. The runtime
+reads nothing else of a backend. The cache is opaque to the runtime: whatever a backend's
+``prefill`` returns, its ``decode`` takes back.
+
+Backends subclass ``Backend`` (it holds the defaults of the optional members);
+``tests/test_backend_conformance.py`` runs every backend through the same checks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from densert.errors import BackendError
 from densert.model.config import YoutuVLConfig
 from densert.model.llm import KVCache
 from densert.model.vision_meta import VisionMeta
@@ -31,35 +37,94 @@ class PrefillResult:
     cache: Any                          # backend-specific KV cache, handed back to decode()
 
 
+@runtime_checkable
+class HeadRows(Protocol):
+    """The [V, d] lm_head as the dense head reads it (``kernels.dense_head.subset_weight``): a
+    torch.Tensor, or a table that reads rows on demand (``export.tied_table.TiedTable``: an
+    engine's tied table, in the engine's precision) with these four members of the tensor API."""
+
+    shape: torch.Size
+    device: torch.device
+
+    def dim(self) -> int: ...
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class Backend(Protocol):
-    name: str
+    """What the runtime asks of a backend. Subclass it: the optional members have defaults here."""
+
+    name: str                   # "torch", "onnxruntime", "tensorrt": the sidecar's backend
     config: YoutuVLConfig
+    device: str                 # torch device string the stages run on: "cpu", "cuda", "cuda:0"
+    dtype: torch.dtype          # host side: the dtype of the tensors the stages take and return
+    precision: str              # the sidecar's dtype: torch's dtype name, or the engine's precision
+    # Patches one image may have (an engine's export budget; the runtime scales larger images to
+    # fit it); None: no limit of the backend's own.
+    max_patches: int | None = None
+    # The optional extend stage (a prompt prefix prefilled once, continued per frame).
+    supports_extend: bool = False
+    # ONNX Runtime's execution providers in the order it tries them (reports); () elsewhere.
+    providers: Sequence[str] = ()
 
     def encode_image(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
         """[N, patch_dim] patches (merge-block order) -> [N/4, d] image embeddings (raster)."""
+        ...
 
     def prefill(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> PrefillResult:
         """input_ids [1, T] with one image-pad per image_embeds row."""
+        ...
 
     def decode(self, token_id: int, cache: Any) -> tuple[torch.Tensor, Any]:
         """One generated token -> ([V] logits, the grown cache). The cache passed in may be grown
         in place: use the one returned, and never decode twice from the same cache."""
+        ...
 
     def cache_tensors(self, cache: Any) -> tuple[torch.Tensor, ...]:
         """The cache as torch tensors in the torch model's stacked layout (parity checks)."""
+        ...
+
+    def head_weight(self) -> HeadRows:
+        """The [V, d] lm_head whose rows the dense head reads (only a few rows are ever used)."""
+        ...
+
+    def extend(self, past: tuple[torch.Tensor, ...], input_ids: torch.Tensor,
+               image_embeds: torch.Tensor | None) -> PrefillResult:
+        """Optional stage, present where ``supports_extend``: prefill ``input_ids`` after the
+        positions ``past`` holds (``cache_tensors`` of an earlier prefill: a prompt prefix
+        computed once). ``past`` is only read, so one prefix serves every frame. The result equals
+        a whole prefill of prefix + ``input_ids``; its cache is stacked tensors, not for decode."""
+        raise BackendError(f"backend {self.name!r} has no extend stage (supports_extend is False): "
+                           "prefill the whole prompt")
+
+    def engine_source(self) -> dict | None:
+        """An engine backend's directory and the checkpoint it was exported from: {"dir",
+        "checkpoint_id", "exported_from"}; None for a backend that runs a checkpoint itself."""
+        return None
+
+    def provenance(self) -> dict:
+        """The sidecar's backend, device and dtype fields."""
+        return {"backend": self.name, "device": self.device, "dtype": self.precision}
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """Eager PyTorch: the reference every other backend is held against."""
 
     name = "torch"
+    supports_extend = True
 
     def __init__(self, model, cache_layout: str = "latent"):
         self.model = model.eval()
         self.config: YoutuVLConfig = model.config
         self.cache_layout = cache_layout
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = str(p.device), p.dtype
+        self.precision = str(p.dtype).removeprefix("torch.")
+
+    def head_weight(self) -> torch.Tensor:
+        """The model's own lm_head weight (no copy)."""
+        return self.model.lm_head.weight.detach()
 
     @torch.inference_mode()
     def encode_image(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
@@ -83,10 +148,6 @@ class TorchBackend:
     @torch.inference_mode()
     def extend(self, past: tuple[torch.Tensor, ...], input_ids: torch.Tensor,
                image_embeds: torch.Tensor | None) -> PrefillResult:
-        """Optional stage: prefill ``input_ids`` after the positions ``past`` holds (stacked cache
-        tensors of an earlier prefill: a prompt prefix computed once). ``past`` is only read, so
-        one prefix serves every frame. Backends without it run whole prefills (the runtime checks
-        ``hasattr(backend, "extend")``). The result's cache is stacked tensors, not for decode."""
         ids = input_ids.to(self.device)
         h, cache = self.model.model(self.model.embed(ids, image_embeds), past, self.cache_layout)
         return self._result(ids, h, cache)

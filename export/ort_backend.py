@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from densert.backend import PrefillResult
+from densert.backend import Backend, PrefillResult
 from densert.errors import EngineError
 from densert.image import MERGE
 from densert.model.config import YoutuVLConfig
@@ -92,8 +92,9 @@ def pick_providers(requested: Sequence[str] | None = None) -> list[str]:
     return [p for p in _PREFERRED if p in avail]
 
 
-class OrtBackend:
+class OrtBackend(Backend):
     name = "onnxruntime"
+    dtype = torch.float32   # the stages hand back float32 whatever the engine's precision
 
     def __init__(self, engine_dir: str | Path, model_dir: str | Path | None = None,
                  providers: Sequence[str] | None = None, intra_op_threads: int | None = None,
@@ -129,12 +130,14 @@ class OrtBackend:
         self.cache_outputs = [o for o in self._io["llm"]["out"] if o.startswith("present_")]
         self.past_inputs = [i for i in self._io["llm"]["in"] if i.startswith("past_")]
         self.float_dtype = _NP[m["io_float_dtype"]]
-        self._device = "cuda" if "CUDAExecutionProvider" in self.providers or "TensorrtExecutionProvider" in self.providers else "cpu"
+        self.device = "cuda" if "CUDAExecutionProvider" in self.providers or "TensorrtExecutionProvider" in self.providers else "cpu"
 
-    @property
-    def head_table(self) -> TiedTable:
-        """The lm_head rows the dense head reads (runtime.backends.lm_head_weight)."""
+    def head_weight(self) -> TiedTable:
+        """The engine's tied table: rows read from the engine directory on demand."""
         return self.table
+
+    def engine_source(self) -> dict:
+        return engine_source(self.engine_dir, self.manifest)
 
     # ---- construction from a checkpoint
     @classmethod
@@ -187,7 +190,7 @@ class OrtBackend:
             else:
                 io.bind_cpu_input(k, self._feed(graph, k, v))
         for o in self._io[graph]["out"]:
-            io.bind_output(o, self._device if o in keep_on_device else "cpu")
+            io.bind_output(o, self.device if o in keep_on_device else "cpu")
         sess.run_with_iobinding(io)
         return dict(zip(self._io[graph]["out"], io.get_outputs()))
 
@@ -230,6 +233,13 @@ class OrtBackend:
 
 
 NO_POSITIONS = np.zeros(0, np.int64)
+
+
+def engine_source(engine_dir: str | Path, manifest: dict[str, Any]) -> dict:
+    """``Backend.engine_source`` of a backend running ``engine_dir``: the manifest's checkpoint."""
+    ck = manifest["checkpoint"]
+    return {"dir": str(engine_dir), "checkpoint_id": ck["checkpoint_id"],
+            "exported_from": str(ck.get("path"))}
 
 
 def check_patches(n: int, max_patches: int, engine_dir) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from densert.backend import Backend
 from densert.errors import EngineError
 from densert.model.config import YoutuVLConfig
 from densert.model.vision_meta import VisionMeta
@@ -38,6 +39,7 @@ from .ort_backend import (
     OrtPrefillResult,
     check_patches,
     empty_past_shapes,
+    engine_source,
     prompt_embeddings,
     vision_feeds,
 )
@@ -117,8 +119,9 @@ class _Graph:
         return min(profile, len(self.contexts) - 1)
 
 
-class TrtBackend:
+class TrtBackend(Backend):
     name = "tensorrt"
+    dtype = torch.float32   # the stages hand back float32 whatever the engine's precision
 
     def __init__(self, engine_dir: str | Path, model_dir: str | Path | None = None, tasks: Sequence[str] = (),
                  check_hashes: bool = True, device: str = "cuda", streams=None):
@@ -156,9 +159,12 @@ class TrtBackend:
         self.past_inputs = [i for i in llm.inputs if i.startswith("past_")]
         self.float_dtype = _TORCH[m["io_float_dtype"]]
 
-    @property
-    def head_table(self) -> TiedTable:
+    def head_weight(self) -> TiedTable:
+        """The engine's tied table: rows read from the engine directory on demand."""
         return self.table
+
+    def engine_source(self) -> dict:
+        return engine_source(self.engine_dir, self.manifest)
 
     @classmethod
     def from_model(cls, model_dir, engine_dir=None, precision="fp32", **kwargs) -> "TrtBackend":

@@ -1,4 +1,4 @@
-"""Backends by name, and the lm_head rows the dense head needs from whichever backend runs.
+"""Backends by name.
 
 ``torch`` is the reference (``TorchBackend``); ``onnxruntime`` and ``tensorrt`` live in
 ``densert.export`` and are imported only when asked for, so a torch-only install works.
@@ -32,9 +32,15 @@ def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "a
     if dtype == "auto":
         dtype = "float32"     # engines carry their own precision; this is the host-side dtype
     if name == "onnxruntime":
-        cls = _import("densert.export.ort_backend", "OrtBackend", name)
+        try:
+            from densert.export.ort_backend import OrtBackend as cls
+        except ImportError as e:
+            raise _unavailable(name, e) from None
     elif name == "tensorrt":
-        cls = _import("densert.export.trt_backend", "TrtBackend", name)
+        try:
+            from densert.export.trt_backend import TrtBackend as cls
+        except ImportError as e:
+            raise _unavailable(name, e) from None
     else:
         raise BackendError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     from densert.checkpoint.files import resolve_dtype
@@ -53,35 +59,5 @@ def check_device(device: str) -> None:
             raise BackendError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
 
 
-def _import(module: str, attr: str, name: str):
-    import importlib
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ImportError as e:
-        raise BackendError(f"backend {name!r} is not available in this install ({module}: {e}); "
-                           "use --backend torch") from None
-    except AttributeError:
-        raise BackendError(f"backend {name!r}: {module} has no {attr}") from None
-
-
-def lm_head_weight(backend, model_dir: str | Path | None) -> torch.Tensor:
-    """[V, d] lm_head weight. From the torch model when there is one (no copy); from an engine
-    backend's tied table (``head_table``: rows read from the engine directory on demand, in the
-    engine's precision); else read from the checkpoint's safetensors (``lm_head.weight``, or the
-    tied ``model.embed_tokens.weight``). Only a few rows are ever used
-    (``kernels.dense_head.subset_weight``)."""
-    model = getattr(backend, "model", None)
-    if model is not None and hasattr(model, "lm_head"):
-        return model.lm_head.weight.detach()
-    table = getattr(backend, "head_table", None)
-    if table is not None:
-        return table
-    if model_dir is None:
-        raise BackendError(f"backend {backend.name!r} exposes no lm_head and no model_dir was given")
-    from densert.checkpoint.files import read_all_headers
-    from densert.checkpoint.loader import read_tensor
-    infos = read_all_headers(model_dir)
-    for key in ("lm_head.weight", "model.embed_tokens.weight"):
-        if key in infos:
-            return read_tensor(infos[key]).float()
-    raise BackendError(f"{model_dir}: neither lm_head.weight nor model.embed_tokens.weight found")
+def _unavailable(name: str, e: ImportError) -> BackendError:
+    return BackendError(f"backend {name!r} is not available in this install ({e}); use --backend torch")

@@ -8,10 +8,11 @@ therefore
 
 - stops the prompt at the last image pad (no text is generated, so nothing after it is needed);
 - computes the constant prefix (system turn up to, not including, ``<|vision_start|>``) once per
-  backend and continues from its KV cache for every frame, where the backend has the optional
-  ``extend`` stage (the torch backend). The ONNX Runtime / TensorRT backends have no ``extend``
-  yet (their one LLM graph takes a past cache, but TensorRT's profiles are prefill-from-empty and
-  one-token decode): there the cut prompt is prefilled whole, still once for all tasks.
+  backend and continues from its KV cache for every frame, where the backend declares the
+  optional ``extend`` stage (``supports_extend``: the torch backend). The ONNX Runtime / TensorRT
+  backends have no ``extend`` yet (their one LLM graph takes a past cache, but TensorRT's profiles
+  are prefill-from-empty and one-token decode): there the cut prompt is prefilled whole, still
+  once for all tasks.
 
 Where the prompt precedes the image (the dataset depth presets: nyuv2, cityscapes, ddad; paper
 D.3), the vision tokens see the prompt, so depth needs its own prefill; the image is still
@@ -50,7 +51,7 @@ class SharedPrefill:
 
     @property
     def reuses_prefix(self) -> bool:
-        return hasattr(self.backend, "extend")
+        return self.backend.supports_extend
 
     def __call__(self, image_embeds: torch.Tensor, n_image_tokens: int) -> PrefillResult:
         # The prompt is rendered once per image size (a camera has one), not once per frame.

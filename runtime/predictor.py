@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from densert.backend import Backend
 from densert.checkpoint.files import (
     GENERATION_CONFIG_FILE,
     check_checkpoint_dir,
@@ -60,7 +61,7 @@ from densert.tasks.classes import class_id_groups
 from densert.text import tokens as T
 from densert.text.chat import BUILTIN_TEMPLATE, encode_chat, user_message
 
-from .backends import lm_head_weight, make_backend
+from .backends import make_backend
 from .dense import align_hidden, depth_map, segment_labels
 from .multitask import DenseResult, SharedPrefill
 from .options import DenseOptions, PredictorOptions
@@ -231,6 +232,9 @@ class DensePredictor:
         return self
 
     def _setup(self, backend, vocab, options, settings: PredictorOptions):
+        if not isinstance(backend, Backend):
+            raise OptionError(f"backend must implement densert.backend.Backend (see its members and "
+                              f"docs/architecture.md), got {type(backend).__name__}")
         self.backend = backend
         self.vocab = vocab
         self.config = backend.config
@@ -239,8 +243,9 @@ class DensePredictor:
                               f"{type(options).__name__}")
         self.options = options or DenseOptions()
         self.settings = settings
-        self._head = lm_head_weight(backend, self.model_dir)
-        self._max_patches = min(settings.max_patches, getattr(backend, "max_patches", settings.max_patches))
+        self._head = backend.head_weight()
+        self._max_patches = settings.max_patches if backend.max_patches is None else \
+            min(settings.max_patches, backend.max_patches)
         self._weights: dict[tuple, torch.Tensor] = {}
         self._metas: dict[tuple[int, int], object] = {}
         self.chat_template = (read_chat_template(self.model_dir) if self.model_dir else None) \
@@ -278,22 +283,17 @@ class DensePredictor:
 
     def _run_info(self) -> dict:
         """Provenance every result carries into its sidecar: model, backend, device, dtype."""
-        be = self.backend
         model = None
-        manifest = getattr(be, "manifest", None)
-        if self.model_dir is not None and manifest is not None and \
-                self.model_dir.resolve() == Path(be.engine_dir).resolve():
+        engine = self.backend.engine_source()
+        if self.model_dir is not None and engine is not None and \
+                self.model_dir.resolve() == Path(engine["dir"]).resolve():
             # An engine directory standing alone: its identity is the checkpoint it came from.
             model = {"path": str(self.model_dir), "demo": False,
-                     "fingerprint": manifest["checkpoint"]["checkpoint_id"],
-                     "exported_from": str(manifest["checkpoint"].get("path"))}
+                     "fingerprint": engine["checkpoint_id"], "exported_from": engine["exported_from"]}
         elif self.model_dir is not None:
             model = {"path": str(self.model_dir), "fingerprint": fingerprint(self.model_dir),
                      "demo": self.is_demo_model}
-        dtype = getattr(be, "dtype", None) or getattr(be, "precision", None)
-        return {"model": model, "backend": self.backend_name,
-                "device": str(getattr(be, "device", None) or getattr(be, "_device", "cpu")),
-                "dtype": str(dtype).removeprefix("torch.") if dtype is not None else "unknown",
+        return {"model": model, **self.backend.provenance(),
                 **({"load_s": round(self.load_seconds, 3)} if self.load_seconds is not None else {}),
                 "options": {**self.options.to_dict(), "generation": self.generation,
                             "chat_template": self.chat_template.source}}
@@ -303,7 +303,7 @@ class DensePredictor:
 
     @property
     def backend_name(self) -> str:
-        return getattr(self.backend, "name", type(self.backend).__name__)
+        return self.backend.name
 
     # ---- shared stages ----
     def _subset(self, names: tuple[str, ...]) -> torch.Tensor:
