@@ -110,7 +110,7 @@ def run(args) -> int:
     if args.command == "ros2":
         from .. import ros2_node
         return ros2_node.spin(args)
-    from ..outputs import no_empty_out
+    from ..filesets import no_empty_out
     with no_empty_out(args.out):
         return run_source(args)
 
@@ -170,7 +170,7 @@ def run_source(args) -> int:
     """``--source`` of depth / segment, and ``densert dense``."""
     from densert.checkpoint.files import read_task_defaults
 
-    from .. import outputs as O
+    from .. import filesets as O
     from ..sources import ImageFiles, open_source
     from ..speed import SpeedReport
 
