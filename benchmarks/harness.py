@@ -106,7 +106,7 @@ def _head_rows(backend, model_dir: Path, ids: list[int]):
         return model.lm_head.weight.detach()[torch.as_tensor(ids)].float()
     from safetensors import safe_open
 
-    from densert.checkpoint.files import weight_files
+    from densert.checkpoint.model_dir import weight_files
     for f in weight_files(model_dir):
         with safe_open(str(f), framework="pt") as sf:
             keys = set(sf.keys())

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from densert import __version__
-from densert.checkpoint.files import MappedTensor
+from densert.checkpoint.safetensors import MappedTensor
 from densert.checkpoint.loader import materialize, release, skeleton
 from densert.errors import EngineError
 from densert.extras import require

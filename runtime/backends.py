@@ -37,7 +37,7 @@ def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "a
         cls = _import("densert.export.trt_backend", "TrtBackend", name)
     else:
         raise BackendError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    from densert.checkpoint.files import resolve_dtype
+    from densert.checkpoint.safetensors import resolve_dtype
     return cls.from_model(model_dir, engine_dir=engine_dir, dtype=resolve_dtype(dtype))
 
 
@@ -78,7 +78,7 @@ def lm_head_weight(backend, model_dir: str | Path | None) -> torch.Tensor:
         return table
     if model_dir is None:
         raise BackendError(f"backend {backend.name!r} exposes no lm_head and no model_dir was given")
-    from densert.checkpoint.files import read_all_headers
+    from densert.checkpoint.model_dir import read_all_headers
     from densert.checkpoint.loader import read_tensor
     infos = read_all_headers(model_dir)
     for key in ("lm_head.weight", "model.embed_tokens.weight"):

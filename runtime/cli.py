@@ -190,7 +190,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from densert.checkpoint.files import read_task_defaults
+    from densert.checkpoint.model_dir import read_task_defaults
     from densert.image.decode import list_images
 
     from . import filesets as O

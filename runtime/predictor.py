@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densert.checkpoint.files import (
+from densert.checkpoint.model_dir import (
     GENERATION_CONFIG_FILE,
     check_checkpoint_dir,
     fingerprint,

@@ -168,7 +168,7 @@ def _is_cuda_oom(e: BaseException) -> bool:
 
 def run_source(args) -> int:
     """``--source`` of depth / segment, and ``densert dense``."""
-    from densert.checkpoint.files import read_task_defaults
+    from densert.checkpoint.model_dir import read_task_defaults
 
     from .. import filesets as O
     from ..sources import ImageFiles, open_source
