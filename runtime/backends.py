@@ -78,8 +78,8 @@ def lm_head_weight(backend, model_dir: str | Path | None) -> torch.Tensor:
         return table
     if model_dir is None:
         raise BackendError(f"backend {backend.name!r} exposes no lm_head and no model_dir was given")
-    from densert.checkpoint.model_dir import read_all_headers
     from densert.checkpoint.loader import read_tensor
+    from densert.checkpoint.model_dir import read_all_headers
     infos = read_all_headers(model_dir)
     for key in ("lm_head.weight", "model.embed_tokens.weight"):
         if key in infos:

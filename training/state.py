@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densert.checkpoint.safetensors import TORCH_TO_ST, read_safetensors_header, write_safetensors
 from densert.checkpoint.loader import read_tensor
+from densert.checkpoint.safetensors import TORCH_TO_ST, read_safetensors_header, write_safetensors
 from densert.errors import CheckpointError
 
 STATE_JSON = "trainer_state.json"
