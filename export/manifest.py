@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 FORMAT = "densert-engine"
 FORMAT_VERSION = 2   # 2: vision.onnx + llm.onnx (one decoder graph), side files, tied table
-CHECKPOINT_FILES_GLOB = ("config.json", "*.safetensors", "tokenizer.json")
 
 
 def cache_root() -> Path:
