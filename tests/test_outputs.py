@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -131,6 +133,17 @@ def test_write_set_is_all_or_nothing(tmp_path):
     paths = filesets.write_set(tmp_path, _arts(2, writers.text("end\n")))
     assert [p.read_text() for p in paths] == ["file 0\n", "file 1\n", "end\n"]
     assert oct(paths[0].stat().st_mode & 0o777) != oct(0o600)  # the umask's mode, not mkstemp's
+
+
+def test_file_mode_follows_the_umask_set_after_import(tmp_path):
+    """The umask is read when the first set is written, not when densert is imported: a program
+    that sets its umask after the import gets files with that mode."""
+    code = ("import os, sys\nfrom densert.runtime import filesets, writers\nos.umask(0o077)\n"
+            "[p] = filesets.write_set(sys.argv[1], [filesets.Artifact('a.txt', writers.text('x'))])\n"
+            "print(oct(os.stat(p).st_mode & 0o777))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0o600"
 
 
 def test_check_writable_is_one_line(tmp_path):
