@@ -146,7 +146,7 @@ def _hybrid_checkpoint(root: Path, vision_layers: int) -> Path:
         return root / "hybrid"
     import torch
 
-    from densert.checkpoint.files import write_checkpoint
+    from densert.checkpoint.model_dir import write_checkpoint
     from densert.checkpoint.random_init import sized_config_and_tokenizer
     from densert.model.config import sized_config
     from densert.model.modeling import YoutuVLForConditionalGeneration

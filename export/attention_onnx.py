@@ -17,8 +17,7 @@ import numpy as np
 
 from densert.model.attention import ONNX_DOMAIN, ONNX_OP
 
-from .onnx_types import BOOL, FLOAT, FLOAT16, INT64
-
+from .onnx_types import BOOL, FLOAT, INT64, NAMES
 
 
 class _Builder:
@@ -77,7 +76,7 @@ def _expand(b: _Builder, node, float_type: int) -> None:
     scale, causal, budget, windows, rank = a["scale"], a["causal"], a["budget"], a["windows"], a["rank"]
     q, k, v, *masks = node.input
     post = masks.pop(0) if a.get("post") else None
-    fdt = np.float16 if float_type == FLOAT16 else np.float32
+    fdt = np.dtype(NAMES[float_type])
     axis = 0 if windows else rank - 2          # the axis cut into chunks
 
     shp_q, shp_k, shp_v = b.op("Shape", q), b.op("Shape", k), b.op("Shape", v)

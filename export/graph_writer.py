@@ -29,12 +29,11 @@ from densert.errors import EngineError
 
 from . import quantize as Q
 from .attention_onnx import expand_chunked_attention, op_types
-from .onnx_types import FLOAT, FLOAT16, INT4, INT8, ONNX_TYPES, UINT8
+from .onnx_types import FLOAT, FLOAT16, FLOAT_FORMATS, INT4, INT8, ONNX_TYPES, UINT8
 
 ALIGN = 4096
 INLINE_BYTES = 1024           # smaller tensors stay inside the .onnx file
 QUANT_OPSET = 21              # blocked DequantizeLinear
-_FLOAT_NAMES = {FLOAT: "fp32", FLOAT16: "fp16"}
 _EXTERNAL = 1
 
 
@@ -115,7 +114,7 @@ class GraphBuilder:
             tinfo = _quantize_weights(model, source, producers, self.precision, self.part,
                                       self.block, table, self.policy, nbits=self.target == "onnxruntime")
         else:
-            tinfo = ({"format": _FLOAT_NAMES[self.float_type], "layout": "vd", "tensors": {"weight": table}}
+            tinfo = ({"format": FLOAT_FORMATS[self.float_type], "layout": "vd", "tensors": {"weight": table}}
                      if table else None)
         _prefix_names(model.graph, f"{prefix}/", keep | {""})
         if tinfo is not None:
@@ -360,7 +359,7 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
             if fmt is None:        # this part stays float under the policy
                 new_nodes.append(n)
                 if w == table_name:
-                    table = {"format": _FLOAT_NAMES[t.data_type], "layout": "vd", "tensors": {"weight": w}}
+                    table = {"format": FLOAT_FORMATS[t.data_type], "layout": "vd", "tensors": {"weight": w}}
                 continue
             blk = Q.int4_block_for(k, block) if fmt == "int4" and len(t.dims) == 2 else None
             if fmt == "int4" and blk is None:

@@ -14,20 +14,26 @@ unprivileged call sets it back: any rewrite of a file changes the key.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
+from densert import __version__
 from densert.errors import EngineError
+
+from .onnx_types import NAMES, float_type
+
+if TYPE_CHECKING:
+    from .options import ExportOptions
 
 MANIFEST = "manifest.json"
 FORMAT = "densert-engine"
 FORMAT_VERSION = 2   # 2: vision.onnx + llm.onnx (one decoder graph), side files, tied table
-CHECKPOINT_FILES_GLOB = ("config.json", "*.safetensors", "tokenizer.json")
 
 
 def cache_root() -> Path:
@@ -144,6 +150,39 @@ def check_out_dir(out_dir: str | Path, model_dir: str | Path, force: bool = Fals
 
 
 # ---------------------------------------------------------------- manifest I/O
+def build_manifest(o: ExportOptions, *, exporter: dict[str, Any], precision_policy: str,
+                   weight_formats: dict[str, str] | None, budget: dict[str, Any],
+                   groups: dict[str, dict[str, Any]], model_dir: Path, identity: dict[str, Any],
+                   config: dict[str, Any], engine_dir: Path, side_files: Iterable[str],
+                   sizes: dict[str, int], tied_table: dict[str, Any] | None,
+                   graphs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of an export written into ``engine_dir``: what was exported (``o``, with the
+    image ``budget`` and the task ``groups``), how (``exporter``, the precision), from which
+    checkpoint (``identity``), and the sha256 of every file the runtime will check
+    (``check_files``); each graph entry gains its files' digests."""
+    precision = o.precision
+    for g in graphs.values():
+        g["sha256"] = {f: file_sha256(engine_dir / f) for f in [g["file"], *g["external_data"]]}
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "densert_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "exporter": exporter,
+        "target": o.target, "precision": precision, "io_float_dtype": NAMES[float_type(precision)],
+        "precision_policy": precision_policy,
+        "weight_formats": weight_formats,
+        "int4_block": o.int4_block if precision == "int4" else None,
+        "cache_layout": o.cache_layout, **budget, "attention_chunk_bytes": o.attention_chunk_mib << 20,
+        "tasks": {t: ({"groups": groups[t]["groups"], "labels": groups[t].get("labels"),
+                       "output": f"scores_{t}"} if t in groups else {}) for t in o.tasks},
+        "checkpoint": {"path": str(model_dir.resolve()), **identity},
+        "config": config,
+        "files": {f: file_sha256(engine_dir / f) for f in side_files},
+        "sizes": sizes,
+        "tied_table": tied_table,
+        "graphs": graphs,
+    }
+
+
 def _canonical(d: dict) -> bytes:
     body = {k: v for k, v in d.items() if k != "integrity"}
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

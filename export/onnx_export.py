@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import datetime as _dt
 import shutil
 import tempfile
 import warnings
@@ -38,9 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from densert import __version__
-from densert.checkpoint.files import MappedTensor
 from densert.checkpoint.loader import materialize, release, skeleton
+from densert.checkpoint.safetensors import MappedTensor
 from densert.errors import EngineError
 from densert.extras import require
 from densert.image import DEFAULT_MAX_PATCHES, PATCH
@@ -54,9 +52,8 @@ from densert.tasks import DENSE_TASKS
 from . import quantize as Q
 from . import trt_rules
 from .graph_writer import GraphBuilder, placeholder
-from .manifest import (FORMAT, FORMAT_VERSION, check_out_dir, checkpoint_identity, file_sha256,
-                       write_manifest)
-from .onnx_types import float_type
+from .manifest import build_manifest, check_out_dir, checkpoint_identity, write_manifest
+from .onnx_types import NAMES, float_type
 from .options import PRECISIONS, ExportOptions
 
 OPSET = 17
@@ -289,7 +286,7 @@ def make_vision(weights: WeightSource, out_dir: Path, tmp: Path, o: ExportOption
     """vision.onnx: patch embedding, each ViT layer, then the post-norm and the merger."""
     cfg, precision = weights.config, o.precision
     vc = cfg.vision_config
-    fdt = torch.float16 if precision == "fp16" else torch.float32
+    fdt = getattr(torch, NAMES[float_type(precision)])
     gh, gw = example_grid(budget["max_patches"])
     meta = build_vision_meta([(gh, gw)], vc)
     n = gh * gw
@@ -341,7 +338,7 @@ def make_llm(weights: WeightSource, out_dir: Path, tmp: Path, o: ExportOptions, 
     """llm.onnx: RoPE of the positions, each decoder layer, the tail (norm, task scores, stacked
     cache) and the tied lm_head, whose table is streamed from the checkpoint (``make_lm_head``)."""
     cfg, precision, layout = weights.config, o.precision, o.cache_layout
-    fdt = torch.float16 if precision == "fp16" else torch.float32
+    fdt = getattr(torch, NAMES[float_type(precision)])
     table = weights.table()
     # Task rows exactly as the checkpoint holds them, at any table precision: the engine's dense
     # scores and the runtime's head (``TiedTable.head_rows``) read these, not quantized rows.
@@ -484,29 +481,16 @@ def export_engine(model_dir: str | Path, out_dir: str | Path, options: ExportOpt
         check_tensorrt_rules(out_dir, graphs)
     tick("TensorRT rules")
     side = copy_side_files(model_dir, out_dir)
-    for g in graphs.values():
-        g["sha256"] = {f: file_sha256(out_dir / f) for f in [g["file"], *g["external_data"]]}
-    tick("hash engine")
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "densert_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "exporter": {"torch": torch.__version__, "onnx_opset": OPSET,
+    manifest = build_manifest(
+        o, exporter={"torch": torch.__version__, "onnx_opset": OPSET,
                      "mode": "torchscript (dynamo=False), one part per layer"},
-        "target": o.target, "precision": precision, "io_float_dtype": "float16" if precision == "fp16" else "float32",
-        "precision_policy": PRECISION_POLICY[precision].format(block=o.int4_block),
-        "weight_formats": ({**Q.POLICY[precision], **(quant_policy or {})}
-                           if precision in Q.QUANTIZED_PRECISIONS else None),
-        "int4_block": o.int4_block if precision == "int4" else None,
-        "cache_layout": o.cache_layout, **budget, "attention_chunk_bytes": o.attention_chunk_mib << 20,
-        "tasks": {t: ({"groups": groups[t]["groups"], "labels": groups[t].get("labels"),
-                       "output": f"scores_{t}"} if t in groups else {}) for t in tasks},
-        "checkpoint": {"path": str(model_dir.resolve()), **ident},
-        "config": _config_summary(cfg),
-        "files": {f: file_sha256(out_dir / f) for f in side},
-        "sizes": part_sizes(wv, wl),
-        "tied_table": wl.table,
-        "graphs": graphs,
-    }
+        precision_policy=PRECISION_POLICY[precision].format(block=o.int4_block),
+        weight_formats=({**Q.POLICY[precision], **(quant_policy or {})}
+                        if precision in Q.QUANTIZED_PRECISIONS else None),
+        budget=budget, groups=groups, model_dir=model_dir, identity=ident, config=_config_summary(cfg),
+        engine_dir=out_dir, side_files=side, sizes=part_sizes(wv, wl), tied_table=wl.table,
+        graphs=graphs)
+    tick("hash engine")
     write_manifest(out_dir, manifest)
     tick("manifest.json")
     bar.close()

@@ -43,7 +43,7 @@ def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "a
             raise _unavailable(name, e) from None
     else:
         raise BackendError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    from densert.checkpoint.files import resolve_dtype
+    from densert.checkpoint.safetensors import resolve_dtype
     return cls.from_model(model_dir, engine_dir=engine_dir, dtype=resolve_dtype(dtype))
 
 

@@ -184,16 +184,16 @@ def _check_inputs(args, inputs: list[tuple[Path, str]], preset: str | None, sett
 
 
 def run(args) -> int:
-    from .outputs import no_empty_out
+    from .filesets import no_empty_out
     with no_empty_out(args.out):
         return _run(args)
 
 
 def _run(args) -> int:
-    from densert.checkpoint.files import read_task_defaults
+    from densert.checkpoint.model_dir import read_task_defaults
     from densert.image.decode import list_images
 
-    from . import outputs as O
+    from . import filesets as O
 
     command = args.command
     if getattr(args, "source", None) is not None:
@@ -267,7 +267,7 @@ def _one(pred, args, path: Path, stem: str, out: Path, out_opts: OutputOptions, 
     """Run one image and write its set; a failure is one line and leaves no file."""
     import torch
 
-    from . import outputs as O
+    from . import filesets as O
     command = args.command
     try:
         with warnings.catch_warnings(record=True) as caught:

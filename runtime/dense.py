@@ -31,7 +31,7 @@ from densert.tasks import depth_bins
 from densert.tasks.rle import depth_grid_shape, resize_codes
 
 from .options import CRF_MODULE, CRF_PURPOSE, DenseOptions
-from .outputs import bands
+from .writers import bands
 
 # The most memory one dense map's per-class scores may take (probabilities for the CRF, or the
 # per-pixel depth expectation): beyond it densert refuses the request with what to change.

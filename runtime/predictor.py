@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from densert.backend import Backend
-from densert.checkpoint.files import (
+from densert.checkpoint.model_dir import (
     GENERATION_CONFIG_FILE,
     check_checkpoint_dir,
     fingerprint,

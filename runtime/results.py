@@ -18,7 +18,8 @@ from densert.tasks.prompts import MPII_JOINTS
 from densert.tasks.rle import encode_depth, encode_segmentation
 from densert.text import tokens as T
 
-from . import outputs as O
+from . import colours, writers
+from .filesets import Artifact, check_writable, write_set
 from .options import OutputOptions
 
 SIDECAR_SCHEMA = "densert-result"
@@ -75,20 +76,20 @@ class _Result:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=O._jsonable)
+        return json.dumps(self.to_dict(), indent=2, default=writers.jsonable)
 
     def artifacts(self, stem: str, options: OutputOptions | None = None) -> list:
         o = options or OutputOptions()
         arts = self._artifacts(stem, o.formats_for(self.task), o)
         side_name = f"{stem}.json"
         files = [a.name for a in arts] + [side_name]
-        arts.append(O.Artifact(side_name, lambda f: O.json_file(self.to_dict(stem, files))(f)))
+        arts.append(Artifact(side_name, lambda f: writers.json_file(self.to_dict(stem, files))(f)))
         return arts
 
     def save(self, out_dir: str | Path, stem: str = "result",
              options: OutputOptions | None = None) -> list[Path]:
         """Write this result's files into ``out_dir`` as ``<stem>.*``, all or none."""
-        return O.write_set(O.check_writable(out_dir), self.artifacts(stem, options))
+        return write_set(check_writable(out_dir), self.artifacts(stem, options))
 
     def print_line(self, label: str) -> str:
         """The console line: what ran and its per-stage milliseconds."""
@@ -99,7 +100,7 @@ class _Result:
         return f"{label}{size} {self.task}: {stages} ms; total {sum(t.values()) * 1e3:.1f} ms"
 
 
-def _png(write, *args) -> O.Writer:
+def _png(write, *args) -> writers.Writer:
     return lambda f: write(f, *args)
 
 
@@ -138,17 +139,17 @@ class DepthResult(_Result):
         values are canonical depths at a 2000 px focal length, not metres)."""
         return "m" if self.metric else "relative"
 
-    def _colouring(self, o: OutputOptions) -> O.DepthColouring:
-        return O.DepthColouring(range=o.range, legend=o.legend)
+    def _colouring(self, o: OutputOptions) -> colours.DepthColouring:
+        return colours.DepthColouring(range=o.range, legend=o.legend)
 
-    def _legend(self, c: O.DepthColouring):
+    def _legend(self, c: colours.DepthColouring):
         if not c.legend:
             return None
-        return O.depth_legend(self.preset, self.units, self.effective_focal, c, *self.depth.shape)
+        return colours.depth_legend(self.preset, self.units, self.effective_focal, c, *self.depth.shape)
 
     def plot(self, range: tuple[float, float] | None = None, legend: bool = False) -> Image.Image:
-        c = O.DepthColouring(range=range, legend=legend)
-        return _to_image(O.write_depth_png, self.depth, self.bins, c, self._legend(c))
+        c = colours.DepthColouring(range=range, legend=legend)
+        return _to_image(writers.write_depth_png, self.depth, self.bins, c, self._legend(c))
 
     def invalid_as(self, invalid: str) -> np.ndarray:
         return self.depth if invalid == "zero" else np.where(self.bins > 0, self.depth, np.nan).astype(np.float32)
@@ -161,24 +162,25 @@ class DepthResult(_Result):
                 "codes_grid_shape": list(self.codes_grid.shape),
                 "argmax_shape": list(self.argmax_hw) if self.argmax_hw else None,
                 # the 16-bit millimetre PNG holds at most 65.535 m
-                "mm_png_clipped_pixels": int((self.depth > O.MM_PNG_MAX_M).sum()) if self.metric else None}
+                "mm_png_clipped_pixels":
+                    int((self.depth > writers.MM_PNG_MAX_M).sum()) if self.metric else None}
 
     def _artifacts(self, stem, formats, o):
         c = self._colouring(o)
         arts = []
         for f in formats:
             if f == "npy":
-                arts.append(O.Artifact(f"{stem}.depth.npy", O.npy(self.invalid_as(o.invalid))))
+                arts.append(Artifact(f"{stem}.depth.npy", writers.npy(self.invalid_as(o.invalid))))
             elif f == "png":
-                arts.append(O.Artifact(f"{stem}.depth.png",
-                                       _png(O.write_depth_png, self.depth, self.bins, c, self._legend(c))))
+                arts.append(Artifact(f"{stem}.depth.png", _png(writers.write_depth_png, self.depth,
+                                                                self.bins, c, self._legend(c))))
             elif f == "png16" and self.metric:  # millimetres only mean something for metric depth
-                arts.append(O.Artifact(f"{stem}.depth.mm.png", _png(O.write_depth_mm_png, self.depth)))
+                arts.append(Artifact(f"{stem}.depth.mm.png", _png(writers.write_depth_mm_png, self.depth)))
             elif f == "txt":
-                arts.append(O.Artifact(f"{stem}.depth.txt", O.text(self.text + "\n")))
+                arts.append(Artifact(f"{stem}.depth.txt", writers.text(self.text + "\n")))
             elif f == "tiff":
-                arts.append(O.Artifact(f"{stem}.depth.tiff", lambda fh: Image.fromarray(
-                    self.invalid_as(o.invalid), mode="F").save(fh, format="TIFF")))
+                arts.append(Artifact(f"{stem}.depth.tiff",
+                                     lambda fh: writers.tiff(self.invalid_as(o.invalid))(fh)))
         return arts
 
 
@@ -197,25 +199,26 @@ class _LabelMap(_Result):
         image = self.image if image is None else image
         labels = self._labels()
         if image is None:
-            return _to_image(O.write_label_png, labels, self.class_names).convert("RGB")
-        return _to_image(O.write_overlay_png, image, labels, self.class_names)
+            return _to_image(writers.write_label_png, labels, self.class_names).convert("RGB")
+        return _to_image(writers.write_overlay_png, image, labels, self.class_names)
 
     def _colours(self) -> dict:
-        return {n: list(O.class_colour(n)) for n in self.class_names}
+        return {n: list(colours.class_colour(n)) for n in self.class_names}
 
     def _map_artifacts(self, stem, formats, overlay_name: str) -> list:
         labels = self._labels()
         arts = []
         for f in formats:
             if f == "png":
-                arts.append(O.Artifact(f"{stem}.labels.png",
-                                       _png(O.write_label_png, labels, self.class_names)))
+                arts.append(Artifact(f"{stem}.labels.png",
+                                     _png(writers.write_label_png, labels, self.class_names)))
             elif f == "overlay" and self.image is not None:
-                arts.append(O.Artifact(f"{stem}.{overlay_name}.png",
-                                       _png(O.write_overlay_png, self.image, labels, self.class_names)))
+                arts.append(Artifact(f"{stem}.{overlay_name}.png",
+                                     _png(writers.write_overlay_png, self.image, labels, self.class_names)))
             elif f == "coco":
-                arts.append(O.Artifact(f"{stem}.coco.json", O.json_file(
-                    {"image_size": list(labels.shape), "segments": O.coco_segments(labels, self.class_names)})))
+                arts.append(Artifact(f"{stem}.coco.json", writers.json_file(
+                    {"image_size": list(labels.shape),
+                     "segments": writers.coco_segments(labels, self.class_names)})))
         return arts
 
 
@@ -256,10 +259,10 @@ class SegResult(_LabelMap):
     def _artifacts(self, stem, formats, o):
         arts = []
         if "npy" in formats:
-            arts.append(O.Artifact(f"{stem}.labels.npy", O.npy(self.labels)))
+            arts.append(Artifact(f"{stem}.labels.npy", writers.npy(self.labels)))
         arts += self._map_artifacts(stem, formats, "overlay")
         if "txt" in formats:
-            arts.append(O.Artifact(f"{stem}.seg.txt", O.text(self.text + "\n")))
+            arts.append(Artifact(f"{stem}.seg.txt", writers.text(self.text + "\n")))
         return arts
 
 
@@ -300,10 +303,10 @@ class ReferResult(_LabelMap):
     def _artifacts(self, stem, formats, o):
         arts = []
         if "npy" in formats:
-            arts.append(O.Artifact(f"{stem}.mask.npy", O.npy(self.mask.astype(np.uint8))))
+            arts.append(Artifact(f"{stem}.mask.npy", writers.npy(self.mask.astype(np.uint8))))
         arts += self._map_artifacts(stem, formats, "refer")
         if "txt" in formats:
-            arts.append(O.Artifact(f"{stem}.refer.txt", O.text(self.text + "\n")))
+            arts.append(Artifact(f"{stem}.refer.txt", writers.text(self.text + "\n")))
         return arts
 
 
@@ -324,7 +327,7 @@ class ChatResult(_Result):
         return {"prompt": self.prompt, "answer": self.text, "tokens": len(self.token_ids)}
 
     def _artifacts(self, stem, formats, o):
-        return [O.Artifact(f"{stem}.chat.txt", O.text(self.text + "\n"))] if "txt" in formats else []
+        return [Artifact(f"{stem}.chat.txt", writers.text(self.text + "\n"))] if "txt" in formats else []
 
 
 def _box(b) -> list | None:
@@ -366,20 +369,20 @@ class _Boxes(_Answer):
         return [{"label": d.label, "box": _box(d.box)} for d in self.detections]
 
     def _draw(self) -> list:
-        return [(d.box, d.label or "", O.class_colour(d.label or self.task)) for d in self.detections]
+        return [(d.box, d.label or "", colours.class_colour(d.label or self.task)) for d in self.detections]
 
     def plot(self, image: np.ndarray | None = None) -> Image.Image:
-        return _to_image(O.write_boxes_png, self._image(image), self._draw())
+        return _to_image(writers.write_boxes_png, self._image(image), self._draw())
 
     def _artifacts(self, stem, formats, o):
         arts = []
         if "overlay" in formats and self.image is not None:
-            arts.append(O.Artifact(f"{stem}.{self.task}.png",
-                                   _png(O.write_boxes_png, self.image, self._draw())))
+            arts.append(Artifact(f"{stem}.{self.task}.png",
+                                 _png(writers.write_boxes_png, self.image, self._draw())))
         if "txt" in formats:
-            arts.append(O.Artifact(f"{stem}.{self.task}.txt", O.text(self.text + "\n")))
+            arts.append(Artifact(f"{stem}.{self.task}.txt", writers.text(self.text + "\n")))
         if "coco" in formats:
-            arts.append(O.Artifact(f"{stem}.coco.json", O.json_file(O.coco_detections(
+            arts.append(Artifact(f"{stem}.coco.json", writers.json_file(writers.coco_detections(
                 self.original_hw, [(d.label, d.box) for d in self.detections]))))
         return arts
 
@@ -405,7 +408,7 @@ class GroundResult(_Boxes):
         return self.detections[0].box if self.detections else None
 
     def _draw(self) -> list:
-        return [(d.box, self.expression, O.class_colour(self.expression)) for d in self.detections]
+        return [(d.box, self.expression, colours.class_colour(self.expression)) for d in self.detections]
 
     def _block(self) -> dict:
         return {"expression": self.expression, "box": _box(self.box),
@@ -427,22 +430,22 @@ class PoseResult(_Answer):
         return a
 
     def plot(self, image: np.ndarray | None = None) -> Image.Image:
-        return _to_image(O.write_pose_png, self._image(image), self.persons)
+        return _to_image(writers.write_pose_png, self._image(image), self.persons)
 
     def _block(self) -> dict:
         return {"joints": list(MPII_JOINTS), "persons": [
             {"box": _box(p.box), "keypoints": [
-                {"joint": j, "x": x, "y": y, "v": v, "visible": O.keypoint_visible(v)}
+                {"joint": j, "x": x, "y": y, "v": v, "visible": writers.keypoint_visible(v)}
                 for j, (x, y, v) in zip(MPII_JOINTS, p.keypoints)]} for p in self.persons],
             "generated_text": self.generated_text, "warnings": self.warnings}
 
     def _artifacts(self, stem, formats, o):
         arts = []
         if "overlay" in formats and self.image is not None:
-            arts.append(O.Artifact(f"{stem}.pose.png", _png(O.write_pose_png, self.image, self.persons)))
+            arts.append(Artifact(f"{stem}.pose.png", _png(writers.write_pose_png, self.image, self.persons)))
         if "txt" in formats:
-            arts.append(O.Artifact(f"{stem}.pose.txt", O.text(self.text + "\n")))
+            arts.append(Artifact(f"{stem}.pose.txt", writers.text(self.text + "\n")))
         if "coco" in formats:
-            arts.append(O.Artifact(f"{stem}.coco.json",
-                                   O.json_file(O.coco_keypoints(self.original_hw, self.persons))))
+            arts.append(Artifact(f"{stem}.coco.json",
+                                 writers.json_file(writers.coco_keypoints(self.original_hw, self.persons))))
         return arts

@@ -222,7 +222,7 @@ class DensertNode:
             self.pubs["labels"].publish(self._msg(header, seg.labels, "mono16"))  # uint16 already
             if "labels_color" in self.pubs:
                 if self._colours is None:  # the class list is fixed for the node's life
-                    from .outputs import class_colours
+                    from .colours import class_colours
                     self._colours = class_colours(seg.class_names)
                 self.pubs["labels_color"].publish(self._msg(header, self._colours[seg.labels], "rgb8"))
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from densert.export.onnx_types import BOOL, FLOAT, FLOAT16, INT8, INT32, INT64
+
 CALLS: list[tuple] = []
 
 
@@ -30,7 +32,7 @@ class _DT:
 float32, float16, int32, int64, bool_, int8 = (_DT("float32", np.float32), _DT("float16", np.float16),
                                                _DT("int32", np.int32), _DT("int64", np.int64),
                                                _DT("bool", np.bool_), _DT("int8", np.int8))
-_BY_ONNX = {1: float32, 10: float16, 6: int32, 7: int64, 9: bool_, 3: int8}
+_BY_ONNX = {FLOAT: float32, FLOAT16: float16, INT32: int32, INT64: int64, BOOL: bool_, INT8: int8}
 
 
 class Logger:

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import densert
-from densert.checkpoint.files import INDEX_FILE, write_checkpoint
 from densert.checkpoint.loader import load_model
+from densert.checkpoint.model_dir import INDEX_FILE, write_checkpoint
 from densert.checkpoint.random_init import make_test_checkpoint
 from densert.cli import main as cli_main
 from densert.errors import CheckpointError

@@ -9,13 +9,14 @@ import torch
 
 from densert.checkpoint.loader import load_model
 from densert.errors import EngineError
-from densert.export import trt_rules
+from densert.export import onnx_types, trt_rules
 from densert.export.manifest import MANIFEST, load_manifest
 from densert.export.onnx_export import export_engine
 from densert.export.ort_backend import OrtBackend
 from densert.export.verify import verify
 from densert.model.generation import generate, greedy_decode
 from densert.model.vision_meta import build_vision_meta
+from densert.runtime.predictor import DensePredictor
 from densert.tasks import DENSE_TASKS
 
 GRIDS = ((12, 20), (18, 10), (2, 2))  # one export serves all of them
@@ -218,14 +219,25 @@ def test_youtu_vl_4b_widths_few_layers(tmp_path):
 def test_depth_onnxruntime_equals_torch(engine, tiny_checkpoint):
     """The runtime's depth flow over both backends: same bin map (fp32 engine)."""
     import numpy as np
-    pytest.importorskip("densert.runtime.predictor")
-    from densert.runtime.predictor import DensePredictor
     rng = np.random.default_rng(0)
     img = (rng.random((96, 160, 3)) * 255).astype(np.uint8)
     ref = DensePredictor(tiny_checkpoint, backend="torch", max_patches=256).depth(img)
     got = DensePredictor(tiny_checkpoint, backend="onnxruntime", engine_dir=engine, max_patches=256).depth(img)
     assert got.bins.shape == ref.bins.shape == (96, 160)
     assert (got.bins == ref.bins).mean() >= 0.999
+
+
+def test_onnx_type_table_is_onnx_s():
+    """export/onnx_types.py writes graphs without importing onnx: its codes and names are onnx's."""
+    import onnx
+    for code, name in onnx_types.NAMES.items():
+        onnx_name = onnx.TensorProto.DataType.Name(code)       # FLOAT, FLOAT16, INT4, ...
+        assert getattr(onnx_types, onnx_name) == code
+        assert name == {"float": "float32"}.get(onnx_name.lower(), onnx_name.lower()), (code, name)
+    for name, code in onnx_types.ONNX_TYPES.items():
+        assert onnx_types.NAMES[code] == name
+    assert {onnx_types.float_type(p) for p in ("fp32", "fp16")} == set(onnx_types.FLOAT_FORMATS)
+    assert all(onnx_types.FLOAT_FORMATS[onnx_types.float_type(p)] == p for p in ("fp32", "fp16"))
 
 
 def test_fp16_export_keeps_fp32_islands_and_passes_gate(tiny_checkpoint, model, tmp_path):

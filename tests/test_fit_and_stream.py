@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from densert.checkpoint.files import MappedTensor, read_all_headers
 from densert.checkpoint.loader import auto_dtype, check_fits, load_model
+from densert.checkpoint.model_dir import read_all_headers
+from densert.checkpoint.safetensors import MappedTensor
 from densert.errors import CheckpointError
 from densert.machine import MEMORY_ENV, cpu_computes_bf16, parse_bytes
 

@@ -131,9 +131,9 @@ def test_cuda_on_a_cpu_build_is_one_line(tiny_checkpoint, tmp_path, capsys):
 
 # ---------------------------------------------------------------- writing
 def test_disk_full_is_one_line_and_the_batch_goes_on(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    from densert.runtime import outputs as O
+    from densert.runtime import writers
     imgs = _images(tmp_path / "in", 3)
-    real_npy, calls = O.npy, []
+    real_npy, calls = writers.npy, []
 
     def npy(array):
         calls.append(1)
@@ -144,7 +144,7 @@ def test_disk_full_is_one_line_and_the_batch_goes_on(tiny_checkpoint, tmp_path, 
             return full
         return real_npy(array)
 
-    monkeypatch.setattr(O, "npy", npy)
+    monkeypatch.setattr(writers, "npy", npy)
     out = tmp_path / "o"
     rc, _, err = _run(["depth", *map(str, imgs), "--model", str(tiny_checkpoint), "--out", str(out)], capsys)
     assert rc == 1 and "Traceback" not in err

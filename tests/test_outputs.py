@@ -5,13 +5,15 @@ from __future__ import annotations
 import errno
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from densert.runtime import outputs as O
-from densert.runtime.png import write_png
+from densert.runtime import colours, filesets, writers
+from densert.runtime.png import PngWriter, write_png
 from densert.runtime.results import DepthResult, SegResult, validate_sidecar
 
 
@@ -37,7 +39,7 @@ def test_png_writer_round_trips_through_pil(kind, shape, dtype):
 
 
 def test_png_writer_checks_rows():
-    w = O.PngWriter(io.BytesIO(), 4, 3, "rgb8")
+    w = PngWriter(io.BytesIO(), 4, 3, "rgb8")
     with pytest.raises(ValueError, match=r"rows must be \[n, 4, 3\]"):
         w.write_rows(np.zeros((1, 5, 3), np.uint8))
     w.write_rows(np.zeros((2, 4, 3), np.uint8))
@@ -55,28 +57,31 @@ def test_banded_pictures_equal_the_whole_array(monkeypatch):
     names = ["floor", "wall", "<OTHERS>", "chair"]
 
     def render():
-        c = O.DepthColouring()
+        c = colours.DepthColouring()
         out = []
-        for fn, args in ((O.write_depth_png, (depth, bins, c)), (O.write_overlay_png, (image, labels, names)),
-                         (O.write_label_png, (labels, names)), (O.write_depth_mm_png, (depth,))):
+        for fn, args in ((writers.write_depth_png, (depth, bins, c)),
+                         (writers.write_overlay_png, (image, labels, names)),
+                         (writers.write_label_png, (labels, names)),
+                         (writers.write_depth_mm_png, (depth,))):
             b = io.BytesIO()
             fn(b, *args)
             out.append(np.asarray(_decode(b.getvalue())))
         return out
 
     whole = render()
-    monkeypatch.setattr(O, "BAND_PIXELS", 7 * W + 3)  # ~7 rows a band
+    monkeypatch.setattr(writers, "BAND_PIXELS", 7 * W + 3)  # ~7 rows a band
     assert all(np.array_equal(a, b) for a, b in zip(whole, render()))
     # the depth picture: turbo of the bin position, black where invalid
     t = 1 - (bins.astype(np.float32) - 1) / 999
-    assert np.array_equal(whole[0][bins > 0], O.turbo(t)[bins > 0]) and (whole[0][bins == 0] == 0).all()
+    assert np.array_equal(whole[0][bins > 0], colours.turbo(t)[bins > 0])
+    assert (whole[0][bins == 0] == 0).all()
 
 
 def test_class_colours_follow_the_name_not_the_list():
-    a = O.class_colours(["wall", "floor", "<OTHERS>"])
-    b = O.class_colours(["floor", "sky", "wall"])
+    a = colours.class_colours(["wall", "floor", "<OTHERS>"])
+    b = colours.class_colours(["floor", "sky", "wall"])
     assert (a[0] == b[2]).all() and (a[1] == b[0]).all() and (a[2] == 0).all()
-    assert len({O.class_colour(n) for n in ("wall", "floor", "sky", "car", "tree")}) == 5
+    assert len({colours.class_colour(n) for n in ("wall", "floor", "sky", "car", "tree")}) == 5
 
 
 def test_coco_rle_equals_pycocotools():
@@ -86,7 +91,7 @@ def test_coco_rle_equals_pycocotools():
         for p in (0.0, 0.3, 0.97, 1.0):
             m = rng.random(shape) < p
             ref = mask_api.encode(np.asfortranarray(m.astype(np.uint8)))
-            got = O.coco_rle(m)
+            got = writers.coco_rle(m)
             assert got == {"size": list(ref["size"]), "counts": ref["counts"].decode()}
             assert np.array_equal(mask_api.decode({"size": got["size"],
                                                     "counts": got["counts"].encode()}), m)
@@ -98,43 +103,54 @@ def test_output_stems_keep_inputs_apart(tmp_path):
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_bytes(b"")
     paths = [tmp_path / f for f in files] + [tmp_path / "z.jpg"]
-    stems, notes = O.output_stems(paths)
+    stems, notes = filesets.output_stems(paths)
     assert stems == ["a/img", "b/img", "x_png", "x_bmp", "z", "z-2"]
     assert len(set(stems)) == len(stems) and len(notes) == 5
 
 
 def _arts(n_ok: int, fail):
-    arts = [O.Artifact(f"s.{i}.txt", O.text(f"file {i}\n")) for i in range(n_ok)]
-    arts.append(O.Artifact("s.last.txt", fail))
+    arts = [filesets.Artifact(f"s.{i}.txt", writers.text(f"file {i}\n")) for i in range(n_ok)]
+    arts.append(filesets.Artifact("s.last.txt", fail))
     return arts
 
 
 def test_write_set_is_all_or_nothing(tmp_path):
-    O.write_set(tmp_path, [O.Artifact("old.txt", O.text("kept\n"))])
+    filesets.write_set(tmp_path, [filesets.Artifact("old.txt", writers.text("kept\n"))])
 
     def disk_full(f):
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(O.OutputError, match="disk full while writing into .*nothing of this image"):
-        O.write_set(tmp_path, _arts(3, disk_full))
+    with pytest.raises(filesets.OutputError, match="disk full while writing into .*nothing of this image"):
+        filesets.write_set(tmp_path, _arts(3, disk_full))
 
     def interrupted(f):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        O.write_set(tmp_path, _arts(2, interrupted))
+        filesets.write_set(tmp_path, _arts(2, interrupted))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]  # no partial set, no temp
-    paths = O.write_set(tmp_path, _arts(2, O.text("end\n")))
+    paths = filesets.write_set(tmp_path, _arts(2, writers.text("end\n")))
     assert [p.read_text() for p in paths] == ["file 0\n", "file 1\n", "end\n"]
     assert oct(paths[0].stat().st_mode & 0o777) != oct(0o600)  # the umask's mode, not mkstemp's
+
+
+def test_file_mode_follows_the_umask_set_after_import(tmp_path):
+    """The umask is read when the first set is written, not when densert is imported: a program
+    that sets its umask after the import gets files with that mode."""
+    code = ("import os, sys\nfrom densert.runtime import filesets, writers\nos.umask(0o077)\n"
+            "[p] = filesets.write_set(sys.argv[1], [filesets.Artifact('a.txt', writers.text('x'))])\n"
+            "print(oct(os.stat(p).st_mode & 0o777))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0o600"
 
 
 def test_check_writable_is_one_line(tmp_path):
     f = tmp_path / "a-file"
     f.write_text("x")
-    with pytest.raises(O.OutputError, match=f"cannot create output directory {f}/out"):
-        O.check_writable(f / "out")
+    with pytest.raises(filesets.OutputError, match=f"cannot create output directory {f}/out"):
+        filesets.check_writable(f / "out")
 
 
 def _depth_result(metric=True):
@@ -188,7 +204,7 @@ def test_seg_result_api(tmp_path):
     shown = np.asarray(r.plot())
     assert shown.shape == (60, 80, 3)
     assert shown[59, 79].tolist() == [90, 90, 90]                # background: the image as it is
-    wall = np.array(O.class_colour("wall"), np.float32)
+    wall = np.array(colours.class_colour("wall"), np.float32)
     assert np.abs(shown[55, 79] - (0.5 * 90 + 0.5 * wall)).max() <= 1  # a class: blended
     names = sorted(p.name for p in r.save(tmp_path, "s"))
     assert names == ["s.coco.json", "s.json", "s.labels.npy", "s.labels.png", "s.overlay.png", "s.seg.txt"]

@@ -90,12 +90,6 @@ def test_preprocess_normalises_to_minus_one_one():
 
 
 # ---------------------------------------------------------------- real-world files
-def _png_bytes(img: Image.Image, **kw) -> bytes:
-    b = io.BytesIO()
-    img.save(b, format="PNG", **kw)
-    return b.getvalue()
-
-
 def _decode_kinds(d) -> dict:
     """One file of every kind the release's decoding treats specially."""
     rng = np.random.default_rng(0)

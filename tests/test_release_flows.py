@@ -286,7 +286,7 @@ def test_box_pictures_are_banded_exactly(monkeypatch):
     """Boxes, labels and skeletons drawn band by band equal the picture drawn whole."""
     import io
 
-    from densert.runtime import outputs as O
+    from densert.runtime import writers
     from densert.tasks.grounding import PersonPose
     img = np.random.default_rng(2).integers(0, 256, (97, 131, 3), np.uint8)
     boxes = [((5, 20, 100, 90), "a long label", (255, 0, 0)), ((60, 0, 130, 40), "b", (0, 255, 0))]
@@ -296,9 +296,9 @@ def test_box_pictures_are_banded_exactly(monkeypatch):
         b = io.BytesIO()
         fn(b, img, arg)
         return np.asarray(Image.open(io.BytesIO(b.getvalue())))
-    whole = [draw(O.write_boxes_png, boxes), draw(O.write_pose_png, pose)]
-    monkeypatch.setattr(O, "BAND_PIXELS", 7 * 131)
-    banded = [draw(O.write_boxes_png, boxes), draw(O.write_pose_png, pose)]
+    whole = [draw(writers.write_boxes_png, boxes), draw(writers.write_pose_png, pose)]
+    monkeypatch.setattr(writers, "BAND_PIXELS", 7 * 131)
+    banded = [draw(writers.write_boxes_png, boxes), draw(writers.write_pose_png, pose)]
     for w, b in zip(whole, banded):
         assert np.array_equal(w, b) and not np.array_equal(w, img)
 

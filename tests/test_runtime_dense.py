@@ -163,9 +163,9 @@ def test_depth_argmax_patch_grid_then_resize_and_dequantise(monkeypatch):
     assert dm.bins.shape == (64, 96) and dm.depth.dtype == np.float32
     np.testing.assert_array_equal(dm.depth, depth_bins.dequantize(dm.bins, "nyuv2"))
     # rounding and dequantisation in bands of ~5 rows equal the whole-map computation
-    from densert.runtime import outputs
+    from densert.runtime import writers
     from densert.tasks.rle import resize_codes
-    monkeypatch.setattr(outputs, "BAND_PIXELS", 5 * 96)
+    monkeypatch.setattr(writers, "BAND_PIXELS", 5 * 96)
     banded = depth_map(hidden, wbins, (gh, gw), (64, 96), DenseOptions(), "nyuv2")
     whole = np.clip(np.rint(resize_codes(codes.astype(np.float32), (64, 96))), 1, K)
     assert np.array_equal(banded.bins, whole) and np.array_equal(banded.depth, dm.depth)

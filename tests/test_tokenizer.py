@@ -184,7 +184,7 @@ def test_checkpoint_template_is_read_and_used(tiny_checkpoint, tmp_path, tiny):
     the bundled model's own template renders the spec's example byte for byte."""
     import shutil
 
-    from densert.checkpoint.files import read_chat_template
+    from densert.checkpoint.model_dir import read_chat_template
     from densert.resources import bundled_model_dir
     own = read_chat_template(bundled_model_dir())
     assert own.source.endswith("chat_template.json")

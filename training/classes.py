@@ -26,7 +26,6 @@ OUTDOOR_CLASSES: tuple[str, ...] = CLASS_NAMES[14:]
 
 # Binary referring-segmentation classes; the token mapper turns them into <BG>/<FG>.
 BG, FG = 0, 1
-FGBG_NAMES: tuple[str, str] = ("<BG>", "<FG>")
 
 
 def class_id(name: str) -> int:

@@ -117,7 +117,7 @@ def _train(args) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     if cfg.init:
-        from densert.checkpoint.files import check_checkpoint_dir
+        from densert.checkpoint.model_dir import check_checkpoint_dir
         check_checkpoint_dir(cfg.init)
     tr = Trainer(cfg, resume=args.resume, log=lambda s: print(s, file=sys.stderr, flush=True))
     summary = tr.fit()

@@ -105,8 +105,8 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 class Weights:
-    """A config + state dict that ``densert.checkpoint.files.write_checkpoint`` writes like a model
-    (it reads ``.config`` and ``.state_dict()`` only)."""
+    """A config + state dict that ``densert.checkpoint.model_dir.write_checkpoint`` writes like a
+    model (it reads ``.config`` and ``.state_dict()`` only)."""
 
     def __init__(self, config, state: dict[str, torch.Tensor]):
         self.config, self._state = config, state

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densert.checkpoint.files import TORCH_TO_ST, read_safetensors_header, write_safetensors
 from densert.checkpoint.loader import read_tensor
+from densert.checkpoint.safetensors import TORCH_TO_ST, read_safetensors_header, write_safetensors
 from densert.errors import CheckpointError
 
 STATE_JSON = "trainer_state.json"
@@ -97,10 +97,6 @@ def save_state(out: str | Path, state: dict, extra_tensors: dict[str, torch.Tens
     write_safetensors(out / STATE_TENSORS, specs, tensors.__getitem__)
     (out / STATE_JSON).write_text(json.dumps(doc, indent=1) + "\n")
     (out / LEGACY_PICKLE).unlink(missing_ok=True)   # a stale pickle beside it would only mislead
-
-
-def has_state(path: str | Path) -> bool:
-    return (Path(path) / STATE_JSON).is_file()
 
 
 def load_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -403,7 +403,7 @@ class Trainer:
         return finetune.merged_state_dict(self.model)
 
     def _write_weights(self, weights, out: Path, dtype: str | None = None) -> Path:
-        from densert.checkpoint.files import write_checkpoint
+        from densert.checkpoint.model_dir import write_checkpoint
         p = write_checkpoint(weights, out, self.tok_json, dtype=dtype or self.cfg.save_dtype,
                              overwrite=True)
         (p / TRAIN_CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=1) + "\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 from densert.errors import CheckpointError, TokenizerError
 from densert.text import tokens as T
 
-from .files import read_all_headers, read_config
+from .model_dir import read_all_headers, read_config
 
 
 def summarize(path: str | Path) -> dict:

@@ -23,7 +23,8 @@ from torch import nn
 
 from densert.errors import CheckpointError
 
-from .files import TensorInfo, read_all_headers, read_config, resolve_dtype
+from .model_dir import read_all_headers, read_config
+from .safetensors import TensorInfo, resolve_dtype
 
 # Present in some SigLIP2 exports but unused: Youtu-VL feeds patches through 2-D RoPE only
 # (spec youtu-vl-checkpoint.md sec. 2.1; mlx-vlm and mlxcel drop them too).

@@ -13,7 +13,8 @@ from densert.model.modeling import YoutuVLForConditionalGeneration
 from densert.text import tokens as T
 from densert.text.tokenizer import apply_token_ids, build_tokenizer_json
 
-from .files import dtype_name, prepare_out_dir, resolve_dtype, saved_names, write_side_files, write_weights
+from .model_dir import prepare_out_dir, saved_names, write_side_files, write_weights
+from .safetensors import dtype_name, resolve_dtype
 
 _INIT_CHUNK = 2**24   # values generated per step: bounds the fp32 scratch to 64 MB
 

@@ -35,10 +35,6 @@ class VisionMeta:
     window_inverse: torch.Tensor      # [N] int64: slot of each window-order patch
     image_segment_ids: torch.Tensor   # [N] int64: image id of each patch (window order)
 
-    @property
-    def num_patches(self) -> int:
-        return int(self.cos.shape[0])
-
     def to(self, device) -> "VisionMeta":
         t = lambda x: x.to(device)  # noqa: E731
         return VisionMeta(self.grids, t(self.cos), t(self.sin), t(self.window_index),

@@ -7,7 +7,6 @@ Torch-free at import: the CLI reads these strings to declare its options.
 """
 from __future__ import annotations
 
-import re
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,9 +70,6 @@ def visibility_token(k: int) -> str:
 def _check_range(what: str, k: int, lo: int, hi: int) -> None:
     if not isinstance(k, int) or not lo <= k <= hi:
         raise ValueError(f"{what} {k!r} out of range {lo}..{hi}")
-
-
-_COORD_RE = re.compile(r"<([xy])_(\d+)>\Z")
 
 
 class Vocab:

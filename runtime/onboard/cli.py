@@ -110,7 +110,7 @@ def run(args) -> int:
     if args.command == "ros2":
         from .. import ros2_node
         return ros2_node.spin(args)
-    from ..outputs import no_empty_out
+    from ..filesets import no_empty_out
     with no_empty_out(args.out):
         return run_source(args)
 
@@ -168,9 +168,9 @@ def _is_cuda_oom(e: BaseException) -> bool:
 
 def run_source(args) -> int:
     """``--source`` of depth / segment, and ``densert dense``."""
-    from densert.checkpoint.files import read_task_defaults
+    from densert.checkpoint.model_dir import read_task_defaults
 
-    from .. import outputs as O
+    from .. import filesets as O
     from ..sources import ImageFiles, open_source
     from ..speed import SpeedReport
 
