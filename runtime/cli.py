@@ -211,7 +211,8 @@ def _parts(task: Task, call: dict) -> tuple[str, ...]:
 def _check_inputs(command: str, inputs: list[tuple[Path, str]], call: dict, upscale: int
                   ) -> list[tuple[Path, str]]:
     """Each input's header (exists, an image, within MAX_IMAGE_PIXELS) and the request for it
-    (a focal rescale that leaves an image), before any model loads. Failures: one line each."""
+    (a focal rescale that leaves an image), before any model loads. Failures: one line each,
+    ``densert <command>: error: ...``."""
     from densert.errors import ImageError
     from densert.image.decode import probe
 
@@ -224,7 +225,7 @@ def _check_inputs(command: str, inputs: list[tuple[Path, str]], call: dict, upsc
                 depth_scale(call["preset"], call["focal"], hw, upscale)
         except (ImageError, ValueError) as e:
             msg = str(e) if str(p) in str(e) else f"{p}: {e}"
-            print(f"densert {command}: error: {msg}", file=sys.stderr)
+            print(f"{command}: error: {msg}", file=sys.stderr)
             continue
         good.append((p, stem))
     return good
@@ -329,7 +330,7 @@ def _run(args) -> int:
     from densert.tasks.depth_bins import default_preset
 
     from . import outputs as O
-    from .predictor import DEMO_MODEL_NOTICE, depth_scale, runtime_dir
+    from .predictor import DEMO_MODEL_NOTICE, DensePredictor, depth_scale, runtime_dir
 
     task = REGISTRY[args.command]
     command = f"densert {task.name}"
@@ -381,14 +382,13 @@ def _run(args) -> int:
         stems, notes = O.output_stems(paths)
         for n in notes:
             _say(f"{command}: note: {n}", quiet)
-        good = _check_inputs(task.name, list(zip(paths, stems)), call, settings.upscale)
+        good = _check_inputs(command, list(zip(paths, stems)), call, settings.upscale)
         failures = len(paths) - len(good)
         if paths and not good:
             print(f"{command}: none of the {len(paths)} image(s) can be read; nothing to do",
                   file=sys.stderr)
             return 1
 
-    from .predictor import DensePredictor
     pred = DensePredictor(model_dir, opts, **asdict(settings))
     if pred.is_demo_model:
         _say(f"{command}: note: {DEMO_MODEL_NOTICE}", quiet)
