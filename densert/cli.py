@@ -19,20 +19,15 @@ from typing import Any, Iterable
 
 from .errors import DensertError
 from .options import field_default
+from .runtime.registry import REGISTRY as TASK_REGISTRY
 
-# name -> (module, one-line help). One table; adding a command is one line here.
+# name -> (module, one-line help). One table; adding a command is one line here (a task's command
+# comes with its record in the task registry, densert.runtime.registry).
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-test-checkpoint": ("densert.checkpoint.cli", "write a randomly initialised checkpoint in the released layout"),
     "inspect": ("densert.checkpoint.cli", "summarise a checkpoint (or an engine directory: sizes per part); non-zero exit if it is broken"),
-    "depth": ("densert.runtime.cli", "metric depth maps from images"),
-    "segment": ("densert.runtime.cli", "semantic / open-set segmentation maps from images"),
-    "refer": ("densert.runtime.cli", "referring segmentation of an expression"),
-    "detect": ("densert.runtime.cli", "object detection: labelled boxes (all objects or given categories)"),
-    "ground": ("densert.runtime.cli", "grounding: the box of the region an expression describes"),
-    "pose": ("densert.runtime.cli", "pose estimation: persons with 16 MPII keypoints"),
-    "chat": ("densert.runtime.cli", "chat / VQA with the release's decoding"),
-    "dense": ("densert.runtime.onboard.cli", "depth and segmentation of every frame of a source from one prefill"),
-    "ros2": ("densert.runtime.onboard.cli", "ROS 2 node: image (+ camera_info) in, depth / labels images out"),
+    **{name: ("densert.runtime.cli", task.help) for name, task in TASK_REGISTRY.items()},
+    "ros2": ("densert.runtime.cli", "ROS 2 node: image (+ camera_info) in, depth / labels images out"),
     "export": ("densert.export.cli", "export a self-contained ONNX engine directory (vision, LLM; fp32/fp16/int8/int4)"),
     "verify": ("densert.export.cli", "parity gate: an engine directory against the torch reference"),
     "build-engine": ("densert.export.cli", "build TensorRT engines from an engine directory"),

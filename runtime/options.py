@@ -15,6 +15,8 @@ from densert.tasks import ALIGNMENTS
 from densert.tasks.classes import NAME_LEADING_SPACE
 from densert.tasks.grounding import REFER_PADDING, REFER_SHORT_SIDE
 
+from . import registry
+
 DEPTH_MODES = ("argmax", "expectation")
 # What DenseCRF imports and what the message names when it is missing (the CLI checks it before
 # the model loads, the dense decoder when it runs).
@@ -162,18 +164,20 @@ class PredictorOptions:
 
 
 # Files each task can write (``OutputOptions.formats``), in the order they are written; the JSON
-# sidecar is always written. The defaults are all of them but the float TIFF.
-FORMATS = {
-    "depth": ("npy", "png", "png16", "txt", "tiff"),
-    "segment": ("npy", "png", "overlay", "txt", "coco"),
-    "refer": ("npy", "overlay", "txt", "coco"),
-    "detect": ("overlay", "txt", "coco"),
-    "ground": ("overlay", "txt"),
-    "pose": ("overlay", "txt", "coco"),
-    "chat": ("txt",),
-}
-DEFAULT_FORMATS = {task: tuple(f for f in fmts if f != "tiff") for task, fmts in FORMATS.items()}
+# sidecar is always written. Both from the task registry: the defaults leave out its opt-in files.
+FORMATS = registry.formats()
+DEFAULT_FORMATS = {name: registry.REGISTRY[name].default_formats for name in FORMATS}
 INVALID_DEPTH = ("zero", "nan")
+
+
+def formats_help(tasks=registry.REGISTRY) -> str:
+    """``--formats``' help: each task's files (tasks with the same files share an entry)."""
+    by_files: dict[tuple[str, ...], list[str]] = {}
+    for name, files in registry.formats(tasks).items():
+        by_files.setdefault(files, []).append(name)
+    listed = "; ".join(f"{', '.join(names)}: {','.join(files)}" for files, names in by_files.items())
+    return (f"comma list of files to write besides the JSON sidecar ({listed}; default: all but "
+            f"{', '.join(registry.OPT_IN_FORMATS)})")
 
 
 def depth_range(s: str) -> tuple[float, float]:
@@ -191,11 +195,7 @@ def depth_range(s: str) -> tuple[float, float]:
 class OutputOptions:
     """Which files a result set holds and how its pictures look."""
 
-    formats: tuple[str, ...] | None = opt(
-        None, "comma list of files to write besides the JSON sidecar (depth: npy,png,png16,txt,"
-              "tiff; segment: npy,png,overlay,txt,coco; refer: npy,overlay,txt,coco; detect, pose: "
-              "overlay,txt,coco; ground: overlay,txt; default: all but tiff)", type=comma_list,
-        metavar="FORMATS")
+    formats: tuple[str, ...] | None = opt(None, formats_help(), type=comma_list, metavar="FORMATS")
     range: tuple[float, float] | None = opt(
         None, "fixed depth colour range MIN:MAX in metres, linear (default: the preset's own bins, "
               "the same colours for every frame)", type=depth_range, metavar="MIN:MAX")

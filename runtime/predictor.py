@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +73,13 @@ from .results import (
     ReferResult,
     SegResult,
 )
+from .speed import Timings
 
 BACKGROUND_NAME = T.OTHERS
+# What a front end (the CLI, the ROS node) says when it runs the bundled model.
+DEMO_MODEL_NOTICE = ("using the bundled demo model densert-tiny (small, trained on rendered scenes; "
+                     "its maps of real photos mean little): pass --model DIR with a Youtu-VL "
+                     "checkpoint for real results")
 
 
 def check_model_dir(path) -> Path:
@@ -106,18 +110,6 @@ def runtime_dir(model_dir, backend: str, engine_dir) -> Path:
         raise ModelDirError(f"engine dir {d}: no {', '.join(missing)}; re-run `densert export` "
                             "(it writes a self-contained directory) or pass --model CHECKPOINT")
     return d
-
-
-class Timings(dict):
-    """stage -> seconds; a stage timed twice accumulates."""
-
-    @contextmanager
-    def stage(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
 
 
 # The short side the open-world focal rescale may leave (two vision tokens): below it the request
@@ -409,7 +401,22 @@ class DensePredictor:
     @property
     def default_depth_preset(self) -> str:
         """The preset the model directory declares (task_defaults.json), else open world."""
-        return self.task_defaults.get("depth", {}).get("preset") or depth_bins.OPEN_WORLD
+        return depth_bins.default_preset(self.task_defaults)
+
+    def prepare(self, image, focal: float | None = None, preset: str | None = None,
+                timings: Timings | None = None) -> Preprocessed:
+        """``image`` decoded and preprocessed once, as a task call does it; with ``focal`` (open
+        world) rescaled to the canonical focal length as ``depth(image, preset, focal)`` does.
+        Every task call takes the result in place of the image (``stream`` prepares the next
+        frame this way on a thread). ``timings`` (a ``speed.Timings``) gets the preprocess stage."""
+        if timings is not None and not isinstance(timings, Timings):
+            raise OptionError(f"timings must be a densert.runtime.speed.Timings or None, got "
+                              f"{type(timings).__name__}")
+        tm = Timings() if timings is None else timings
+        if focal is None and preset is None:
+            return self._pre(image, tm)
+        return self._depth_pre(image, self.default_depth_preset if preset is None else preset,
+                               focal, tm)
 
     def depth(self, image, preset: str | None = None, focal: float | None = None) -> DepthResult:
         """``preset`` None: the model's declared default (``default_depth_preset``)."""
@@ -590,15 +597,14 @@ class DensePredictor:
     def stream(self, frames, task: str = "depth", drop: bool | None = None, **task_options):
         """A generator of ``StreamItem`` (frame, result, per-stage timings, frames dropped) over
         ``frames``: a ``--source`` spec (``runtime.sources.open_source``), a ``Source``, or any
-        iterable of frames / arrays / paths. ``task``: depth, segment or dense, with that call's
-        options (preset, focal, classes, background, depth). Decoding and preprocessing of the
+        iterable of frames / arrays / paths. ``task``: one that streams (``runtime.stream.TASKS``:
+        depth, segment, dense), with that call's keyword options (depth: preset, focal; segment:
+        classes, background; dense: those and depth). Decoding and preprocessing of the
         next frame overlap the model on this one; ``drop`` (default: live sources only) keeps
         the latest frame when the caller is slower than the source (``runtime.stream``)."""
         from .sources import Source, open_source
-        from .stream import TaskSpec, stream
-        spec = TaskSpec.of(task, task_options)
-        if spec.focal is not None and spec.task != "segment":
-            depth_scale(spec.preset or self.default_depth_preset, spec.focal, None)
+        from .stream import stream
+        spec = self._stream_spec(task, task_options)
         flag(drop, "drop", none_ok=True)
         if isinstance(frames, bool) or frames is None:
             raise SourceError(f"frames: expected a source (path, glob, camera index, URL, bag), a "
@@ -609,6 +615,27 @@ class DensePredictor:
             raise SourceError(f"frames: expected a source or an iterable of frames, got "
                               f"{type(frames).__name__}")
         return stream(self, frames, spec, drop)
+
+    def _stream_spec(self, task, options: dict):
+        """``stream``'s task and options, checked as the task's call checks them, before any
+        frame is read."""
+        from .stream import TaskSpec
+        spec = TaskSpec.of(task, options)
+        o = spec.options
+        if "classes" in o:
+            o["classes"] = class_names(o["classes"])
+        if "background" in o:
+            flag(o["background"], "background", none_ok=True)
+        if "depth" in o:
+            flag(o["depth"], "depth")
+        if o.get("preset") is not None:
+            depth_bins.get_preset(o["preset"])
+        if o.get("focal") is not None:
+            depth_scale(o.get("preset") or self.default_depth_preset, o["focal"], None)
+        if spec.task == "dense" and not o.get("depth", True) and not o.get("classes"):
+            raise OptionError("a dense stream needs depth or classes: pass depth=True or "
+                              "classes=[...]")
+        return spec
 
     def refer(self, image, expression: str) -> ReferResult:
         tm = Timings()

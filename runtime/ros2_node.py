@@ -41,13 +41,15 @@ from densert.extras import require
 from densert.tasks.depth_bins import PRESETS
 
 from .options import BACKENDS, DenseOptions, PredictorOptions
+from .registry import REGISTRY
 from .sources import Frame, frame_name, image_msg_to_rgb
 from .stream import LiveFrames
 
 NODE_NAME = "densert"
-# The node's decoding flags: --no-crf and --fast (one prefill, no naming pass) trade the release's
-# segmentation flow for camera rate.
-DENSE_FLAGS = ("alignment", "temperature", "depth_mode", "depth_upsample", "crf", "fast")
+# The node's decoding flags: those of the dense task it runs (--no-crf trades DenseCRF for camera
+# rate), and --fast, accepted as it always was: the shared prefill scores every class in one pass
+# already.
+DENSE_FLAGS = (*REGISTRY["dense"].dense_flags, "fast")
 
 
 def _parameters(args) -> dict:
@@ -258,8 +260,8 @@ def spin(args) -> int:
         node = DensertNode(rclpy, args)
         log = node.node.get_logger()
         if node.pred.is_demo_model:
-            log.info("using the bundled demo model densert-tiny (its maps of real images mean "
-                     "little): pass --model DIR with a Youtu-VL checkpoint")
+            from .predictor import DEMO_MODEL_NOTICE
+            log.info(DEMO_MODEL_NOTICE)
         log.info(f"ready: {node.task} with {node.pred.backend_name}, preset {node.preset}; "
                  f"subscribed to {node.node.resolve_topic_name('image')}")
         node.worker.start()

@@ -1,11 +1,25 @@
-"""Console feedback of a frame loop: one speed line per frame and a closing summary (frames, fps,
+"""Time per stage: ``Timings`` (what one call spent in each stage, kept by every result), and the
+console feedback of a frame loop: one speed line per frame and a closing summary (frames, fps,
 p50/p90 milliseconds per stage, frames dropped), the lines users know from ultralytics' per-image
 speed and trtexec's percentiles. The ROS node logs the same summary."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import numpy as np
+
+
+class Timings(dict):
+    """stage -> seconds; a stage timed twice accumulates."""
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
 
 
 class SpeedReport:

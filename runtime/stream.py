@@ -18,16 +18,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from .registry import REGISTRY
 from .sources import Frame, Source
+from .speed import Timings
 
-TASKS = ("depth", "segment", "dense")
+TASKS = tuple(name for name, task in REGISTRY.items() if task.streams)
 _END = object()
 
 
 @dataclass
 class StreamItem:
     frame: Frame
-    result: Any                 # DepthResult | SegResult | DenseResult; None when ``error``
+    result: Any                 # what the task's call returns; None when ``error``
     timings: dict               # stage -> seconds: read, preprocess, then the task's stages
     dropped: int                # frames dropped (latest-frame policy) since the previous item
     latency: float              # seconds from the frame's arrival to its result
@@ -132,69 +134,52 @@ class _Raw:
 
 @dataclass
 class TaskSpec:
-    """What the stream runs on each frame."""
+    """What the stream runs on each frame: a task of the registry that streams, and the keyword
+    options of its call (``DensePredictor.stream`` checks their values)."""
     task: str = "depth"
-    preset: str | None = None
-    focal: float | None = None
-    classes: list[str] | None = None
-    background: bool | None = None
-    depth: bool = True                    # dense only: include depth
-    kwargs: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        from densert.errors import OptionError
-
-        from .predictor import class_names, depth_scale, flag
-        if not isinstance(self.task, str) or self.task not in TASKS:
-            raise OptionError(f"task {self.task!r}: expected one of {TASKS}")
-        self.classes = class_names(self.classes)
-        flag(self.background, "background", none_ok=True)
-        flag(self.depth, "depth")
-        if self.preset is not None:
-            from densert.tasks.depth_bins import get_preset
-            get_preset(self.preset)
-        if self.focal is not None:
-            from densert.tasks.depth_bins import OPEN_WORLD
-            depth_scale(OPEN_WORLD, self.focal, None)  # a number of pixels; the preset: below
-        if self.task == "dense" and not self.depth and not self.classes:
-            raise OptionError("a dense stream needs depth or classes: pass depth=True or "
-                              "classes=[...]")
+    options: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, task, options: dict) -> "TaskSpec":
         """``DensePredictor.stream``'s ``task`` and ``**task_options``, checked by name."""
         from densert.errors import OptionError
-        names = {"preset", "focal", "classes", "background", "depth"}
-        bad = sorted(set(options) - names)
+        if not isinstance(task, str) or not getattr(REGISTRY.get(task), "streams", False):
+            raise OptionError(f"task {task!r}: expected one of "
+                              f"{tuple(n for n, t in REGISTRY.items() if t.streams)}")
+        names = REGISTRY[task].options
+        bad = sorted(set(options) - set(names))
         if bad:
-            raise OptionError(f"unknown task option(s) {', '.join(bad)}; stream takes "
-                              f"{', '.join(sorted(names))}")
-        return cls(task, **options)
+            raise OptionError(f"unknown task option(s) {', '.join(bad)}; a {task} stream takes "
+                              f"{', '.join(names)}")
+        return cls(task, dict(options))
+
+    @property
+    def rescales(self) -> bool:
+        """Its depth map is asked for: frames get the depth call's focal rescale."""
+        return "focal" in REGISTRY[self.task].options and self.options.get("depth", True)
 
 
 def _prepare(pred, spec: TaskSpec, frame: Frame, tm):
     """Decode and preprocess ``frame`` as the task's call would (depth: the focal rescale)."""
     if getattr(frame, "error", None) is not None:
         raise frame.error
-    focal = frame_focal(frame, spec)
-    if spec.task == "depth" or (spec.task == "dense" and spec.depth):
-        return pred._depth_pre(frame.image, spec.preset or pred.default_depth_preset, focal, tm)
-    return pred._pre(frame.image, tm)
+    if spec.rescales:
+        return pred.prepare(frame.image, frame_focal(frame, spec), spec.options.get("preset"), tm)
+    return pred.prepare(frame.image, timings=tm)
 
 
 def frame_focal(frame: Frame, spec: TaskSpec) -> float | None:
     f = getattr(frame, "focal", None)
-    return f if f is not None else spec.focal
+    return f if f is not None else spec.options.get("focal")
 
 
 def _run(pred, spec: TaskSpec, frame: Frame, pre):
-    focal = frame_focal(frame, spec)
-    if spec.task == "depth":
-        return pred.depth(pre, preset=spec.preset, focal=focal)
-    if spec.task == "segment":
-        return pred.segment(pre, classes=spec.classes, background=spec.background)
-    return pred.dense(pre, depth=spec.depth, classes=spec.classes, preset=spec.preset,
-                      focal=focal, background=bool(spec.background))
+    """The task's call on the prepared frame; an option left None keeps the call's default."""
+    task = REGISTRY[spec.task]
+    options = dict(spec.options)
+    if "focal" in task.options:
+        options["focal"] = frame_focal(frame, spec)
+    return getattr(pred, task.method)(pre, **{k: v for k, v in options.items() if v is not None})
 
 
 def as_frames(frames) -> Iterable[Frame] | Source:
@@ -223,7 +208,6 @@ def stream(pred, frames: Iterable[Frame] | Source, spec: TaskSpec,
     """Results for ``frames`` in order (module docstring). ``drop`` None: the source's ``live``
     flag. A frame that fails (unreadable file, bad size) is an item with ``error`` set; the
     stream goes on. Closing the generator stops the threads."""
-    from .predictor import Timings
     live = bool(getattr(frames, "live", False)) if drop is None else drop
     raw = LatestSlot(drop=live)
     ready = LatestSlot(drop=False)

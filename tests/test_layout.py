@@ -116,6 +116,61 @@ def test_forbidden_edges_are_reported():
     assert any(v.startswith("densert.export.fake -> densert.runtime.cli") for v in found)
 
 
+def import_circles(edges, package: str) -> list[list[str]]:
+    """The groups of ``package``'s modules that import each other, directly or through a chain
+    (the strongly connected groups of its import graph with more than one module), sorted."""
+    def inside(m):
+        return m == package or m.startswith(package + ".")
+    graph: dict[str, set[str]] = {}
+    for src, dst in edges:
+        if inside(src) and inside(dst) and src != dst:
+            graph.setdefault(src, set()).add(dst)
+            graph.setdefault(dst, set())
+    order, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's algorithm; the runtime's graph is far too shallow to need a loop
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in order:
+            visit(v)
+    return sorted(groups)
+
+
+def test_no_import_circle_in_the_runtime():
+    """No two modules of the runtime import each other, directly or through a chain (lazy
+    imports count): each has its one place in the order the runtime is built in."""
+    assert import_circles(import_edges(), "densert.runtime") == []
+
+
+def test_import_circles_are_reported():
+    edges = {("densert.runtime.a", "densert.runtime.b"), ("densert.runtime.b", "densert.runtime.c"),
+             ("densert.runtime.c", "densert.runtime.a"), ("densert.runtime.c", "densert.runtime.d"),
+             ("densert.runtime.e", "densert.runtime.f"), ("densert.runtime.f", "densert.runtime.e"),
+             ("densert.runtime.d", "densert.export.x"), ("densert.export.x", "densert.runtime.c")}
+    assert import_circles(edges, "densert.runtime") == [
+        ["densert.runtime.a", "densert.runtime.b", "densert.runtime.c"],
+        ["densert.runtime.e", "densert.runtime.f"]]
+
+
 # ---------------------------------------------------------------- --help without torch
 def test_help_imports_no_torch():
     from densert.cli import COMMANDS

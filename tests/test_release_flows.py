@@ -148,7 +148,7 @@ def test_open_set_direct_background_only_when_named(tiny_checkpoint, monkeypatch
     r = p.segment(IMG)
     assert r.class_names == ["<OTHERS>", "dog"]
     from densert.runtime.dense import segment_labels
-    from densert.runtime.predictor import Timings
+    from densert.runtime.speed import Timings
     pre = p._pre(IMG, Timings())
     pf, _ = p._prefill(pre, p._encode(pre, Timings()), prompts.open_set(), Timings())
     want = segment_labels(p._hidden(pf), p._subset(("dog",)), pre.merged_grid, pre.original_hw,
@@ -305,12 +305,12 @@ def test_box_pictures_are_banded_exactly(monkeypatch):
 
 def test_every_task_has_a_command_outputs_and_a_schema_entry():
     """The task names of densert.tasks are the runtime's commands, output tables and sidecar
-    task names, all of them."""
+    task names, all of them (tests/test_registry.py: all of these come from one registry)."""
     from densert.cli import COMMANDS
     from densert.runtime.cli import DENSE_FLAGS, OUTPUT_FLAGS
     from densert.runtime.options import FORMATS
     from densert.runtime.results import sidecar_schema
     from densert.tasks import TASKS
-    assert set(FORMATS) == set(DENSE_FLAGS) == set(OUTPUT_FLAGS) == set(TASKS)
+    assert set(FORMATS) == set(TASKS) and set(DENSE_FLAGS) == set(OUTPUT_FLAGS) == {*TASKS, "dense"}
     assert sidecar_schema()["properties"]["task"]["enum"] == list(TASKS)
     assert all(COMMANDS[t][0] == "densert.runtime.cli" for t in TASKS)

@@ -244,6 +244,20 @@ def test_stream_of_files_keeps_every_frame_and_overlaps_preprocessing(pred, monk
     assert items[1].result.info["image"] == str(paths[1])
 
 
+def test_a_prepared_image_gives_the_calls_own_result(pred):
+    """``prepare`` is what the stream's preparation thread runs: a task call on its result equals
+    the call on the file, the focal rescale included."""
+    img = SAMPLES / "scene_3.png"
+    plain = pred.prepare(img)
+    np.testing.assert_array_equal(pred.depth(plain).depth, pred.depth(img).depth)
+    scaled = pred.prepare(img, focal=1000.0, preset="open-world")
+    assert scaled.resized_hw != plain.resized_hw  # 2000 px canonical focal: twice the size
+    ref = pred.depth(img, preset="open-world", focal=1000.0)
+    got = pred.depth(scaled, preset="open-world", focal=1000.0)
+    np.testing.assert_array_equal(got.depth, ref.depth)
+    assert got.effective_focal == ref.effective_focal
+
+
 def test_stream_reports_a_bad_frame_and_goes_on(tmp_path, pred):
     shutil.copy(SAMPLES / "scene_0.png", tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"\x89PNG broken")

@@ -47,7 +47,7 @@ def core_target_mask(pred, image: np.ndarray, box) -> np.ndarray:
     """The referring crop pass for a known box: the runtime's own second half of
     ``DensePredictor.refer`` (crop, JPEG as the demo sends it, "Segment the core target.", FG pasted
     back, DenseCRF with the crop's pixels when on), with the same options and box colour."""
-    from densert.runtime.predictor import Timings
+    from densert.runtime.speed import Timings
     rng = np.random.default_rng(pred.options.seed)
     return pred._core_target(image, box, rng, Timings())[0]
 

@@ -55,6 +55,12 @@ PRESETS: dict[str, DepthPreset] = {
 }
 
 
+def default_preset(task_defaults: dict) -> str:
+    """The preset a model directory declares (its task_defaults.json, ``{"depth": {"preset": P}}``),
+    else open world: the rule the CLI applies before the model loads and the predictor after."""
+    return (task_defaults.get("depth") or {}).get("preset") or OPEN_WORLD
+
+
 def get_preset(preset: str | DepthPreset) -> DepthPreset:
     if isinstance(preset, DepthPreset):
         return preset
