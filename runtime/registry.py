@@ -161,12 +161,17 @@ def schema_text(schema: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m densert.runtime.registry [--check]``: rewrite the sidecar schema's task list
     from the registry (``--check``: exit 1 if the committed file differs)."""
-    argv = sys.argv[1:] if argv is None else argv
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m densert.runtime.registry",
+                                     description=main.__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if the committed schema differs from the registry")
+    args = parser.parse_args(argv)
     current = SCHEMA_FILE.read_text()
     want = schema_text(schema_with_tasks(json.loads(current)))
     if current == want:
         return 0
-    if "--check" in argv:
+    if args.check:
         print(f"{SCHEMA_FILE} differs from the task registry; run python -m "
               "densert.runtime.registry", file=sys.stderr)
         return 1
