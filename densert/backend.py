@@ -4,8 +4,9 @@
 run them as ``vision.onnx`` and ``llm.onnx``: prefill is an LLM call with an empty past, decode one
 with a single token), so torch, ONNX Runtime and TensorRT are interchangeable and can be compared
 stage by stage; where the dense head's lm_head rows come from; the image budget; the provenance a
-result's sidecar records; and the optional ``extend`` stage, behind its declared flag. The runtime
-reads nothing else of a backend. The cache is opaque to the runtime: whatever a backend's
+result's sidecar records; and the optional stages, each behind its declared flag: ``extend`` (a
+kept prompt prefix continued), several images in one ``encode_image`` call and ``prefill_batch``
+(a camera rig's frames of one size as one batch). The runtime reads nothing else of a backend. The cache is opaque to the runtime: whatever a backend's
 ``prefill`` returns, its ``decode`` takes back.
 
 Backends subclass ``Backend`` (it holds the defaults of the optional members);
@@ -65,11 +66,19 @@ class Backend(Protocol):
     max_patches: int | None = None
     # The optional extend stage (a prompt prefix prefilled once, continued per frame).
     supports_extend: bool = False
+    # encode_image takes several images of one size packed in one call (meta of all their grids)
+    # and that is faster than a call each: declared only where it was measured to pay.
+    supports_image_batch: bool = False
+    # The optional prefill_batch stage: several prompts of one length as one batch.
+    supports_prefill_batch: bool = False
     # ONNX Runtime's execution providers in the order it tries them (reports); () elsewhere.
     providers: Sequence[str] = ()
 
     def encode_image(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
-        """[N, patch_dim] patches (merge-block order) -> [N/4, d] image embeddings (raster)."""
+        """[N, patch_dim] patches (merge-block order) -> [N/4, d] image embeddings (raster). Where
+        ``supports_image_batch``: the patches of several images one after another, ``meta`` of
+        all their grids (``build_vision_meta(grids)``), each image's rows in the same order and
+        equal to its own call's."""
         ...
 
     def prefill(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> PrefillResult:
@@ -98,6 +107,18 @@ class Backend(Protocol):
         raise BackendError(f"backend {self.name!r} has no extend stage (supports_extend is False): "
                            "prefill the whole prompt")
 
+    def prefill_batch(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
+                      past: tuple[torch.Tensor, ...] | None = None) -> list[PrefillResult]:
+        """Optional stage, present where ``supports_prefill_batch``: ``input_ids`` [B, T] (B
+        prompts of one length, the same number of image pads each), ``image_embeds`` the rows of
+        every prompt's pads in row order ([B * pads, d]). ``past``, only where
+        ``supports_extend`` too: a prefix cache of one prompt (``extend``'s) that every row
+        continues. One result per row, equal to that row's own ``prefill`` (or ``extend``); its
+        ``cache`` is None: a batched prefill serves the dense maps, generation prefills one
+        prompt at a time."""
+        raise BackendError(f"backend {self.name!r} has no prefill_batch stage "
+                           "(supports_prefill_batch is False): prefill one prompt at a time")
+
     def engine_source(self) -> dict | None:
         """An engine backend's directory and the checkpoint it was exported from: {"dir",
         "checkpoint_id", "exported_from"}; None for a backend that runs a checkpoint itself."""
@@ -113,6 +134,8 @@ class TorchBackend(Backend):
 
     name = "torch"
     supports_extend = True
+    supports_image_batch = True    # equal sizes batch the full-attention layers too (model.vision)
+    supports_prefill_batch = True
 
     def __init__(self, model, cache_layout: str = "latent"):
         self.model = model.eval()
@@ -153,6 +176,18 @@ class TorchBackend(Backend):
         return self._result(ids, h, cache)
 
     @torch.inference_mode()
+    def prefill_batch(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
+                      past: tuple[torch.Tensor, ...] | None = None) -> list[PrefillResult]:
+        ids = check_batch(input_ids, image_embeds, self.config)
+        b = ids.shape[0]
+        if past is not None:   # one prefix for every row: a view, nothing copied
+            past = tuple(t.expand(t.shape[0], b, *t.shape[2:]) for t in past)
+        h, _ = self.model.model(self.model.embed(ids.to(self.device), image_embeds), past,
+                                self.cache_layout, use_cache=False)
+        ids = ids.to(self.device)
+        return [self._result(ids[i:i + 1], h[i:i + 1], None) for i in range(b)]
+
+    @torch.inference_mode()
     def decode(self, token_id: int, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
         ids = torch.tensor([[token_id]], device=self.device)
         h, cache = self.model.model(self.model.embed(ids), cache, self.cache_layout)
@@ -162,3 +197,20 @@ class TorchBackend(Backend):
     def cache_tensors(cache: KVCache) -> tuple[torch.Tensor, ...]:
         """The cache in the stacked layout every backend reports (parity checks)."""
         return cache.tensors()
+
+
+def check_batch(input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
+                cfg: YoutuVLConfig) -> torch.Tensor:
+    """``prefill_batch``'s arguments: [B, T] ids with the same image pads per row, as many
+    embedding rows as pads in all (every backend checks the same way)."""
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1:
+        raise BackendError(f"prefill_batch: input_ids must be [B, T], got shape {list(input_ids.shape)}")
+    pads = (input_ids == cfg.image_token_id).sum(dim=1)
+    if bool((pads != pads[0]).any()):
+        raise BackendError(f"prefill_batch: every row needs the same number of image pads, got "
+                           f"{pads.tolist()}")
+    rows = 0 if image_embeds is None else int(image_embeds.shape[0])
+    if rows != int(pads.sum()):
+        raise BackendError(f"prefill_batch: input_ids hold {int(pads.sum())} image pads (id "
+                           f"{cfg.image_token_id}) but {rows} image embedding rows were given")
+    return input_ids

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 FORMAT = "densert-engine"
 FORMAT_VERSION = 2   # 2: vision.onnx + llm.onnx (one decoder graph), side files, tied table
+# The symbolic batch axis of llm.onnx (several prompts of one length: a camera rig's frames).
+# Directories exported before it have a fixed 1 there; decode and TensorRT profiles use 1.
+BATCH_AXIS = "batch"
 
 
 def cache_root() -> Path:

@@ -3,9 +3,11 @@ runtime reads (tokenizer, chat template, config), and a manifest.
 
 ``vision.onnx``  patches [N, 768] + host metadata (RoPE, window permutation, padded window
                  slots, image segments) -> image_embeds [N/4, d]. N is dynamic.
-``llm.onnx``     inputs_embeds [1, T, d] + image_positions [M] + past cache [.., P, ..] ->
-                 vision_hidden [M, d], pre_vision_hidden [min(M, 1), d], last_logits [1, V],
-                 scores_<task> [M, K] and the present cache [.., P + T, ..]. Prefill is a call
+``llm.onnx``     inputs_embeds [B, T, d] + image_positions [M] + past cache [.., B, P, ..] ->
+                 vision_hidden [M, d], pre_vision_hidden [min(M, 1), d], last_logits [B, V],
+                 scores_<task> [M, K] and the present cache [.., B, P + T, ..]. B is 1 but
+                 for a batched prefill (a camera rig's prompts of one length); image_positions
+                 index the B x T positions row after row. Prefill is a call
                  with a zero-length past, a decode step one with T = 1 and M = 0: one graph, one
                  copy of the decoder weights. The lm_head is the tied embedding table, stored
                  once; the runtime reads the embedding rows of the prompt from the same bytes
@@ -52,7 +54,7 @@ from densert.tasks import DENSE_TASKS
 from . import quantize as Q
 from . import trt_rules
 from .graph_writer import GraphBuilder, placeholder
-from .manifest import build_manifest, check_out_dir, checkpoint_identity, write_manifest
+from .manifest import BATCH_AXIS, build_manifest, check_out_dir, checkpoint_identity, write_manifest
 from .onnx_types import NAMES, float_type
 from .options import PRECISIONS, ExportOptions
 
@@ -201,13 +203,14 @@ class _LLMTail(nn.Module):
             self.register_buffer(f"subset_{t}", w.to(dtype).t().contiguous())
 
     def forward(self, h, image_positions, *presents):
-        h0 = self.norm(h)[0]
-        vision_hidden = h0.index_select(0, image_positions)                 # [M, d]
+        hn = self.norm(h)
+        rows = hn.reshape(-1, hn.shape[-1])       # [B*T, d]: the batch's prompts row after row
+        vision_hidden = rows.index_select(0, image_positions)               # [M, d]
         # The position before the first image pad (<|vision_start|>); [0, d] without an image.
-        pre = h0.index_select(0, (image_positions[:1] - 1).clamp(min=0))
+        pre = rows.index_select(0, (image_positions[:1] - 1).clamp(min=0))
         scores = [torch.matmul(vision_hidden, getattr(self, f"subset_{t}")) for t in self.tasks]
         stacked = [torch.stack(presents[k::self.n_cache]) for k in range(self.n_cache)]
-        return (vision_hidden, pre, h0[-1:], *scores, *stacked)
+        return (vision_hidden, pre, hn[:, -1], *scores, *stacked)
 
 
 def cache_names(layout: str) -> tuple[list[str], list[str]]:
@@ -355,19 +358,23 @@ def make_llm(weights: WeightSource, out_dir: Path, tmp: Path, o: ExportOptions, 
     n_layers, n_cache = cfg.num_hidden_layers, len(past_in)
     m_cells = 60
     past_len, t_len = 3, m_cells + 6
-    emb = torch.randn(1, t_len, cfg.hidden_size, dtype=fdt) * 0.02
+    batch = 2   # traced with two prompts, so nothing specialises to a batch of 1
+    emb = torch.randn(batch, t_len, cfg.hidden_size, dtype=fdt) * 0.02
     positions = torch.arange(3, 3 + m_cells)
     past = [torch.randn(*c.shape[:seq_axis], past_len, c.shape[-1], dtype=fdt) * 0.02
-            for c in empty_cache(cfg, layout)]
+            for c in empty_cache(cfg, layout, batch)]
     layer_out = [[f"{n}_{i}" for n in pres_out] for i in range(n_layers)]
     out_names = ["vision_hidden", "pre_vision_hidden", "last_hidden",
                  *[f"scores_{t}" for t in subsets], *pres_out]
-    dyn = {"inputs_embeds": {1: "seq"}, "image_positions": {0: "cells"}, "cos": {0: "seq"},
-           "sin": {0: "seq"}, **{n: {seq_axis: "past_seq"} for n in past_in},
-           **{n: {seq_axis - 1: "total_seq"} for names in layer_out for n in names},
-           **{f"h_{i}": {1: "seq"} for i in range(n_layers + 1)},
+    B = BATCH_AXIS
+    dyn = {"inputs_embeds": {0: B, 1: "seq"}, "image_positions": {0: "cells"}, "cos": {0: "seq"},
+           "sin": {0: "seq"}, **{n: {1: B, seq_axis: "past_seq"} for n in past_in},
+           **{n: {0: B, seq_axis - 1: "total_seq"} for names in layer_out for n in names},
+           **{f"h_{i}": {0: B, 1: "seq"} for i in range(n_layers + 1)},
            "vision_hidden": {0: "cells"}, "pre_vision_hidden": {0: "first_cell"},
-           **{f"scores_{t}": {0: "cells"} for t in subsets}, **{n: {seq_axis: "total_seq"} for n in pres_out}}
+           "last_hidden": {0: B}, "last_logits": {0: B},
+           **{f"scores_{t}": {0: "cells"} for t in subsets},
+           **{n: {1: B, seq_axis: "total_seq"} for n in pres_out}}
     b = GraphBuilder(out_dir, "llm", precision=precision, part="llm", float_type=float_type(precision),
                      block=o.int4_block, policy=quant_policy, target=o.target)
     parts = _Parts(b, tmp, dyn, tick)
@@ -401,7 +408,7 @@ def make_llm(weights: WeightSource, out_dir: Path, tmp: Path, o: ExportOptions, 
             tied_extra = {"head_rows": {"ids": ids, **loc}}
         else:
             tied_extra = {}
-        logits = torch.zeros(1, cfg.vocab_size, dtype=fdt)
+        logits = torch.zeros(batch, cfg.vocab_size, dtype=fdt)
         names = ["vision_hidden", "pre_vision_hidden", "last_logits", *out_names[3:]]
         outs = [out[0], out[1], logits, *out[3:]]
         l_in = _io_spec([*LLM_INPUTS, *past_in], [emb, positions, *past], dyn)
@@ -422,8 +429,9 @@ def make_lm_head(b: GraphBuilder, table, cfg: YoutuVLConfig, precision: str, tic
     V, d = cfg.vocab_size, cfg.hidden_size
     t = placeholder(TABLE, ft, [V, d])
     node = helper.make_node("Gemm", ["last_hidden", TABLE], ["last_logits"], name="lm_head", transB=1)
-    graph = helper.make_graph([node], "lm_head", [helper.make_tensor_value_info("last_hidden", ft, [1, d])],
-                              [helper.make_tensor_value_info("last_logits", ft, [1, V])], [t])
+    graph = helper.make_graph([node], "lm_head",
+                              [helper.make_tensor_value_info("last_hidden", ft, [BATCH_AXIS, d])],
+                              [helper.make_tensor_value_info("last_logits", ft, [BATCH_AXIS, V])], [t])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     b.add(model, "lm_head", keep={"last_hidden", "last_logits"}, outputs=["last_logits"],
           sources={TABLE: table}, kind="table", table=TABLE)

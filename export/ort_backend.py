@@ -27,13 +27,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from densert.backend import Backend, PrefillResult
+from densert.backend import Backend, PrefillResult, check_batch
 from densert.errors import EngineError
 from densert.image import MERGE
 from densert.model.config import YoutuVLConfig
 from densert.model.vision_meta import VisionMeta
 
-from .manifest import cache_root, checkpoint_identity, load_manifest
+from .manifest import BATCH_AXIS, cache_root, checkpoint_identity, load_manifest
 from .quantize import NBITS_ACCURACY_LEVEL
 from .tied_table import TiedTable
 
@@ -130,6 +130,9 @@ class OrtBackend(Backend):
         self.cache_outputs = [o for o in self._io["llm"]["out"] if o.startswith("present_")]
         self.past_inputs = [i for i in self._io["llm"]["in"] if i.startswith("past_")]
         self.float_dtype = _NP[m["io_float_dtype"]]
+        # Engines exported with a batch axis run a rig's prompts as one batch (measured to pay:
+        # benchmarks/results/rig.md); older ones hold a fixed 1 there.
+        self.supports_prefill_batch = self._io["llm"]["in"]["inputs_embeds"]["shape"][0] == BATCH_AXIS
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers or "TensorrtExecutionProvider" in self.providers else "cpu"
 
     def head_weight(self) -> TiedTable:
@@ -218,6 +221,44 @@ class OrtBackend(Backend):
                                 last_logits=self._t(out["last_logits"])[0].float(), cache=cache,
                                 scores=scores)
 
+    def prefill_batch(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
+                      past=None) -> list[OrtPrefillResult]:
+        """The rows as one [B, T] batch of the LLM graph. The graph returns the hidden states at
+        ``image_positions`` (indices into the batch's B x T positions, row after row), and its
+        pre_vision_hidden only for the first: so each row asks for its pads and, where there is
+        one, the position before them, and the rows come apart on the host."""
+        if not self.supports_prefill_batch:
+            return super().prefill_batch(input_ids, image_embeds, past)
+        if past is not None:
+            raise EngineError("the onnxruntime backend has no extend stage: prefill_batch takes no past")
+        ids = check_batch(input_ids, image_embeds, self.config)
+        b, t = ids.shape
+        per = (0 if image_embeds is None else int(image_embeds.shape[0])) // b
+        embs, wanted, pre = [], [], []
+        for i in range(b):
+            rows = None if image_embeds is None else image_embeds[i * per:(i + 1) * per]
+            emb, pos = prompt_embeddings(self.table, ids[i:i + 1], rows, self.config)
+            embs.append(emb)
+            pre.append(len(pos) > 0 and int(pos[0]) > 0)
+            wanted.append(i * t + (np.concatenate([pos[:1] - 1, pos]) if pre[-1] else pos))
+        past0 = {n: np.zeros(s, self.float_dtype) for n, s in
+                 zip(self.past_inputs, empty_past_shapes(self.manifest, b))}
+        out = self._run("llm", {"inputs_embeds": np.stack(embs), "image_positions": np.concatenate(wanted),
+                                **past0})
+        hidden = self._t(out["vision_hidden"]).float()
+        logits = self._t(out["last_logits"]).float()
+        scores = {k[len("scores_"):]: self._t(v).float() for k, v in out.items() if k.startswith("scores_")}
+        results, at = [], 0
+        for i in range(b):
+            k = int(pre[i])
+            rows = slice(at + k, at + k + per)
+            results.append(OrtPrefillResult(
+                vision_hidden=hidden[rows] if per else None,
+                pre_vision_hidden=hidden[at] if k else None, last_logits=logits[i], cache=None,
+                scores={name: v[rows] for name, v in scores.items()}))
+            at += k + per
+        return results
+
     def decode(self, token_id: int, cache: OrtCache) -> tuple[torch.Tensor, OrtCache]:
         if not isinstance(cache, OrtCache):
             raise TypeError(f"OrtBackend.decode takes the cache its prefill returned, got {type(cache).__name__}")
@@ -275,9 +316,9 @@ def prompt_embeddings(table: TiedTable, input_ids: torch.Tensor, image_embeds: t
     return emb, pos
 
 
-def empty_past_shapes(m: dict[str, Any]) -> list[list[int]]:
-    """Shapes of a zero-length past cache, from the manifest's past_* inputs."""
-    return [[0 if isinstance(d, str) else d for d in i["shape"]]
+def empty_past_shapes(m: dict[str, Any], batch: int = 1) -> list[list[int]]:
+    """Shapes of a zero-length past cache of ``batch`` prompts, from the manifest's past_* inputs."""
+    return [[batch if d == BATCH_AXIS else 0 if isinstance(d, str) else d for d in i["shape"]]
             for i in m["graphs"]["llm"]["inputs"] if i["name"].startswith("past_")]
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from densert.errors import EngineError
 
+from .manifest import BATCH_AXIS
 from .options import BuildRequest
 
 TRT_MISSING = (
@@ -116,10 +117,10 @@ def profile_shapes(m: dict[str, Any], graph: str, o: BuildOptions) -> list[dict[
                             _window_slots(m, o.max_patches, True))},
         # prefill: a prompt with up to max cells of image rows (0: text only), no past
         "prefill": {"seq": (o.min_seq, o.opt_seq, o.max_seq), "cells": (0, cells[1], cells[2]),
-                    "past_seq": (0, 0, 0)},
+                    "past_seq": (0, 0, 0), BATCH_AXIS: (1, 1, 1)},
         # decode: one token, no image rows, a past of the prompt and the tokens so far
         "decode": {"seq": (1, 1, 1), "cells": (0, 0, 0),
-                   "past_seq": (1, max(o.opt_seq - 1, 1), o.max_seq - 1)},
+                   "past_seq": (1, max(o.opt_seq - 1, 1), o.max_seq - 1), BATCH_AXIS: (1, 1, 1)},
     }
     out = []
     for prof in PROFILES[graph]:

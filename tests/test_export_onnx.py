@@ -46,8 +46,8 @@ def test_manifest_describes_every_graph(engine, tiny_checkpoint):
     assert v["window_slots"]["shape"] == ["slots"] and v["window_inverse"]["shape"] == ["patches"]
     llm = {i["name"]: i for i in m["graphs"]["llm"]["inputs"]}
     cfg = m["config"]
-    assert llm["inputs_embeds"]["shape"] == [1, "seq", cfg["hidden_size"]]
-    assert llm["past_latent"]["shape"] == [cfg["num_hidden_layers"], 1, "past_seq", cfg["latent_cache_dim"]]
+    assert llm["inputs_embeds"]["shape"] == ["batch", "seq", cfg["hidden_size"]]
+    assert llm["past_latent"]["shape"] == [cfg["num_hidden_layers"], "batch", "past_seq", cfg["latent_cache_dim"]]
     assert len(m["tasks"]["depth"]["groups"]) == 1000 and m["tasks"]["segment"]["labels"] == ["FG", "BG", "OTHERS"]
     assert set(m["checkpoint"]["files"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
     # sized for a 1k-token frame by default

@@ -55,6 +55,16 @@ class Siglip2Attention(nn.Module):
         if meta.cos is not None:
             q, k = apply_vision_rope(q, meta.cos, meta.sin), apply_vision_rope(k, meta.cos, meta.sin)
         if full:
+            sizes = set(meta.image_seqlens)
+            if len(sizes) == 1 and len(meta.image_seqlens) > 1:
+                # Images of one size (a camera rig): each attends over its own patches (B n^2
+                # scores, not the (B n)^2 of the segment mask), with the very shapes of its own
+                # call, so its result is its own call's. Each image's patches are contiguous in
+                # window order (``build_vision_meta`` offsets each image's windows).
+                m = sizes.pop()
+                o = torch.cat([attention(q[:, a:a + m], k[:, a:a + m], v[:, a:a + m], self.scale,
+                                         budget=budget) for a in range(0, n, m)], dim=1)
+                return self.out_proj(o.transpose(0, 1).reshape(n, -1))
             # One image (the runtime's case) needs no segment mask; the graph always applies it.
             seg = meta.image_segment_ids if len(meta.image_seqlens) != 1 else None
             o = attention(q, k, v, self.scale, q_segments=seg, k_segments=seg, budget=budget)
