@@ -54,16 +54,32 @@ class SharedPrefill:
         return self.backend.supports_extend
 
     def __call__(self, image_embeds: torch.Tensor, n_image_tokens: int) -> PrefillResult:
+        prefix, rest = self._split(n_image_tokens)
+        if not self.reuses_prefix:
+            return self.backend.prefill(torch.cat([prefix, rest], dim=1), image_embeds)
+        return self.backend.extend(self._prefix(prefix), rest, image_embeds)
+
+    def batch(self, image_embeds: torch.Tensor, n_image_tokens: int, frames: int) -> list[PrefillResult]:
+        """``frames`` images of one size (their rows one after another) in one
+        ``Backend.prefill_batch``: each result equals this prefill of its own rows, with no cache."""
+        prefix, rest = self._split(n_image_tokens)
+        if not self.reuses_prefix:
+            ids = torch.cat([prefix, rest], dim=1)
+            return self.backend.prefill_batch(ids.expand(frames, -1), image_embeds)
+        return self.backend.prefill_batch(rest.expand(frames, -1), image_embeds,
+                                          past=self._prefix(prefix))
+
+    def _split(self, n_image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         # The prompt is rendered once per image size (a camera has one), not once per frame.
         if n_image_tokens not in self._ids:
             self._ids[n_image_tokens] = image_first_ids(self.vocab, n_image_tokens, self.template)
-        prefix, rest = self._ids[n_image_tokens]
-        if not self.reuses_prefix:
-            return self.backend.prefill(torch.cat([prefix, rest], dim=1), image_embeds)
+        return self._ids[n_image_tokens]
+
+    def _prefix(self, prefix: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self._prefix_cache is None:  # the prefix stops before the image: one for every size
             pf = self.backend.prefill(prefix, None)
             self._prefix_cache = tuple(t.clone() for t in self.backend.cache_tensors(pf.cache))
-        return self.backend.extend(self._prefix_cache, rest, image_embeds)
+        return self._prefix_cache
 
 
 @dataclass

@@ -64,6 +64,7 @@ from .backends import make_backend
 from .dense import align_hidden, depth_map, segment_labels
 from .multitask import DenseResult, SharedPrefill
 from .options import DenseOptions, PredictorOptions
+from .registry import REGISTRY
 from .results import (
     ChatResult,
     DepthResult,
@@ -76,6 +77,8 @@ from .results import (
 from .speed import Timings
 
 BACKGROUND_NAME = T.OTHERS
+# ``_plain_prefills``: the dense tasks' shared prefill (runtime.multitask), as opposed to a prompt.
+SHARED = "shared-prefill"
 # What a front end (the CLI, the ROS node) says when it runs the bundled model.
 DEMO_MODEL_NOTICE = ("using the bundled demo model densert-tiny (small, trained on rendered scenes; "
                      "its maps of real photos mean little): pass --model DIR with a Youtu-VL "
@@ -180,6 +183,25 @@ def _input_hw(image) -> tuple[int, int] | None:
     return None
 
 
+def _source(frames, arg: str):
+    """A ``stream`` source: a ``--source`` spec opened, a ``Source`` or iterable as is."""
+    from .sources import Source, open_source
+    if isinstance(frames, bool) or frames is None:
+        raise SourceError(f"{arg}: expected a source (path, glob, camera index, URL, bag), a "
+                          f"Source or an iterable of frames, got {frames!r}")
+    if isinstance(frames, (str, int, Path)):
+        return open_source(frames)
+    if not isinstance(frames, Source) and not hasattr(frames, "__iter__"):
+        raise SourceError(f"{arg}: expected a source or an iterable of frames, got "
+                          f"{type(frames).__name__}")
+    return frames
+
+
+def _key(ids: torch.Tensor) -> bytes:
+    """A prompt's ids as a dict key."""
+    return ids.numpy().tobytes()
+
+
 def _settings(settings: dict) -> PredictorOptions:
     """``**settings`` of ``DensePredictor``: the fields of ``PredictorOptions`` only."""
     names = set(PredictorOptions.__dataclass_fields__)
@@ -239,7 +261,10 @@ class DensePredictor:
         self._max_patches = settings.max_patches if backend.max_patches is None else \
             min(settings.max_patches, backend.max_patches)
         self._weights: dict[tuple, torch.Tensor] = {}
-        self._metas: dict[tuple[int, int], object] = {}
+        self._metas: dict[tuple, object] = {}
+        # Stage outputs computed for a batch of frames (``_batch``): key -> (output, seconds of
+        # it), each taken once by the frame's own call.
+        self._ahead: dict[tuple, tuple] = {}
         self.chat_template = (read_chat_template(self.model_dir) if self.model_dir else None) \
             or BUILTIN_TEMPLATE
         gen = read_generation_config(self.model_dir) if self.model_dir else {}
@@ -314,26 +339,157 @@ class DensePredictor:
             self._weights[key] = subset_weight(self._head, [[i] for i in ids])
         return self._weights[key]
 
-    def _meta(self, grid):
-        if grid not in self._metas:
-            self._metas[grid] = build_vision_meta([grid], self.config.vision_config)
-        return self._metas[grid]
+    def _meta(self, grid, images: int = 1):
+        key = grid if images == 1 else (grid, images)
+        if key not in self._metas:
+            self._metas[key] = build_vision_meta([grid] * images, self.config.vision_config)
+        return self._metas[key]
+
+    def _take(self, key: tuple, tm: Timings, stage: str):
+        """A stage output ``_batch`` computed ahead for this frame (its share of the batch's time
+        goes to ``stage``), or None."""
+        ahead = self._ahead.pop(key, None)
+        if ahead is None:
+            return None
+        tm[stage] = tm.get(stage, 0.0) + ahead[1]
+        return ahead[0]
 
     def _encode(self, pre: Preprocessed, tm: Timings) -> torch.Tensor:
+        emb = self._take(("vision", id(pre)), tm, "vision")
+        if emb is not None:
+            return emb
         with tm.stage("vision"):
             return self.backend.encode_image(pre.pixel_values, self._meta(pre.grid))
+
+    def _prompt_ids(self, pre: Preprocessed | None, prompt: prompts.Prompt) -> torch.Tensor:
+        if pre is not None:
+            msg = user_message(prompt.text, image_first=prompt.image_first)
+            return encode_chat(self.vocab, [msg], [pre.num_image_tokens], template=self.chat_template)
+        return encode_chat(self.vocab, [{"role": "user", "content": prompt.text}], [],
+                           template=self.chat_template)
 
     def _prefill(self, pre: Preprocessed | None, embeds, prompt: prompts.Prompt, tm: Timings):
         """Prefill of one user turn (the image's ``embeds`` from ``_encode``) -> (PrefillResult,
         the prompt ids)."""
-        if pre is not None:
-            msg = user_message(prompt.text, image_first=prompt.image_first)
-            ids = encode_chat(self.vocab, [msg], [pre.num_image_tokens], template=self.chat_template)
-        else:
-            ids = encode_chat(self.vocab, [{"role": "user", "content": prompt.text}], [],
-                              template=self.chat_template)
+        ids = self._prompt_ids(pre, prompt)
+        pf = None if pre is None else self._take(("prefill", id(pre), _key(ids)), tm, "prefill")
+        if pf is not None:
+            return pf, ids
         with tm.stage("prefill"):
             return self.backend.prefill(ids, embeds), ids
+
+    def _shared(self, pre: Preprocessed, embeds, tm: Timings):
+        """The dense tasks' shared prefill (``runtime.multitask``) of one frame."""
+        pf = self._take(("shared", id(pre)), tm, "prefill")
+        if pf is not None:
+            return pf
+        with tm.stage("prefill"):
+            return self._shared_prefill(embeds, pre.num_image_tokens)
+
+    # ---- several frames at once (a camera rig)
+    def _plain_prefills(self, task: str, o: dict) -> list:
+        """The prefills ``task``'s flow runs with the call options ``o`` that no generation
+        follows, so a batch may run them (a batched prefill keeps no cache): ``SHARED`` (the
+        dense tasks' shared prefill) or a prompt. The flows themselves are the reference:
+        ``tests/test_rig.py`` checks that a batch leaves none of these to its frames' calls."""
+        preset = o.get("preset") or self.default_depth_preset
+        if task == "depth":
+            return [prompts.depth(preset)]
+        if task == "dense":
+            dp = prompts.depth(preset) if o.get("depth", True) else None
+            shared = bool(o.get("classes")) or (dp is not None and dp.image_first)
+            return ([SHARED] if shared else []) + ([dp] if dp is not None and not dp.image_first else [])
+        if task == "segment" and o.get("classes") and self.options.fast:
+            return [prompts.semantic(list(o["classes"]), bool(o.get("background")))]
+        return []
+
+    def _batch(self, task: str, calls: list[tuple[Preprocessed, dict]]) -> list[tuple[object, int]]:
+        """``task``'s call on each prepared frame with its options; frames of one size share the
+        stages the backend batches: the vision encoder (``supports_image_batch``) and the
+        prefills no generation follows (``supports_prefill_batch``). Each frame's result equals
+        its own call's (the same stages on its rows); the time of a batched stage is split
+        evenly over its frames. Per call: (its result or the exception it raised, the frames
+        that shared its batched stages: 1 when none ran). An error of a batched stage is raised."""
+        method = getattr(self, REGISTRY[task].method)
+        groups: dict[tuple, list] = {}
+        for pre, o in calls:
+            plan = self._plain_prefills(task, o)
+            key = (pre.grid, tuple(p if p is SHARED else (p.text, p.image_first) for p in plan))
+            groups.setdefault(key, []).append((pre, plan))
+        shared = {}
+        try:
+            for members in groups.values():
+                if len(members) > 1 and self._ahead_of([m[0] for m in members], members[0][1]):
+                    shared.update((id(m[0]), len(members)) for m in members)
+            out = []
+            for pre, o in calls:
+                try:
+                    r = method(pre, **{k: v for k, v in o.items() if v is not None})
+                except Exception as e:  # one frame's failure is that frame's
+                    r = e
+                out.append((r, shared.get(id(pre), 1)))
+            return out
+        finally:
+            self._ahead.clear()
+
+    def _ahead_of(self, pres: list[Preprocessed], plan: list) -> bool:
+        """The batched stages of frames of one grid, kept for their calls (``_take``); False
+        when the backend batches none of them."""
+        be, b = self.backend, len(pres)
+        prefill = be.supports_prefill_batch and bool(plan)
+        if not (be.supports_image_batch or prefill):
+            return False
+        if be.supports_image_batch:
+            t0 = time.perf_counter()
+            emb = be.encode_image(torch.cat([p.pixel_values for p in pres]), self._meta(pres[0].grid, b))
+            embeds = list(emb.split(pres[0].num_image_tokens))
+            share = (time.perf_counter() - t0) / b
+            for p, e in zip(pres, embeds):
+                self._ahead[("vision", id(p))] = (e, share)
+        else:   # one by one, kept for the calls as the batched prefill needs them now
+            embeds = []
+            for p in pres:
+                tm = Timings()
+                embeds.append(self._encode(p, tm))
+                self._ahead[("vision", id(p))] = (embeds[-1], tm["vision"])
+        if not prefill:
+            return True
+        rows = torch.cat(embeds)
+        for kind in plan:
+            t0 = time.perf_counter()
+            if kind is SHARED:
+                results = self._shared_prefill.batch(rows, pres[0].num_image_tokens, b)
+                keys = [("shared", id(p)) for p in pres]
+            else:
+                ids = self._prompt_ids(pres[0], kind)
+                results = be.prefill_batch(ids.expand(b, -1), rows)
+                keys = [("prefill", id(p), _key(ids)) for p in pres]
+            share = (time.perf_counter() - t0) / b
+            for k, r in zip(keys, results):
+                self._ahead[k] = (r, share)
+        return True
+
+    def batch(self, images, task: str = "depth", **task_options) -> list:
+        """``task`` (one that streams: depth, segment, dense) on several images at once, with
+        that call's keyword options: a camera rig's frames. Frames of one size run the vision
+        encoder and the prefills that no generation follows as one batch where the backend
+        declares it (``Backend.supports_image_batch`` / ``supports_prefill_batch``); others run
+        one by one. Each result equals the image's own call (docs/streaming.md, "Several
+        cameras"). Images may be anything a task call takes, or ``prepare``'s result; the first
+        image that fails raises its error."""
+        from .sources import Frame, frame_name
+        from .stream import call_options, prepare_frame
+        spec = self._stream_spec(task, task_options)
+        if isinstance(images, (str, bytes, Path, np.ndarray)) or not hasattr(images, "__iter__"):
+            raise OptionError(f"images must be a list of images, got {type(images).__name__}")
+        frames = [im if isinstance(im, Frame) else Frame(i, im, frame_name(i))
+                  for i, im in enumerate(images)]
+        calls = [(prepare_frame(self, spec, f, Timings()), call_options(spec, f)) for f in frames]
+        results = [r for r, _ in self._batch(spec.task, calls)]
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
 
     def _generate(self, pf, ids, tm: Timings, stop: set[int],
                   max_new_tokens: int | None = None) -> list[int]:
@@ -567,8 +723,7 @@ class DensePredictor:
         depth_prompt = prompts.depth(preset) if depth else None
         hidden, prefills, note = None, 0, None
         if names or (depth_prompt is not None and depth_prompt.image_first):
-            with tm.stage("prefill"):
-                hidden = self._hidden(self._shared_prefill(embeds, pre.num_image_tokens))
+            hidden = self._hidden(self._shared(pre, embeds, tm))
             prefills += 1
         out = {}
         if depth_prompt is not None:
@@ -597,23 +752,25 @@ class DensePredictor:
     def stream(self, frames, task: str = "depth", drop: bool | None = None, **task_options):
         """A generator of ``StreamItem`` (frame, result, per-stage timings, frames dropped) over
         ``frames``: a ``--source`` spec (``runtime.sources.open_source``), a ``Source``, or any
-        iterable of frames / arrays / paths. ``task``: one that streams (``runtime.stream.TASKS``:
-        depth, segment, dense), with that call's keyword options (depth: preset, focal; segment:
-        classes, background; dense: those and depth). Decoding and preprocessing of the
-        next frame overlap the model on this one; ``drop`` (default: live sources only) keeps
-        the latest frame when the caller is slower than the source (``runtime.stream``)."""
-        from .sources import Source, open_source
+        iterable of frames / arrays / paths; or a dict camera name -> any of those, for a camera
+        rig (items tagged with their ``camera``; frames of one size batched where the backend
+        declares it; see ``runtime.stream`` for the round-robin that keeps every camera served).
+        ``task``: one that streams (``runtime.stream.TASKS``: depth, segment, dense), with that
+        call's keyword options (depth: preset, focal; segment: classes, background; dense: those
+        and depth). Decoding and preprocessing of the next frame overlap the model on this one;
+        ``drop`` (default: live sources only) keeps the latest frame when the caller is slower
+        than the source (``runtime.stream``)."""
         from .stream import stream
         spec = self._stream_spec(task, task_options)
         flag(drop, "drop", none_ok=True)
-        if isinstance(frames, bool) or frames is None:
-            raise SourceError(f"frames: expected a source (path, glob, camera index, URL, bag), a "
-                              f"Source or an iterable of frames, got {frames!r}")
-        if isinstance(frames, (str, int, Path)):
-            frames = open_source(frames)
-        elif not isinstance(frames, Source) and not hasattr(frames, "__iter__"):
-            raise SourceError(f"frames: expected a source or an iterable of frames, got "
-                              f"{type(frames).__name__}")
+        if isinstance(frames, dict):
+            from .sources import check_camera_name
+            if not frames:
+                raise SourceError("frames: an empty dict of cameras; give name -> source")
+            names = [check_camera_name(k) for k in frames]
+            frames = {k: _source(v, f"frames[{k!r}]") for k, v in zip(names, frames.values())}
+        else:
+            frames = _source(frames, "frames")
         return stream(self, frames, spec, drop)
 
     def _stream_spec(self, task, options: dict):

@@ -11,6 +11,10 @@
 - a video file (``.mp4``, ``.avi``, ``.mkv``, ...), every frame in order, read with OpenCV;
 - an image file, a folder of images (sorted, not recursive) or a glob (``"frames/*.png"``).
 
+A camera rig names each source (``--source front=SRC``, ``pred.stream({"front": SRC})``,
+``densert ros2 --cameras front,rear``): the name becomes an output folder and a ROS namespace, so
+it is a letter followed by letters, digits and underscores (``CAMERA_NAME``).
+
 Every source yields ``Frame``s: RGB uint8 arrays (image files stay paths, so the predictor's
 decoder applies EXIF orientation and its size gate) with a 0-based index, a name for output files
 and, when the source has one, a time stamp. A source that cannot be opened is one
@@ -40,6 +44,8 @@ IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 MAX_CAMERA_INDEX = 9999
 # ROS image encodings densert reads (sensor_msgs/image_encodings.hpp names).
 ENCODINGS = ("rgb8", "bgr8", "mono8", "rgba8", "bgra8")
+# A camera's name in a rig: a folder name anywhere and a ROS name token.
+CAMERA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 @dataclass
@@ -229,6 +235,36 @@ def _decode_compressed(data: bytes, where: str) -> np.ndarray:
         return load_rgb(data)
     except Exception as e:
         raise SourceError(f"{where}: compressed image cannot be decoded ({e})") from None
+
+
+def check_camera_name(name) -> str:
+    """A rig's camera name (``CAMERA_NAME``), or a ``SourceError`` saying what is wrong."""
+    if not isinstance(name, str) or not CAMERA_NAME.fullmatch(name):
+        raise SourceError(f"camera name {name!r}: use a letter followed by letters, digits and "
+                          "underscores (it names an output folder and a ROS namespace)")
+    return name
+
+
+def camera_sources(specs: list[str]) -> dict[str, str] | None:
+    """``--source`` values: one plain SRC (None: no rig), or NAME=SRC each, the names distinct."""
+    if len(specs) == 1 and not _named(specs[0]):
+        return None
+    out: dict[str, str] = {}
+    for spec in specs:
+        if not _named(spec):
+            raise SourceError(f"--source {spec!r}: with several sources name each camera, "
+                              "--source NAME=SRC (e.g. --source front=0 --source rear=1)")
+        name, src = spec.split("=", 1)
+        if name in out:
+            raise SourceError(f"--source: camera {name!r} given twice")
+        out[check_camera_name(name)] = src
+    return out
+
+
+def _named(spec: str) -> bool:
+    """NAME=SRC, not a path or URL that holds '=' (``rtsp://h/?a=b``, ``./x=1.png``)."""
+    name = spec.split("=", 1)[0]
+    return "=" in spec and CAMERA_NAME.fullmatch(name) is not None and not Path(spec).exists()
 
 
 def _is_glob(spec: str) -> bool:

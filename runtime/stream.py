@@ -10,6 +10,17 @@ Between the stages sit one-frame slots. For a live source (camera, network strea
 slot keeps the latest frame: a frame the model had no time for is replaced by a newer one and
 counted as dropped (``StreamItem.dropped``, ``SpeedReport``). For files, videos and bags every
 frame is processed in order (the reader waits), unless ``drop=True`` is asked for.
+
+Several cameras (``frames`` a dict: name -> source) share the one model. Each camera has its own
+reader and preparation threads, its own slots and so its own latest frame and drop count. The
+model thread serves them in rounds: a round takes the waiting frame of **every** camera that has
+one (at most one per camera, in the dict's order) and runs them together (``DensePredictor.
+_batch``: frames of one size share the vision encoder and the prefill where the backend batches
+them), so a fast camera cannot starve a slow one: each waits at most one round. When every
+camera keeps every frame (files, videos, bags: no drop), a round waits until each camera that
+has not ended has its next frame, so frame k of every camera runs together; with a live camera
+a round starts as soon as any frame waits. Items come out round by round, tagged with their
+``camera``.
 """
 from __future__ import annotations
 
@@ -32,17 +43,21 @@ class StreamItem:
     result: Any                 # what the task's call returns; None when ``error``
     timings: dict               # stage -> seconds: read, preprocess, then the task's stages
     dropped: int                # frames dropped (latest-frame policy) since the previous item
+                                # (of this camera)
     latency: float              # seconds from the frame's arrival to its result
     error: Exception | None = None
+    camera: str | None = None   # the camera's name (a stream of several sources); None for one
+    batch: int = 1              # frames of its round that ran the batched stages with it
 
 
 class LatestSlot:
     """A one-item hand-over between threads. ``drop``: a put replaces an item nobody took yet
-    (counted in ``dropped``); otherwise a put waits until the item is taken."""
+    (counted in ``dropped``); otherwise a put waits until the item is taken. Slots may share one
+    condition (``cv``): a consumer of several then waits for any of them."""
 
-    def __init__(self, drop: bool):
+    def __init__(self, drop: bool, cv: threading.Condition | None = None):
         self.drop = drop
-        self._cv = threading.Condition()
+        self._cv = cv or threading.Condition()
         self._item: Any = _END
         self._full = False
         self.closed = False
@@ -66,6 +81,21 @@ class LatestSlot:
         with self._cv:
             while not self._full and not self.closed:
                 self._cv.wait()
+            return self.take()
+
+    @property
+    def ready(self) -> bool:
+        """An item waits (read under the condition)."""
+        return self._full
+
+    @property
+    def done(self) -> bool:
+        """Closed and empty: nothing more will come."""
+        return self.closed and not self._full
+
+    def take(self):
+        """The waiting item without waiting, or ``_END`` when there is none."""
+        with self._cv:
             if not self._full:
                 return _END
             item, self._item, self._full = self._item, _END, False
@@ -159,7 +189,7 @@ class TaskSpec:
         return "focal" in REGISTRY[self.task].options and self.options.get("depth", True)
 
 
-def _prepare(pred, spec: TaskSpec, frame: Frame, tm):
+def prepare_frame(pred, spec: TaskSpec, frame: Frame, tm):
     """Decode and preprocess ``frame`` as the task's call would (depth: the focal rescale)."""
     if getattr(frame, "error", None) is not None:
         raise frame.error
@@ -173,13 +203,12 @@ def frame_focal(frame: Frame, spec: TaskSpec) -> float | None:
     return f if f is not None else spec.options.get("focal")
 
 
-def _run(pred, spec: TaskSpec, frame: Frame, pre):
-    """The task's call on the prepared frame; an option left None keeps the call's default."""
-    task = REGISTRY[spec.task]
+def call_options(spec: TaskSpec, frame: Frame) -> dict:
+    """The task call's keyword options for ``frame`` (its own focal length, where it has one)."""
     options = dict(spec.options)
-    if "focal" in task.options:
+    if "focal" in REGISTRY[spec.task].options:
         options["focal"] = frame_focal(frame, spec)
-    return getattr(pred, task.method)(pre, **{k: v for k, v in options.items() if v is not None})
+    return options
 
 
 def as_frames(frames) -> Iterable[Frame] | Source:
@@ -203,86 +232,125 @@ def _label(result, frame: Frame):
     return result
 
 
-def stream(pred, frames: Iterable[Frame] | Source, spec: TaskSpec,
-           drop: bool | None = None) -> Iterator[StreamItem]:
-    """Results for ``frames`` in order (module docstring). ``drop`` None: the source's ``live``
-    flag. A frame that fails (unreadable file, bad size) is an item with ``error`` set; the
-    stream goes on. Closing the generator stops the threads."""
-    live = bool(getattr(frames, "live", False)) if drop is None else drop
-    raw = LatestSlot(drop=live)
-    ready = LatestSlot(drop=False)
-    stop = threading.Event()
-    failure: list[BaseException] = []
+class _Camera:
+    """One source's threads and slots: reader -> raw slot -> preparer -> ready slot."""
 
-    def reader():
+    def __init__(self, pred, spec: TaskSpec, name: str | None, frames, drop: bool | None,
+                 cv: threading.Condition, stop: threading.Event, failure: list):
+        self.name, self.frames = name, frames
+        self.live = bool(getattr(frames, "live", False)) if drop is None else drop
+        self.raw = LatestSlot(drop=self.live)
+        self.ready = LatestSlot(drop=False, cv=cv)
+        self.pred, self.spec, self.stop, self.failure = pred, spec, stop, failure
+        tag = "" if name is None else f"-{name}"
+        self.threads = [threading.Thread(target=self._read, name=f"densert-stream-read{tag}", daemon=True),
+                        threading.Thread(target=self._prepare, name=f"densert-stream-prepare{tag}",
+                                         daemon=True)]
+
+    def _read(self):
         try:
-            it = iter(as_frames(frames))
-            while not stop.is_set():
+            it = iter(as_frames(self.frames))
+            while not self.stop.is_set():
                 t0 = time.perf_counter()
                 try:
                     frame = next(it)
                 except StopIteration:
                     break
                 now = time.perf_counter()
-                if not raw.put(_Raw(frame, now - t0, now)):
+                if not self.raw.put(_Raw(frame, now - t0, now)):
                     break
         except BaseException as e:  # a source that fails mid-stream ends the stream with its error
-            failure.append(e)
+            self.failure.append(e)
         finally:
-            raw.finish()
+            self.raw.finish()
 
-    def preparer():
+    def _prepare(self):
         try:
-            while not stop.is_set():
-                r = raw.get()
+            while not self.stop.is_set():
+                r = self.raw.get()
                 if r is _END:
                     break
-                dropped = raw.take_dropped()
+                dropped = self.raw.take_dropped()
                 tm = Timings(read=r.read_s)
                 try:
-                    pre = _prepare(pred, spec, r.frame, tm)
+                    pre = prepare_frame(self.pred, self.spec, r.frame, tm)
                     item = _Prepared(r.frame, pre, dict(tm), r.arrived, dropped)
                 except Exception as e:  # one bad frame: reported, the stream goes on
                     item = _Prepared(r.frame, None, dict(tm), r.arrived, dropped, error=e)
-                if not ready.put(item):
+                if not self.ready.put(item):
                     break
         except BaseException as e:
-            failure.append(e)
+            self.failure.append(e)
         finally:
-            ready.finish()
+            self.ready.finish()
 
-    threads = [threading.Thread(target=reader, name="densert-stream-read", daemon=True),
-               threading.Thread(target=preparer, name="densert-stream-prepare", daemon=True)]
-    for t in threads:
-        t.start()
-    try:
+    def close(self) -> None:
+        self.raw.close()
+        self.ready.close()
+        interrupt = getattr(self.frames, "interrupt", None)
+        if interrupt is not None:  # a reader waiting on a pushed source wakes up
+            interrupt()
+
+
+def _round(cameras: list[_Camera], cv: threading.Condition) -> list[tuple[_Camera, _Prepared]]:
+    """The next round (module docstring): one waiting frame of each camera that has one; empty
+    once every camera has ended."""
+    lockstep = not any(c.live for c in cameras)
+    with cv:
         while True:
-            p = ready.get()
-            if p is _END:
-                break
-            if p.error is not None:
-                yield StreamItem(p.frame, None, p.timings, p.dropped,
-                                 time.perf_counter() - p.arrived, error=p.error)
-                continue
-            try:
-                result = _label(_run(pred, spec, p.frame, p.pre), p.frame)
-            except Exception as e:
-                yield StreamItem(p.frame, None, p.timings, p.dropped,
-                                 time.perf_counter() - p.arrived, error=e)
-                continue
-            timings = {**p.timings, **result.timings}
-            yield StreamItem(p.frame, result, timings, p.dropped, time.perf_counter() - p.arrived)
+            going = [c for c in cameras if not c.ready.done]
+            if not going:
+                return []
+            waiting = [c for c in going if c.ready.ready]
+            if waiting and (not lockstep or len(waiting) == len(going)):
+                return [(c, c.ready.take()) for c in waiting]
+            cv.wait()
+
+
+def stream(pred, frames, spec: TaskSpec, drop: bool | None = None) -> Iterator[StreamItem]:
+    """Results for ``frames`` in order (module docstring): a source, or a dict name -> source
+    for several cameras. ``drop`` None: each source's ``live`` flag. A frame that fails
+    (unreadable file, bad size) is an item with ``error`` set; the stream goes on. Closing the
+    generator stops the threads."""
+    sources = frames if isinstance(frames, dict) else {None: frames}
+    cv = threading.Condition()
+    stop = threading.Event()
+    failure: list[BaseException] = []
+    cameras = [_Camera(pred, spec, name, src, drop, cv, stop, failure) for name, src in sources.items()]
+    for c in cameras:
+        for t in c.threads:
+            t.start()
+    try:
+        while rig := _round(cameras, cv):
+            yield from _run_round(pred, spec, rig)
         if failure:
             raise failure[0]
     finally:
         stop.set()
-        raw.close()
-        ready.close()
-        close = getattr(frames, "close", None)
-        interrupt = getattr(frames, "interrupt", None)
-        if interrupt is not None:  # a reader waiting on a pushed source wakes up
-            interrupt()
-        for t in threads:
-            t.join(timeout=1.0)
-        if close is not None and not any(t.is_alive() for t in threads):
-            close()
+        for c in cameras:
+            c.close()
+        for c in cameras:
+            for t in c.threads:
+                t.join(timeout=1.0)
+            close = getattr(c.frames, "close", None)
+            if close is not None and not any(t.is_alive() for t in c.threads):
+                close()
+
+
+def _run_round(pred, spec: TaskSpec, rig: list[tuple[_Camera, _Prepared]]) -> Iterator[StreamItem]:
+    good = [p for _, p in rig if p.error is None]
+    try:
+        results = pred._batch(spec.task, [(p.pre, call_options(spec, p.frame)) for p in good])
+    except Exception as e:  # a batched stage failed: every frame of the round reports it
+        results = [(e, len(good))] * len(good)
+    done = dict(zip(map(id, good), results))
+    for c, p in rig:
+        r, batch = done.get(id(p), (p.error, 1))
+        latency = time.perf_counter() - p.arrived
+        if isinstance(r, Exception):
+            yield StreamItem(p.frame, None, p.timings, p.dropped, latency, error=r, camera=c.name,
+                             batch=batch)
+            continue
+        result = _label(r, p.frame)
+        yield StreamItem(p.frame, result, {**p.timings, **result.timings}, p.dropped, latency,
+                         camera=c.name, batch=batch)
