@@ -32,6 +32,9 @@ folder, a glob, a video, a camera index, an RTSP/HTTP URL, a ROS 2 ``.mcap`` bag
 ``runtime.sources``) through the one loaded model (``DensePredictor.stream``), naming each set by
 the file's stem or ``frame_<index>``. A line per frame gives the per-stage milliseconds and the
 running fps, and a summary closes the run (frames, fps, p50/p90 per stage, frames dropped).
+``--source NAME=SRC`` given once per camera runs a camera rig through the same model (frames of
+one size batched; ``runtime.stream``): each camera's sets go to ``--out/NAME/``, its lines are
+labelled ``NAME/<frame>`` and each camera gets its own summary.
 
 ``densert ros2``: the node of ``runtime.ros2_node`` (needs ``densert[ros2]``).
 
@@ -97,13 +100,16 @@ def _add_option(parser: argparse.ArgumentParser, name: str, help: str | None = N
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("--source", required=required, default=None,
+    parser.add_argument("--source", required=required, default=None, action="append",
+                        metavar="[NAME=]SRC",
                         help="frames to process with one loaded model: image file, folder or glob, "
                              "video file, camera index (0), rtsp:// or http:// URL, or a ROS 2 "
-                             ".mcap bag; outputs are named by file stem or frame_<index>"
+                             ".mcap bag; outputs are named by file stem or frame_<index>. Several "
+                             "cameras: --source NAME=SRC once per camera, outputs in --out/NAME/"
                              + ("" if required else " (default: none, the IMAGE arguments)"))
-    parser.add_argument("--topic", default=None,
-                        help="image topic of a .mcap bag (default: the bag's only image topic)")
+    parser.add_argument("--topic", default=None, action="append", metavar="[NAME=]TOPIC",
+                        help="image topic of a .mcap bag (default: the bag's only image topic); "
+                             "with several cameras NAME=TOPIC for each camera's bag")
     parser.add_argument("--show", action="store_true",
                         help="show each result in a window (needs a display and OpenCV with GUI "
                              "support); q or Esc stops")
@@ -331,6 +337,7 @@ def _run(args) -> int:
 
     from . import filesets
     from .predictor import DEMO_MODEL_NOTICE, DensePredictor, depth_scale, runtime_dir
+    from .sources import camera_sources, open_source
 
     task = REGISTRY[args.command]
     command = f"densert {task.name}"
@@ -356,24 +363,33 @@ def _run(args) -> int:
         except ValueError as e:
             raise CLIError(str(e)) from None
     out = filesets.check_writable(args.out)
-    dirs = {p: filesets.check_writable(out / p) for p in parts} if task.parts else {task.name: out}
+    rig = camera_sources(source) if source is not None else None
+    cameras = list(rig) if rig else [None]
+    # camera (None: one source) -> part -> its output folder
+    dirs = {c: {p: filesets.check_writable(out / (c or "") / (p if task.parts else ""))
+                for p in (parts if task.parts else (task.name,))} for c in cameras}
 
-    window = None
+    windows = {}
     if source is not None:
-        from .sources import ImageFiles, open_source
+        from .sources import ImageFiles
         from .speed import SpeedReport
         unit = "frame"
-        window = _Window(command) if args.show else None
-        frames = open_source(source, args.topic)
-        if isinstance(frames, ImageFiles):
-            frames.names, notes = filesets.output_stems(frames.paths)
-            for n in notes:
-                _say(f"{command}: note: {n}", quiet)
-        report = SpeedReport(command, total=len(frames))
+        if args.show:
+            windows = {c: _Window(command if c is None else f"{command} {c}") for c in cameras}
+        topics = camera_topics(args.topic, cameras)
+        specs = rig or {None: source[0]}
+        frames = {c: open_source(specs[c], topics[c]) for c in cameras}
+        reports = {}
+        for c, f in frames.items():
+            if isinstance(f, ImageFiles):
+                f.names, notes = filesets.output_stems(f.paths)
+                for n in notes:
+                    _say(f"{command}: note: {c + ': ' if c else ''}{n}", quiet)
+            reports[c] = SpeedReport(command if c is None else f"{command} {c}", total=len(f))
         failures = 0
     else:
         from densert.image.decode import list_images
-        unit, report = "image", None
+        unit, reports = "image", None
         paths = list_images(images)
         for d in (p for p in map(Path, images) if p.is_dir() and not any(q.parent == p for q in paths)):
             print(f"{command}: warning: {d} holds no image files", file=sys.stderr)
@@ -403,8 +419,9 @@ def _run(args) -> int:
         return 0
 
     if source is not None:
-        _say(f"{command}: {frames.description} -> {out}", quiet)
-        items = pred.stream(frames, task=task.name, drop=args.drop, **call)
+        for c, f in frames.items():
+            _say(f"{command}: {c + ': ' if c else ''}{f.description} -> {out / (c or '')}", quiet)
+        items = pred.stream(frames if rig else frames[None], task=task.name, drop=args.drop, **call)
     else:
         from tqdm import tqdm
         bar = tqdm(good, desc=command, unit="img", file=sys.stderr,
@@ -417,6 +434,9 @@ def _run(args) -> int:
             for item in items:
                 name = item.frame.name
                 label = str(item.frame.image) if isinstance(item.frame.image, Path) else name
+                if item.camera is not None:
+                    label = f"{item.camera}/{label}"
+                report = reports[item.camera] if reports is not None else None
                 timings, error = dict(item.timings), item.error
                 if error is None:
                     results = item.result.results if task.parts else [item.result]
@@ -424,7 +444,7 @@ def _run(args) -> int:
                     try:
                         with tm.stage("write"):
                             for r in results:
-                                filesets.write_set(dirs[r.task], r.artifacts(name, out_opts))
+                                filesets.write_set(dirs[item.camera][r.task], r.artifacts(name, out_opts))
                     except (DensertError, OSError) as e:
                         error = e
                     timings.update(tm)
@@ -447,20 +467,21 @@ def _run(args) -> int:
                     report.add(timings, item.dropped, item.latency)
                     _say(report.line(item.frame.index, label, results[0].original_hw, task.name,
                                      timings, item.dropped), quiet)
+                window = windows.get(item.camera)
                 if window is not None and not window.show([r.plot() for r in results]):
                     break
     except (KeyboardInterrupt, Terminated) as e:
         items.close()
         print(f"{command}: interrupted; {written} {unit}(s) written to {out}, the {unit} in "
               "progress left nothing behind", file=sys.stderr)
-        if report is not None:
+        for report in (reports or {}).values():
             _say(report.summary(), quiet)
         return 143 if isinstance(e, Terminated) else 130
     finally:
-        if window is not None:
+        for window in windows.values():
             window.close()
     items.close()
-    if report is not None:
+    for report in (reports or {}).values():
         _say(report.summary(), quiet)
     _say(f"{command}: wrote results for {written} {unit}(s) to {out}", quiet)
     if failures:
@@ -468,6 +489,27 @@ def _run(args) -> int:
         print(f"{command}: {failures}{of} {unit}(s) failed", file=sys.stderr)
         return 1
     if source is not None and written == 0:
-        print(f"{command}: {frames.description} gave no frame", file=sys.stderr)
+        what = " and ".join(f.description for f in frames.values())
+        print(f"{command}: {what} gave no frame", file=sys.stderr)
         return 1
     return 0
+
+
+def camera_topics(topics: list[str] | None, cameras: list[str | None]) -> dict:
+    """``--topic`` per camera: one plain TOPIC for every bag, or NAME=TOPIC per camera."""
+    if not topics:
+        return dict.fromkeys(cameras)
+    if cameras == [None]:
+        if len(topics) > 1:
+            raise CLIError("--topic given more than once for one --source")
+        return {None: topics[0]}
+    if len(topics) == 1 and "=" not in topics[0]:
+        return dict.fromkeys(cameras, topics[0])
+    out = dict.fromkeys(cameras)
+    for t in topics:
+        name, sep, topic = t.partition("=")
+        if not sep or name not in out:
+            raise CLIError(f"--topic {t!r}: with several cameras give NAME=TOPIC, NAME one of "
+                           f"{', '.join(cameras)}")
+        out[name] = topic
+    return out

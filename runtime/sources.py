@@ -264,7 +264,7 @@ def camera_sources(specs: list[str]) -> dict[str, str] | None:
 def _named(spec: str) -> bool:
     """NAME=SRC, not a path or URL that holds '=' (``rtsp://h/?a=b``, ``./x=1.png``)."""
     name = spec.split("=", 1)[0]
-    return "=" in spec and CAMERA_NAME.fullmatch(name) is not None and not Path(spec).exists()
+    return "=" in spec and not any(c in name for c in "/\\:.") and not Path(spec).exists()
 
 
 def _is_glob(spec: str) -> bool:

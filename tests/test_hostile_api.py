@@ -124,6 +124,13 @@ CALLS = [
     ("stream", ([GOOD],), {"drop": "yes"}, "drop must be True or False or None"),
     ("stream", ([GOOD],), {"focal": -2}, "focal: the focal length must be a positive number"),
     ("stream", ([GOOD],), {"task": "dense", "depth": False}, "a dense stream needs depth or classes"),
+    ("stream", ({},), {}, "frames: an empty dict of cameras"),
+    ("stream", ({"front": [GOOD], "2nd": [GOOD]},), {}, "camera name '2nd': use a letter"),
+    ("stream", ({"front": [GOOD], "rear": None},), {}, "frames['rear']: expected a source"),
+    ("batch", (GOOD,), {}, "images must be a list of images, got ndarray"),
+    ("batch", ([GOOD, _arr(np.int64, 300)],), {}, "int64 array spans [300, 300]"),
+    ("batch", ([GOOD],), {"task": "chat"}, "task 'chat': expected one of"),
+    ("batch", ([GOOD],), {"task": "segment", "classes": "floor"}, "got the string 'floor'"),
 ]
 
 
