@@ -164,9 +164,14 @@ def configure_ros2(parser: argparse.ArgumentParser) -> None:
     _add_option(parser, "background")
     parser.add_argument("--labels-color", action="store_true",
                         help="also publish labels_color (rgb8 class colours)")
+    parser.add_argument("--cameras", default=None, metavar="NAME,NAME",
+                        help="several cameras through the one model: NAME/image and "
+                             "NAME/camera_info in, NAME/depth ... out for each (default: none, "
+                             "the topics image, camera_info, depth ...)")
     parser.add_argument("--name", default=ros2_node.NODE_NAME, help="node name")
     parser.add_argument("--max-frames", type=int, default=0,
-                        help="exit after this many processed frames (0: run until stopped)")
+                        help="exit after this many processed frames, of every camera with "
+                             "--cameras (0: run until stopped)")
     parser.add_argument("--quiet", action="store_true", help="no per-frame log lines")
     parser.add_argument("--ros-args", nargs=argparse.REMAINDER, default=None,
                         help="ROS arguments (remaps, -p parameter overrides), as for any ROS node "

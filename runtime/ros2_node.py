@@ -21,10 +21,17 @@ reliable and best-effort subscribers accept. The model runs on its own thread ov
 busy replaces the one waiting, and is counted as dropped. Depth and segmentation of a frame come
 from one prefill where the preset allows it (``runtime.multitask``).
 
+Several cameras, one model (``--cameras front,rear``): every topic above moves under the
+camera's name (``front/image`` + ``front/camera_info`` in, ``front/depth``, ... out, each with
+its input's header; ``~/front/diagnostics``), and each camera keeps its own latest frame, drop
+count, focal length and speed report. The one model thread serves the cameras round by round
+(``runtime.stream``: no camera waits more than one round), and frames of one size run the vision
+encoder and the prefill as one batch where the backend declares it.
+
 Every option is also a ROS parameter (``model``, ``backend``, ``engine_dir``, ``device``,
 ``dtype``, ``preset``, ``classes``, ``background``, ``focal``, ``depth``, ``depth_mm``,
-``labels_color``), read at start: the flags set the defaults, ``--ros-args -p name:=value``
-overrides them.
+``labels_color``, ``cameras``), read at start: the flags set the defaults, ``--ros-args -p
+name:=value`` overrides them.
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ from densert.tasks.depth_bins import PRESETS
 
 from .options import BACKENDS, DenseOptions, PredictorOptions
 from .registry import REGISTRY
-from .sources import Frame, frame_name, image_msg_to_rgb
+from .sources import Frame, check_camera_name, frame_name, image_msg_to_rgb
 from .stream import LiveFrames
 
 NODE_NAME = "densert"
@@ -58,7 +65,24 @@ def _parameters(args) -> dict:
             "device": args.device, "dtype": args.dtype, "preset": args.preset or "",
             "classes": args.classes or "", "background": bool(args.background),
             "focal": float(args.focal or 0.0), "depth": bool(args.depth),
-            "depth_mm": bool(args.depth_mm), "labels_color": bool(args.labels_color)}
+            "depth_mm": bool(args.depth_mm), "labels_color": bool(args.labels_color),
+            "cameras": args.cameras or ""}
+
+
+def camera_names(text: str) -> list[str]:
+    """``--cameras front,rear`` -> the names, distinct and valid ROS name tokens."""
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise CLIError(f"cameras {text!r} names no camera")
+    try:
+        for n in names:
+            check_camera_name(n)
+    except SourceError as e:
+        raise CLIError(f"cameras: {e}") from None
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise CLIError(f"cameras: {', '.join(dup)} given more than once")
+    return names
 
 
 def depth_image(depth: np.ndarray, bins: np.ndarray) -> np.ndarray:
@@ -72,8 +96,26 @@ def depth_mm_image(depth: np.ndarray, bins: np.ndarray) -> np.ndarray:
     return np.where(mm > 65535, 0, mm).astype(np.uint16)
 
 
+class _Camera:
+    """One camera of the node: its subscriptions' frames, publishers, focal length and counts."""
+
+    def __init__(self, name: str | None, report):
+        self.name = name
+        self.frames = LiveFrames()
+        self.report = report
+        self.received = 0
+        self.processed = 0
+        self.focal: float | None = None
+        self.pubs: dict = {}
+        self.diag = None
+
+    def topic(self, base: str) -> str:
+        return base if self.name is None else f"{self.name}/{base}"
+
+
 class DensertNode:
-    """The node: subscriptions feed a live frame source, a worker thread publishes results."""
+    """The node: subscriptions feed a live frame source per camera, a worker thread publishes
+    results."""
 
     def __init__(self, rclpy, args, predictor_factory=None):
         from rclpy.node import Node
@@ -94,6 +136,7 @@ class DensertNode:
             raise CLIError(f"parameter backend {p['backend']!r}: expected one of {BACKENDS}")
         if p["preset"] and p["preset"] not in PRESETS:
             raise CLIError(f"parameter preset {p['preset']!r}: expected one of {tuple(PRESETS)}")
+        names = camera_names(p["cameras"]) if p["cameras"] else [None]
         settings = asdict(PredictorOptions())
         settings.update(backend=p["backend"], engine_dir=p["engine_dir"] or None,
                         device=p["device"], dtype=p["dtype"], max_patches=args.max_patches,
@@ -118,54 +161,57 @@ class DensertNode:
         self.task = "dense" if classes else "depth"
         self.classes = classes
         self._colours = None
-        self.focal = p["focal"] or None
-        if self.focal is not None and not self.open_world:
+        focal = p["focal"] or None
+        if focal is not None and not self.open_world:
             raise CLIError(f"focal applies to the open-world preset only, not {self.preset!r}")
-        self.frames = LiveFrames()
-        self.received = 0
-        self.processed = 0
         self.warned: set[str] = set()
         from .speed import SpeedReport
-        self.report = SpeedReport(f"densert ros2 ({self.task})")
+        label = f"densert ros2 ({self.task})"
+        self.cameras = {n: _Camera(n, SpeedReport(label if n is None else f"{label} {n}"))
+                        for n in names}
 
         reliable = QoSProfile(depth=5)
-        self.pubs = {}
-        if p["depth"]:
-            self.pubs["depth"] = node.create_publisher(Image, "depth", reliable)
-            if p["depth_mm"]:
-                self.pubs["depth_mm"] = node.create_publisher(Image, "depth_mm", reliable)
-        if classes:
-            self.pubs["labels"] = node.create_publisher(Image, "labels", reliable)
-            if p["labels_color"]:
-                self.pubs["labels_color"] = node.create_publisher(Image, "labels_color", reliable)
-        self.diag = node.create_publisher(String, "~/diagnostics", reliable)
-        node.create_subscription(Image, "image", self._on_image, qos_profile_sensor_data)
-        node.create_subscription(CameraInfo, "camera_info", self._on_info, qos_profile_sensor_data)
+        for cam in self.cameras.values():
+            cam.focal = focal
+            if p["depth"]:
+                cam.pubs["depth"] = node.create_publisher(Image, cam.topic("depth"), reliable)
+                if p["depth_mm"]:
+                    cam.pubs["depth_mm"] = node.create_publisher(Image, cam.topic("depth_mm"), reliable)
+            if classes:
+                cam.pubs["labels"] = node.create_publisher(Image, cam.topic("labels"), reliable)
+                if p["labels_color"]:
+                    cam.pubs["labels_color"] = node.create_publisher(Image, cam.topic("labels_color"),
+                                                                     reliable)
+            cam.diag = node.create_publisher(String, "~/" + cam.topic("diagnostics"), reliable)
+            node.create_subscription(Image, cam.topic("image"),
+                                     lambda m, c=cam: self._on_image(c, m), qos_profile_sensor_data)
+            node.create_subscription(CameraInfo, cam.topic("camera_info"),
+                                     lambda m, c=cam: self._on_info(c, m), qos_profile_sensor_data)
         self.worker = threading.Thread(target=self._work, name="densert-ros2-model", daemon=True)
         self.done = threading.Event()
         self.error: BaseException | None = None
 
     # ---- callbacks (executor thread)
-    def _on_info(self, msg) -> None:
+    def _on_info(self, cam: _Camera, msg) -> None:
         fx = float(msg.k[0])
         if not self.open_world:
             self._warn_once("info", f"camera_info ignored: the {self.preset} preset has a fixed "
                                     "camera; its focal length does not apply")
         elif fx > 0:
-            self.focal = fx
+            cam.focal = fx
 
-    def _on_image(self, msg) -> None:
-        self.received += 1
+    def _on_image(self, cam: _Camera, msg) -> None:
+        cam.received += 1
+        n = cam.received - 1
         try:
             rgb = image_msg_to_rgb(msg.encoding, msg.height, msg.width, msg.step, bytes(msg.data),
-                                   f"image message {self.received}")
+                                   f"{cam.topic('image')} message {cam.received}")
         except SourceError as e:
-            self._warn_once(f"enc-{msg.encoding}", str(e))
+            self._warn_once(f"enc-{cam.name}-{msg.encoding}", str(e))
             return
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-        self.frames.push(Frame(self.received - 1, rgb, frame_name(self.received - 1),
-                               stamp=stamp, focal=self.focal if self.open_world else None,
-                               meta=msg.header))
+        cam.frames.push(Frame(n, rgb, frame_name(n), stamp=stamp,
+                              focal=cam.focal if self.open_world else None, meta=msg.header))
 
     def _warn_once(self, key: str, text: str) -> None:
         if key not in self.warned:
@@ -175,23 +221,27 @@ class DensertNode:
     # ---- the model thread
     def _work(self) -> None:
         try:
-            items = self.pred.stream(self.frames, task=self.task, drop=True, **self._task_options())
+            sources = {n: c.frames for n, c in self.cameras.items()}
+            items = self.pred.stream(sources[None] if None in sources else sources, task=self.task,
+                                     drop=True, **self._task_options())
             for item in items:
+                cam = self.cameras[item.camera]
+                label = item.frame.name if cam.name is None else f"{cam.name}/{item.frame.name}"
                 if item.error is not None:
-                    self.node.get_logger().error(f"{item.frame.name}: {item.error}")
-                    self.report.add(item.timings, item.dropped, failed=True)
+                    self.node.get_logger().error(f"{label}: {item.error}")
+                    cam.report.add(item.timings, item.dropped, failed=True)
                     continue
                 t0 = time.perf_counter()
-                self._publish(item)
+                self._publish(cam, item)
                 timings = {**item.timings, "publish": time.perf_counter() - t0}
-                self.processed += 1
-                self.report.add(timings, item.dropped, item.latency)
-                self._diagnostics(item, timings)
+                cam.processed += 1
+                cam.report.add(timings, item.dropped, item.latency)
+                self._diagnostics(cam, item, timings)
                 if not self.quiet:
                     hw = item.frame.image.shape[:2]
-                    self.node.get_logger().info(self.report.line(
-                        item.frame.index, item.frame.name, hw, self.task, timings, item.dropped))
-                if self.max_frames and self.processed >= self.max_frames:
+                    self.node.get_logger().info(cam.report.line(
+                        item.frame.index, label, hw, self.task, timings, item.dropped))
+                if self.max_frames and all(c.processed >= self.max_frames for c in self.cameras.values()):
                     break
             items.close()
         except BaseException as e:  # reported by run(); the node must not hang on it
@@ -206,27 +256,28 @@ class DensertNode:
                         depth=bool(self.params["depth"]))
         return opts
 
-    def _publish(self, item) -> None:
+    def _publish(self, cam: _Camera, item) -> None:
         header = item.frame.meta
         r = item.result
         depth = r.depth if self.task == "dense" else r
         seg = r.segmentation if self.task == "dense" else None
+        pubs = cam.pubs
         if depth is not None:
             if not depth.metric:
                 self._warn_once("relative", "depth is relative (open world without a focal "
                                             "length): publish camera_info or pass --focal for metres")
-            self.pubs["depth"].publish(self._msg(header, depth_image(depth.depth, depth.bins), "32FC1"))
-            if "depth_mm" in self.pubs:
+            pubs["depth"].publish(self._msg(header, depth_image(depth.depth, depth.bins), "32FC1"))
+            if "depth_mm" in pubs:
                 if depth.metric:
-                    self.pubs["depth_mm"].publish(
+                    pubs["depth_mm"].publish(
                         self._msg(header, depth_mm_image(depth.depth, depth.bins), "16UC1"))
         if seg is not None:
-            self.pubs["labels"].publish(self._msg(header, seg.labels, "mono16"))  # uint16 already
-            if "labels_color" in self.pubs:
+            pubs["labels"].publish(self._msg(header, seg.labels, "mono16"))  # uint16 already
+            if "labels_color" in pubs:
                 if self._colours is None:  # the class list is fixed for the node's life
                     from .colours import class_colours
                     self._colours = class_colours(seg.class_names)
-                self.pubs["labels_color"].publish(self._msg(header, self._colours[seg.labels], "rgb8"))
+                pubs["labels_color"].publish(self._msg(header, self._colours[seg.labels], "rgb8"))
 
     def _msg(self, header, array: np.ndarray, encoding: str):
         m = self.Image()
@@ -238,15 +289,16 @@ class DensertNode:
         m.data = np.ascontiguousarray(array).tobytes()
         return m
 
-    def _diagnostics(self, item, timings: dict) -> None:
+    def _diagnostics(self, cam: _Camera, item, timings: dict) -> None:
         msg = self.String()
         msg.data = json.dumps({
+            **({} if cam.name is None else {"camera": cam.name}),
             "frame": item.frame.index, "stamp": item.frame.stamp,
             "latency_ms": round(item.latency * 1e3, 3),
             "stages_ms": {k: round(v * 1e3, 3) for k, v in timings.items()},
-            "received": self.received, "processed": self.processed,
-            "dropped": self.report.dropped + self.frames.dropped, "fps": round(self.report.fps, 3)})
-        self.diag.publish(msg)
+            "batch": item.batch, "received": cam.received, "processed": cam.processed,
+            "dropped": cam.report.dropped + cam.frames.dropped, "fps": round(cam.report.fps, 3)})
+        cam.diag.publish(msg)
 
 
 def spin(args) -> int:
@@ -262,8 +314,9 @@ def spin(args) -> int:
         if node.pred.is_demo_model:
             from .predictor import DEMO_MODEL_NOTICE
             log.info(DEMO_MODEL_NOTICE)
+        topics = [node.node.resolve_topic_name(c.topic("image")) for c in node.cameras.values()]
         log.info(f"ready: {node.task} with {node.pred.backend_name}, preset {node.preset}; "
-                 f"subscribed to {node.node.resolve_topic_name('image')}")
+                 f"subscribed to {', '.join(topics)}")
         node.worker.start()
         executor = SingleThreadedExecutor()
         executor.add_node(node.node)
@@ -275,8 +328,9 @@ def spin(args) -> int:
         pass
     finally:
         if node is not None:
-            node.frames.close()
-            print(node.report.summary(), file=sys.stderr)
+            for cam in node.cameras.values():
+                cam.frames.close()
+                print(cam.report.summary(), file=sys.stderr)
             node.node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()

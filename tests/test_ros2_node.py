@@ -185,3 +185,73 @@ def test_ros2_camera_info_focal_gives_metric_depth_mm(ros_env):
     assert mm.dtype == np.uint16 and mm.shape == (96, 128)
     want = np.rint(np.where(ref.bins > 0, ref.depth, 0) * 1000)
     np.testing.assert_array_equal(mm, np.where(want > 65535, 0, want).astype(np.uint16))
+
+
+class _RigClient(_Client):
+    """The test's node for a camera rig: an image publisher per camera, their outputs."""
+
+    def __init__(self, cameras):
+        self.ctx = rclpy.Context()
+        rclpy.init(context=self.ctx)
+        self.node = rclpy.create_node("densert_rig_client", context=self.ctx)
+        self.pubs = {c: self.node.create_publisher(Image, f"{c}/image", qos_profile_sensor_data)
+                     for c in cameras}
+        self.got: dict[str, list] = {}
+        for c in cameras:
+            for topic, typ in ((f"{c}/depth", Image), (f"densert/{c}/diagnostics", String)):
+                self.node.create_subscription(typ, topic, lambda m, t=topic: self.got.setdefault(t, []).append(m),
+                                              QoSProfile(depth=10))
+        self.executor = rclpy.executors.SingleThreadedExecutor(context=self.ctx)
+        self.executor.add_node(self.node)
+
+
+def test_ros2_two_cameras_publish_each_cameras_depth_and_stamp_from_one_process(ros_env):
+    """``--cameras front,rear``: one process, one model; each camera's depth on its own topic with
+    its own input header, and diagnostics per camera. float32 on both sides: the node and the
+    reference compute the same arithmetic (a batched round included: test_rig.py)."""
+    from densert.runtime.predictor import DensePredictor
+    cams = ("front", "rear")
+    sizes = {"front": (64, 96), "rear": (48, 64)}
+    proc = _start(ros_env, "--cameras", ",".join(cams), "--dtype", "float32", "--max-frames", "2")
+    client = _RigClient(cams)
+    try:
+        ok = all(client.wait_for_node(proc, client.pubs[c], (f"{c}/depth",)) for c in cams)
+        assert ok, "the node's camera subscriptions or depth topics never appeared"
+        pubs = {t: {i.node_name for i in client.node.get_publishers_info_by_topic(f"/{t}/depth")}
+                for t in cams}
+        assert pubs == {"front": {"densert"}, "rear": {"densert"}}   # one node publishes both
+        rng = np.random.default_rng(3)
+        sent = {c: [] for c in cams}
+        for k in range(2):
+            for j, c in enumerate(cams):
+                msg, rgb = _image(rng, sizes[c], "rgb8", (1700000100 + 10 * j + k, 1000 * j + k))
+                msg.header.frame_id = f"{c}_optical"
+                client.pubs[c].publish(msg)
+                sent[c].append((msg, rgb))
+            assert client.spin_until(lambda: all(len(client.got.get(f"{c}/depth", [])) > k for c in cams),
+                                     120, proc), f"no depth on both cameras for round {k}"
+        assert client.spin_until(lambda: all(len(client.got.get(f"densert/{c}/diagnostics", [])) == 2
+                                             for c in cams), 30, proc)
+        proc.wait(timeout=60)  # --max-frames 2: every camera processed two, the node stops
+        err = proc.stderr.read()
+        assert proc.returncode == 0, err[-2000:]
+    finally:
+        _stop(proc)
+        client.close()
+    for c in cams:
+        assert f"densert ros2 (depth) {c}: 2 frame(s)" in err   # a summary per camera
+    pred = DensePredictor(dtype="float32")
+    for c in cams:
+        outs = client.got[f"{c}/depth"]
+        assert len(outs) == 2
+        for (msg, rgb), out in zip(sent[c], outs):
+            assert (out.header.stamp.sec, out.header.stamp.nanosec) == \
+                (msg.header.stamp.sec, msg.header.stamp.nanosec)
+            assert out.header.frame_id == f"{c}_optical" and (out.height, out.width) == sizes[c]
+            ref = pred.depth(rgb)
+            np.testing.assert_array_equal(_array(out), np.where(ref.bins > 0, ref.depth, np.nan).astype(np.float32))
+        diags = [json.loads(m.data) for m in client.got[f"densert/{c}/diagnostics"]]
+        assert [d["camera"] for d in diags] == [c, c]
+        assert [d["stamp"] for d in diags] == [m.header.stamp.sec + m.header.stamp.nanosec * 1e-9
+                                               for m, _ in sent[c]]
+        assert diags[-1]["processed"] == 2 and diags[-1]["received"] == 2 and diags[-1]["dropped"] == 0
