@@ -1,7 +1,8 @@
 """Every backend available here passes the same checks of the ``densert.backend.Backend`` protocol:
 its declared members have the declared types and values, its stages return the declared shapes
-(and the torch reference's numbers: the engines here are fp32), its head rows are the model's, and
-``extend`` exists where it is declared and equals a whole prefill there. TensorRT runs against
+(and the torch reference's numbers: the engines here are fp32), its head rows are the model's,
+``extend`` exists where it is declared and equals a whole prefill there, and so do the batched
+stages (several images in one ``encode_image``, ``prefill_batch``), equal to one call per image. TensorRT runs against
 the recording fake (``fake_tensorrt``: its engines execute with ONNX Runtime); a new backend is
 added to ``BACKENDS`` below."""
 from __future__ import annotations
@@ -104,6 +105,7 @@ def test_declared_members(name, backends, tiny_checkpoint):
     assert isinstance(be.device, str) and torch.device(be.device).type in ("cpu", "cuda")
     assert isinstance(be.dtype, torch.dtype) and be.dtype.is_floating_point
     assert isinstance(be.supports_extend, bool)
+    assert isinstance(be.supports_image_batch, bool) and isinstance(be.supports_prefill_batch, bool)
     assert all(isinstance(p, str) for p in be.providers)
     assert be.provenance() == {"backend": name, "device": be.device, "dtype": be.precision}
     if eng is None:
@@ -187,6 +189,47 @@ def test_extend_only_where_declared_and_equal_to_a_whole_prefill(name, backends)
                  (part.last_logits, whole.last_logits)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(kept, past))   # the prefix is only read
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_batched_stages_only_where_declared_and_equal_to_one_call_each(name, backends):
+    """fp32 throughout: each image's rows go through the same operations as in its own call
+    (the torch tower attends per image); only the GEMMs see more rows, which may change the
+    summation order of the library's blocking, so 1e-5 (a few fp32 ulps of these magnitudes)."""
+    be, _ = backends(name)
+    cfg = be.config
+    gen = torch.Generator().manual_seed(2)
+    grids = [GRID, GRID, GRID]
+    n = GRID[0] * GRID[1]
+    px = [torch.randn(n, 768, generator=gen) for _ in grids]
+    if be.supports_image_batch:
+        packed = be.encode_image(torch.cat(px), build_vision_meta(grids, cfg.vision_config))
+        one = [be.encode_image(p, build_vision_meta([GRID], cfg.vision_config)) for p in px]
+        torch.testing.assert_close(packed.float().cpu(), torch.cat(one).float().cpu(), atol=1e-5, rtol=1e-5)
+    m = 6
+    ids = _prompt(cfg, m)
+    emb = torch.randn(len(grids) * m, cfg.hidden_size, generator=gen)
+    batch = ids.expand(len(grids), -1)
+    if not be.supports_prefill_batch:
+        with pytest.raises(BackendError, match="no prefill_batch stage"):
+            be.prefill_batch(batch, emb)
+        return
+    got = be.prefill_batch(batch, emb)
+    assert len(got) == len(grids) and all(r.cache is None for r in got)
+    for i, r in enumerate(got):
+        want = be.prefill(ids, emb[i * m:(i + 1) * m])
+        for a, b in ((r.vision_hidden, want.vision_hidden), (r.pre_vision_hidden, want.pre_vision_hidden),
+                     (r.last_logits, want.last_logits)):
+            torch.testing.assert_close(a.float().cpu(), b.float().cpu(), atol=1e-5, rtol=1e-5)
+    if be.supports_extend:   # a kept prefix continued by every row, as extend continues it
+        prefix, rest = ids[:, :3], ids[:, 3:]
+        past = tuple(t.clone() for t in be.cache_tensors(be.prefill(prefix, None).cache))
+        for i, r in enumerate(be.prefill_batch(rest.expand(len(grids), -1), emb, past=past)):
+            want = be.extend(past, rest, emb[i * m:(i + 1) * m])
+            torch.testing.assert_close(r.vision_hidden, want.vision_hidden, atol=1e-5, rtol=1e-5)
+    uneven = torch.cat([ids, torch.where(ids == cfg.image_token_id, 40, ids)])
+    with pytest.raises(BackendError, match="same number of image pads"):
+        be.prefill_batch(uneven, emb[:m])
 
 
 def test_predictor_refuses_an_object_that_is_no_backend(tiny_checkpoint):
