@@ -12,7 +12,8 @@ counted as dropped (``StreamItem.dropped``, ``SpeedReport``). For files, videos 
 frame is processed in order (the reader waits), unless ``drop=True`` is asked for.
 
 Several cameras (``frames`` a dict: name -> source) share the one model. Each camera has its own
-reader and preparation threads, its own slots and so its own latest frame and drop count. The
+reader thread and its own slots, and so its own latest frame and drop count; one preparation
+thread serves every camera in turn (so one frame's preprocessing memory is in use at a time). The
 model thread serves them in rounds: a round takes the waiting frame of **every** camera that has
 one (at most one per camera, in the dict's order) and runs them together (``DensePredictor.
 _batch``: frames of one size share the vision encoder and the prefill where the backend batches
@@ -233,19 +234,18 @@ def _label(result, frame: Frame):
 
 
 class _Camera:
-    """One source's threads and slots: reader -> raw slot -> preparer -> ready slot."""
+    """One source: its reader thread, its raw slot (the latest frame read) and its ready slot
+    (the frame prepared for the model). All slots of a stream share one condition."""
 
-    def __init__(self, pred, spec: TaskSpec, name: str | None, frames, drop: bool | None,
-                 cv: threading.Condition, stop: threading.Event, failure: list):
+    def __init__(self, name: str | None, frames, drop: bool | None, cv: threading.Condition,
+                 stop: threading.Event, failure: list):
         self.name, self.frames = name, frames
         self.live = bool(getattr(frames, "live", False)) if drop is None else drop
-        self.raw = LatestSlot(drop=self.live)
+        self.raw = LatestSlot(drop=self.live, cv=cv)
         self.ready = LatestSlot(drop=False, cv=cv)
-        self.pred, self.spec, self.stop, self.failure = pred, spec, stop, failure
+        self.stop, self.failure = stop, failure
         tag = "" if name is None else f"-{name}"
-        self.threads = [threading.Thread(target=self._read, name=f"densert-stream-read{tag}", daemon=True),
-                        threading.Thread(target=self._prepare, name=f"densert-stream-prepare{tag}",
-                                         daemon=True)]
+        self.reader = threading.Thread(target=self._read, name=f"densert-stream-read{tag}", daemon=True)
 
     def _read(self):
         try:
@@ -264,32 +264,75 @@ class _Camera:
         finally:
             self.raw.finish()
 
-    def _prepare(self):
-        try:
-            while not self.stop.is_set():
-                r = self.raw.get()
-                if r is _END:
-                    break
-                dropped = self.raw.take_dropped()
-                tm = Timings(read=r.read_s)
-                try:
-                    pre = prepare_frame(self.pred, self.spec, r.frame, tm)
-                    item = _Prepared(r.frame, pre, dict(tm), r.arrived, dropped)
-                except Exception as e:  # one bad frame: reported, the stream goes on
-                    item = _Prepared(r.frame, None, dict(tm), r.arrived, dropped, error=e)
-                if not self.ready.put(item):
-                    break
-        except BaseException as e:
-            self.failure.append(e)
-        finally:
-            self.ready.finish()
-
     def close(self) -> None:
         self.raw.close()
         self.ready.close()
         interrupt = getattr(self.frames, "interrupt", None)
         if interrupt is not None:  # a reader waiting on a pushed source wakes up
             interrupt()
+
+
+def _next_to_prepare(cameras: list[_Camera], start: int):
+    """(index, camera) whose prepared frame was taken and that has a frame read or has ended,
+    the first from ``start`` on (round-robin); None when there is none. Under the condition."""
+    for k in range(len(cameras)):
+        i = (start + k) % len(cameras)
+        c = cameras[i]
+        if not c.ready.closed and not c.ready.ready and (c.raw.ready or c.raw.done):
+            return i, c
+    return None
+
+
+def _preparer(pred, spec: TaskSpec, cameras: list[_Camera], cv: threading.Condition,
+              stop: threading.Event, failure: list) -> None:
+    """The one preparation thread of a stream: decodes and preprocesses each camera's latest
+    frame in turn, so one frame's preprocessing memory is in use at a time whatever the number
+    of cameras."""
+    try:
+        turn = 0
+        while not stop.is_set():
+            with cv:
+                while (found := _next_to_prepare(cameras, turn)) is None:
+                    if stop.is_set() or all(c.ready.closed for c in cameras):
+                        return
+                    cv.wait()
+                i, cam = found
+                turn = i + 1
+                r = cam.raw.take()
+                if r is _END:           # its reader ended and everything read was prepared
+                    cam.ready.finish()
+                    continue
+                dropped = cam.raw.take_dropped()
+            tm = Timings(read=r.read_s)
+            try:
+                pre = prepare_frame(pred, spec, r.frame, tm)
+                item = _Prepared(r.frame, pre, dict(tm), r.arrived, dropped)
+            except Exception as e:  # one bad frame: reported, the stream goes on
+                item = _Prepared(r.frame, None, dict(tm), r.arrived, dropped, error=e)
+            cam.ready.put(item)         # its slot is empty: this never waits
+    except BaseException as e:
+        failure.append(e)
+    finally:
+        for c in cameras:
+            c.ready.finish()
+
+
+_TRIM: list = []
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free blocks to the system after a round (glibc's ``malloc_trim``;
+    nothing elsewhere). glibc keeps freed blocks of a round's tensors (its mmap threshold rises
+    to the largest block freed), so without it a process's resident memory holds every round's
+    largest temporaries on top of the next round's: measured in benchmarks/results/rig.md."""
+    if not _TRIM:
+        import ctypes
+        try:
+            _TRIM.append(ctypes.CDLL(None).malloc_trim)
+        except (OSError, AttributeError):   # not glibc
+            _TRIM.append(None)
+    if _TRIM[0] is not None:
+        _TRIM[0](0)
 
 
 def _round(cameras: list[_Camera], cv: threading.Condition) -> list[tuple[_Camera, _Prepared]]:
@@ -316,25 +359,29 @@ def stream(pred, frames, spec: TaskSpec, drop: bool | None = None) -> Iterator[S
     cv = threading.Condition()
     stop = threading.Event()
     failure: list[BaseException] = []
-    cameras = [_Camera(pred, spec, name, src, drop, cv, stop, failure) for name, src in sources.items()]
-    for c in cameras:
-        for t in c.threads:
-            t.start()
+    cameras = [_Camera(name, src, drop, cv, stop, failure) for name, src in sources.items()]
+    threads = [c.reader for c in cameras] + [threading.Thread(
+        target=_preparer, args=(pred, spec, cameras, cv, stop, failure),
+        name="densert-stream-prepare", daemon=True)]
+    for t in threads:
+        t.start()
     try:
         while rig := _round(cameras, cv):
             yield from _run_round(pred, spec, rig)
+            release_freed_memory()
         if failure:
             raise failure[0]
     finally:
         stop.set()
         for c in cameras:
             c.close()
-        for c in cameras:
-            for t in c.threads:
-                t.join(timeout=1.0)
-            close = getattr(c.frames, "close", None)
-            if close is not None and not any(t.is_alive() for t in c.threads):
-                close()
+        for t in threads:
+            t.join(timeout=1.0)
+        if not any(t.is_alive() for t in threads):
+            for c in cameras:
+                close = getattr(c.frames, "close", None)
+                if close is not None:
+                    close()
 
 
 def _run_round(pred, spec: TaskSpec, rig: list[tuple[_Camera, _Prepared]]) -> Iterator[StreamItem]:

@@ -54,14 +54,14 @@ class Siglip2Attention(nn.Module):
         v = self.v_proj(x).view(shape).transpose(0, 1)
         if meta.cos is not None:
             q, k = apply_vision_rope(q, meta.cos, meta.sin), apply_vision_rope(k, meta.cos, meta.sin)
+        # Images of one size (a camera rig) attend image by image, each with the very shapes of
+        # its own call (so its result and its peak memory are its own call's): no (B n)^2
+        # segment mask, no chunk of scores over several images. Each image's patches and
+        # windows are contiguous in window order (``build_vision_meta`` offsets them).
+        rig = len(meta.image_seqlens) if len(set(meta.image_seqlens)) == 1 else 1
         if full:
-            sizes = set(meta.image_seqlens)
-            if len(sizes) == 1 and len(meta.image_seqlens) > 1:
-                # Images of one size (a camera rig): each attends over its own patches (B n^2
-                # scores, not the (B n)^2 of the segment mask), with the very shapes of its own
-                # call, so its result is its own call's. Each image's patches are contiguous in
-                # window order (``build_vision_meta`` offsets each image's windows).
-                m = sizes.pop()
+            if rig > 1:
+                m = n // rig
                 o = torch.cat([attention(q[:, a:a + m], k[:, a:a + m], v[:, a:a + m], self.scale,
                                          budget=budget) for a in range(0, n, m)], dim=1)
                 return self.out_proj(o.transpose(0, 1).reshape(n, -1))
@@ -76,7 +76,10 @@ class Siglip2Attention(nn.Module):
             return rows.index_select(0, slots).view(-1, s, self.num_heads, self.head_dim).transpose(1, 2)
 
         valid = (slots < n).view(-1, s)
-        o = window_attention(windows(q), windows(k), windows(v), valid, self.scale, budget)
+        qw, kw, vw = windows(q), windows(k), windows(v)
+        per = qw.shape[0] // rig
+        o = torch.cat([window_attention(qw[a:a + per], kw[a:a + per], vw[a:a + per], valid[a:a + per],
+                                        self.scale, budget) for a in range(0, qw.shape[0], per)])
         o = o.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim).index_select(0, meta.window_inverse)
         return self.out_proj(o)
 
