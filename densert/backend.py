@@ -134,7 +134,6 @@ class TorchBackend(Backend):
 
     name = "torch"
     supports_extend = True
-    supports_image_batch = True    # equal sizes batch the full-attention layers too (model.vision)
     supports_prefill_batch = True
 
     def __init__(self, model, cache_layout: str = "latent"):
@@ -144,6 +143,11 @@ class TorchBackend(Backend):
         p = next(model.parameters())
         self.device, self.dtype = str(p.device), p.dtype
         self.precision = str(p.dtype).removeprefix("torch.")
+        # The tower takes a rig's images packed (each attends over its own patches: model.vision),
+        # but on a CPU that measured no faster than one call each and needs the rig's
+        # activations at once (benchmarks/results/rig.md): packed on a GPU only, where one launch
+        # per layer serves the whole rig. No GPU was lent to measure it (docs/streaming.md).
+        self.supports_image_batch = torch.device(self.device).type == "cuda"
 
     def head_weight(self) -> torch.Tensor:
         """The model's own lm_head weight (no copy)."""

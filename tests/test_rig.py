@@ -52,9 +52,13 @@ def engine(tmp_path_factory):
 
 
 def _predictor(backend: str, engine=None, fast: bool = True) -> DensePredictor:
+    """torch packs the rig's images through the tower here whatever the device (declared on a GPU
+    only, where it pays), so the packed path is what is checked."""
     opts = DenseOptions(fast=fast, crf=False)
     if backend == "torch":
-        return DensePredictor(None, opts, dtype="float32")
+        pred = DensePredictor(None, opts, dtype="float32")
+        pred.backend.supports_image_batch = True
+        return pred
     return DensePredictor(None, opts, backend="onnxruntime", engine_dir=str(engine))
 
 
@@ -97,6 +101,7 @@ def test_batched_results_equal_one_by_one(backend, request):
     pred = _predictor(backend, eng)
     be = pred.backend
     assert be.supports_prefill_batch and be.supports_image_batch == (backend == "torch")
+    # ONNX Runtime's vision graph would mask the packed rig's patches as one image: not declared
     images = _frames(3) + _frames(1, hw=(64, 64), seed=1)      # three of one size, one other
     count = _Counting(pred)
     try:
@@ -113,6 +118,29 @@ def test_batched_results_equal_one_by_one(backend, request):
             assert calls["encode_image"] == (2 if backend == "torch" else 4), (task, o, calls)
     finally:
         count.close()
+
+
+def test_torch_declares_the_packed_tower_on_a_gpu_only():
+    from densert.backend import TorchBackend
+    be = DensePredictor(dtype="float32", device="cpu").backend
+    assert isinstance(be, TorchBackend) and be.device == "cpu" and be.supports_image_batch is False
+    assert be.supports_prefill_batch is True
+
+
+def test_the_tower_attends_image_by_image_in_a_rig():
+    """Packed images of one size: each one's embeddings are its own call's (windowed and full
+    attention per image), fp32."""
+    import torch
+
+    from densert.model.vision_meta import build_vision_meta
+    pred = _predictor("torch")
+    vc = pred.config.vision_config
+    pres = [pred.prepare(im) for im in _frames(3, hw=(96, 160), seed=4)]
+    grid = pres[0].grid
+    one = [pred.backend.encode_image(p.pixel_values, build_vision_meta([grid], vc)) for p in pres]
+    packed = pred.backend.encode_image(torch.cat([p.pixel_values for p in pres]),
+                                       build_vision_meta([grid] * 3, vc))
+    torch.testing.assert_close(packed, torch.cat(one), atol=1e-5, rtol=1e-5)
 
 
 def test_generating_flows_batch_the_vision_only():
