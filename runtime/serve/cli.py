@@ -136,7 +136,8 @@ def run(args) -> int:
 
     def stop(signum, frame):
         raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, stop)
+    # SIGINT too: a shell starts a background job with SIGINT ignored, and Python then leaves it so
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         _say(f"densert serve: starting tritonserver: {what}; log {server.log_file}")
         with server:
@@ -150,6 +151,7 @@ def run(args) -> int:
         _say("densert serve: stopping")
         return 0
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -25,8 +25,8 @@ Outputs (batch dimension 1 first):
 
 Text travels as UTF-8 bytes in UINT8 tensors, not as BYTES tensors: the Python-backend stub of
 the bundled Triton (2.51) converts BYTES through the numpy 1.x ABI, which numpy 2 breaks (see the
-package docstring). ``dense`` returns every output; the one a request did not ask for (no
-classes, or ``depth: false``) is empty ([1, 0, 0]; ``class_names`` ``[]``).
+package docstring). ``dense`` leaves out what a request did not ask for: ``labels`` and
+``class_names`` without classes, ``depth`` with ``depth: false``.
 
 A bad request (no image or both, undecodable bytes, an unknown parameter, preset or class list, a
 wrong type) gets an error response whose message names the problem; the dtype and rank of the
@@ -145,9 +145,7 @@ def read_text(a: np.ndarray) -> str:
     return np.asarray(a, dtype=np.uint8).tobytes().decode("utf-8")
 
 
-def _map(a: np.ndarray | None, dtype) -> np.ndarray:
-    if a is None:
-        return np.zeros((1, 0, 0), dtype=dtype)
+def _map(a: np.ndarray, dtype) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype)[None]
 
 
@@ -167,8 +165,10 @@ def infer(predictor, model: str, image, kw: dict) -> dict[str, np.ndarray]:
         doc = {"depth": None if d is None else json.loads(d.to_json()),
                "segmentation": None if s is None else json.loads(s.to_json()),
                "prefills": r.prefills, "note": r.note}
-        return {"depth": _map(None if d is None else d.depth, np.float32),
-                "labels": _map(None if s is None else s.labels, np.uint16),
-                "class_names": text(json.dumps([] if s is None else s.class_names)),
-                "sidecar": text(json.dumps(doc, indent=2))}
+        out = {"sidecar": text(json.dumps(doc, indent=2))}
+        if d is not None:
+            out["depth"] = _map(d.depth, np.float32)
+        if s is not None:
+            out.update(labels=_map(s.labels, np.uint16), class_names=text(json.dumps(s.class_names)))
+        return out
     raise OptionError(f"unknown model {model!r}; the served models are {MODELS}")
