@@ -29,6 +29,8 @@ SCHEMA_VERSION = 1
 # The measurement plan: the default, and --quick (CI); explicit flags override either.
 FULL = {"sizes": ["256x256", "480x640"], "runs": 10, "warmup": 2, "decode_cap": 32, "decode_runs": 3}
 QUICK = {"sizes": ["64x64", "96x128"], "runs": 3, "warmup": 1, "decode_cap": 4, "decode_runs": 1}
+# --url: timed requests per concurrency level, warm-up requests per client, clients per level.
+SERVE = {"runs": 40, "quick_runs": 8, "warmup": 2, "concurrency": (1, 2, 4, 8)}
 
 
 def configure(parser) -> None:
@@ -73,6 +75,21 @@ def configure(parser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"CI mode: {QUICK['sizes']}, {QUICK['runs']} runs, "
                              f"{QUICK['warmup']} warm-up, {QUICK['decode_cap']} decode steps")
+    serve = parser.add_argument_group(
+        "a running server (--url): latency and throughput against concurrency, with tritonclient")
+    serve.add_argument("--url", default=None, metavar="HOST:PORT",
+                       help="measure the Triton server there (densert serve, or a standalone "
+                            "one on the --write-repo repository) instead of backends in-process; "
+                            "uses the first --task and --sizes, --runs requests per level "
+                            f"(default {SERVE['runs']}), --warmup requests per client first "
+                            "(default: measure backends)")
+    serve.add_argument("--protocol", default="http", choices=("http", "grpc"),
+                       help="with --url: the server's protocol at that port")
+    serve.add_argument("--concurrency", type=int, nargs="+", default=list(SERVE["concurrency"]),
+                       metavar="N", help="with --url: concurrent clients per level")
+    serve.add_argument("--classes", default=None,
+                       help="with --url and --task segment: comma-separated classes sent with "
+                            "each request (default: the benchmark's scene classes)")
 
 
 def _resolve_model(arg):
@@ -210,6 +227,8 @@ def run(args) -> int:
         if not args.md:
             print(rep.markdown(report))
         return 0
+    if args.url:
+        return run_url(args)
     model = _resolve_model(args.model)
     q = QUICK if args.quick else FULL
     sizes = args.sizes or q["sizes"]
@@ -292,3 +311,69 @@ def run(args) -> int:
         print(f"densert bench: backend {b['backend']} failed: {b.get('reason')}\n"
               f"{b.get('traceback', '')}", file=sys.stderr)
     return 0 if ok and not errors else 1
+
+
+def url_command_line(args) -> str:
+    parts = ["densert", "bench", "--url", args.url, "--protocol", args.protocol,
+             "--task", args.task[0], "--sizes", (args.sizes or FULL["sizes"])[0],
+             "--concurrency", *map(str, args.concurrency)]
+    for flag in ("runs", "warmup", "classes", "json", "md", "label"):
+        v = getattr(args, flag)
+        if v is not None:
+            parts += [f"--{flag}", str(v)]
+    if args.quick:
+        parts.append("--quick")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def serve_report(runs: list[dict], command: str, label: str | None, started: float) -> dict:
+    """A ``densert bench`` report (``kind: serve``) over one or more server runs."""
+    return {"schema_version": SCHEMA_VERSION, "kind": "serve", "command": command,
+            "label": label, "started_unix": started, "git_commit": source_commit(),
+            "machine": machine_info(), "serve": runs, "wall_s": time.time() - started}
+
+
+def url_image_and_params(args) -> tuple:
+    from densert.options import hw_size
+
+    from .harness import SEG_CLASSES, synthetic_image
+    h, w = hw_size((args.sizes or FULL["sizes"])[0])
+    params = None
+    if args.task[0] == "segment":
+        params = {"classes": args.classes or ",".join(SEG_CLASSES)}
+    return synthetic_image(h, w), params
+
+
+def run_url(args) -> int:
+    from densert.errors import CLIError
+
+    from . import report as rep
+    from .serve_client import measure, split_url
+    try:
+        split_url(args.url)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    runs = args.runs if args.runs is not None else (SERVE["quick_runs"] if args.quick else SERVE["runs"])
+    warmup = SERVE["warmup"] if args.warmup is None else args.warmup
+    if runs < 1 or warmup < 0 or any(c < 1 for c in args.concurrency):
+        raise CLIError("--runs and --concurrency must be >= 1, --warmup >= 0")
+    started = time.time()
+    image, params = url_image_and_params(args)
+    try:
+        run = measure(args.url, args.protocol, args.task[0], image, params,
+                      concurrency=tuple(args.concurrency), requests=runs, warmup=warmup,
+                      label=args.label)
+    except Exception as e:   # no server, no model, refused requests: one line
+        raise CLIError(f"--url {args.url}: {str(e).splitlines()[0]}") from None
+    report = serve_report([run], url_command_line(args), args.label, started)
+    rep.validate(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    md = rep.markdown(report)
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(md)
+    if not (args.json or args.md):
+        print(md)
+    return 0 if all(lv["errors"] == 0 for lv in run["levels"]) else 1
