@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import socket
 import sys
 import tempfile
@@ -23,11 +24,10 @@ from pathlib import Path
 
 from densert.options import hw_size
 
-from .cli import SERVE, serve_report
 from .harness import synthetic_image
-from .serve_client import measure
+from .serve_client import SERVE, measure, serve_report
 
-DEFAULTS = {"size": "96x128", "requests": SERVE["runs"], "warmup": SERVE["warmup"],
+DEFAULTS = {"size": "64x64", "requests": SERVE["runs"], "warmup": SERVE["warmup"],
             "concurrency": list(SERVE["concurrency"]), "instances": 1, "threads": None,
             "protocol": "http"}
 
@@ -85,6 +85,11 @@ def main(argv=None) -> int:
     h, w = hw_size(args.size)
     image = synthetic_image(h, w)
     started = time.time()
+
+    def stop(signum, frame):   # unwind, so that each server's `with` stops it
+        raise KeyboardInterrupt
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
     runs = [one_server(on, args, image) for on in (True, False)]
     command = "python -m densert.benchmarks.bench_serve " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

@@ -9,8 +9,6 @@ ratios against the baselines, machine and library versions, and writes JSON (sch
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -18,19 +16,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from densert.machine import cpu_model, source_commit
+from densert.machine import source_commit
 from densert.model.config import DTYPES
 from densert.runtime.options import BACKENDS, device_name
+
+from .report import SCHEMA_VERSION, machine_info
+from .serve_client import SERVE, serve_report
 
 # Tasks whose dense map `densert bench` measures against the naive and generate-as-text paths.
 BENCH_TASKS = ("depth", "segment")
 
-SCHEMA_VERSION = 1
 # The measurement plan: the default, and --quick (CI); explicit flags override either.
 FULL = {"sizes": ["256x256", "480x640"], "runs": 10, "warmup": 2, "decode_cap": 32, "decode_runs": 3}
 QUICK = {"sizes": ["64x64", "96x128"], "runs": 3, "warmup": 1, "decode_cap": 4, "decode_runs": 1}
-# --url: timed requests per concurrency level, warm-up requests per client, clients per level.
-SERVE = {"runs": 40, "quick_runs": 8, "warmup": 2, "concurrency": (1, 2, 4, 8)}
 
 
 def configure(parser) -> None:
@@ -119,37 +117,6 @@ def command_line(args, model) -> str:
     if args.no_baselines:
         parts.append("--no-baselines")
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def machine_info() -> dict:
-    import numpy
-    import torch
-    cpu = cpu_model()
-    ram = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram = int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    libs = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-    for mod in ("onnxruntime", "onnx", "tensorrt", "matplotlib", "triton"):
-        try:
-            libs[mod] = __import__(mod).__version__
-        except Exception:
-            libs[mod] = None
-    from densert import __version__
-    libs["densert"] = __version__
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = None
-    return {"cpu": cpu, "cores": os.cpu_count(),
-            "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "ram_gb": ram, "gpu": gpu, "cuda": torch.version.cuda if gpu else None,
-            "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-            "loadavg_at_start": load, "libraries": libs}
 
 
 def _run_worker(spec: dict) -> dict:
@@ -324,13 +291,6 @@ def url_command_line(args) -> str:
     if args.quick:
         parts.append("--quick")
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def serve_report(runs: list[dict], command: str, label: str | None, started: float) -> dict:
-    """A ``densert bench`` report (``kind: serve``) over one or more server runs."""
-    return {"schema_version": SCHEMA_VERSION, "kind": "serve", "command": command,
-            "label": label, "started_unix": started, "git_commit": source_commit(),
-            "machine": machine_info(), "serve": runs, "wall_s": time.time() - started}
 
 
 def url_image_and_params(args) -> tuple:

@@ -3,10 +3,15 @@ Agg)."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 from importlib import resources
 from pathlib import Path
 
 from densert.extras import require
+from densert.machine import cpu_model
+
+SCHEMA_VERSION = 1
 
 STAGE_ORDER = ("preprocess", "vision_encoder", "llm_prefill", "dense_head", "postprocess")
 ROOF_STAGES = ("vision_encoder", "llm_prefill", "dense_head")
@@ -20,6 +25,37 @@ def save(rep: dict, md: str, json_path: str | None, md_path: str | None) -> None
         Path(md_path).write_text(md)
     else:
         print(md)
+
+
+def machine_info() -> dict:
+    import numpy
+    import torch
+    cpu = cpu_model()
+    ram = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                ram = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    libs = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    for mod in ("onnxruntime", "onnx", "tensorrt", "matplotlib", "triton"):
+        try:
+            libs[mod] = __import__(mod).__version__
+        except Exception:
+            libs[mod] = None
+    from densert import __version__
+    libs["densert"] = __version__
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "ram_gb": ram, "gpu": gpu, "cuda": torch.version.cuda if gpu else None,
+            "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+            "loadavg_at_start": load, "libraries": libs}
 
 
 def schema() -> dict:

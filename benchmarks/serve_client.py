@@ -16,11 +16,15 @@ import time
 import numpy as np
 
 from densert.extras import require
+from densert.machine import source_commit
 
 from .harness import stats
+from .report import SCHEMA_VERSION, machine_info
 
 PROTOCOLS = ("http", "grpc")
-DEFAULT_CONCURRENCY = (1, 2, 4, 8)
+# `densert bench --url` and bench_serve: timed requests per concurrency level (--quick: fewer),
+# warm-up requests per client, concurrent clients per level.
+SERVE = {"runs": 40, "quick_runs": 8, "warmup": 2, "concurrency": (1, 2, 4, 8)}
 
 
 def client_module(protocol: str):
@@ -159,7 +163,7 @@ class Load:
 
 
 def measure(url: str, protocol: str, model: str, image: np.ndarray, params: dict | None,
-            concurrency=DEFAULT_CONCURRENCY, requests: int = 40, warmup: int = 2,
+            concurrency=SERVE["concurrency"], requests: int = 40, warmup: int = 2,
             label: str | None = None) -> dict:
     """One run: the server's settings, then one record per concurrency level."""
     load = Load(url, protocol, model, image, params)
@@ -175,3 +179,10 @@ def measure(url: str, protocol: str, model: str, image: np.ndarray, params: dict
     return {"label": label, "url": load.url, "protocol": protocol, "model": model,
             "image_hw": list(image.shape[:2]), "params": params or {}, "server": info,
             "warmup_per_client": warmup, "levels": levels}
+
+
+def serve_report(runs: list[dict], command: str, label: str | None, started: float) -> dict:
+    """A ``densert bench`` report (``kind: serve``) over one or more server runs."""
+    return {"schema_version": SCHEMA_VERSION, "kind": "serve", "command": command,
+            "label": label, "started_unix": started, "git_commit": source_commit(),
+            "machine": machine_info(), "serve": runs, "wall_s": time.time() - started}

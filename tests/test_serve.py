@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -160,7 +159,7 @@ class Served:
             time.sleep(0.5)
 
     def output(self) -> str:
-        return (self.out.name and Path(self.out.name).read_text(errors="replace"))
+        return Path(self.out.name).read_text(errors="replace")
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -222,6 +221,7 @@ def cli_depth(tmp_path_factory):
 def test_depth_over_http_and_grpc_equals_densert_depth(depth_server, cli_depth):
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
+
     from densert.image.decode import load_rgb
     want, want_side = cli_depth
     with httpclient.InferenceServerClient(f"127.0.0.1:{depth_server.http}") as c:
@@ -231,11 +231,15 @@ def test_depth_over_http_and_grpc_equals_densert_depth(depth_server, cli_depth):
     assert side["result"] == want_side["result"] and side["flow"] == want_side["flow"]
     g = grpcclient.InferenceServerClient(f"127.0.0.1:{depth_server.grpc}")
     try:
-        got, side = infer_depth(grpcclient, g, image=load_rgb(SAMPLE))
+        # the preset densert depth used, now as a request parameter
+        got, side = infer_depth(grpcclient, g, image=load_rgb(SAMPLE),
+                                preset=want_side["result"]["preset"])
     finally:
         g.close()
     np.testing.assert_array_equal(got, want)
-    assert side["task"] == "depth" and side["result"]["units"] == want_side["result"]["units"]
+    assert side["task"] == "depth" and side["result"] == want_side["result"]
+    from densert.runtime.results import validate_sidecar
+    validate_sidecar(side)
 
 
 @needs_server
@@ -313,6 +317,32 @@ def _check_concurrent(server, clients, per_client):
 @needs_server
 def test_four_clients_forty_requests_batched(depth_server):
     _check_concurrent(depth_server, clients=4, per_client=10)
+
+
+@needs_server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bench_url_report(depth_server, tmp_path, protocol):
+    from densert.benchmarks import report
+    from densert.cli import main
+    port = depth_server.http if protocol == "http" else depth_server.grpc
+    j, md = tmp_path / "serve.json", tmp_path / "serve.md"
+    assert main(["bench", "--url", f"127.0.0.1:{port}", "--protocol", protocol, "--task", "depth",
+                 "--sizes", "32x48", "--runs", "3", "--warmup", "1", "--concurrency", "1", "2",
+                 "--json", str(j), "--md", str(md)]) == 0
+    rep = json.loads(j.read_text())
+    report.validate(rep)
+    run, = rep["serve"]
+    assert run["server"]["dynamic_batching"] is True
+    assert run["server"]["max_queue_delay_us"] == TEST_QUEUE_DELAY_US
+    assert [lv["concurrency"] for lv in run["levels"]] == [1, 2]
+    for lv in run["levels"]:
+        assert lv["errors"] == 0 and lv["answered"] == lv["requests"] == 3
+        assert lv["server"]["inferences"] == 3 and lv["latency"]["p50"] > 0
+    assert "| 2 | 3 | 0 |" in md.read_text()
+    assert main(["bench", "--from-json", str(j), "--md", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == md.read_text()
+    # nothing listening there: one line, exit 2
+    assert main(["bench", "--url", f"127.0.0.1:{free_ports(1)[0]}", "--runs", "1"]) == 2
 
 
 @needs_server

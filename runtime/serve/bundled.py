@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -152,8 +153,14 @@ class TritonServer:
         self.cmd = command(self.repo.resolve(), backend_dir(Path(self._tmp.name)), self.host,
                            self.http_port, self.grpc_port, self.metrics_port)
         self._log = open(self.log_file, "ab")
+        env = environment()
+        # the command as it can be rerun by hand, first in the log
+        shown = [f"{k}={shlex.quote(env[k])}" for k in ("LD_LIBRARY_PATH", "PATH", SOURCE_ENV)]
+        self._log.write(("# densert: " + " ".join(shown + [shlex.quote(c) for c in self.cmd])
+                         + "\n").encode())
+        self._log.flush()
         # its own session: a Ctrl-C in the terminal reaches densert, which stops the server
-        self.proc = subprocess.Popen(self.cmd, env=environment(), stdout=self._log,
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         return self
