@@ -4,10 +4,11 @@ off side by side, in one run (``benchmarks/results/serve.md`` / ``.json``).
     python -m densert.benchmarks.bench_serve --out benchmarks/results/serve
 
 For each setting it writes the model repository (the bundled densert-tiny's ``depth`` model, the
-settings ``densert serve`` would write), starts the bundled ``tritonserver`` on free loopback
-ports, measures it with ``densert bench --url``'s client (``serve_client``) at each concurrency
-level, and stops it. The two servers run one after the other on the same machine, so they share
-its load: the report records the load average at the start and the end.
+settings ``densert serve`` would write) and starts the bundled ``tritonserver`` on free loopback
+ports; both run at once, and each concurrency level is measured on one, then the other (the order
+alternating), with ``densert bench --url``'s client (``serve_client``), so that a shared machine's
+drifting load weighs on both alike. The report records the load average at the start and the
+end.
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ import socket
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from densert.options import hw_size
 
 from .harness import synthetic_image
-from .serve_client import SERVE, measure, serve_report
+from .serve_client import SERVE, Load, describe, run_record, serve_report
 
 DEFAULTS = {"size": "64x64", "requests": SERVE["runs"], "warmup": SERVE["warmup"],
             "concurrency": list(SERVE["concurrency"]), "instances": 1, "threads": None,
@@ -42,27 +44,38 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def one_server(dynamic_batching: bool, args, image) -> dict:
+def measure_side_by_side(args, image) -> list[dict]:
+    """Both servers up at once; each concurrency level runs on one then the other (the order
+    alternating from level to level), so a machine whose load drifts weighs on both alike."""
     from densert.runtime.serve.bundled import TritonServer
     from densert.runtime.serve.repo import RepoSettings, write_repository
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.instances)
-    s = RepoSettings(models=("depth",), instances=args.instances, threads=threads,
-                     dynamic_batching=dynamic_batching)
-    label = f"dynamic batching {'on' if dynamic_batching else 'off'}"
-    with tempfile.TemporaryDirectory(prefix="densert-bench-serve-") as td:
-        write_repository(Path(td) / "repo", s)
-        http, grpc, metrics = free_ports(3)
-        print(f"bench_serve: {label}: starting tritonserver", file=sys.stderr, flush=True)
-        with TritonServer(Path(td) / "repo", "127.0.0.1", http, grpc, metrics) as server:
+    with tempfile.TemporaryDirectory(prefix="densert-bench-serve-") as td, ExitStack() as stack:
+        loads, infos = {}, {}
+        for on in (True, False):
+            label = f"dynamic batching {'on' if on else 'off'}"
+            repo = Path(td) / ("batching" if on else "no-batching")
+            write_repository(repo, RepoSettings(models=("depth",), instances=args.instances,
+                                                threads=threads, dynamic_batching=on))
+            http, grpc, metrics = free_ports(3)
+            print(f"bench_serve: {label}: starting tritonserver", file=sys.stderr, flush=True)
+            server = stack.enter_context(TritonServer(repo, "127.0.0.1", http, grpc, metrics))
             url = server.http_url if args.protocol == "http" else server.grpc_url
-            run = measure(url, args.protocol, "depth", image, None, tuple(args.concurrency),
-                          args.requests, args.warmup, label=label)
-    run["server"]["torch_threads_per_instance"] = threads
-    for lv in run["levels"]:
-        print(f"bench_serve: {label}: {lv['concurrency']} clients: "
-              f"{lv['throughput_rps']:.2f} req/s, p50 {lv['latency']['p50'] * 1e3:.0f} ms, "
-              f"batches {lv['server']['batch_sizes']}", file=sys.stderr, flush=True)
-    return run
+            loads[label] = Load(url, args.protocol, "depth", image)
+            infos[label] = describe(loads[label])
+            infos[label]["torch_threads_per_instance"] = threads
+        for load in loads.values():
+            load.warmup(max(args.concurrency), args.warmup)
+        levels = {label: [] for label in loads}
+        for i, n in enumerate(args.concurrency):
+            for label in (list(loads) if i % 2 == 0 else list(loads)[::-1]):
+                lv = loads[label].level(n, args.requests)
+                levels[label].append(lv)
+                print(f"bench_serve: {label}: {n} clients: {lv['throughput_rps']:.2f} req/s, "
+                      f"p50 {lv['latency']['p50'] * 1e3:.0f} ms, batches "
+                      f"{lv['server']['batch_sizes']}", file=sys.stderr, flush=True)
+        return [run_record(loads[label], infos[label], levels[label], args.warmup, label)
+                for label in loads]
 
 
 def main(argv=None) -> int:
@@ -90,7 +103,7 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
-    runs = [one_server(on, args, image) for on in (True, False)]
+    runs = measure_side_by_side(args, image)
     command = "python -m densert.benchmarks.bench_serve " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     rep = serve_report(runs, command.strip(), args.label, started)

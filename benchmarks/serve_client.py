@@ -162,23 +162,33 @@ class Load:
                                    f"{errors[0]}")
 
 
+def describe(load: Load) -> dict:
+    """The server's settings for ``load.model`` (which must be ready)."""
+    c = load.client()
+    try:
+        if not c.is_model_ready(load.model):
+            raise RuntimeError(f"model {load.model!r} is not ready at {load.url} ({load.protocol})")
+        return server_info(c, load.model)
+    finally:
+        c.close()
+
+
+def run_record(load: Load, info: dict, levels: list[dict], warmup: int,
+               label: str | None = None) -> dict:
+    return {"label": label, "url": load.url, "protocol": load.protocol, "model": load.model,
+            "image_hw": list(load.image.shape[:2]), "params": load.params or {}, "server": info,
+            "warmup_per_client": warmup, "levels": levels}
+
+
 def measure(url: str, protocol: str, model: str, image: np.ndarray, params: dict | None,
             concurrency=SERVE["concurrency"], requests: int = 40, warmup: int = 2,
             label: str | None = None) -> dict:
     """One run: the server's settings, then one record per concurrency level."""
     load = Load(url, protocol, model, image, params)
-    c = load.client()
-    try:
-        if not c.is_model_ready(model):
-            raise RuntimeError(f"model {model!r} is not ready at {load.url} ({protocol})")
-        info = server_info(c, model)
-    finally:
-        c.close()
+    info = describe(load)
     load.warmup(max(concurrency), warmup)
     levels = [load.level(n, requests) for n in concurrency]
-    return {"label": label, "url": load.url, "protocol": protocol, "model": model,
-            "image_hw": list(image.shape[:2]), "params": params or {}, "server": info,
-            "warmup_per_client": warmup, "levels": levels}
+    return run_record(load, info, levels, warmup, label)
 
 
 def serve_report(runs: list[dict], command: str, label: str | None, started: float) -> dict:

@@ -44,6 +44,20 @@ def settings_of(model_config: dict) -> dict:
                            f"parameter of config.pbtxt is not JSON ({e})") from None
 
 
+def _quiet_dlpack_capsules() -> None:
+    """The bundled stub takes an output tensor from numpy's DLPack capsule without marking the
+    capsule used, so numpy's capsule destructor then reports "PyCapsule_GetPointer called with
+    incorrect name" (unraisable, after the data was copied: the answers are right) for every
+    output of every request; keep that one message out of the server log."""
+    default = sys.unraisablehook
+
+    def hook(u):
+        if not (isinstance(u.exc_value, ValueError)
+                and "PyCapsule_GetPointer called with incorrect name" in str(u.exc_value)):
+            default(u)
+    sys.unraisablehook = hook
+
+
 def load_predictor(conf: dict):
     from densert.runtime.options import DenseOptions
     from densert.runtime.predictor import DensePredictor
@@ -60,6 +74,7 @@ class TritonPythonModel:
         conf = settings_of(cfg)
         self.task = conf["task"]
         self.name = args.get("model_instance_name", cfg.get("name"))
+        _quiet_dlpack_capsules()
         t0 = time.perf_counter()
         self.predictor = load_predictor(conf)
         print(f"densert: {self.name}: {self.task} on {self.predictor.backend_name}, model "
