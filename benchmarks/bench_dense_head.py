@@ -99,11 +99,7 @@ NAIVE = {"bf16": "naive", "fp32": "naive-fp32"}
 def _worker(variant: str, task: str, L: int, reps: int, hidden_kind: str = "random") -> dict:
     import torch
 
-    from densert.kernels.dense_head import (
-        dense_head,
-        naive_full_vocab_head,
-        subset_weight,
-    )
+    from densert.kernels.dense_head import dense_head, naive_full_vocab_head, subset_weight
 
     torch.manual_seed(0)
     W = torch.empty(V, D, dtype=torch.bfloat16).uniform_(-0.04, 0.04)  # in place: no fp32 temp
@@ -230,11 +226,7 @@ def gpu_main(out: str, reps: int, device: str, small: bool) -> int:
     import torch
 
     from densert.kernels import _triton_dense_head as tdh
-    from densert.kernels.dense_head import (
-        dense_head,
-        dense_scores,
-        naive_full_vocab_head,
-    )
+    from densert.kernels.dense_head import dense_head, dense_scores, naive_full_vocab_head
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         print("bench_dense_head --gpu: no CUDA device, nothing measured", file=sys.stderr)
         return 2
