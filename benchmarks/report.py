@@ -87,7 +87,9 @@ def _x(x) -> str:
 def _machine_line(m: dict) -> str:
     return (f"Machine: {m['cpu']}, {m['cores']} cores ({m['affinity_cores']} usable), "
             f"{(m['ram_gb'] or 0):.0f} GB RAM, GPU: {m['gpu'] or 'none'}; load average at start "
-            f"{m['loadavg_at_start']}; torch threads {m['torch_threads']}.  ")
+            f"{m['loadavg_at_start']}"
+            + (f", at end {m['loadavg_at_end']}" if m.get("loadavg_at_end") else "")
+            + f"; torch threads {m['torch_threads']}.  ")
 
 
 def _num(x, fmt: str = ".1f") -> str:
