@@ -27,6 +27,7 @@ from pathlib import Path
 from densert.options import hw_size
 
 from .harness import synthetic_image
+from .report import machine_info
 from .serve_client import SERVE, Load, describe, run_record, serve_report
 
 DEFAULTS = {"size": "64x64", "requests": SERVE["runs"], "warmup": SERVE["warmup"],
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
     h, w = hw_size(args.size)
     image = synthetic_image(h, w)
     started = time.time()
+    machine = machine_info()
 
     def stop(signum, frame):   # unwind, so that each server's `with` stops it
         raise KeyboardInterrupt
@@ -106,11 +108,7 @@ def main(argv=None) -> int:
     runs = measure_side_by_side(args, image)
     command = "python -m densert.benchmarks.bench_serve " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    rep = serve_report(runs, command.strip(), args.label, started)
-    try:
-        rep["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    except OSError:
-        pass
+    rep = serve_report(runs, command.strip(), args.label, started, machine)
     from . import report
     report.validate(rep)
     md = report.markdown(rep)

@@ -318,6 +318,7 @@ def run_url(args) -> int:
     if runs < 1 or warmup < 0 or any(c < 1 for c in args.concurrency):
         raise CLIError("--runs and --concurrency must be >= 1, --warmup >= 0")
     started = time.time()
+    machine = machine_info()
     image, params = url_image_and_params(args)
     try:
         run = measure(args.url, args.protocol, args.task[0], image, params,
@@ -325,7 +326,7 @@ def run_url(args) -> int:
                       label=args.label)
     except Exception as e:   # no server, no model, refused requests: one line
         raise CLIError(f"--url {args.url}: {str(e).splitlines()[0]}") from None
-    report = serve_report([run], url_command_line(args), args.label, started)
+    report = serve_report([run], url_command_line(args), args.label, started, machine)
     rep.validate(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from densert.extras import require
 from densert.machine import source_commit
 
 from .harness import stats
-from .report import SCHEMA_VERSION, machine_info
+from .report import SCHEMA_VERSION
 
 PROTOCOLS = ("http", "grpc")
 # `densert bench --url` and bench_serve: timed requests per concurrency level (--quick: fewer),
@@ -191,8 +191,16 @@ def measure(url: str, protocol: str, model: str, image: np.ndarray, params: dict
     return run_record(load, info, levels, warmup, label)
 
 
-def serve_report(runs: list[dict], command: str, label: str | None, started: float) -> dict:
-    """A ``densert bench`` report (``kind: serve``) over one or more server runs."""
+def serve_report(runs: list[dict], command: str, label: str | None, started: float,
+                 machine: dict) -> dict:
+    """A ``densert bench`` report (``kind: serve``) over one or more server runs; ``machine``:
+    ``machine_info()`` taken before measuring (its load average is the one at the start), the
+    load average now is added as ``loadavg_at_end``."""
+    import os
+    try:
+        machine = {**machine, "loadavg_at_end": list(os.getloadavg())}
+    except OSError:
+        pass
     return {"schema_version": SCHEMA_VERSION, "kind": "serve", "command": command,
             "label": label, "started_unix": started, "git_commit": source_commit(),
-            "machine": machine_info(), "serve": runs, "wall_s": time.time() - started}
+            "machine": machine, "serve": runs, "wall_s": time.time() - started}
