@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import signal
 import socket
@@ -30,7 +29,7 @@ from .harness import synthetic_image
 from .report import machine_info
 from .serve_client import SERVE, Load, describe, run_record, serve_report
 
-DEFAULTS = {"size": "64x64", "requests": SERVE["runs"], "warmup": SERVE["warmup"],
+DEFAULTS = {"size": "256x256", "requests": SERVE["runs"], "warmup": SERVE["warmup"],
             "concurrency": list(SERVE["concurrency"]), "instances": 1, "threads": None,
             "protocol": "http"}
 
@@ -49,8 +48,12 @@ def measure_side_by_side(args, image) -> list[dict]:
     """Both servers up at once; each concurrency level runs on one then the other (the order
     alternating from level to level), so a machine whose load drifts weighs on both alike."""
     from densert.runtime.serve.bundled import TritonServer
-    from densert.runtime.serve.repo import RepoSettings, write_repository
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.instances)
+    from densert.runtime.serve.repo import (
+        RepoSettings,
+        default_threads,
+        write_repository,
+    )
+    threads = args.threads or default_threads(args.instances)
     with tempfile.TemporaryDirectory(prefix="densert-bench-serve-") as td, ExitStack() as stack:
         loads, infos = {}, {}
         for on in (True, False):
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=DEFAULTS["concurrency"])
     p.add_argument("--instances", type=int, default=DEFAULTS["instances"])
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per instance (default: cores / instances)")
+                   help="torch threads per instance (default: densert serve's)")
     p.add_argument("--protocol", choices=("http", "grpc"), default=DEFAULTS["protocol"])
     p.add_argument("--label", default=None)
     args = p.parse_args(argv)

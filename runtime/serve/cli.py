@@ -10,7 +10,6 @@ serves a repository written before (edited or not). Exit status: 0 stopped by a 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import sys
@@ -24,7 +23,12 @@ from densert.options import comma_list
 
 from ..options import DenseOptions, PredictorOptions
 from .contract import MODELS
-from .repo import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US, RepoSettings
+from .repo import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    RepoSettings,
+    default_threads,
+)
 
 DENSE_FLAGS = ("alignment", "temperature", "depth_mode", "depth_upsample", "crf", "fast",
                "open_set_max_boxes", "refer_short_side")
@@ -40,7 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="model instances per model: each a process with its own "
                              "DensePredictor (memory grows with it)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per instance (default: CPU cores / --instances)")
+                        help="torch threads per instance (default: (CPU cores - 1) / --instances, at "
+                             "least 1)")
     parser.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
                         help="Triton's dynamic batcher: requests that queue while an instance is "
                              "busy run as one batch")
@@ -87,9 +92,7 @@ def repo_settings(args) -> RepoSettings:
         model = str(p.resolve())
     defaults = DenseOptions()
     changed = {k: v for k, v in asdict(options).items() if v != getattr(defaults, k)}
-    threads = args.threads
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // max(1, args.instances))
+    threads = default_threads(args.instances) if args.threads is None else args.threads
     return RepoSettings(models=tuple(args.models), model=model, settings=s, options=changed,
                         instances=args.instances, threads=threads,
                         max_batch_size=args.max_batch_size,

@@ -8,6 +8,7 @@ Everything the model needs to load is in the ``densert`` parameter of ``config.p
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,15 @@ from .triton_model import CONFIG_PARAMETER
 # few milliseconds of waiting cost little and let a busy server take what queued up at once.
 DEFAULT_MAX_QUEUE_DELAY_US = 5000
 DEFAULT_MAX_BATCH_SIZE = 8
+
+def default_threads(instances: int) -> int:
+    """torch threads per instance: the cores less one (Triton's own frontend and batcher threads
+    run beside the model) shared by the instances, at least one. With every core given to torch,
+    its OpenMP threads spin against the server's and clients' threads: on 2 cores, 2 threads per
+    instance served 4-8 requests/s at 2-8 concurrent clients where 1 thread served 66-89
+    (benchmarks/results/serve.md)."""
+    return max(1, ((os.cpu_count() or 1) - 1) // max(1, instances))
+
 
 # `densert serve` sets it in the server's environment so that the stub imports the densert that
 # started the server (the stub's embedded Python ignores PYTHONPATH); unset in a deployment.
