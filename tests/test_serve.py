@@ -346,7 +346,6 @@ def test_bench_url_report(depth_server, tmp_path, protocol):
 
 
 @needs_server
-@pytest.mark.slow
 def test_written_repository_in_the_bundled_tritonserver(tmp_path, depth_server):
     """The repository `--write-repo` writes, served by the bundled binary started by hand (its
     own command line, as docs/serving.md shows), answers as `densert serve` does."""
