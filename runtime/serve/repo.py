@@ -29,7 +29,8 @@ def default_threads(instances: int) -> int:
     run beside the model) shared by the instances, at least one. With every core given to torch,
     its OpenMP threads spin against the server's and clients' threads: on 2 cores, 2 threads per
     instance served 4-8 requests/s at 2-8 concurrent clients where 1 thread served 66-89
-    (benchmarks/results/serve.md)."""
+    (``python -m densert.benchmarks.bench_serve --size 64x64 --threads 2``, then ``--threads 1``;
+    docs/serving.md)."""
     return max(1, ((os.cpu_count() or 1) - 1) // max(1, instances))
 
 
