@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("densert.export.cli", "parity gate: an engine directory against the torch reference"),
     "build-engine": ("densert.export.cli", "build TensorRT engines from an engine directory"),
     "bench": ("densert.benchmarks.cli", "per-stage latency and memory, backend against backend"),
+    "serve": ("densert.runtime.serve.cli", "serve depth / segment / dense on Triton Inference Server (HTTP, gRPC, metrics)"),
     "render": ("densert.training.cli", "render procedural dense-scene samples to disk"),
     "train": ("densert.training.cli", "NTP-M training (text NTP + multi-label vision tokens)"),
     "eval": ("densert.training.cli", "scores on held-out rendered scenes, or on dataset folders (--data)"),
