@@ -210,7 +210,7 @@ def cuda_provider_load_error() -> str | None:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints each library it misses
             try:
                 ort.preload_dlls()
-            except Exception:  # noqa: BLE001 - a failed preload shows as the load error below
+            except Exception:
                 pass
     mode = getattr(ctypes, "RTLD_GLOBAL", 0)
     try:

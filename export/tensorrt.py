@@ -45,7 +45,7 @@ PROFILES = {"vision": ("image",), "llm": ("prefill", "decode")}
 
 def import_tensorrt():
     try:
-        import tensorrt as trt  # noqa: F401
+        import tensorrt as trt
     except ImportError as e:
         raise EngineError(f"{TRT_MISSING} ({e})") from None
     major = int(trt.__version__.split(".")[0])

@@ -7,9 +7,9 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
+from densert.errors import OptionError
 from densert.image import DEFAULT_MAX_PATCHES, MIN_MAX_PATCHES
 from densert.model.config import DTYPES
-from densert.errors import OptionError
 from densert.options import check_choices, check_range, comma_list, opt
 from densert.tasks import ALIGNMENTS
 from densert.tasks.classes import NAME_LEADING_SPACE

@@ -22,8 +22,6 @@ from functools import lru_cache
 from pathlib import Path
 from unittest import mock
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

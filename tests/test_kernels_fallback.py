@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 HOST_READS = {"cpu", "numpy", "tolist", "item", "__int__", "__float__", "__bool__", "__index__",
               "__array__"}

@@ -105,7 +105,7 @@ def summarize_engine(path: str | Path) -> dict:
     path = Path(path)
     try:
         m = json.loads((path / "manifest.json").read_text())
-        m["precision"], m["checkpoint"]     # noqa: B018 (the keys every manifest has)
+        m["precision"], m["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / 'manifest.json'}: not a densert engine manifest ({e!r}); "
                               "re-run `densert export` into this directory") from None

@@ -22,8 +22,14 @@ from densert.model.config import YoutuVLConfig
 from densert.text import tokens as T
 from densert.text.chat import BUILTIN_TEMPLATE, CHAT_TEMPLATE, ChatTemplate
 
-from .safetensors import (MAX_HEADER_BYTES, TensorInfo, dtype_name, read_safetensors_header,
-                          resolve_dtype, write_safetensors)
+from .safetensors import (
+    MAX_HEADER_BYTES,
+    TensorInfo,
+    dtype_name,
+    read_safetensors_header,
+    resolve_dtype,
+    write_safetensors,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
