@@ -105,7 +105,8 @@ def _window_slots(m: dict[str, Any], patches: int, worst: bool) -> int:
     return max(1, side * side) * v["window_slots"]
 
 
-def profile_shapes(m: dict[str, Any], graph: str, o: BuildOptions) -> list[dict[str, tuple[list[int], list[int], list[int]]]]:
+def profile_shapes(m: dict[str, Any], graph: str,
+                   o: BuildOptions) -> list[dict[str, tuple[list[int], list[int], list[int]]]]:
     """Per optimization profile of ``graph`` (``PROFILES``): (min, opt, max) per input, with the
     manifest's symbolic axes bound to the options."""
     unit = m["config"]["vision"]["merge_unit"]
@@ -162,7 +163,8 @@ def trtexec_commands(engine_dir: str | Path, m: dict[str, Any], o: BuildOptions)
     return lines
 
 
-def build_engines(engine_dir: str | Path, m: dict[str, Any], o: BuildOptions, graphs=None, log=print) -> dict[str, Path]:
+def build_engines(engine_dir: str | Path, m: dict[str, Any], o: BuildOptions, graphs=None,
+                  log=print) -> dict[str, Path]:
     from . import trt_rules
     if m.get("target", "tensorrt") != "tensorrt":
         raise EngineError(f"{engine_dir}: exported for {m['target']} (its int4 weights are ONNX "
@@ -264,7 +266,8 @@ def check_engine_metadata(engine_dir: str | Path, m: dict[str, Any], graph: str,
     if meta.get("compute_capability") != dev["compute_capability"]:
         problems.append(f"built for compute capability {meta.get('compute_capability')} ({meta.get('gpu')}), "
                         f"this GPU is {dev['compute_capability']} ({dev['gpu']})")
-    if meta.get("onnx_sha256") != m["graphs"][graph]["sha256"] or meta.get("checkpoint_id") != m["checkpoint"]["checkpoint_id"]:
+    if (meta.get("onnx_sha256") != m["graphs"][graph]["sha256"]
+            or meta.get("checkpoint_id") != m["checkpoint"]["checkpoint_id"]):
         problems.append("built from a different export of the ONNX graphs")
     if problems:
         raise EngineError(f"{eng}: " + "; ".join(problems) + f"; rebuild with `densert build-engine {d}`")

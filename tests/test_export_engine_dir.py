@@ -62,7 +62,8 @@ def test_depth_segment_chat_run_from_the_engine_dir_alone(moved, tmp_path):
     assert (got == ref.depth).mean() >= 0.999
     seg = DensePredictor(eng, backend="onnxruntime", engine_dir=str(eng), max_new_tokens=16).segment(
         img, classes=["cat", "dog"])
-    seg_ref = DensePredictor(ck, backend="torch", dtype="float32", max_new_tokens=16).segment(img, classes=["cat", "dog"])
+    seg_ref = DensePredictor(ck, backend="torch", dtype="float32", max_new_tokens=16).segment(
+        img, classes=["cat", "dog"])
     assert (seg.labels == seg_ref.labels).mean() >= 0.999
 
 

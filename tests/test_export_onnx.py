@@ -103,7 +103,8 @@ def _copy(engine, tmp_path):
 def test_engine_of_another_checkpoint_is_refused(engine, tmp_path):
     from densert.checkpoint.random_init import make_test_checkpoint
     other = make_test_checkpoint(tmp_path / "other", "tiny", seed=1, dtype="bfloat16")
-    with pytest.raises(EngineError, match=r"was exported from checkpoint .* this checkpoint .*re-run `densert export --model"):
+    with pytest.raises(EngineError,
+                       match=r"was exported from checkpoint .* this checkpoint .*re-run `densert export --model"):
         OrtBackend(engine, model_dir=other)
     # a different config (more layers) names the config hash
     bigger = make_test_checkpoint(tmp_path / "bigger", "tiny", text_layers=5, seed=0, dtype="bfloat16")
