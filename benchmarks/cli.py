@@ -136,21 +136,21 @@ def _run_worker(spec: dict) -> dict:
 
 
 def add_roofline(report: dict, cfg) -> None:
-    from . import roofline as R
+    from . import roofline
     cpu = report["this_cpu_peaks"]
     b_cpu = 4 if report["settings"]["dtype"] == "float32" else 2
     for be in report["backends"]:
         for c in be["cases"]:
-            req = R.Request(grid=tuple(c["grid"]), window_seqlens=c["window_seqlens"],
+            req = roofline.Request(grid=tuple(c["grid"]), window_seqlens=c["window_seqlens"],
                             prompt_tokens=c["prompt_tokens"], num_classes=c["num_classes"],
                             out_hw=tuple(c["head_out_hw"]))
-            costs = R.stage_costs(cfg, req, R.DEVICE_BYTES_PER_VALUE)
-            cpu_costs = R.stage_costs(cfg, req, b_cpu)
+            costs = roofline.stage_costs(cfg, req, roofline.DEVICE_BYTES_PER_VALUE)
+            cpu_costs = roofline.stage_costs(cfg, req, b_cpu)
             c["roofline"] = {
                 "costs_fp16": costs,
                 "devices_s": {dev: {s: v["seconds"] for s, v in st.items()}
-                              for dev, st in R.device_bounds(cfg, req).items()},
-                "this_cpu_s": {s: R.bound_seconds(v, cpu["flops"], cpu["bandwidth"])["seconds"]
+                              for dev, st in roofline.device_bounds(cfg, req).items()},
+                "this_cpu_s": {s: roofline.bound_seconds(v, cpu["flops"], cpu["bandwidth"])["seconds"]
                                for s, v in cpu_costs.items()},
             }
 
@@ -179,7 +179,7 @@ def run(args) -> int:
     from densert.model.config import YoutuVLConfig
     from densert.options import hw_size
 
-    from . import roofline as R
+    from . import roofline
 
     if args.from_json:
         from . import report as rep
@@ -213,7 +213,7 @@ def run(args) -> int:
     started = time.time()
     machine = machine_info()
     print(f"densert bench: measuring this CPU's GEMM / copy peaks ({machine['cpu']})", file=sys.stderr)
-    cpu = R.measure_cpu_peaks(args.dtype if args.dtype == "float32" else "bfloat16",
+    cpu = roofline.measure_cpu_peaks(args.dtype if args.dtype == "float32" else "bfloat16",
                               **({"gemm_n": 512, "copy_mb": 64, "repeats": 5} if args.quick else {}))
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -231,7 +231,7 @@ def run(args) -> int:
                      "device": args.device, "threads": args.threads},
         "this_cpu_peaks": cpu,
         "devices": {k: {"name": d.name, "flops": d.flops, "bandwidth": d.bandwidth, "source": d.source}
-                    for k, d in R.DEVICES.items()},
+                    for k, d in roofline.DEVICES.items()},
         "backends": [],
     }
     for name in args.backend:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from densert.errors import EngineError
-from densert.export import ort_backend as OB
+from densert.export import ort_backend
 from densert.export.ort_backend import CPU_EP, CUDA_EP, OrtBackend, pick_providers
 
 CPU_WHEEL = ["AzureExecutionProvider", CPU_EP]
@@ -34,9 +34,9 @@ def machine(monkeypatch):
             calls.append("count")
             return (0, "no NVIDIA driver (libcuda.so.1 not found), so no GPU here") if gpus is None \
                 else (gpus, None)
-        monkeypatch.setattr(OB, "cuda_device_count", count)
-        monkeypatch.setattr(OB, "cuda_provider_load_error", lambda: lib_error)
-        monkeypatch.setattr(OB, "gpu_wheel_shadowed", lambda: (
+        monkeypatch.setattr(ort_backend, "cuda_device_count", count)
+        monkeypatch.setattr(ort_backend, "cuda_provider_load_error", lambda: lib_error)
+        monkeypatch.setattr(ort_backend, "gpu_wheel_shadowed", lambda: (
             "onnxruntime-gpu 1.31.1 is installed but the CPU wheel's files replaced its module"
             if shadowed else None))
         return calls
@@ -111,7 +111,7 @@ def test_explicit_providers_are_taken_as_given(machine):
 
 
 def test_fallback_line_is_one_line():
-    line = OB.fallback_line("cuda:0", "first\nsecond   third")
+    line = ort_backend.fallback_line("cuda:0", "first\nsecond   third")
     assert line.count("\n") == 0 and "first second third" in line and "(--device cuda:0)" in line
 
 
@@ -142,13 +142,13 @@ def test_cuda_device_count_reads_the_driver(monkeypatch, driver, want):
             raise driver
         return driver
     monkeypatch.setattr(ctypes, "CDLL", cdll)
-    n, why = OB.cuda_device_count()
+    n, why = ort_backend.cuda_device_count()
     assert n == want[0]
     assert (why is None) if want[1] is None else (want[1] in why)
 
 
 def test_cuda_device_count_here_is_consistent():
-    n, why = OB.cuda_device_count()
+    n, why = ort_backend.cuda_device_count()
     assert (n > 0) == (why is None)
     if not torch.cuda.is_available():
         assert n == 0 or torch.version.cuda is None  # a GPU torch cannot see: a CPU build of torch
@@ -165,12 +165,12 @@ def test_provider_library_error_names_the_missing_library(monkeypatch):
     monkeypatch.setattr(ctypes, "CDLL", cdll)
     monkeypatch.setattr(onnxruntime, "preload_dlls", lambda *a, **k: print("Failed to load x"),
                         raising=False)
-    why = OB.cuda_provider_load_error()
+    why = ort_backend.cuda_provider_load_error()
     assert "libcublasLt.so.13" in why and "cuDNN 9" in why
     assert [p.rsplit("/", 1)[-1] for p in loaded] == ["libonnxruntime_providers_shared.so",
                                                      "libonnxruntime_providers_cuda.so"]
     monkeypatch.setattr(ctypes, "CDLL", lambda path, *a, **k: object())
-    assert OB.cuda_provider_load_error() is None
+    assert ort_backend.cuda_provider_load_error() is None
 
 
 # ---------------------------------------------------------------- what stays on the device
@@ -231,7 +231,7 @@ def test_prefill_keeps_cache_and_dense_outputs_on_the_device(torch_device):
     assert keep == ["present_latent", *(dense if torch_device is not None else [])]
     emb = feeds["inputs_embeds"]
     assert isinstance(emb, torch.Tensor if torch_device is not None else np.ndarray)
-    want, pos = OB.prompt_embeddings(be.table, ids, embeds, be.config)  # the host assembly
+    want, pos = ort_backend.prompt_embeddings(be.table, ids, embeds, be.config)  # the host assembly
     assert np.array_equal(np.asarray(emb)[0], want) and list(pos) == list(range(2, 2 + L))
     assert pf.cache.values[0].device_name() == "cuda" and pf.cache.length == len(ids)
     assert pf.last_logits.shape == (20,) and pf.scores["depth"].shape == (L, 3)
@@ -244,7 +244,7 @@ def test_prefill_keeps_cache_and_dense_outputs_on_the_device(torch_device):
 @pytest.mark.parametrize("torch_device", [torch.device("cpu"), None])
 def test_image_embeddings_stay_on_the_device_for_prefill(torch_device, monkeypatch):
     be, calls = _fake_backend(torch_device)
-    monkeypatch.setattr(OB, "vision_feeds", lambda px, meta: {"pixel_values": px})
+    monkeypatch.setattr(ort_backend, "vision_feeds", lambda px, meta: {"pixel_values": px})
     be.encode_image(torch.zeros(24, 768), meta=None)
     assert calls[-1][2] == (["image_embeds"] if torch_device is not None else [])
 
@@ -268,7 +268,7 @@ def _fallback_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if "running on CPUExecutionProvider" in line]
 
 
-@pytest.mark.skipif(CUDA_EP in onnxruntime.get_available_providers() and OB.cuda_unusable() is None,
+@pytest.mark.skipif(CUDA_EP in onnxruntime.get_available_providers() and ort_backend.cuda_unusable() is None,
                     reason="a usable CUDA provider here: nothing falls back")
 def test_backend_asked_for_cuda_runs_on_cpu_after_one_line(engine, tiny_checkpoint, capfd):
     be = OrtBackend(engine, model_dir=tiny_checkpoint, device="cuda")
@@ -283,15 +283,15 @@ def test_backend_asked_for_cuda_runs_on_cpu_after_one_line(engine, tiny_checkpoi
 def test_session_that_did_not_start_cuda_is_said_once(engine, tiny_checkpoint, monkeypatch, capfd):
     """The checks passed (mocked) but ONNX Runtime started the session on CPU: one line, and
     every graph on CPU."""
-    monkeypatch.setattr(OB, "pick_providers", lambda req, dev: OB.Providers(
+    monkeypatch.setattr(ort_backend, "pick_providers", lambda req, dev: ort_backend.Providers(
         [CUDA_EP, CPU_EP], [{"device_id": 0}, {}], "cuda", 0))
     made = []
-    real = OB.make_session
+    real = ort_backend.make_session
 
     def make(path, providers, **kw):
         made.append(list(providers))
         return real(path, [CPU_EP], quantized=kw["quantized"])
-    monkeypatch.setattr(OB, "make_session", make)
+    monkeypatch.setattr(ort_backend, "make_session", make)
     be = OrtBackend(engine, model_dir=tiny_checkpoint, device="cuda")
     err = capfd.readouterr().err
     assert len(_fallback_lines(err)) == 1 and "did not start CUDAExecutionProvider" in err, err
