@@ -279,7 +279,10 @@ def markdown(rep: dict) -> str:
           "peak, with naive head | CUDA max allocated |", "|---|---|---|---|---|---|---|---|"]
     for b in ok:
         mm = b["memory"]
-        f = lambda k: "-" if mm.get(k) is None else f"{mm[k]:.0f}"  # noqa: E731
+
+        def f(k):
+            return "-" if mm.get(k) is None else f"{mm[k]:.0f}"
+
         L.append(f"| {b['backend']} | {b.get('device')} | {b.get('setup_s', 0):.1f} | "
                  f"{f('rss_mb_after_imports')} | {f('rss_mb_after_setup')} | {f('peak_rss_mb_pipeline')} | "
                  f"{f('peak_rss_mb_with_naive_head')} | {f('cuda_max_allocated_mb')} |")

@@ -154,7 +154,10 @@ def trtexec_commands(engine_dir: str | Path, m: dict[str, Any], o: BuildOptions)
     lines = []
     for g, info in m["graphs"].items():
         shp = merged_profile(profile_shapes(m, g, o))
-        fmt = lambda i: ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in shp.items())  # noqa: E731
+
+        def fmt(i):
+            return ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in shp.items())
+
         cache = o.timing_cache or str(d / "timing.cache")
         tf32 = "" if o.tf32 else " --noTF32"
         lines.append(f"trtexec --onnx={d / info['file']} --saveEngine={d / (g + '.engine')} --stronglyTyped"

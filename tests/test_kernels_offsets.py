@@ -11,12 +11,13 @@ import contextlib
 import os
 import sys
 
+# The interpreter flag is read when triton is imported: set it before anything imports triton.
 _TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 os.environ["TRITON_INTERPRET"] = "1"
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np  # noqa: E402 - after TRITON_INTERPRET
+import pytest  # noqa: E402 - after TRITON_INTERPRET
+import torch  # noqa: E402 - after TRITON_INTERPRET
 
 pytestmark = pytest.mark.skipif(_TRITON_PREIMPORTED,
                                 reason="triton was imported before TRITON_INTERPRET=1 was set")

@@ -216,7 +216,9 @@ def _jit(rng, c, amount=0.08):
 
 def _material(rng: np.random.Generator, cls: str) -> Material:
     """Class-typical appearance with per-instance variation."""
-    pick = lambda opts: opts[rng.integers(len(opts))]  # noqa: E731
+    def pick(opts):
+        return opts[rng.integers(len(opts))]
+
     wood = pick([_c(150, 100, 60), _c(120, 75, 40), _c(185, 140, 90), _c(95, 60, 35)])
     if cls == "floor":
         if rng.random() < 0.6:

@@ -144,7 +144,10 @@ def format_text(s: dict) -> str:
         return _format_engine(s)
     a, p = s["architecture"], s["parameters"]
     t, v = a["text"], a["vision"]
-    m = lambda n: f"{n / 1e6:,.2f} M"  # noqa: E731
+
+    def m(n):
+        return f"{n / 1e6:,.2f} M"
+
     lines = [
         f"checkpoint  {s['path']}",
         f"text        {t['layers']} layers, d={t['hidden_size']}, {t['heads']} heads, MLA q_lora "

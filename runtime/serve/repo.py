@@ -47,6 +47,7 @@ import sys
 if os.environ.get("{SOURCE_ENV}"):
     sys.path.insert(0, os.environ["{SOURCE_ENV}"])
 
+# Imported after the sys.path line, and only for Triton, which looks the class up in this file.
 from densert.runtime.serve.triton_model import TritonPythonModel  # noqa: E402,F401
 '''
 
