@@ -8,7 +8,7 @@ from pathlib import Path
 from densert.cli import add_dataclass_arguments, dataclass_kwargs, fields_of
 from densert.errors import CLIError, DensertError
 from densert.image import MERGE
-from densert.options import int_at_least
+from densert.options import comma_list, int_at_least
 
 from .options import VERIFY_DECODE_STEPS, VERIFY_GRIDS, BuildRequest, ExportOptions
 
@@ -46,6 +46,13 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
                                  "token only)")
         parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "torch"],
                             default="onnxruntime", help="engine backend under test")
+        parser.add_argument("--classes", type=comma_list, default=None, metavar="A,B,...",
+                            help="segmentation classes of the metric gate (default: the 26 "
+                                 "classes of the rendered scenes)")
+        parser.add_argument("--no-metrics", dest="metrics", action="store_false",
+                            help="skip the gate in the units users read (depth AbsRel / delta1, "
+                                 "segmentation mIoU, greedy tokens through the runtime's "
+                                 "decoding); tensor checks only")
     elif command == "build-engine":
         parser.add_argument("engine_dir", help="engine directory written by `densert export`")
         add_dataclass_arguments(parser, BuildRequest)
@@ -88,7 +95,8 @@ def run(args) -> int:
             backend = TrtBackend(args.engine_dir, model_dir=args.model)
         rep = verify(args.engine_dir, args.model, images=args.images, grids=args.grids,
                      decode_steps=args.decode_steps, backend=backend,
-                     log=lambda s: print(s, file=sys.stderr))
+                     log=lambda s: print(s, file=sys.stderr), metrics=args.metrics,
+                     classes=args.classes)
         print(rep.format())
         return 0 if rep.ok else 1
     if args.command == "build-engine":
