@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import sys
@@ -161,14 +160,14 @@ def report_md(r: dict) -> str:
     m = r["machine"]
     out = ["# Thresholds of the metric gate of `densert verify`", "",
            f"Command: `{r['command']}` (commit {r['commit']}).", "",
-           f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} "
-           f"threads), ONNX Runtime {m['onnxruntime']} (CPU); load average at start "
-           f"{', '.join(f'{x:.1f}' for x in m['loadavg_at_start'])} (shared machine; the "
-           "numbers are deterministic, only the time depends on it).", "",
-           f"Model: {r['model']}; each engine exported with `densert export` defaults. "
-           f"Reference: torch fp32 on the CPU. Images: {', '.join(r['images'])} "
-           "(`export.verify.GATE_SCENES`). Greedy tokens: the first "
-           f"{r['gate_tokens']} of the segment-naming and core-target prompts.", "",
+           (f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} "
+            f"threads), ONNX Runtime {m['onnxruntime']} (CPU); load average at start "
+            f"{', '.join(f'{x:.1f}' for x in m['loadavg_at_start'])} (shared machine; the "
+            "numbers are deterministic, only the time depends on it)."), "",
+           (f"Model: {r['model']}; each engine exported with `densert export` defaults. "
+            f"Reference: torch fp32 on the CPU. Images: {', '.join(r['images'])} "
+            "(`export.verify.GATE_SCENES`). Greedy tokens: the first "
+            f"{r['gate_tokens']} of the segment-naming and core-target prompts."), "",
            "## Mean over the images and the thresholds set from it", "",
            f"Margin: allowed error = max({r['margin']:g} x measured error, floor), rounded outward "
            "to 0.001; error = AbsRel, or 1 - delta1 / mIoU / token agreement; floors "

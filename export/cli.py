@@ -35,7 +35,8 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         from densert.runtime.options import BACKENDS
         parser.intermixed = True  # the README's `verify ENGINES --model DIR IMAGES`
         parser.add_argument("engine_dir", help="engine directory written by `densert export`")
-        parser.add_argument("images", nargs="*", help="images to check (default: synthetic images of several sizes)")
+        parser.add_argument("images", nargs="*", help="images to check (default: synthetic images of "
+                            "several sizes for the tensor checks, rendered scenes for the metrics)")
         parser.add_argument("--model", required=True, help="checkpoint directory the engine was exported from")
         parser.add_argument("--grids", type=_grid, nargs="+", default=None,
                             help="patch grids of the synthetic images (default: "
@@ -49,10 +50,11 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--classes", type=comma_list, default=None, metavar="A,B,...",
                             help="segmentation classes of the metric gate (default: the 26 "
                                  "classes of the rendered scenes)")
-        parser.add_argument("--no-metrics", dest="metrics", action="store_false",
-                            help="skip the gate in the units users read (depth AbsRel / delta1, "
-                                 "segmentation mIoU, greedy tokens through the runtime's "
-                                 "decoding); tensor checks only")
+        parser.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
+                            help="also gate what users read: depth AbsRel / delta1, segmentation "
+                                 "mIoU and greedy tokens through the runtime's decoding, against "
+                                 "thresholds measured on the bundled model (--no-metrics: tensor "
+                                 "checks only)")
     elif command == "build-engine":
         parser.add_argument("engine_dir", help="engine directory written by `densert export`")
         add_dataclass_arguments(parser, BuildRequest)

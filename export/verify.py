@@ -38,7 +38,7 @@ pixels where the reference depth is valid (``training.metrics.depth_errors``); t
 label map over ``classes`` (default the scenes' 26 classes, ``DenseOptions(fast=True,
 crf=False)``: every class scored in one prefill, the bilinear argmax) -> mIoU of the engine's map
 against the reference's over the classes present in either; the first ``GATE_TOKENS`` greedy
-tokens of ``GATE_PROMPTS`` (``densert chat`` decoding: the checkpoint's repetition penalty, stop
+tokens of the two prompts of ``gate_prompts`` (``densert chat`` decoding: the checkpoint's repetition penalty, stop
 at EOS) -> the share of positions where both hold the same token (a sequence that stopped earlier
 counts as different at the positions it lacks). The gate takes the mean over images against
 ``GATES``; a checkpoint marked as random weights (``densert.checkpoint.random_init``) is shown
@@ -348,18 +348,17 @@ def user_unit_metrics(eng_pred, ref_pred, image, tasks: Sequence[str], classes: 
 
 
 def run_metric_gates(rep: Report, eng, ref, model_dir: str | Path, m: dict, images: Sequence[str],
-                     classes: Sequence[str] | None, log) -> None:
-    """Fill ``rep.metrics`` (per image) and ``rep.random_weights``."""
+                     classes: Sequence[str] | None, mark, log) -> None:
+    """Fill ``rep.metrics`` (per image) and ``rep.random_weights`` (``mark``: the checkpoint's
+    ``read_random_mark``)."""
     import warnings
 
-    from densert.checkpoint.random_init import read_random_mark
     from densert.runtime.options import DenseOptions
     from densert.runtime.predictor import DensePredictor
     from densert.text.tokens import Vocab
     if classes is None:
         from densert.training.classes import CLASS_NAMES
         classes = CLASS_NAMES
-    mark = read_random_mark(model_dir)
     rep.random_weights = bool(mark and mark.current)
     if mark and not mark.current:
         rep.metric_notes.append(f"{mark.path.name} no longer matches the weights, so they are "
@@ -406,6 +405,9 @@ def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] 
         if not classes:
             raise OptionError("verify: classes is empty; give at least one class name, or none "
                               "for the scenes' classes")
+    if metrics:   # a damaged mark is an error before the work, not after it
+        from densert.checkpoint.random_init import read_random_mark
+        mark = read_random_mark(model_dir)
     eng = backend or OrtBackend(engine_dir, model_dir=model_dir)
     m = eng.manifest
     if grids is None:
@@ -482,5 +484,5 @@ def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] 
             for i, (a, b) in enumerate(zip(ref.cache_tensors(cr), eng.cache_tensors(cg))):
                 rep.tensors.append(compare(f"[{label}] decode cache[{i}] after {cg.length} tokens", a, b, th))
     if metrics:
-        run_metric_gates(rep, eng, ref, model_dir, m, images, classes, log)
+        run_metric_gates(rep, eng, ref, model_dir, m, images, classes, mark, log)
     return rep

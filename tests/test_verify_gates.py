@@ -13,7 +13,11 @@ import pytest
 import torch
 
 from densert.benchmarks import measure_verify_gates as MV
-from densert.checkpoint.random_init import RANDOM_MARK_FILE, make_test_checkpoint, read_random_mark
+from densert.checkpoint.random_init import (
+    RANDOM_MARK_FILE,
+    make_test_checkpoint,
+    read_random_mark,
+)
 from densert.export import verify as V
 from densert.resources import bundled_model_dir
 
@@ -187,7 +191,8 @@ def test_verify_refuses_bad_classes_before_work():
     from densert.errors import DensertError
 
     class Eng:
-        manifest = {"precision": "int4", "max_patches": 64, "grids": []}
+        def __init__(self):
+            self.manifest = {"precision": "int4", "max_patches": 64, "grids": []}
     with pytest.raises(DensertError, match="given more than once"):
         V.verify("E", "CK", classes=["sky", "sky"], backend=Eng(), metrics=True)
     with pytest.raises(DensertError, match="classes is empty"):
