@@ -2,7 +2,8 @@
 measured on the trained bundled densert-tiny.
 
 For each precision (fp32, fp16, int8, int4) the bundled model is exported with ``densert export``
-defaults and ``verify`` runs its metric gate on its default images (``GATE_SCENES``: eight
+defaults and ``densert verify``'s metric gate (``training.engine_gate``) runs on its default
+images (``GATE_SCENES``: eight
 rendered scenes, 256x320): per image the engine's depth map in metres (AbsRel, delta1), its
 closed-set label map (mIoU) and its first ``GATE_TOKENS`` greedy tokens of two generating prompts,
 each against the fp32 torch reference through the same runtime calls. The gate compares the mean
@@ -84,11 +85,11 @@ def corrupt_depth_rows(engine_dir: str | Path) -> int:
 
 
 def measure(engine_dir: Path, model_dir: Path, model) -> dict:
-    from densert.export.verify import verify
+    from densert.training.engine_gate import verify_engine
     t = time.perf_counter()
     # One small grid and one decode step: the tensor checks are not what is measured here.
-    rep = verify(engine_dir, model_dir, grids=((8, 8),), decode_steps=1, model=model,
-                 metrics=True, log=lambda s: print(s, file=sys.stderr, flush=True))
+    rep = verify_engine(engine_dir, model_dir, grids=((8, 8),), decode_steps=1, model=model,
+                        log=lambda s: print(s, file=sys.stderr, flush=True))
     per_image = [{"image": label.strip("[]"), **vals} for label, vals in rep.metrics]
     keys = [k for k in per_image[0] if k != "image"]
     return {"tensors_ok": rep.tensors_ok, "per_image": per_image, "mean": rep.metric_means,
@@ -113,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from densert.checkpoint.loader import load_model
     from densert.export.onnx_export import export_engine
-    from densert.export.verify import GATE_SCENE_HW, GATE_SCENES, GATE_TOKENS
     from densert.machine import cpu_model, source_commit
     from densert.resources import bundled_model_dir
+    from densert.training.engine_gate import GATE_SCENE_HW, GATE_SCENES, GATE_TOKENS
     if a.threads:
         torch.set_num_threads(a.threads)
     ck = bundled_model_dir()
@@ -166,7 +167,7 @@ def report_md(r: dict) -> str:
             "numbers are deterministic, only the time depends on it)."), "",
            (f"Model: {r['model']}; each engine exported with `densert export` defaults. "
             f"Reference: torch fp32 on the CPU. Images: {', '.join(r['images'])} "
-            "(`export.verify.GATE_SCENES`). Greedy tokens: the first "
+            "(`training.engine_gate.GATE_SCENES`). Greedy tokens: the first "
             f"{r['gate_tokens']} of the segment-naming and core-target prompts."), "",
            "## Mean over the images and the thresholds set from it", "",
            f"Margin: allowed error = max({r['margin']:g} x measured error, floor), rounded outward "

@@ -91,14 +91,18 @@ def run(args) -> int:
         return 0
     if args.command == "verify":
         from .verify import verify
+        def log(s: str) -> None:
+            print(s, file=sys.stderr)
+        after = None
+        if args.metrics:   # checks --classes and the checkpoint's random-weights mark first
+            from densert.training.engine_gate import metric_gate
+            after = metric_gate(args.model, args.images, args.classes, log)
         backend = None
         if args.backend == "tensorrt":
             from .trt_backend import TrtBackend
             backend = TrtBackend(args.engine_dir, model_dir=args.model)
         rep = verify(args.engine_dir, args.model, images=args.images, grids=args.grids,
-                     decode_steps=args.decode_steps, backend=backend,
-                     log=lambda s: print(s, file=sys.stderr), metrics=args.metrics,
-                     classes=args.classes)
+                     decode_steps=args.decode_steps, backend=backend, log=log, after=after)
         print(rep.format())
         return 0 if rep.ok else 1
     if args.command == "build-engine":

@@ -29,29 +29,19 @@ on the random-weight checkpoint is the floor: its 1000 depth rows are unrelated 
 and its logits have no margin, so a few percent of hidden-state error moves the depth argmax and
 the greedy token; on the trained bundled model int4 keeps >= 95 % of the depth bins.
 
-The gate in the units users read (``metrics``): the engine and the reference each run the
-runtime's own task calls (``DensePredictor`` over either backend: its preprocessing, prompts,
-dense head and greedy decoding), on the given images, else on ``GATE_SCENES`` (rendered scenes).
-Per image: the depth map in metres (the checkpoint's default preset, ``densert depth``) ->
-AbsRel = mean |d_e - d_r| / d_r and delta1 = share with max(d_e / d_r, d_r / d_e) < 1.25 over
-pixels where the reference depth is valid (``training.metrics.depth_errors``); the closed-set
-label map over ``classes`` (default the scenes' 26 classes, ``DenseOptions(fast=True,
-crf=False)``: every class scored in one prefill, the bilinear argmax) -> mIoU of the engine's map
-against the reference's over the classes present in either; the first ``GATE_TOKENS`` greedy
-tokens of the two prompts of ``gate_prompts`` (``densert chat`` decoding: the checkpoint's repetition penalty, stop
-at EOS) -> the share of positions where both hold the same token (a sequence that stopped earlier
-counts as different at the positions it lacks). The gate takes the mean over images against
-``GATES``; a checkpoint marked as random weights (``densert.checkpoint.random_init``) is shown
-the numbers without being judged by them.
+The gate in the units users read (depth AbsRel / delta1, segmentation mIoU, greedy-token
+agreement through the runtime's own calls) runs above this layer, in
+``densert.training.engine_gate`` (it needs the runtime's predictor and the rendered scenes): it
+passes ``verify`` an ``after`` step that fills the report's ``metrics``; the report judges them
+against ``GATES`` (a checkpoint marked as random weights is shown the numbers, not judged).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,7 +51,7 @@ from densert.model.vision_meta import build_vision_meta
 
 from .options import VERIFY_DECODE_STEPS, VERIFY_GRIDS
 
-# ---- the gate in the units users read (module docstring)
+# ---- the gate in the units users read (densert.training.engine_gate computes the numbers)
 # Thresholds per precision, set on the trained bundled densert-tiny by
 # benchmarks/measure_verify_gates.py (measurement, margin rule and command in
 # benchmarks/results/verify_gates.md / .json; tests/test_verify_gates.py checks they agree).
@@ -75,14 +65,6 @@ GATES = {
 GATE_AT_MOST = ("abs_rel",)
 GATE_LABELS = {"abs_rel": "depth AbsRel", "delta1": "depth delta1", "miou": "segmentation mIoU",
                "tokens": "greedy-token agreement"}
-# Greedy tokens compared per prompt: a few answers' worth of the trained prompts' formats
-# (``<ref>name</ref>`` lists, ``<ref><FG></ref>``), and short enough to keep verify quick.
-GATE_TOKENS = 16
-# The images of the gate when none are given, rendered by training.scenes.render_scene: the four
-# shipped samples (samples/, seeds 0 3 4 6) and the first four held-out eval scenes
-# (training.trainer.HELD_OUT_SEED_BASE + 0..3), at the samples' 256x320.
-GATE_SCENES = (0, 3, 4, 6, 1_000_000_000, 1_000_000_001, 1_000_000_002, 1_000_000_003)
-GATE_SCENE_HW = (256, 320)
 # fp32 weights above which the torch reference streams its layers (``verify``).
 STREAM_REFERENCE_BYTES = 1 << 30
 
@@ -290,124 +272,21 @@ def default_grids(m: dict) -> list[tuple[int, int]]:
     return out
 
 
-def gate_images(images: Sequence[str] = ()) -> list[tuple[str, object]]:
-    """(label, image) pairs of the metric gate: the given image files, else ``GATE_SCENES``."""
-    if images:
-        return [(Path(p).name, str(p)) for p in images]
-    from densert.training.scenes import render_scene
-    out = []
-    for seed in GATE_SCENES:
-        sc = render_scene(seed, *GATE_SCENE_HW)
-        out.append((f"scene {seed} ({sc.kind})", sc.image))
-    return out
-
-
-def gate_prompts(classes: Sequence[str]) -> list[tuple[str, str]]:
-    """(name, text) of the generating prompts whose greedy tokens are compared: segmentation's
-    naming pass (closed set over ``classes``) and the referring flow's second pass."""
-    from densert.tasks import prompts
-    return [("segment naming", prompts.semantic(list(classes)).text),
-            ("core target", prompts.core_target().text)]
-
-
-def label_miou(got: np.ndarray, ref: np.ndarray, n_classes: int) -> float:
-    """mIoU of label map ``got`` against ``ref`` over the classes present in either."""
-    from densert.training.metrics import SegmentationMeter
-    meter = SegmentationMeter(n_classes, ignore_label=-1)
-    meter.update(got, ref)
-    return meter.miou()
-
-
-def token_agreement(ref: Sequence[int], got: Sequence[int], n: int = GATE_TOKENS) -> float:
-    """Share of the first ``n`` positions where both greedy sequences hold the same token; a
-    sequence that stopped earlier differs at the positions it lacks."""
-    a, b = list(ref)[:n], list(got)[:n]
-    total = max(len(a), len(b))
-    return sum(x == y for x, y in zip(a, b)) / total if total else 1.0
-
-
-def user_unit_metrics(eng_pred, ref_pred, image, tasks: Sequence[str], classes: Sequence[str]
-                      ) -> dict[str, float]:
-    """One image through the runtime's task calls on both predictors -> {metric: value}."""
-    from densert.training.metrics import depth_errors
-    out: dict[str, float] = {}
-    if "depth" in tasks:
-        d_ref, d_eng = ref_pred.depth(image).depth, eng_pred.depth(image).depth
-        e = depth_errors(d_eng, d_ref)
-        if e is not None:   # a reference map without a valid pixel has nothing to compare
-            out["abs_rel"], out["delta1"] = e["abs_rel"], e["delta1"]
-    if "segment" in tasks:
-        s_ref = ref_pred.segment(image, classes=list(classes))
-        s_eng = eng_pred.segment(image, classes=list(classes))
-        out["miou"] = label_miou(s_eng.labels, s_ref.labels, len(classes))
-    agree = [token_agreement(ref_pred.chat(image, text, max_new_tokens=GATE_TOKENS).token_ids,
-                             eng_pred.chat(image, text, max_new_tokens=GATE_TOKENS).token_ids)
-             for _, text in gate_prompts(classes)]
-    out["tokens"] = sum(agree) / len(agree)
-    return out
-
-
-def run_metric_gates(rep: Report, eng, ref, model_dir: str | Path, m: dict, images: Sequence[str],
-                     classes: Sequence[str] | None, mark, log) -> None:
-    """Fill ``rep.metrics`` (per image) and ``rep.random_weights`` (``mark``: the checkpoint's
-    ``read_random_mark``)."""
-    import warnings
-
-    from densert.runtime.options import DenseOptions
-    from densert.runtime.predictor import DensePredictor
-    from densert.text.tokens import Vocab
-    if classes is None:
-        from densert.training.classes import CLASS_NAMES
-        classes = CLASS_NAMES
-    rep.random_weights = bool(mark and mark.current)
-    if mark and not mark.current:
-        rep.metric_notes.append(f"{mark.path.name} no longer matches the weights, so they are "
-                                "judged as trained")
-    vocab = Vocab.from_file(model_dir)
-    opts = DenseOptions(fast=True, crf=False)
-    kw = {"model_dir": model_dir, "max_patches": int(m["max_patches"])}
-    eng_pred = DensePredictor.from_backend(eng, vocab, opts, **kw)
-    ref_pred = DensePredictor.from_backend(ref, vocab, opts, **kw)
-    tasks = [t for t in ("depth", "segment") if t in m["tasks"]]
-    if "depth" in tasks:
-        rep.metric_notes.append(f"depth preset {ref_pred.default_depth_preset}")
-    if "segment" in tasks:
-        rep.metric_notes.append(f"segmentation one-prefill over {len(classes)} classes, no CRF")
-    rep.metric_notes.append(f"first {GATE_TOKENS} greedy tokens of "
-                            + " / ".join(name for name, _ in gate_prompts(classes)))
-    for label, image in gate_images(images):
-        log(f"verify: metrics on {label}")
-        with warnings.catch_warnings():   # the flows' notes (no class named, ...) are not results here
-            warnings.simplefilter("ignore")
-            rep.metrics.append((f"[{label}]", user_unit_metrics(eng_pred, ref_pred, image, tasks,
-                                                                classes)))
-
-
 @torch.no_grad()
 def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] = (),
            grids: Sequence[tuple[int, int]] | None = None, decode_steps: int = VERIFY_DECODE_STEPS,
-           model=None, backend=None, log=print, metrics: bool = False,
-           classes: Sequence[str] | None = None) -> Report:
-    """``grids`` None: ``default_grids`` of the engine. ``metrics`` (on in ``densert verify``,
-    off here so the tensor checks alone stay quick for callers that want only them): also run
-    the gate in the units users read (module docstring) on ``images``, else on ``GATE_SCENES``;
-    ``classes``: its segmentation classes (default: the scenes' ``training.classes.CLASS_NAMES``)."""
+           model=None, backend=None, log=print,
+           after: Callable[[Report, object, TorchBackend, dict], None] | None = None) -> Report:
+    """``grids`` None: ``default_grids`` of the engine. ``after(report, engine backend, torch
+    reference, manifest)``: run once the tensor checks are done, with both backends still loaded
+    (the metric gate, ``densert.training.engine_gate.verify_engine``)."""
     from densert.checkpoint.loader import load_model
-    from densert.errors import EngineError, OptionError
+    from densert.errors import EngineError
     from densert.kernels.dense_head import subset_weight
     from densert.options import check_range
 
     from .ort_backend import OrtBackend
     check_range("verify", "decode_steps", decode_steps, 0, integer=True)
-    if classes is not None:
-        from densert.runtime.predictor import class_names
-        classes = class_names(classes)
-        if not classes:
-            raise OptionError("verify: classes is empty; give at least one class name, or none "
-                              "for the scenes' classes")
-    if metrics:   # a damaged mark is an error before the work, not after it
-        from densert.checkpoint.random_init import read_random_mark
-        mark = read_random_mark(model_dir)
     eng = backend or OrtBackend(engine_dir, model_dir=model_dir)
     m = eng.manifest
     if grids is None:
@@ -419,7 +298,7 @@ def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] 
     th = THRESHOLDS[m["precision"]]
     # A large reference streams its layers from the checkpoint (one layer held at a time): the
     # fp32 reference of a 4B model beside its engine fits a 24 GB machine; same numbers. A
-    # small one is held whole: streaming re-reads every layer at each of the gate's decode steps.
+    # small one is held whole: streaming re-reads every layer at every decode step of the gate.
     if model is None:
         from densert.checkpoint.files import read_all_headers
         fp32_bytes = 4 * sum(i.numel for i in read_all_headers(model_dir).values())
@@ -483,6 +362,6 @@ def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] 
                 rep.tensors.append(worst)
             for i, (a, b) in enumerate(zip(ref.cache_tensors(cr), eng.cache_tensors(cg))):
                 rep.tensors.append(compare(f"[{label}] decode cache[{i}] after {cg.length} tokens", a, b, th))
-    if metrics:
-        run_metric_gates(rep, eng, ref, model_dir, m, images, classes, mark, log)
+    if after is not None:
+        after(rep, eng, ref, m)
     return rep

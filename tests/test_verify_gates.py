@@ -15,11 +15,13 @@ import torch
 from densert.benchmarks import measure_verify_gates as MV
 from densert.checkpoint.random_init import (
     RANDOM_MARK_FILE,
+    is_current,
     make_test_checkpoint,
     read_random_mark,
 )
 from densert.export import verify as V
 from densert.resources import bundled_model_dir
+from densert.training import engine_gate as G
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "verify_gates.json"
@@ -74,10 +76,10 @@ def test_engines_pass_on_the_default_scenes(bundled, precision, tmp_path, capsys
     """The images the thresholds were measured on (no images given: GATE_SCENES); the numbers
     equal the committed measurement (ONNX Runtime CPU is deterministic on one machine)."""
     eng = _export(bundled, tmp_path, precision)
-    rep = V.verify(eng, bundled[0], grids=((8, 8),), decode_steps=1, model=bundled[1], metrics=True,
-                   log=lambda s: None)
+    rep = G.verify_engine(eng, bundled[0], grids=((8, 8),), decode_steps=1, model=bundled[1],
+                          log=lambda s: None)
     assert rep.ok, rep.format()
-    assert len(rep.metrics) == len(V.GATE_SCENES) and rep.random_weights is False
+    assert len(rep.metrics) == len(G.GATE_SCENES) and rep.random_weights is False
     measured = json.loads(RESULTS.read_text())["precisions"][precision]["mean"]
     for k, v in rep.metric_means.items():
         assert v == pytest.approx(measured[k], abs=0.02), (k, v, measured[k])
@@ -88,8 +90,8 @@ def test_reversed_depth_rows_fail_the_gate_but_not_the_tensor_checks(bundled, in
     of order the graph's own scores still agree, and only the gate in metres catches it."""
     bad = Path(shutil.copytree(int4, tmp_path / "bad"))
     assert MV.corrupt_depth_rows(bad) == 1000
-    rep = V.verify(bad, bundled[0], images=SAMPLES[1:], grids=((4, 4),), decode_steps=1,
-                   model=bundled[1], metrics=True, log=lambda s: None)
+    rep = G.verify_engine(bad, bundled[0], images=SAMPLES[1:], grids=((4, 4),), decode_steps=1,
+                          model=bundled[1], log=lambda s: None)
     assert rep.tensors_ok and not rep.ok
     gates = {k: ok for k, _, _, ok in rep.metric_gates}
     assert not gates["abs_rel"] and not gates["delta1"] and gates["miou"], rep.format()
@@ -108,7 +110,7 @@ def _small_scene(path: Path) -> str:
 def test_random_weights_are_reported_not_judged(tiny_checkpoint, tmp_path, capsys):
     from densert.export.onnx_export import export_engine
     mark = read_random_mark(tiny_checkpoint)
-    assert mark is not None and mark.current and mark.made_with["seed"] == 0
+    assert mark is not None and is_current(mark) and mark.made_with["seed"] == 0
     eng = tmp_path / "eng"
     export_engine(tiny_checkpoint, eng, precision="int8", tasks=["depth", "segment"],
                   image_size=("64x96",), progress=False)
@@ -124,8 +126,8 @@ def test_random_weights_are_reported_not_judged(tiny_checkpoint, tmp_path, capsy
     ck = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ck"))
     (ck / RANDOM_MARK_FILE).unlink()
     assert read_random_mark(ck) is None
-    rep = V.verify(eng, ck, images=[img], grids=((2, 2),), decode_steps=0, metrics=True,
-                   classes=["sky", "road", "car"], log=lambda s: None)
+    rep = G.verify_engine(eng, ck, images=[img], grids=((2, 2),), decode_steps=0,
+                          classes=["sky", "road", "car"], log=lambda s: None)
     assert rep.random_weights is False and len(rep.metric_gates) == 4
     assert "random weights" not in rep.format()
 
@@ -135,7 +137,7 @@ def test_mark_follows_the_weights(tmp_path):
     verify then judges them. make-test-checkpoint again writes the same bytes and a fresh mark."""
     ck = make_test_checkpoint(tmp_path / "ck", "tiny", text_layers=1, vision_layers=1)
     first = (ck / "model.safetensors").read_bytes()
-    assert read_random_mark(ck).current
+    assert is_current(read_random_mark(ck))
     from densert.checkpoint.files import write_checkpoint
     from densert.checkpoint.loader import load_model
     model = load_model(ck, torch.float32)
@@ -143,9 +145,9 @@ def test_mark_follows_the_weights(tmp_path):
         model.model.norm.weight.mul_(1.5)
     write_checkpoint(model, ck, ck / "tokenizer.json", overwrite=True)
     mark = read_random_mark(ck)
-    assert mark is not None and not mark.current
+    assert mark is not None and not is_current(mark)
     make_test_checkpoint(ck, "tiny", text_layers=1, vision_layers=1, overwrite=True)
-    assert (ck / "model.safetensors").read_bytes() == first and read_random_mark(ck).current
+    assert (ck / "model.safetensors").read_bytes() == first and is_current(read_random_mark(ck))
     (ck / RANDOM_MARK_FILE).write_text("{not json")
     from densert.errors import CheckpointError
     with pytest.raises(CheckpointError, match="random_weights.json: not a random-weights mark"):
@@ -161,8 +163,8 @@ def test_thresholds_are_the_committed_measurement():
     for p, x in res["precisions"].items():
         assert {k: MV.threshold(k, v) for k, v in x["mean"].items()} == res["thresholds"][p]
         assert MV.passes(x["mean"], res["thresholds"][p]) and x["tensors_ok"]
-        assert len(x["per_image"]) == len(V.GATE_SCENES) and x["mean"].keys() == V.GATE_LABELS.keys()
-    assert res["gate_tokens"] == V.GATE_TOKENS
+        assert len(x["per_image"]) == len(G.GATE_SCENES) and x["mean"].keys() == V.GATE_LABELS.keys()
+    assert res["gate_tokens"] == G.GATE_TOKENS
     assert res["corrupted_int4"]["tensors_ok"] and not res["corrupted_int4"]["gate_ok"]
 
 
@@ -176,24 +178,24 @@ def test_margin_rule():
 
 
 def test_token_agreement_and_miou_definitions():
-    assert V.token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
-    assert V.token_agreement([1, 2, 7], [1, 2, 7, 8, 9]) == 0.6       # stopped early: differs there
-    assert V.token_agreement([], []) == 1.0
-    assert V.token_agreement(list(range(40)), list(range(40)) + [1], n=16) == 1.0
+    assert G.token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+    assert G.token_agreement([1, 2, 7], [1, 2, 7, 8, 9]) == 0.6       # stopped early: differs there
+    assert G.token_agreement([], []) == 1.0
+    assert G.token_agreement(list(range(40)), list(range(40)) + [1], n=16) == 1.0
     ref = np.array([[0, 0, 1, 1], [0, 0, 1, 1]], np.uint16)
     got = np.array([[0, 0, 0, 1], [0, 0, 0, 1]], np.uint16)
     # class 0: 4 / 6, class 1: 2 / 4; class 2 (absent from both) not counted
-    assert V.label_miou(got, ref, 3) == pytest.approx((4 / 6 + 2 / 4) / 2)
-    assert V.label_miou(ref, ref, 300) == 1.0
+    assert G.label_miou(got, ref, 3) == pytest.approx((4 / 6 + 2 / 4) / 2)
+    assert G.label_miou(ref, ref, 300) == 1.0
 
 
-def test_verify_refuses_bad_classes_before_work():
+def test_verify_refuses_bad_classes_before_work(capsys):
+    from densert.cli import main
     from densert.errors import DensertError
-
-    class Eng:
-        def __init__(self):
-            self.manifest = {"precision": "int4", "max_patches": 64, "grids": []}
     with pytest.raises(DensertError, match="given more than once"):
-        V.verify("E", "CK", classes=["sky", "sky"], backend=Eng(), metrics=True)
+        G.metric_gate("CK", classes=["sky", "sky"])
     with pytest.raises(DensertError, match="classes is empty"):
-        V.verify("E", "CK", classes=[], backend=Eng(), metrics=True)
+        G.metric_gate("CK", classes=[])
+    # the CLI: exit 2 before any engine is opened (this one does not exist)
+    assert main(["verify", "NO-ENGINE", "--model", "CK", "--classes", "sky,sky"]) == 2
+    assert "given more than once" in capsys.readouterr().err

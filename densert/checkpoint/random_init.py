@@ -3,17 +3,19 @@ scratch): HF-style init, deterministic per (seed, tensor name), generated one te
 
 Every checkpoint ``make_test_checkpoint`` writes is marked as random: ``random_weights.json``
 beside the weights (``RANDOM_MARK_FILE``) records how it was made and the sha256 of each weight
-file. ``densert verify`` reads it (``read_random_mark``) and reports such a checkpoint as random
-weights instead of judging it by the metric gates, whose thresholds are set on a trained model.
+file. ``densert verify`` reads it (``read_random_mark``) and, when the engine was exported from
+exactly those weight files (the hashes its manifest recorded), reports the checkpoint as random
+weights instead of judging it by the metric gate, whose thresholds are set on a trained model.
 The mark is a side file, not a field of config.json or the safetensors metadata, so nothing that
-writes weights (training, conversion) carries it on by accident; it counts only while the weight
-files still have the recorded hashes, so weights written over a marked directory lose it.
+writes weights (training, conversion) carries it on by accident; it counts only for weight files
+with the recorded hashes, so weights written over a marked directory are not taken for random.
 Checkpoints made before the mark existed have none and are judged like any trained checkpoint;
 running ``make-test-checkpoint`` again with the same arguments (and ``--force``) writes the same
 bytes (the init is deterministic) plus the mark, so engines exported from them stay valid.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass
@@ -112,10 +114,12 @@ def make_test_checkpoint(out: str | Path, size: str = "tiny", text_layers: int |
     return outp
 
 
-def _weight_hashes(path: Path) -> dict[str, str]:
-    # The export's memoised hashes: hashing here spares `densert export` / `verify` the re-read.
-    from densert.export.manifest import file_sha256
-    return {f.name: file_sha256(f) for f in weight_files(path)}
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_random_mark(path: str | Path, made_with: dict) -> Path:
@@ -124,7 +128,7 @@ def write_random_mark(path: str | Path, made_with: dict) -> Path:
     mark = {"random_weights": True, "made_by": "densert make-test-checkpoint",
             "init": "HF-style: normal(0, initializer_range) Linear / Embedding weights, ones for "
                     "norms, zeros for biases; deterministic per (seed, tensor name)",
-            **made_with, "weights_sha256": _weight_hashes(path)}
+            **made_with, "weights_sha256": {f.name: _sha256(f) for f in weight_files(path)}}
     out = path / RANDOM_MARK_FILE
     out.write_text(json.dumps(mark, indent=2) + "\n")
     return out
@@ -132,16 +136,21 @@ def write_random_mark(path: str | Path, made_with: dict) -> Path:
 
 @dataclass(frozen=True)
 class RandomMark:
-    """What ``read_random_mark`` found: ``current`` False = the weights changed since the mark
-    was written (the mark no longer describes them)."""
+    """A checkpoint's random-weights mark: how it was made and the sha256 of each weight file."""
 
     path: Path
     made_with: dict
-    current: bool
+    weights_sha256: dict
+
+    def describes(self, weights_sha256: dict) -> bool:
+        """True when the given weight files ({name: sha256}, e.g. those an engine's manifest
+        recorded at export) are exactly the marked ones."""
+        return weights_sha256 == self.weights_sha256
 
 
 def read_random_mark(path: str | Path) -> RandomMark | None:
-    """The random-weights mark of a checkpoint directory, or None without one."""
+    """The random-weights mark of a checkpoint directory, or None without one. Whether it still
+    describes the weights is ``RandomMark.describes`` (or ``is_current``)."""
     f = Path(path) / RANDOM_MARK_FILE
     if not f.is_file():
         return None
@@ -154,4 +163,9 @@ def read_random_mark(path: str | Path) -> RandomMark | None:
         raise CheckpointError(f"{f}: not a random-weights mark ({e}); delete it, or re-run "
                               "`densert make-test-checkpoint` to write it again") from None
     made_with = {k: v for k, v in mark.items() if k not in ("random_weights", "weights_sha256")}
-    return RandomMark(f, made_with, recorded == _weight_hashes(Path(path)))
+    return RandomMark(f, made_with, recorded)
+
+
+def is_current(mark: RandomMark) -> bool:
+    """The mark describes the weight files in its directory now (hashes every weight file)."""
+    return mark.describes({f.name: _sha256(f) for f in weight_files(mark.path.parent)})
