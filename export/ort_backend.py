@@ -249,8 +249,8 @@ class OrtBackend(Backend):
         for g, info in m["graphs"].items():
             path = self.engine_dir / info["file"]
             try:
-                sess = make_session(path, choice.names, quantized=bool({"DequantizeLinear", "com.microsoft::MatMulNBits"}
-                                                   & set(info["op_types"])),
+                quantized = bool({"DequantizeLinear", "com.microsoft::MatMulNBits"} & set(info["op_types"]))
+                sess = make_session(path, choice.names, quantized=quantized,
                                     intra_op_threads=intra_op_threads, provider_options=choice.options)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise EngineError(f"engine dir {self.engine_dir}: ONNX Runtime cannot load {info['file']} "

@@ -136,7 +136,7 @@ def test_thresholds_are_enforced(bundled_engines, monkeypatch, capsys):
     ck, model, engines = bundled_engines
     monkeypatch.setitem(THRESHOLDS, "int4", THRESHOLDS["fp32"])
     assert main(["verify", str(engines["int4"][0]), "--model", str(ck), "--grids", "12x20",
-                 "--decode-steps", "2"]) == 1
+                 "--decode-steps", "2", "--no-metrics"]) == 1
     out = capsys.readouterr().out
     assert out.rstrip().endswith("FAIL") and "cosine >= 0.99999" in out
 
