@@ -122,11 +122,15 @@ def _worker(variant: str, task: str, L: int, reps: int, hidden_kind: str = "rand
         t = time.perf_counter()
         Wk = subset_weight(W, groups)
         prep_s = time.perf_counter() - t
-        fn = lambda: dense_head(hidden, Wk, (gh, gw), out_hw, mode, depth_values=depth_values)  # noqa: E731
+
+        def fn():
+            return dense_head(hidden, Wk, (gh, gw), out_hw, mode, depth_values=depth_values)
     else:
         gemm = torch.float32 if variant == "naive-fp32" else None
-        fn = lambda: naive_full_vocab_head(hidden, W, groups, (gh, gw), out_hw, mode=mode,  # noqa: E731
-                                           depth_values=depth_values, gemm_dtype=gemm)
+
+        def fn():
+            return naive_full_vocab_head(hidden, W, groups, (gh, gw), out_hw, mode=mode,
+                                         depth_values=depth_values, gemm_dtype=gemm)
     load0 = os.getloadavg()[0]
     out = fn()  # warm-up first: one-time library scratch (GEMM packing, thread pools) is not per-call memory
     del out

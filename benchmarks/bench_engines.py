@@ -342,7 +342,10 @@ def report_md(r: dict) -> str:
                 "|---|---|---|---:|---:|---:|---:|---:|---|"]
         for x in r["accuracy"]:
             d = x.get("dense_min", {})
-            f = lambda k: f"{d[k] * 100:.2f}%" if k in d else "-"  # noqa: E731
+
+            def f(k):
+                return f"{d[k] * 100:.2f}%" if k in d else "-"
+
             nt = x.get("next_token_min")
             out.append(f"| {x['model']} | {x['precision']} | {x['policy']} | {f('depth')} | {f('segment')} | "
                        f"{f('refer')} | {'-' if nt is None else f'{nt * 100:.0f}%'} | "

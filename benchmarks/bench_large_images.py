@@ -110,7 +110,8 @@ def main(argv=None) -> int:
                 r.update(size=f"{hw[0]}x{hw[1]}", megapixels=hw[0] * hw[1] / 1e6)
                 print(json.dumps(r), file=sys.stderr)
                 runs.append(r)
-    rep = {"command": "python -m densert.benchmarks.bench_large_images " + " ".join(sys.argv[1:] if argv is None else argv),
+    args = sys.argv[1:] if argv is None else argv
+    rep = {"command": "python -m densert.benchmarks.bench_large_images " + " ".join(args),
            "machine": f"{cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
            "model": a.model or "bundled densert-tiny", "runs": runs,
            "fit": {t: fit([(r["megapixels"], r["peak_rss_mb"]) for r in runs if r["task"] == t])

@@ -52,9 +52,11 @@ def _worker(variant: str, reps: int) -> dict:
     # Distinct positives per token: a random offset plus a fixed stride never collides.
     pos = (torch.randint(0, V - 8 * 997, (L, 1)) + torch.arange(P)[None, :] * 997)
     if variant == "naive":
-        fn = lambda: naive_ntpm(H, W, pos, K)  # noqa: E731
+        def fn():
+            return naive_ntpm(H, W, pos, K)
     else:
-        fn = lambda: ntpm_loss(H, W, pos, k=K, chunk_size=8192)  # noqa: E731
+        def fn():
+            return ntpm_loss(H, W, pos, k=K, chunk_size=8192)
 
     def step():
         W.grad = None

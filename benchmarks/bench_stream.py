@@ -17,9 +17,10 @@ files for every mode. Three ways to get a depth map of each:
 ``stream`` and ``loop`` run alternately ``--rounds`` times, which one goes first swapping every
 round (medians and per-round ratios quoted: the machine may be shared, and its load drifts).
 ``--threads N`` sets torch's intra-op threads, here and in the per-image processes
-(OMP_NUM_THREADS); by default torch's own choice. Then ``dense``: ``pred.dense(frame, classes=...)`` (one prefill, open-world depth) against
-``pred.depth`` + ``pred.segment(classes=...)`` in its one-prefill flow (``--fast``), per backend, medians over the frames; the dataset
-preset row shows its own prefill (the prompt precedes the image; the image is encoded once).
+(OMP_NUM_THREADS); by default torch's own choice. Then ``dense``: ``pred.dense(frame, classes=...)``
+(one prefill, open-world depth) against ``pred.depth`` + ``pred.segment(classes=...)`` in its
+one-prefill flow (``--fast``), per backend, medians over the frames; the dataset preset row shows
+its own prefill (the prompt precedes the image; the image is encoded once).
 """
 from __future__ import annotations
 

@@ -9,8 +9,6 @@ ratios against the baselines, machine and library versions, and writes JSON (sch
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -18,14 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from densert.machine import cpu_model, source_commit
+from densert.machine import source_commit
 from densert.model.config import DTYPES
 from densert.runtime.options import BACKENDS, device_name
+
+from .report import SCHEMA_VERSION, machine_info
+from .serve_client import SERVE, serve_report
 
 # Tasks whose dense map `densert bench` measures against the naive and generate-as-text paths.
 BENCH_TASKS = ("depth", "segment")
 
-SCHEMA_VERSION = 1
 # The measurement plan: the default, and --quick (CI); explicit flags override either.
 FULL = {"sizes": ["256x256", "480x640"], "runs": 10, "warmup": 2, "decode_cap": 32, "decode_runs": 3}
 QUICK = {"sizes": ["64x64", "96x128"], "runs": 3, "warmup": 1, "decode_cap": 4, "decode_runs": 1}
@@ -73,6 +73,21 @@ def configure(parser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"CI mode: {QUICK['sizes']}, {QUICK['runs']} runs, "
                              f"{QUICK['warmup']} warm-up, {QUICK['decode_cap']} decode steps")
+    serve = parser.add_argument_group(
+        "a running server (--url): latency and throughput against concurrency, with tritonclient")
+    serve.add_argument("--url", default=None, metavar="HOST:PORT",
+                       help="measure the Triton server there (densert serve, or a standalone "
+                            "one on the --write-repo repository) instead of backends in-process; "
+                            "uses the first --task and --sizes, --runs requests per level "
+                            f"(default {SERVE['runs']}), --warmup requests per client first "
+                            "(default: measure backends)")
+    serve.add_argument("--protocol", default="http", choices=("http", "grpc"),
+                       help="with --url: the server's protocol at that port")
+    serve.add_argument("--concurrency", type=int, nargs="+", default=list(SERVE["concurrency"]),
+                       metavar="N", help="with --url: concurrent clients per level")
+    serve.add_argument("--classes", default=None,
+                       help="with --url and --task segment: comma-separated classes sent with "
+                            "each request (default: the benchmark's scene classes)")
 
 
 def _resolve_model(arg):
@@ -104,37 +119,6 @@ def command_line(args, model) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def machine_info() -> dict:
-    import numpy
-    import torch
-    cpu = cpu_model()
-    ram = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram = int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    libs = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-    for mod in ("onnxruntime", "onnx", "tensorrt", "matplotlib", "triton"):
-        try:
-            libs[mod] = __import__(mod).__version__
-        except Exception:
-            libs[mod] = None
-    from densert import __version__
-    libs["densert"] = __version__
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = None
-    return {"cpu": cpu, "cores": os.cpu_count(),
-            "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "ram_gb": ram, "gpu": gpu, "cuda": torch.version.cuda if gpu else None,
-            "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-            "loadavg_at_start": load, "libraries": libs}
-
-
 def _run_worker(spec: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="densert-bench-") as td:
         sp, op = Path(td) / "spec.json", Path(td) / "out.json"
@@ -152,21 +136,21 @@ def _run_worker(spec: dict) -> dict:
 
 
 def add_roofline(report: dict, cfg) -> None:
-    from . import roofline as R
+    from . import roofline
     cpu = report["this_cpu_peaks"]
     b_cpu = 4 if report["settings"]["dtype"] == "float32" else 2
     for be in report["backends"]:
         for c in be["cases"]:
-            req = R.Request(grid=tuple(c["grid"]), window_seqlens=c["window_seqlens"],
+            req = roofline.Request(grid=tuple(c["grid"]), window_seqlens=c["window_seqlens"],
                             prompt_tokens=c["prompt_tokens"], num_classes=c["num_classes"],
                             out_hw=tuple(c["head_out_hw"]))
-            costs = R.stage_costs(cfg, req, R.DEVICE_BYTES_PER_VALUE)
-            cpu_costs = R.stage_costs(cfg, req, b_cpu)
+            costs = roofline.stage_costs(cfg, req, roofline.DEVICE_BYTES_PER_VALUE)
+            cpu_costs = roofline.stage_costs(cfg, req, b_cpu)
             c["roofline"] = {
                 "costs_fp16": costs,
                 "devices_s": {dev: {s: v["seconds"] for s, v in st.items()}
-                              for dev, st in R.device_bounds(cfg, req).items()},
-                "this_cpu_s": {s: R.bound_seconds(v, cpu["flops"], cpu["bandwidth"])["seconds"]
+                              for dev, st in roofline.device_bounds(cfg, req).items()},
+                "this_cpu_s": {s: roofline.bound_seconds(v, cpu["flops"], cpu["bandwidth"])["seconds"]
                                for s, v in cpu_costs.items()},
             }
 
@@ -195,7 +179,7 @@ def run(args) -> int:
     from densert.model.config import YoutuVLConfig
     from densert.options import hw_size
 
-    from . import roofline as R
+    from . import roofline
 
     if args.from_json:
         from . import report as rep
@@ -210,6 +194,8 @@ def run(args) -> int:
         if not args.md:
             print(rep.markdown(report))
         return 0
+    if args.url:
+        return run_url(args)
     model = _resolve_model(args.model)
     q = QUICK if args.quick else FULL
     sizes = args.sizes or q["sizes"]
@@ -227,7 +213,7 @@ def run(args) -> int:
     started = time.time()
     machine = machine_info()
     print(f"densert bench: measuring this CPU's GEMM / copy peaks ({machine['cpu']})", file=sys.stderr)
-    cpu = R.measure_cpu_peaks(args.dtype if args.dtype == "float32" else "bfloat16",
+    cpu = roofline.measure_cpu_peaks(args.dtype if args.dtype == "float32" else "bfloat16",
                               **({"gemm_n": 512, "copy_mb": 64, "repeats": 5} if args.quick else {}))
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -245,7 +231,7 @@ def run(args) -> int:
                      "device": args.device, "threads": args.threads},
         "this_cpu_peaks": cpu,
         "devices": {k: {"name": d.name, "flops": d.flops, "bandwidth": d.bandwidth, "source": d.source}
-                    for k, d in R.DEVICES.items()},
+                    for k, d in roofline.DEVICES.items()},
         "backends": [],
     }
     for name in args.backend:
@@ -292,3 +278,63 @@ def run(args) -> int:
         print(f"densert bench: backend {b['backend']} failed: {b.get('reason')}\n"
               f"{b.get('traceback', '')}", file=sys.stderr)
     return 0 if ok and not errors else 1
+
+
+def url_command_line(args) -> str:
+    parts = ["densert", "bench", "--url", args.url, "--protocol", args.protocol,
+             "--task", args.task[0], "--sizes", (args.sizes or FULL["sizes"])[0],
+             "--concurrency", *map(str, args.concurrency)]
+    for flag in ("runs", "warmup", "classes", "json", "md", "label"):
+        v = getattr(args, flag)
+        if v is not None:
+            parts += [f"--{flag}", str(v)]
+    if args.quick:
+        parts.append("--quick")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def url_image_and_params(args) -> tuple:
+    from densert.options import hw_size
+
+    from .harness import SEG_CLASSES, synthetic_image
+    h, w = hw_size((args.sizes or FULL["sizes"])[0])
+    params = None
+    if args.task[0] == "segment":
+        params = {"classes": args.classes or ",".join(SEG_CLASSES)}
+    return synthetic_image(h, w), params
+
+
+def run_url(args) -> int:
+    from densert.errors import CLIError
+
+    from . import report as rep
+    from .serve_client import measure, split_url
+    try:
+        split_url(args.url)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    runs = args.runs if args.runs is not None else (SERVE["quick_runs"] if args.quick else SERVE["runs"])
+    warmup = SERVE["warmup"] if args.warmup is None else args.warmup
+    if runs < 1 or warmup < 0 or any(c < 1 for c in args.concurrency):
+        raise CLIError("--runs and --concurrency must be >= 1, --warmup >= 0")
+    started = time.time()
+    machine = machine_info()
+    image, params = url_image_and_params(args)
+    try:
+        run = measure(args.url, args.protocol, args.task[0], image, params,
+                      concurrency=tuple(args.concurrency), requests=runs, warmup=warmup,
+                      label=args.label)
+    except Exception as e:   # no server, no model, refused requests: one line
+        raise CLIError(f"--url {args.url}: {str(e).splitlines()[0]}") from None
+    report = serve_report([run], url_command_line(args), args.label, started, machine)
+    rep.validate(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    md = rep.markdown(report)
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(md)
+    if not (args.json or args.md):
+        print(md)
+    return 0 if all(lv["errors"] == 0 for lv in run["levels"]) else 1

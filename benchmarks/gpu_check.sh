@@ -16,12 +16,21 @@
 #   timing_dense   dense head (subset GEMM + fused tail) vs the kernel-anchors bounds
 #   timing_ntpm    NTP-M forward / backward / memory vs the kernel-anchors bounds
 #   bench_cuda     `densert bench` with the torch CUDA and ONNX Runtime CUDA backends
+#   ort_cuda       ONNX Runtime's CUDA provider (densert[gpu]) on an exported engine: `densert
+#                  verify` on CUDA against torch, `depth --backend onnxruntime --device cuda`
+#                  with no CPU fallback line, every session on CUDAExecutionProvider, the KV
+#                  cache / vision tokens / dense-head inputs left on the GPU, and frame times
+#                  beside ORT CPU and torch (ort_cuda.json). Engine from $ORT_MODEL (default:
+#                  the bundled densert-tiny) at $ORT_PRECISION (default fp32). Without a GPU the
+#                  same script runs on CPU as ort_cpu (its code checked, no GPU claim made).
 # Without a CUDA device visible to torch (or with --dry-run) every GPU step is reported as
 # SKIPPED with the reason, and the script exits 0 if the rest passed.
 #
 # Setup on the GPU machine: python3 -m venv .venv && .venv/bin/pip install -e '.[all]', then a
 # CUDA build of the pinned torch (.venv/bin/pip install torch==2.13.0 --index-url
-# https://download.pytorch.org/whl/cu128) and onnxruntime-gpu==1.31.1 for the ORT CUDA backend.
+# https://download.pytorch.org/whl/cu128) and densert[gpu] for the ORT CUDA backend: pip install
+# -e '.[gpu]' && pip install --force-reinstall --no-deps onnxruntime-gpu==1.31.1 (export/README.md,
+# GPU: the CPU onnxruntime wheel shares its module).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -30,7 +39,7 @@ OUT=""
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) OUT="$a" ;;
   esac
 done
@@ -42,6 +51,7 @@ if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=$(command -v python3); fi
 fi
 START=$(date +%s)
+export OUT PY  # read by the step functions, which run in a child bash
 : > "$OUT/steps.tsv"
 
 record() {  # name status seconds detail
@@ -57,7 +67,13 @@ run_step() {  # name needs_gpu timeout_s command...
     return 0
   fi
   local t0=$(date +%s) rc
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  if declare -F "$1" > /dev/null; then
+    # timeout runs programs, not shell functions: a step function runs in a child bash
+    export -f "$1"
+    timeout "$limit" bash -c '"$@"' "$1" "$@" > "$OUT/$name.log" 2>&1
+  else
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  fi
   rc=$?
   local dt=$(( $(date +%s) - t0 ))
   if [ $rc -eq 0 ]; then
@@ -127,6 +143,7 @@ run_step kernels_gpu 1 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_ker
   --junitxml "$OUT/kernels_gpu.xml"
 
 BUILD=$(mktemp -d)  # build tree outside OUT, so OUT holds only reports
+export BUILD
 trap 'rm -rf "$BUILD"' EXIT
 ctest_cuda() {
   cmake -S . -B "$BUILD" -DDENSERT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=native \
@@ -156,6 +173,116 @@ bench_cuda() {
     && grep -q onnxruntime <<< "$backends"
 }
 run_step bench_cuda 1 200 bench_cuda
+
+export ORT_MODEL=${ORT_MODEL:-densert/assets/densert-tiny}
+export ORT_PRECISION=${ORT_PRECISION:-fp32}
+ort_check() {  # device frames
+  local dev=$1 frames=$2 eng="$BUILD/ort_engine"
+  rm -rf "$eng"
+  "$PY" -m densert export --model "$ORT_MODEL" --out "$eng" --precision "$ORT_PRECISION" \
+    --tasks depth --quiet || return
+  if [ "$dev" != cpu ]; then
+    "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
+      || { echo "onnxruntime has no CUDAExecutionProvider: install densert[gpu] (export/README.md, GPU)"; return 1; }
+    # The parity gate, on the provider a plain run gets (auto: CUDA with densert[gpu]).
+    "$PY" -m densert verify "$eng" --model "$ORT_MODEL" > "$OUT/ort_verify.txt" 2>&1
+    local vrc=$?
+    cat "$OUT/ort_verify.txt"
+    if grep -q "running on CPUExecutionProvider" "$OUT/ort_verify.txt"; then
+      echo "densert verify ran on CPU, not $dev"
+      return 1
+    fi
+    [ $vrc -eq 0 ] || { echo "densert verify failed on $dev (ort_verify.txt)"; return 1; }
+    # The command a user types: no fallback line on stderr.
+    "$PY" -m densert depth samples/scene_0.png --backend onnxruntime --engine-dir "$eng" \
+      --device "$dev" --out "$BUILD/ort_depth" 2> "$BUILD/ort_depth.err" \
+      || { cat "$BUILD/ort_depth.err"; return 1; }
+    cat "$BUILD/ort_depth.err"
+    if grep -q "running on CPUExecutionProvider" "$BUILD/ort_depth.err"; then
+      echo "densert depth --device $dev fell back to CPU"
+      return 1
+    fi
+  fi
+  "$PY" - "$OUT/ort_$dev.json" "$eng" "$ORT_MODEL" "$dev" "$frames" <<'EOF'
+import json, statistics, sys
+import numpy as np
+import onnxruntime as ort
+import torch
+from densert.export.ort_backend import CUDA_EP
+from densert.runtime.predictor import DensePredictor
+
+out, eng, model, dev, frames = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+image = "samples/scene_0.png"
+on_gpu = dev.startswith("cuda")
+rep = {"device": dev, "onnxruntime": ort.__version__, "available": ort.get_available_providers(),
+       "torch": torch.__version__, "torch_cuda": torch.cuda.is_available(), "model": model,
+       "image": image, "frames": frames, "runs": {}}
+problems = []
+
+
+def timed(name, pred):
+    pred.depth(image)  # warm-up: kernels, arenas
+    runs = [pred.depth(image) for _ in range(frames)]
+    rep["runs"][name] = {
+        "frame_ms": round(1e3 * statistics.median(sum(r.timings.values()) for r in runs), 2),
+        "stages_ms": {k: round(1e3 * statistics.median(r.timings[k] for r in runs), 2)
+                      for k in runs[0].timings}}
+    return runs[-1]
+
+
+ortp = DensePredictor(model, backend="onnxruntime", engine_dir=eng, device=dev)
+be = ortp.backend
+rep["providers"] = be.providers
+rep["session_providers"] = {g: s.get_providers() for g, s in be.sessions.items()}
+if on_gpu and any(p[0] != CUDA_EP for p in rep["session_providers"].values()):
+    problems.append(f"a session is not on {CUDA_EP}: {rep['session_providers']}")
+# Where each output of the vision graph and of the image prefill was left.
+where, run = {}, be._run
+
+
+def spy(graph, feeds, keep_on_device=()):
+    got = run(graph, feeds, keep_on_device)
+    if graph == "vision" or len(feeds.get("image_positions", ())):
+        where.update({k: v.device_name().lower() for k, v in got.items()})
+    return got
+
+
+be._run = spy
+got = timed(f"onnxruntime {dev}", ortp)
+be._run = run
+rep["output_devices"] = where
+want = {k: "cpu" for k in where}
+if on_gpu:
+    want.update({k: "cuda" for k in where if k.startswith("present_")})
+    if torch.cuda.is_available():  # the dense head reads them on the GPU
+        want.update({k: "cuda" for k in where if k.startswith("scores_")
+                     or k in ("image_embeds", "vision_hidden", "pre_vision_hidden")})
+bad = {k: (where[k], w) for k, w in want.items() if where[k] != w}
+if bad:
+    problems.append(f"outputs left in the wrong place (got, want): {bad}")
+if on_gpu:
+    timed("onnxruntime cpu", DensePredictor(model, backend="onnxruntime", engine_dir=eng, device="cpu"))
+tdev = dev if (not on_gpu or torch.cuda.is_available()) else "cpu"
+ref = timed(f"torch {tdev} float32", DensePredictor(model, backend="torch", device=tdev, dtype="float32"))
+valid = (ref.depth > 0) & (got.depth > 0)
+rep["parity_vs_torch"] = {
+    "bin_agreement": round(float((got.bins == ref.bins).mean()), 5),
+    "depth_absrel": round(float((np.abs(got.depth - ref.depth)[valid] / ref.depth[valid]).mean()), 6),
+    "pixels": int(valid.sum())}
+rep["problems"] = problems
+json.dump(rep, open(out, "w"), indent=1)
+print(json.dumps(rep, indent=1))
+for p in problems:
+    print("FAIL:", p)
+sys.exit(1 if problems else 0)
+EOF
+}
+if [ -n "$NO_GPU" ]; then
+  record ort_cuda SKIPPED 0 "$NO_GPU"
+  run_step ort_cpu 0 300 ort_check cpu 1
+else
+  run_step ort_cuda 1 420 ort_check cuda 20
+fi
 
 # ---- summary ----
 "$PY" - "$OUT" "$(( $(date +%s) - START ))" "${GPU:-none}" "$@" <<'EOF'

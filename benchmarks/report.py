@@ -3,10 +3,15 @@ Agg)."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 from importlib import resources
 from pathlib import Path
 
 from densert.extras import require
+from densert.machine import cpu_model
+
+SCHEMA_VERSION = 1
 
 STAGE_ORDER = ("preprocess", "vision_encoder", "llm_prefill", "dense_head", "postprocess")
 ROOF_STAGES = ("vision_encoder", "llm_prefill", "dense_head")
@@ -20,6 +25,37 @@ def save(rep: dict, md: str, json_path: str | None, md_path: str | None) -> None
         Path(md_path).write_text(md)
     else:
         print(md)
+
+
+def machine_info() -> dict:
+    import numpy
+    import torch
+    cpu = cpu_model()
+    ram = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                ram = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    libs = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    for mod in ("onnxruntime", "onnx", "tensorrt", "matplotlib", "triton"):
+        try:
+            libs[mod] = __import__(mod).__version__
+        except Exception:
+            libs[mod] = None
+    from densert import __version__
+    libs["densert"] = __version__
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "ram_gb": ram, "gpu": gpu, "cuda": torch.version.cuda if gpu else None,
+            "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+            "loadavg_at_start": load, "libraries": libs}
 
 
 def schema() -> dict:
@@ -48,16 +84,90 @@ def _x(x) -> str:
     return "-" if x is None else (f"{x:.3g}x" if x < 100 else f"{x:.0f}x")
 
 
+def _machine_line(m: dict) -> str:
+    return (f"Machine: {m['cpu']}, {m['cores']} cores ({m['affinity_cores']} usable), "
+            f"{(m['ram_gb'] or 0):.0f} GB RAM, GPU: {m['gpu'] or 'none'}; load average at start "
+            f"{m['loadavg_at_start']}"
+            + (f", at end {m['loadavg_at_end']}" if m.get("loadavg_at_end") else "")
+            + f"; torch threads {m['torch_threads']}.  ")
+
+
+def _num(x, fmt: str = ".1f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _batches(sizes: dict) -> str:
+    return ", ".join(f"{k}x{v}" for k, v in sizes.items()) or "-"
+
+
+def serve_markdown(rep: dict) -> str:
+    """A ``kind: serve`` report: per run the server's settings and one row per concurrency level;
+    with several runs, a side-by-side table of throughput and latency."""
+    L = ["# densert bench --url: a Triton server under load", ""]
+    if rep.get("label"):
+        L += [f"**{rep['label']}**", ""]
+    m = rep["machine"]
+    L += ["Command:", "", "```", rep["command"], "```", "", _machine_line(m),
+          "Libraries: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v) + ".  ",
+          "Latency: the client's wall time around one request (encode, network, queue, model, "
+          "decode), p50 / p90 / p99 in ms; throughput: answered requests over the level's wall "
+          "time. From the server's statistics: batches (batch size x model executions), queue and "
+          "compute ms per request (Triton charges a batch's compute time to each of its "
+          "requests).", ""]
+    runs = rep["serve"]
+    for run in runs:
+        sv = run["server"]
+        batching = (f"dynamic batching on (max queue delay {sv['max_queue_delay_us']} us)"
+                    if sv["dynamic_batching"] else "dynamic batching off")
+        h, w = run["image_hw"]
+        L += [f"## {run.get('label') or run['model']}", "",
+              f"Model `{run['model']}` at `{run['url']}` ({run['protocol']}), Triton "
+              f"{sv.get('server_version')}, {sv.get('instances')} instance(s), max batch "
+              f"{sv['max_batch_size']}, {batching}; image {h}x{w}, parameters "
+              f"{json.dumps(run.get('params') or {})}; {run.get('warmup_per_client', 0)} warm-up "
+              "request(s) per client first.", "",
+              "| clients | requests | errors | throughput (req/s) | p50 | p90 | p99 | mean batch | "
+              "batches | queue ms | compute ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for lv in run["levels"]:
+            st, lat = lv["server"], lv["latency"]
+            mb = st["mean_batch_size"]
+            L.append(f"| {lv['concurrency']} | {lv['requests']} | {lv['errors']} | "
+                     f"{(lv['throughput_rps'] or 0):.2f} | {_ms(lat['p50'])} | {_ms(lat['p90'])} | "
+                     f"{_ms(lat['p99'])} | {_num(mb, '.2f')} | "
+                     f"{_batches(st['batch_sizes'])} | "
+                     f"{_num(st.get('queue_ms_mean'))} | {_num(st.get('compute_ms_mean'))} |")
+        errs = [lv["first_error"] for lv in run["levels"] if lv.get("first_error")]
+        if errs:
+            L += ["", f"First error: `{errs[0]}`"]
+        L.append("")
+    if len(runs) > 1:
+        names = [r.get("label") or r["model"] for r in runs]
+        L += ["## Side by side", "",
+              "| clients | " + " | ".join(f"{n}: req/s | {n}: p50 / p99 ms" for n in names) + " |",
+              "|---|" + "---|---|" * len(runs)]
+        by = [{lv["concurrency"]: lv for lv in r["levels"]} for r in runs]
+        for c in sorted({c for b in by for c in b}):
+            cells = []
+            for b in by:
+                lv = b.get(c)
+                cells += (["-", "-"] if lv is None else
+                          [f"{(lv['throughput_rps'] or 0):.2f}",
+                           f"{_ms(lv['latency']['p50'])} / {_ms(lv['latency']['p99'])}"])
+            L.append(f"| {c} | " + " | ".join(cells) + " |")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
 def markdown(rep: dict) -> str:
+    if rep.get("kind") == "serve":
+        return serve_markdown(rep)
     m = rep["machine"]
     cpu = rep["this_cpu_peaks"]
     L = [f"# densert bench: {rep['model']['name']}", ""]
     if rep.get("label"):
         L += [f"**{rep['label']}**", ""]
     L += ["Command:", "", "```", rep["command"], "```", "",
-          f"Machine: {m['cpu']}, {m['cores']} cores ({m['affinity_cores']} usable), "
-          f"{(m['ram_gb'] or 0):.0f} GB RAM, GPU: {m['gpu'] or 'none'}; load average at start "
-          f"{m['loadavg_at_start']}; torch threads {m['torch_threads']}.  ",
+          _machine_line(m),
           "Libraries: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v) + ".  ",
           f"Model: `{rep['model']['dir']}` (hidden {rep['model']['hidden_size']}, "
           f"{rep['model']['text_layers']} text layers, {rep['model']['vision_layers']} vision layers, "
@@ -169,7 +279,10 @@ def markdown(rep: dict) -> str:
           "peak, with naive head | CUDA max allocated |", "|---|---|---|---|---|---|---|---|"]
     for b in ok:
         mm = b["memory"]
-        f = lambda k: "-" if mm.get(k) is None else f"{mm[k]:.0f}"  # noqa: E731
+
+        def f(k):
+            return "-" if mm.get(k) is None else f"{mm[k]:.0f}"
+
         L.append(f"| {b['backend']} | {b.get('device')} | {b.get('setup_s', 0):.1f} | "
                  f"{f('rss_mb_after_imports')} | {f('rss_mb_after_setup')} | {f('peak_rss_mb_pipeline')} | "
                  f"{f('peak_rss_mb_with_naive_head')} | {f('cuda_max_allocated_mb')} |")
@@ -192,6 +305,8 @@ def plots(rep: dict, out_dir, prefix: str | None = None) -> list[Path]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if rep.get("kind") == "serve":
+        return [_serve_plot(plt, rep, out, prefix or "bench_serve")]
     tag = rep["model"]["name"]
     prefix = prefix or f"bench_{tag}"
     ok = [b for b in rep["backends"] if b["status"] == "ok"]
@@ -239,3 +354,26 @@ def plots(rep: dict, out_dir, prefix: str | None = None) -> list[Path]:
     plt.close(fig)
     files.append(p)
     return files
+
+
+def _serve_plot(plt, rep: dict, out: Path, prefix: str) -> Path:
+    """Throughput and p50 latency against concurrent clients, one line per run."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.6, 4.0))
+    for run in rep["serve"]:
+        x = [lv["concurrency"] for lv in run["levels"]]
+        name = run.get("label") or run["model"]
+        a.plot(x, [lv["throughput_rps"] or 0 for lv in run["levels"]], marker="o", label=name)
+        b.plot(x, [(lv["latency"]["p50"] or 0) * 1e3 for lv in run["levels"]], marker="o", label=name)
+    a.set_xlabel("concurrent clients")
+    a.set_ylabel("requests / s")
+    b.set_xlabel("concurrent clients")
+    b.set_ylabel("latency p50, ms")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out / f"{prefix}_throughput_latency.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p

@@ -6,8 +6,9 @@ with a single token), so torch, ONNX Runtime and TensorRT are interchangeable an
 stage by stage; where the dense head's lm_head rows come from; the image budget; the provenance a
 result's sidecar records; and the optional stages, each behind its declared flag: ``extend`` (a
 kept prompt prefix continued), several images in one ``encode_image`` call and ``prefill_batch``
-(a camera rig's frames of one size as one batch). The runtime reads nothing else of a backend. The cache is opaque to the runtime: whatever a backend's
-``prefill`` returns, its ``decode`` takes back.
+(a camera rig's frames of one size as one batch). The runtime reads nothing else of a backend.
+The cache is opaque to the runtime: whatever a backend's ``prefill`` returns, its ``decode``
+takes back.
 
 Backends subclass ``Backend`` (it holds the defaults of the optional members);
 ``tests/test_backend_conformance.py`` runs every backend through the same checks.

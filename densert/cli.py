@@ -24,14 +24,19 @@ from .runtime.registry import REGISTRY as TASK_REGISTRY
 # name -> (module, one-line help). One table; adding a command is one line here (a task's command
 # comes with its record in the task registry, densert.runtime.registry).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "make-test-checkpoint": ("densert.checkpoint.cli", "write a randomly initialised checkpoint in the released layout"),
-    "inspect": ("densert.checkpoint.cli", "summarise a checkpoint (or an engine directory: sizes per part); non-zero exit if it is broken"),
+    "make-test-checkpoint": ("densert.checkpoint.cli",
+                             "write a randomly initialised checkpoint in the released layout"),
+    "inspect": ("densert.checkpoint.cli",
+                "summarise a checkpoint (or an engine directory: sizes per part); non-zero exit if it is broken"),
     **{name: ("densert.runtime.cli", task.help) for name, task in TASK_REGISTRY.items()},
     "ros2": ("densert.runtime.cli", "ROS 2 node: image (+ camera_info) in, depth / labels images out"),
-    "export": ("densert.export.cli", "export a self-contained ONNX engine directory (vision, LLM; fp32/fp16/int8/int4)"),
+    "export": ("densert.export.cli",
+               "export a self-contained ONNX engine directory (vision, LLM; fp32/fp16/int8/int4)"),
     "verify": ("densert.export.cli", "parity gate: an engine directory against the torch reference"),
     "build-engine": ("densert.export.cli", "build TensorRT engines from an engine directory"),
     "bench": ("densert.benchmarks.cli", "per-stage latency and memory, backend against backend"),
+    "serve": ("densert.runtime.serve.cli",
+              "serve depth / segment / dense on Triton Inference Server (HTTP, gRPC, metrics)"),
     "render": ("densert.training.cli", "render procedural dense-scene samples to disk"),
     "train": ("densert.training.cli", "NTP-M training (text NTP + multi-label vision tokens)"),
     "eval": ("densert.training.cli", "scores on held-out rendered scenes, or on dataset folders (--data)"),

@@ -30,6 +30,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "rclpy": "ros2",
     "sensor_msgs": "ros2",
     "std_msgs": "ros2",
+    "tritonclient": "serve",
 }
 
 

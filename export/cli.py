@@ -8,7 +8,7 @@ from pathlib import Path
 from densert.cli import add_dataclass_arguments, dataclass_kwargs, fields_of
 from densert.errors import CLIError, DensertError
 from densert.image import MERGE
-from densert.options import int_at_least
+from densert.options import comma_list, int_at_least
 
 from .options import VERIFY_DECODE_STEPS, VERIFY_GRIDS, BuildRequest, ExportOptions
 
@@ -35,7 +35,8 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
         from densert.runtime.options import BACKENDS
         parser.intermixed = True  # the README's `verify ENGINES --model DIR IMAGES`
         parser.add_argument("engine_dir", help="engine directory written by `densert export`")
-        parser.add_argument("images", nargs="*", help="images to check (default: synthetic images of several sizes)")
+        parser.add_argument("images", nargs="*", help="images to check (default: synthetic images of "
+                            "several sizes for the tensor checks, rendered scenes for the metrics)")
         parser.add_argument("--model", required=True, help="checkpoint directory the engine was exported from")
         parser.add_argument("--grids", type=_grid, nargs="+", default=None,
                             help="patch grids of the synthetic images (default: "
@@ -46,6 +47,14 @@ def configure(parser: argparse.ArgumentParser, command: str) -> None:
                                  "token only)")
         parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "torch"],
                             default="onnxruntime", help="engine backend under test")
+        parser.add_argument("--classes", type=comma_list, default=None, metavar="A,B,...",
+                            help="segmentation classes of the metric gate (default: the 26 "
+                                 "classes of the rendered scenes)")
+        parser.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
+                            help="also gate what users read: depth AbsRel / delta1, segmentation "
+                                 "mIoU and greedy tokens through the runtime's decoding, against "
+                                 "thresholds measured on the bundled model (--no-metrics: tensor "
+                                 "checks only)")
     elif command == "build-engine":
         parser.add_argument("engine_dir", help="engine directory written by `densert export`")
         add_dataclass_arguments(parser, BuildRequest)
@@ -82,13 +91,18 @@ def run(args) -> int:
         return 0
     if args.command == "verify":
         from .verify import verify
+        def log(s: str) -> None:
+            print(s, file=sys.stderr)
+        after = None
+        if args.metrics:   # checks --classes and the checkpoint's random-weights mark first
+            from densert.training.engine_gate import metric_gate
+            after = metric_gate(args.model, args.images, args.classes, log)
         backend = None
         if args.backend == "tensorrt":
             from .trt_backend import TrtBackend
             backend = TrtBackend(args.engine_dir, model_dir=args.model)
         rep = verify(args.engine_dir, args.model, images=args.images, grids=args.grids,
-                     decode_steps=args.decode_steps, backend=backend,
-                     log=lambda s: print(s, file=sys.stderr))
+                     decode_steps=args.decode_steps, backend=backend, log=log, after=after)
         print(rep.format())
         return 0 if rep.ok else 1
     if args.command == "build-engine":

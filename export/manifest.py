@@ -316,8 +316,9 @@ def check_tasks(engine_dir: str | Path, m: dict[str, Any], tasks: Iterable[str])
     from densert.tasks import DENSE_TASKS
     missing = [t for t in tasks if t in DENSE_TASKS and t not in m["tasks"]]
     if missing:
+        wanted = ",".join(sorted(set(m["tasks"]) | set(missing)))
         raise EngineError(f"engine dir {engine_dir} was exported for tasks {sorted(m['tasks'])}, not "
-                          f"{missing}; re-run `densert export ... --tasks {','.join(sorted(set(m['tasks']) | set(missing)))}`")
+                          f"{missing}; re-run `densert export ... --tasks {wanted}`")
 
 
 def load_manifest(engine_dir: str | Path, model_dir: str | Path | None = None,

@@ -20,9 +20,10 @@ here: the models have no data-dependent python control flow and every dynamic si
 tensor shape. The graphs are traced one part at a time (the patch embedding, each ViT layer, the
 merger; RoPE, each decoder layer, the tail) from the weights of that part alone, and each part's
 weights are quantized and streamed to disk before the next part is loaded (``graph_writer``):
-export memory is one layer's, not the model's. Attention is ``densert.model.attention`` (chunked, fp32 softmax), exported as
-Loops over chunks (``attention_onnx``), so its memory is bounded at any image size and the graph
-stays inside TensorRT's parser (``trt_rules``, checked at export).
+export memory is one layer's, not the model's. Attention is ``densert.model.attention``
+(chunked, fp32 softmax), exported as Loops over chunks (``attention_onnx``), so its memory is
+bounded at any image size and the graph stays inside TensorRT's parser (``trt_rules``, checked
+at export).
 """
 from __future__ import annotations
 

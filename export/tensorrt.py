@@ -46,7 +46,7 @@ PROFILES = {"vision": ("image",), "llm": ("prefill", "decode")}
 
 def import_tensorrt():
     try:
-        import tensorrt as trt  # noqa: F401
+        import tensorrt as trt
     except ImportError as e:
         raise EngineError(f"{TRT_MISSING} ({e})") from None
     major = int(trt.__version__.split(".")[0])
@@ -106,7 +106,8 @@ def _window_slots(m: dict[str, Any], patches: int, worst: bool) -> int:
     return max(1, side * side) * v["window_slots"]
 
 
-def profile_shapes(m: dict[str, Any], graph: str, o: BuildOptions) -> list[dict[str, tuple[list[int], list[int], list[int]]]]:
+def profile_shapes(m: dict[str, Any], graph: str,
+                   o: BuildOptions) -> list[dict[str, tuple[list[int], list[int], list[int]]]]:
     """Per optimization profile of ``graph`` (``PROFILES``): (min, opt, max) per input, with the
     manifest's symbolic axes bound to the options."""
     unit = m["config"]["vision"]["merge_unit"]
@@ -154,7 +155,10 @@ def trtexec_commands(engine_dir: str | Path, m: dict[str, Any], o: BuildOptions)
     lines = []
     for g, info in m["graphs"].items():
         shp = merged_profile(profile_shapes(m, g, o))
-        fmt = lambda i: ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in shp.items())  # noqa: E731
+
+        def fmt(i):
+            return ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in shp.items())
+
         cache = o.timing_cache or str(d / "timing.cache")
         tf32 = "" if o.tf32 else " --noTF32"
         lines.append(f"trtexec --onnx={d / info['file']} --saveEngine={d / (g + '.engine')} --stronglyTyped"
@@ -163,7 +167,8 @@ def trtexec_commands(engine_dir: str | Path, m: dict[str, Any], o: BuildOptions)
     return lines
 
 
-def build_engines(engine_dir: str | Path, m: dict[str, Any], o: BuildOptions, graphs=None, log=print) -> dict[str, Path]:
+def build_engines(engine_dir: str | Path, m: dict[str, Any], o: BuildOptions, graphs=None,
+                  log=print) -> dict[str, Path]:
     from . import trt_rules
     if m.get("target", "tensorrt") != "tensorrt":
         raise EngineError(f"{engine_dir}: exported for {m['target']} (its int4 weights are ONNX "
@@ -265,7 +270,8 @@ def check_engine_metadata(engine_dir: str | Path, m: dict[str, Any], graph: str,
     if meta.get("compute_capability") != dev["compute_capability"]:
         problems.append(f"built for compute capability {meta.get('compute_capability')} ({meta.get('gpu')}), "
                         f"this GPU is {dev['compute_capability']} ({dev['gpu']})")
-    if meta.get("onnx_sha256") != m["graphs"][graph]["sha256"] or meta.get("checkpoint_id") != m["checkpoint"]["checkpoint_id"]:
+    if (meta.get("onnx_sha256") != m["graphs"][graph]["sha256"]
+            or meta.get("checkpoint_id") != m["checkpoint"]["checkpoint_id"]):
         problems.append("built from a different export of the ONNX graphs")
     if problems:
         raise EngineError(f"{eng}: " + "; ".join(problems) + f"; rebuild with `densert build-engine {d}`")

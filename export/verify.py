@@ -28,13 +28,19 @@ The tie margin is relative to the standard deviation of the reference scores of 
 on the random-weight checkpoint is the floor: its 1000 depth rows are unrelated random vectors
 and its logits have no margin, so a few percent of hidden-state error moves the depth argmax and
 the greedy token; on the trained bundled model int4 keeps >= 95 % of the depth bins.
+
+The gate in the units users read (depth AbsRel / delta1, segmentation mIoU, greedy-token
+agreement through the runtime's own calls) runs above this layer, in
+``densert.training.engine_gate`` (it needs the runtime's predictor and the rendered scenes): it
+passes ``verify`` an ``after`` step that fills the report's ``metrics``; the report judges them
+against ``GATES`` (a checkpoint marked as random weights is shown the numbers, not judged).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +50,23 @@ from densert.model.generation import greedy_decode
 from densert.model.vision_meta import build_vision_meta
 
 from .options import VERIFY_DECODE_STEPS, VERIFY_GRIDS
+
+# ---- the gate in the units users read (densert.training.engine_gate computes the numbers)
+# Thresholds per precision, set on the trained bundled densert-tiny by
+# benchmarks/measure_verify_gates.py (measurement, margin rule and command in
+# benchmarks/results/verify_gates.md / .json; tests/test_verify_gates.py checks they agree).
+GATES = {
+    "fp32": {"abs_rel": 0.005, "delta1": 0.995, "miou": 0.99, "tokens": 0.937},
+    "fp16": {"abs_rel": 0.005, "delta1": 0.995, "miou": 0.99, "tokens": 0.937},
+    "int8": {"abs_rel": 0.017, "delta1": 0.977, "miou": 0.974, "tokens": 0.937},
+    "int4": {"abs_rel": 0.12, "delta1": 0.864, "miou": 0.736, "tokens": 0.51},
+}
+# Which way each gate points: AbsRel is an error (at most), the others agreements (at least).
+GATE_AT_MOST = ("abs_rel",)
+GATE_LABELS = {"abs_rel": "depth AbsRel", "delta1": "depth delta1", "miou": "segmentation mIoU",
+               "tokens": "greedy-token agreement"}
+# fp32 weights above which the torch reference streams its layers (``verify``).
+STREAM_REFERENCE_BYTES = 1 << 30
 
 
 def _dense(depth: float, segment: float, refer: float) -> dict[str, float]:
@@ -75,11 +98,33 @@ class Report:
     tokens: list[tuple[str, list[int], list[int], bool]] = field(default_factory=list)
     # (name, next-token argmax agreement on the reference token stream, positions, ok)
     agreement: list[tuple[str, float, int, bool]] = field(default_factory=list)
+    # The gate in the units users read: per image {metric: value}, and the mean of each metric.
+    metrics: list[tuple[str, dict[str, float]]] = field(default_factory=list)
+    metric_notes: list[str] = field(default_factory=list)
+    # None: no metric gates run; True: a random-weights checkpoint (numbers shown, not judged).
+    random_weights: bool | None = None
+
+    @property
+    def metric_means(self) -> dict[str, float]:
+        keys = dict.fromkeys(k for _, vals in self.metrics for k in vals)
+        return {k: float(sum(v[k] for _, v in self.metrics if k in v)
+                         / sum(1 for _, v in self.metrics if k in v)) for k in keys}
+
+    @property
+    def metric_gates(self) -> list[tuple[str, float, float, bool]]:
+        """(metric, mean over images, threshold, ok) per metric measured."""
+        th = GATES[self.precision]
+        return [(k, v, th[k], v <= th[k] if k in GATE_AT_MOST else v >= th[k])
+                for k, v in self.metric_means.items()]
+
+    @property
+    def tensors_ok(self) -> bool:
+        return (all(t.ok for t in self.tensors) and all(d[3] for d in self.dense)
+                and all(t[3] for t in self.agreement))
 
     @property
     def ok(self) -> bool:
-        return (all(t.ok for t in self.tensors) and all(d[3] for d in self.dense)
-                and all(t[3] for t in self.agreement))
+        return self.tensors_ok and (bool(self.random_weights) or all(g[3] for g in self.metric_gates))
 
     def format(self) -> str:
         th = THRESHOLDS[self.precision]
@@ -91,13 +136,44 @@ class Report:
         for t in self.tensors:
             lines.append(f"{t.name:<44}{t.max_abs:>12.3e}{t.rel:>12.3e}{t.cosine:>12.7f}  {'ok' if t.ok else 'FAIL'}")
         for name, agree, n, ok in self.dense:
-            lines.append(f"{name:<44} argmax agreement {agree * 100:8.3f}% of {n} non-tie pixels  {'ok' if ok else 'FAIL'}")
+            lines.append(f"{name:<44} argmax agreement {agree * 100:8.3f}% of {n} non-tie pixels  "
+                         f"{'ok' if ok else 'FAIL'}")
         for name, ref, got, ok in self.tokens:
             lines.append(f"{name:<44} torch {ref} engine {got}  {'same' if ok else 'differ'}")
         for name, agree, n, ok in self.agreement:
             lines.append(f"{name:<44} next-token agreement {agree * 100:7.2f}% of {n} steps  {'ok' if ok else 'FAIL'}")
-        lines.append("PASS" if self.ok else "FAIL")
+        if self.metrics:
+            lines += self._format_metrics()
+        elif self.random_weights is None:
+            lines.append("metric gates (depth AbsRel / delta1, segmentation mIoU, greedy tokens) not run")
+        if self.random_weights and self.tensors_ok:
+            lines.append("PASS (tensor checks; random weights: metric gates not applied)")
+        else:
+            lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
+
+    def _format_metrics(self) -> list[str]:
+        fmt = {"abs_rel": lambda v: f"AbsRel {v:.4f}", "delta1": lambda v: f"delta1 {v * 100:.2f}%",
+               "miou": lambda v: f"mIoU {v * 100:.2f}%", "tokens": lambda v: f"tokens {v * 100:.1f}%"}
+        lines = ["in the units users read (engine vs torch fp32, the runtime's decoding): "
+                 + "; ".join(self.metric_notes)]
+        for label, vals in self.metrics:
+            lines.append(f"{label:<44} " + "  ".join(fmt[k](v) for k, v in vals.items()))
+        th = GATES[self.precision]
+        for k, v, t, ok in self.metric_gates:
+            op = "<=" if k in GATE_AT_MOST else ">="
+            val = f"{v:.4f}" if k in GATE_AT_MOST else f"{v * 100:.2f}%"
+            lim = f"{t:g}" if k in GATE_AT_MOST else f"{t * 100:g}%"
+            verdict = "info" if self.random_weights else ("ok" if ok else "FAIL")
+            n = len(self.metrics)
+            lines.append(f"{f'mean of {n} image' + 's' * (n != 1) + ': ' + GATE_LABELS[k]:<44} "
+                         f"{val} (gate {op} {lim})  {verdict}")
+        if self.random_weights:
+            lines.append("random weights: metric gates not applied (numbers shown for information)")
+        elif set(th) - set(self.metric_means):
+            lines.append("not gated (the engine serves no such task): "
+                         + ", ".join(GATE_LABELS[k] for k in th if k not in self.metric_means))
+        return lines
 
 
 def compare(name: str, ref: torch.Tensor, got: torch.Tensor, th: dict) -> TensorStat:
@@ -200,8 +276,11 @@ def default_grids(m: dict) -> list[tuple[int, int]]:
 @torch.no_grad()
 def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] = (),
            grids: Sequence[tuple[int, int]] | None = None, decode_steps: int = VERIFY_DECODE_STEPS,
-           model=None, backend=None, log=print) -> Report:
-    """``grids`` None: ``default_grids`` of the engine."""
+           model=None, backend=None, log=print,
+           after: Callable[[Report, object, TorchBackend, dict], None] | None = None) -> Report:
+    """``grids`` None: ``default_grids`` of the engine. ``after(report, engine backend, torch
+    reference, manifest)``: run once the tensor checks are done, with both backends still loaded
+    (the metric gate, ``densert.training.engine_gate.verify_engine``)."""
     from densert.checkpoint.loader import load_model
     from densert.errors import EngineError
     from densert.kernels.dense_head import subset_weight
@@ -218,9 +297,13 @@ def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] 
         raise EngineError(f"--grids {' '.join(big)}: over the engine's image budget of "
                           f"{m['max_patches']} patches ({engine_dir}); pass smaller grids")
     th = THRESHOLDS[m["precision"]]
-    # The reference streams its layers from the checkpoint (one layer held at a time): the
-    # fp32 reference of a 4B model beside its engine fits a 24 GB machine; same numbers.
-    model = model if model is not None else load_model(model_dir, torch.float32, streamed=True)
+    # A large reference streams its layers from the checkpoint (one layer held at a time): the
+    # fp32 reference of a 4B model beside its engine fits a 24 GB machine; same numbers. A
+    # small one is held whole: streaming re-reads every layer at every decode step of the gate.
+    if model is None:
+        from densert.checkpoint.model_dir import read_all_headers
+        fp32_bytes = 4 * sum(i.numel for i in read_all_headers(model_dir).values())
+        model = load_model(model_dir, torch.float32, streamed=fp32_bytes > STREAM_REFERENCE_BYTES)
     ref = TorchBackend(model.float().eval(), cache_layout=m["cache_layout"])
     cfg = model.config
     subsets = {t: subset_weight(model.lm_head.weight, info["groups"])
@@ -280,4 +363,6 @@ def verify(engine_dir: str | Path, model_dir: str | Path, images: Sequence[str] 
                 rep.tensors.append(worst)
             for i, (a, b) in enumerate(zip(ref.cache_tensors(cr), eng.cache_tensors(cg))):
                 rep.tensors.append(compare(f"[{label}] decode cache[{i}] after {cg.length} tokens", a, b, th))
+    if after is not None:
+        after(rep, eng, ref, m)
     return rep

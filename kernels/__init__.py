@@ -23,7 +23,7 @@ def triton_available() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     try:
-        import triton  # noqa: F401
+        importlib.import_module("triton")
     except ImportError:
         return False
     return True

@@ -17,7 +17,8 @@ from .options import BACKENDS
 def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "auto",
                  engine_dir: str | Path | None = None, device: str | None = None,
                  max_patches: int | None = None):
-    """``device``: torch's device for the torch backend (None or "auto": cuda when available).
+    """``device``: torch's device for the torch backend (None or "auto": cuda when available);
+    for onnxruntime, the execution provider's (``densert.export.ort_backend.pick_providers``).
     ``dtype`` "auto": see ``loader.auto_dtype``; the torch backend checks that the model fits the
     memory left (``loader.check_fits``, for images of ``max_patches``) before reading weights."""
     if name == "torch":
@@ -31,11 +32,13 @@ def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "a
         return TorchBackend(load_model(model_dir, dt, device=dev))
     if dtype == "auto":
         dtype = "float32"     # engines carry their own precision; this is the host-side dtype
+    where = {}
     if name == "onnxruntime":
         try:
             from densert.export.ort_backend import OrtBackend as cls
         except ImportError as e:
             raise _unavailable(name, e) from None
+        where = {"device": device or "auto"}
     elif name == "tensorrt":
         try:
             from densert.export.trt_backend import TrtBackend as cls
@@ -44,7 +47,7 @@ def make_backend(name: str, model_dir: str | Path, dtype: str | torch.dtype = "a
     else:
         raise BackendError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     from densert.checkpoint.safetensors import resolve_dtype
-    return cls.from_model(model_dir, engine_dir=engine_dir, dtype=resolve_dtype(dtype))
+    return cls.from_model(model_dir, engine_dir=engine_dir, dtype=resolve_dtype(dtype), **where)
 
 
 def check_device(device: str) -> None:

@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from densert.tasks import depth_bins
-from densert.text import tokens as T
+from densert.text import tokens
 
-BACKGROUND_NAMES = (T.OTHERS, T.BG)
+BACKGROUND_NAMES = (tokens.OTHERS, tokens.BG)
 BACKGROUND_COLOUR = (0, 0, 0)
 
 

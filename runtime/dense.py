@@ -5,9 +5,9 @@ Only the lm_head rows of the candidate ids are used (``densert.kernels.dense_hea
 vision positions. Everything runs where the hidden states are: a GPU backend's output buffers
 stay on the GPU (the Triton tail, or torch's CUDA ops without triton) and only the finished map
 (labels, depth, expected codes) is copied to the host, never the scores or probabilities (the
-DenseCRF refinement, a CPU library, is the one exception: it reads the probabilities). The released decoder lives in unpublished remote code (spec sec. 9.2), so
-every choice it hides is a documented field of ``DenseOptions`` (``options.py``); the defaults
-are ours.
+DenseCRF refinement, a CPU library, is the one exception: it reads the probabilities). The
+released decoder lives in unpublished remote code (spec sec. 9.2), so every choice it hides is a
+documented field of ``DenseOptions`` (``options.py``); the defaults are ours.
 
 Background / open set (``<OTHERS>``), precisely: with class scores s_k (mean sub-word logits,
 bilinearly upsampled), p_k = sigmoid(s_k * logit_scale) (logit_scale 1/4); a pixel is background

@@ -25,26 +25,26 @@ from dataclasses import dataclass, field
 import torch
 
 from densert.backend import PrefillResult
-from densert.text import tokens as T
+from densert.text import tokens
 from densert.text.chat import BUILTIN_TEMPLATE, ChatTemplate, encode_chat, user_message
 
 
-def image_first_ids(vocab: T.Vocab, n_image_tokens: int, template: ChatTemplate | str = BUILTIN_TEMPLATE
+def image_first_ids(vocab: tokens.Vocab, n_image_tokens: int, template: ChatTemplate | str = BUILTIN_TEMPLATE
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prefix [1, P], rest [1, R]): the rendered image-first user turn cut at its last image pad,
     split before ``<|vision_start|>``. Identical to the head of every image-first task prompt:
     the tokenizer splits the text at special tokens, so nothing after the last pad changes the
     ids before it (``tests/test_dense_oneprefill.py`` checks it over the task prompts)."""
     ids = encode_chat(vocab, [user_message("", image_first=True)], [n_image_tokens], template=template)[0]
-    start = int((ids == vocab.token_id(T.VISION_START)).nonzero()[0])
-    last_pad = int((ids == vocab.token_id(T.IMAGE_PAD)).nonzero()[-1])
+    start = int((ids == vocab.token_id(tokens.VISION_START)).nonzero()[0])
+    last_pad = int((ids == vocab.token_id(tokens.IMAGE_PAD)).nonzero()[-1])
     return ids[None, :start], ids[None, start:last_pad + 1]
 
 
 class SharedPrefill:
     """The vision-token prefill shared by the dense tasks, with the prompt prefix's cache kept."""
 
-    def __init__(self, backend, vocab: T.Vocab, template: ChatTemplate | str = BUILTIN_TEMPLATE):
+    def __init__(self, backend, vocab: tokens.Vocab, template: ChatTemplate | str = BUILTIN_TEMPLATE):
         self.backend, self.vocab, self.template = backend, vocab, template
         self._ids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # image tokens -> (prefix, rest)
         self._prefix_cache: tuple[torch.Tensor, ...] | None = None

@@ -7,9 +7,9 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
+from densert.errors import OptionError
 from densert.image import DEFAULT_MAX_PATCHES, MIN_MAX_PATCHES
 from densert.model.config import DTYPES
-from densert.errors import OptionError
 from densert.options import check_choices, check_range, comma_list, opt
 from densert.tasks import ALIGNMENTS
 from densert.tasks.classes import NAME_LEADING_SPACE
@@ -130,7 +130,9 @@ class PredictorOptions:
     dtype: str = opt("auto", "torch weight dtype (auto: the checkpoint's own where the device "
                              "computes it natively, CUDA or a CPU with AVX512-BF16 / AMX; float32 "
                              "elsewhere)", choices=("auto", *DTYPES))
-    device: str = opt("auto", "torch device (auto: cuda when available)", type=device_name,
+    device: str = opt("auto", "torch device (auto: cuda when available); onnxruntime: cuda runs "
+                              "on its CUDA provider (densert[gpu]), falling back to CPU with a "
+                              "line saying why", type=device_name,
                       metavar="{auto,cpu,cuda,cuda:N}")
     max_patches: int = opt(DEFAULT_MAX_PATCHES, "the processor's cap on 16x16 patches per image "
                                                 "(an engine's own budget caps it further)")

@@ -16,7 +16,7 @@ from densert import __version__
 from densert.tasks.grounding import rewrite_coordinates
 from densert.tasks.prompts import MPII_JOINTS
 from densert.tasks.rle import encode_depth, encode_segmentation
-from densert.text import tokens as T
+from densert.text import tokens
 
 from . import colours, writers
 from .filesets import Artifact, check_writable, write_set
@@ -278,7 +278,7 @@ class ReferResult(_LabelMap):
     original_hw: tuple[int, int]
     timings: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    class_names: list[str] = field(default_factory=lambda: [T.BG, T.FG])
+    class_names: list[str] = field(default_factory=lambda: [tokens.BG, tokens.FG])
     info: dict = field(default_factory=dict)
     image: np.ndarray | None = field(default=None, repr=False)
     task = "refer"

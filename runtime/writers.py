@@ -15,8 +15,16 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .colours import (BACKGROUND_NAMES, DepthColouring, class_colours, class_legend,
-                      depth_colour_t, legend_font, legend_scale, turbo)
+from .colours import (
+    BACKGROUND_NAMES,
+    DepthColouring,
+    class_colours,
+    class_legend,
+    depth_colour_t,
+    legend_font,
+    legend_scale,
+    turbo,
+)
 from .png import PngWriter
 
 BAND_PIXELS = 1 << 20           # pixels per band of every banded writer (~1 MP)

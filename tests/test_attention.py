@@ -110,7 +110,10 @@ def test_exported_loops_equal_eager(tmp_path, budget):
 
     def args(t, past, w=5):
         g = torch.Generator().manual_seed(t * 100 + past)
-        r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+
+        def r(*s):
+            return torch.randn(*s, generator=g)
+
         valid = torch.rand(w, 6, generator=g) > 0.3
         valid[:, 0] = True
         return (r(1, 3, t, 16), r(1, 1, past + t, 16), r(1, 1, past + t, 8), r(3, 8, 4),

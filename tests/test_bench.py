@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from densert.benchmarks import roofline as R
+from densert.benchmarks import roofline
 from densert.benchmarks.report import schema, validate
 from densert.model.config import sized_config
 
@@ -58,23 +58,23 @@ def _req(**kw):
     base = dict(grid=(32, 32), window_seqlens=[256] * 4, prompt_tokens=300, num_classes=1000,
                 out_hw=(512, 512))
     base.update(kw)
-    return R.Request(**base)
+    return roofline.Request(**base)
 
 
 def test_roofline_head_matches_kernel_anchors():
     cfg = sized_config("youtu-vl-4b")
     # kernel-anchors sec. 8.2: L=1024, d=2560, |S|=1000 -> 5.24 GFLOP; |V|=283,386 -> 1.486 TFLOP
-    c = R.stage_costs(cfg, _req(grid=(64, 64)))
+    c = roofline.stage_costs(cfg, _req(grid=(64, 64)))
     assert c["dense_head"]["detail"]["gemm_flops"] == pytest.approx(5.24e9, rel=1e-3)
     assert c["naive_full_vocab_head"]["flops"] == pytest.approx(1.486e12 + 7 * 1000 * 512 * 512, rel=1e-3)
-    h100 = R.bound_seconds(c["naive_full_vocab_head"], R.DEVICES["H100-SXM"].flops,
-                           R.DEVICES["H100-SXM"].bandwidth)
+    h100 = roofline.bound_seconds(c["naive_full_vocab_head"], roofline.DEVICES["H100-SXM"].flops,
+                           roofline.DEVICES["H100-SXM"].bandwidth)
     assert h100["bound"] == "compute" and h100["seconds"] == pytest.approx(1.50e-3, rel=0.02)
 
 
 def test_roofline_prefill_and_vision_shapes():
     cfg = sized_config("youtu-vl-4b")
-    c = R.stage_costs(cfg, _req())
+    c = roofline.stage_costs(cfg, _req())
     # Linear FLOPs = 2 * T * (params per layer) * layers; 104.2 M params/layer (spec sec. 2.3)
     per_layer = c["llm_prefill"]["detail"]["linear_flops"] / (2 * 300 * 40)
     assert per_layer == pytest.approx(104.2e6, rel=0.01)
@@ -82,12 +82,12 @@ def test_roofline_prefill_and_vision_shapes():
     # 4 windows of 256 patches are 4x cheaper than full attention over 1024 patches
     assert v["attention_flops"] < v["attention_if_all_full_flops"]
     # decode is memory-bound on every device: it reads all weights for one token
-    for dev in R.DEVICES.values():
-        assert R.bound_seconds(c["decode_step"], dev.flops, dev.bandwidth)["bound"] == "memory"
+    for dev in roofline.DEVICES.values():
+        assert roofline.bound_seconds(c["decode_step"], dev.flops, dev.bandwidth)["bound"] == "memory"
 
 
 def test_cpu_peaks_positive():
-    p = R.measure_cpu_peaks(gemm_n=128, copy_mb=4, repeats=3)
+    p = roofline.measure_cpu_peaks(gemm_n=128, copy_mb=4, repeats=3)
     assert p["flops"] > 0 and p["bandwidth"] > 0
 
 

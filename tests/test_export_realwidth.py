@@ -1,7 +1,8 @@
 """Real widths (vision 1152 / 16 heads, LLM 2560 / 32 heads, MLA 512 + 64, vocab 283,386) with
 2 + 2 layers: engine sizes per precision, the documented verify thresholds, the memory of one
 large photo, and running with the checkpoint moved away. Slow (about an hour on 2 shared
-cores, the 3000x4000 photo alone ~25 min; ~9 GB peak while verifying): ``pytest -m slow tests/test_export_realwidth.py``."""
+cores, the 3000x4000 photo alone ~25 min; ~9 GB peak while verifying):
+``pytest -m slow tests/test_export_realwidth.py``."""
 from __future__ import annotations
 
 import shutil

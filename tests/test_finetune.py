@@ -13,22 +13,21 @@ import torch
 
 from densert.checkpoint.loader import load_model
 from densert.resources import bundled_model_dir
-from densert.training import finetune
-from densert.training import trainer as TR
+from densert.training import finetune, trainer
 
 SMALL = dict(batch=2, image_size=(64, 64), scenes=4, eval_n=0, progress=False, warmup=2, threads=1)
 
 
 def _cfg(tmp, **kw):
-    return TR.TrainConfig(**{**SMALL, "out": str(tmp), "init": str(bundled_model_dir()), **kw})
+    return trainer.TrainConfig(**{**SMALL, "out": str(tmp), "init": str(bundled_model_dir()), **kw})
 
 
 def _hidden(tr_or_model, vocab, image):
-    return TR.vision_hidden(tr_or_model, vocab, image, "Estimate the depth.", True)
+    return trainer.vision_hidden(tr_or_model, vocab, image, "Estimate the depth.", True)
 
 
 def test_init_keeps_the_checkpoint_weights_and_tokenizer(tmp_path):
-    tr = TR.Trainer(_cfg(tmp_path))
+    tr = trainer.Trainer(_cfg(tmp_path))
     ref = load_model(bundled_model_dir(), "float32")
     for (n, a), (_, b) in zip(ref.state_dict().items(), tr.model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
@@ -39,7 +38,7 @@ def test_init_keeps_the_checkpoint_weights_and_tokenizer(tmp_path):
 
 def test_lora_trains_adapters_and_merges_exactly(tmp_path):
     pytest.importorskip("peft")
-    tr = TR.Trainer(_cfg(tmp_path, lora_rank=4, freeze=("vision",), lr=1e-2))
+    tr = trainer.Trainer(_cfg(tmp_path, lora_rank=4, freeze=("vision",), lr=1e-2))
     trainable = {n for n, p in tr.model.named_parameters() if p.requires_grad}
     assert trainable and all(finetune.is_lora(n) or n.startswith("merger.") for n in trainable)
     assert any(".mlp.down_proj.lora_A." in n for n in trainable)
@@ -69,13 +68,13 @@ def test_lora_trains_adapters_and_merges_exactly(tmp_path):
 
 
 def test_frozen_parts_stay_and_checkpointing_keeps_gradients(tmp_path):
-    a = TR.Trainer(_cfg(tmp_path / "a", freeze=("merger", "llm")))
-    b = TR.Trainer(_cfg(tmp_path / "b", freeze=("merger", "llm"), grad_checkpoint=True))
+    a = trainer.Trainer(_cfg(tmp_path / "a", freeze=("merger", "llm")))
+    b = trainer.Trainer(_cfg(tmp_path / "b", freeze=("merger", "llm"), grad_checkpoint=True))
     assert {n.split(".")[0] for n, p in a.model.named_parameters() if p.requires_grad} == {"siglip2"}
     batch = a.samples_for_step(0)
     grads = []
     for tr in (a, b):
-        bt = TR.Batch(batch, tr.vocab.eos_id)
+        bt = trainer.Batch(batch, tr.vocab.eos_id)
         loss, _, _ = tr.fwd(bt.pixel_values, bt.input_ids, bt.text_targets, bt.grids, bt.counts,
                             bt.tasks, bt.positives, bt.single, tr.masks)
         loss.backward()
@@ -89,33 +88,33 @@ def test_ntpm_kernel_is_the_default_vision_loss(tmp_path, monkeypatch):
     """Item 5: the default run's vision loss goes through densert.kernels.ntpm.ntpm_loss (it
     streams the vocabulary in chunks; its own tests hold its memory), never through the dense
     [L, V] path of the baselines."""
-    import densert.kernels.ntpm as K
+    from densert.kernels import ntpm
     from densert.training import losses
-    assert TR.TrainConfig().loss == "ntpm"
+    assert trainer.TrainConfig().loss == "ntpm"
     calls = []
-    real = K.ntpm_loss
-    monkeypatch.setattr(K, "ntpm_loss", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    real = ntpm.ntpm_loss
+    monkeypatch.setattr(ntpm, "ntpm_loss", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     monkeypatch.setattr(losses, "_dense", lambda *a, **k: pytest.fail("dense [L, V] logits formed"))
-    tr = TR.Trainer(_cfg(tmp_path, batch=3, tasks=("depth", "segment", "refer")))
+    tr = trainer.Trainer(_cfg(tmp_path, batch=3, tasks=("depth", "segment", "refer")))
     samples = tr.samples_for_step(0)
     tr.train_step(samples)
     assert sorted(c[0] for c in calls) == sorted(s.num_image_tokens for s in samples)
 
 
 def test_trainer_state_round_trip(tmp_path):
-    from densert.training import state as S
+    from densert.training import state
     st = {"step": 3, "optimizer": {"state": {0: {"step": torch.tensor(2.0), "m": torch.ones(2, 3)}},
                                    "param_groups": [{"betas": (0.9, 0.95), "params": [0], "x": None}]},
-          "rng": S.rng_state(), "tensor_named_dict": {"tensor": 1}}
-    S.save_state(tmp_path, st, {"lora.a": torch.arange(4.0)})
-    back, extra = S.load_state(tmp_path)
+          "rng": state.rng_state(), "tensor_named_dict": {"tensor": 1}}
+    state.save_state(tmp_path, st, {"lora.a": torch.arange(4.0)})
+    back, extra = state.load_state(tmp_path)
     assert back["step"] == 3 and back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
     assert back["optimizer"]["state"][0]["step"].shape == () and back["tensor_named_dict"] == {"tensor": 1}
     torch.testing.assert_close(back["optimizer"]["state"][0]["m"], torch.ones(2, 3))
     torch.testing.assert_close(extra["lora.a"], torch.arange(4.0))
     import random
     random.random()
-    S.set_rng_state(back["rng"])                              # restores every generator
+    state.set_rng_state(back["rng"])                              # restores every generator
     assert back["rng"]["python"] == random.getstate()
 
 
@@ -151,7 +150,7 @@ def test_resume_refuses_a_pickle_and_runs_nothing(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "never unpickles" in err, err
     assert not marker.exists()                                # ...and nothing of it ran
     # Nothing in the training package can unpickle: no torch.load, no pickle.
-    src = Path(TR.__file__).parent
+    src = Path(trainer.__file__).parent
     for p in src.glob("*.py"):
         text = p.read_text()
         assert "torch.load(" not in text and "import pickle" not in text, p
@@ -160,10 +159,10 @@ def test_resume_refuses_a_pickle_and_runs_nothing(tmp_path, capsys):
 def test_resume_beside_a_pickle_ignores_it_and_is_exact(tmp_path):
     pytest.importorskip("peft")
     kw = dict(steps=4, lora_rank=4, tasks=("segment", "depth"))
-    straight = TR.Trainer(_cfg(tmp_path / "s", **kw))
+    straight = trainer.Trainer(_cfg(tmp_path / "s", **kw))
     for _ in range(4):
         straight.train_step(straight.samples_for_step(straight.step))
-    first = TR.Trainer(_cfg(tmp_path / "r", **kw))
+    first = trainer.Trainer(_cfg(tmp_path / "r", **kw))
     for _ in range(2):
         first.train_step(first.samples_for_step(first.step))
     p = first.save(str(tmp_path / "half"))
@@ -171,7 +170,7 @@ def test_resume_beside_a_pickle_ignores_it_and_is_exact(tmp_path):
     marker = tmp_path / "pwned"
     with open(p / "trainer_state.pt", "wb") as f:
         pickle.dump(_Payload(marker), f)
-    resumed = TR.Trainer(_cfg(tmp_path / "r", **kw), resume=str(p))
+    resumed = trainer.Trainer(_cfg(tmp_path / "r", **kw), resume=str(p))
     assert resumed.step == 2 and not marker.exists()
     for _ in range(2):
         resumed.train_step(resumed.samples_for_step(resumed.step))
@@ -184,11 +183,11 @@ def test_mixed_image_sizes_share_a_batch(tmp_path):
     pytest.importorskip("pycocotools")
     from densert.training.example_data import write_example
     write_example(tmp_path / "ds", n=4, size=(64, 160), seed=1)
-    tr = TR.Trainer(_cfg(tmp_path / "run", data=(str(tmp_path / "ds"),), scene_ratio=0.5, batch=6,
+    tr = trainer.Trainer(_cfg(tmp_path / "run", data=(str(tmp_path / "ds"),), scene_ratio=0.5, batch=6,
                          image_size=(96, 96)))
     samples = tr.samples_for_step(0)
     assert len({s.image.shape for s in samples}) > 1
-    b = TR.Batch(samples, tr.vocab.eos_id)
+    b = trainer.Batch(samples, tr.vocab.eos_id)
     assert b.pixel_values.shape[0] == 4 * sum(b.counts)
     r = tr.train_step(samples)
     assert torch.isfinite(torch.tensor(r["loss"]))
@@ -208,7 +207,7 @@ def test_fit_prints_the_estimate_scores_the_split_and_keeps_the_best(tmp_path):
     from densert.training.example_data import write_example
     write_example(tmp_path / "ds", n=4, size=(64, 96), seed=5)
     logs = []
-    tr = TR.Trainer(_cfg(tmp_path / "run", data=(str(tmp_path / "ds"),), steps=2, eval_every=1,
+    tr = trainer.Trainer(_cfg(tmp_path / "run", data=(str(tmp_path / "ds"),), steps=2, eval_every=1,
                          image_size=(64, 96), tasks=("depth", "segment")), log=logs.append)
     summary = tr.fit()
     assert logs[0].startswith("estimated memory per rank") and "peak" in logs[5]
@@ -227,7 +226,7 @@ def test_fit_prints_the_estimate_scores_the_split_and_keeps_the_best(tmp_path):
 def test_resume_with_other_model_options_is_refused(tmp_path):
     pytest.importorskip("peft")
     from densert.errors import CheckpointError
-    tr = TR.Trainer(_cfg(tmp_path / "a", lora_rank=4))
+    tr = trainer.Trainer(_cfg(tmp_path / "a", lora_rank=4))
     p = tr.save(str(tmp_path / "ck"))
     with pytest.raises(CheckpointError, match="lora_rank: 4 there, 0 now"):
-        TR.Trainer(_cfg(tmp_path / "b"), resume=str(p))
+        trainer.Trainer(_cfg(tmp_path / "b"), resume=str(p))

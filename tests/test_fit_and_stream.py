@@ -41,7 +41,8 @@ def test_auto_dtype_follows_the_checkpoint_where_the_cpu_computes_it(tiny_checkp
 def test_a_model_that_does_not_fit_stops_before_loading(tiny_checkpoint, monkeypatch):
     from densert.runtime.backends import make_backend
     monkeypatch.setenv(MEMORY_ENV, "1M")
-    with pytest.raises(CheckpointError, match=r"needs about .* GiB at float32 .* is available \(\$DENSERT_MAX_MEMORY=1M\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"needs about .* GiB at float32 .* is available \(\$DENSERT_MAX_MEMORY=1M\)"):
         make_backend("torch", tiny_checkpoint, "float32", device="cpu", max_patches=1024)
 
 

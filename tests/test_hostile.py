@@ -236,7 +236,8 @@ BROKEN = {  # name -> (how to break a copy of the tiny checkpoint)
     "missing_tensor": lambda p: _rewrite(p, lambda sd: sd.pop("model.norm.weight")),
     "unexpected_tensor": lambda p: _rewrite(p, lambda sd: sd.__setitem__("model.extra", torch.ones(2))),
     "shape_mismatch": lambda p: _rewrite(p, lambda sd: sd.__setitem__("merger.ln_q.weight", torch.ones(7))),
-    "int_dtype": lambda p: _rewrite(p, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(256, dtype=torch.int32))),
+    "int_dtype": lambda p: _rewrite(
+        p, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(256, dtype=torch.int32))),
     "header_garbage": lambda p: (p / "model.safetensors").write_bytes(
         (p / "model.safetensors").read_bytes()[:8] + b"\xff" * 64),
     "header_length": lambda p: (p / "model.safetensors").write_bytes(struct.pack("<Q", 10**12) + b"{}"),

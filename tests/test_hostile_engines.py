@@ -13,7 +13,7 @@ import pytest
 
 from densert.cli import main
 from densert.errors import DensertError, EngineError
-from densert.export import manifest as M
+from densert.export import manifest
 from densert.resources import bundled_model_dir
 
 
@@ -26,7 +26,7 @@ def _one_line(err: str, command: str) -> str:
 
 def _manifest(d: Path, **drop_or_set) -> Path:
     """A manifest with a valid integrity hash (as a hand-edit that recomputes it would have)."""
-    m = {"format": M.FORMAT, "format_version": M.FORMAT_VERSION, "precision": "fp32",
+    m = {"format": manifest.FORMAT, "format_version": manifest.FORMAT_VERSION, "precision": "fp32",
          "cache_layout": "latent", "io_float_dtype": "float32", "max_patches": 64,
          "max_window_slots": 4, "grids": [], "tasks": {}, "files": {}, "tied_table": {},
          "checkpoint": {"config_sha256": "a", "checkpoint_id": "b", "files": {}},
@@ -40,7 +40,7 @@ def _manifest(d: Path, **drop_or_set) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     for g in ("vision", "llm"):
         (d / f"{g}.onnx").write_bytes(b"x")
-    M.write_manifest(d, m)
+    manifest.write_manifest(d, m)
     return d
 
 
@@ -53,7 +53,7 @@ def _manifest(d: Path, **drop_or_set) -> Path:
 def test_a_manifest_missing_fields_is_refused(change, words, tmp_path):
     d = _manifest(tmp_path / "eng", **change)
     with pytest.raises(EngineError, match=words.replace("(", r"\(")):
-        M.read_manifest(d)
+        manifest.read_manifest(d)
 
 
 def test_a_manifest_without_graphs_through_the_predictor(tmp_path):
@@ -69,7 +69,7 @@ def test_a_manifest_without_graphs_through_the_predictor(tmp_path):
 def test_hash_cache_sees_a_rewrite_with_the_mtime_put_back(tmp_path):
     f = tmp_path / "w.bin"
     f.write_bytes(b"a" * 4096)
-    before = M.file_sha256(f)
+    before = manifest.file_sha256(f)
     st = f.stat()
     time.sleep(0.05)  # the kernel's change-time clock ticks coarsely
     with open(f, "r+b") as fh:  # same size, in place
@@ -77,10 +77,10 @@ def test_hash_cache_sees_a_rewrite_with_the_mtime_put_back(tmp_path):
         fh.write(b"b")
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert f.stat().st_mtime_ns == st.st_mtime_ns and f.stat().st_size == st.st_size
-    after = M.file_sha256(f)
+    after = manifest.file_sha256(f)
     assert after != before
-    M._memo.clear()  # the on-disk table agrees
-    assert M.file_sha256(f) == after
+    manifest._memo.clear()  # the on-disk table agrees
+    assert manifest.file_sha256(f) == after
 
 
 def test_export_out_is_checked_before_work(tmp_path):
@@ -97,9 +97,9 @@ def test_export_out_is_checked_before_work(tmp_path):
              "/proc/densert-nope": "cannot write in /proc"}
     for out, words in cases.items():
         with pytest.raises(EngineError, match=words):
-            M.check_out_dir(out, ck)
-    assert M.check_out_dir(tmp_path / "full", ck, force=True) == tmp_path / "full"
-    assert M.check_out_dir(tmp_path / "new" / "eng", ck) == tmp_path / "new" / "eng"
+            manifest.check_out_dir(out, ck)
+    assert manifest.check_out_dir(tmp_path / "full", ck, force=True) == tmp_path / "full"
+    assert manifest.check_out_dir(tmp_path / "new" / "eng", ck) == tmp_path / "new" / "eng"
     assert not (tmp_path / "new").exists()  # the check creates nothing
 
 
@@ -161,8 +161,8 @@ def test_manifest_written_by_export_passes_the_field_check(tmp_path):
     eng = tmp_path / "eng"
     m = export_engine(bundled_model_dir(), eng, tasks=["chat"], image_size=("128x128",),
                       progress=False)
-    assert M.read_manifest(eng)["graphs"].keys() == m["graphs"].keys()
-    assert json.loads((eng / M.MANIFEST).read_text())["grids"] == [[8, 8]]
+    assert manifest.read_manifest(eng)["graphs"].keys() == m["graphs"].keys()
+    assert json.loads((eng / manifest.MANIFEST).read_text())["grids"] == [[8, 8]]
     # verify's own defaults fit this engine (they used to be bigger than its budget)
     from densert.export.verify import verify
     logs = []

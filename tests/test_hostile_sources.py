@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+# The Header part of sensor_msgs definitions: test_stream's Image definition, after its fields.
+from test_stream import IMAGE_MSGDEF
+
 from densert.cli import main
 from densert.errors import SourceError
 from densert.runtime.sources import image_msg_to_rgb, open_source
-
-# The Header part of sensor_msgs definitions: test_stream's Image definition, after its fields.
-from test_stream import IMAGE_MSGDEF  # noqa: E402 (pytest puts tests/ on sys.path)
 
 COMPRESSED_MSGDEF = "std_msgs/Header header\nstring format\nuint8[] data\n" + \
     IMAGE_MSGDEF[IMAGE_MSGDEF.index("=" * 80):]

@@ -6,11 +6,11 @@ import sys
 _TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest  # noqa: E402 - after TRITON_INTERPRET
+import torch  # noqa: E402 - after TRITON_INTERPRET
+import torch.nn.functional as F  # noqa: E402 - after TRITON_INTERPRET
 
-from densert.kernels.dense_head import dense_head, dense_scores, naive_full_vocab_head, subset_weight  # noqa: E402
+from densert.kernels.dense_head import dense_head, dense_scores, naive_full_vocab_head, subset_weight  # noqa: E402 - after TRITON_INTERPRET
 
 needs_interp = pytest.mark.skipif(_TRITON_PREIMPORTED,
                                   reason="triton was imported before TRITON_INTERPRET=1 was set")

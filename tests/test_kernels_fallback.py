@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 HOST_READS = {"cpu", "numpy", "tolist", "item", "__int__", "__float__", "__bool__", "__index__",
               "__array__"}
@@ -53,9 +53,9 @@ def reads():
 @pytest.fixture(params=["triton", "torch"])
 def route(request, monkeypatch):
     """Both device routes: the Triton tail (interpreter) and the torch one (triton absent)."""
-    import densert.kernels as K
+    from densert import kernels
     if request.param == "torch":
-        monkeypatch.setattr(K, "triton_available", lambda: False)
+        monkeypatch.setattr(kernels, "triton_available", lambda: False)
     elif "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
     return request.param
@@ -144,12 +144,12 @@ def test_every_entry_point_without_triton(tmp_path):
     line what is missing."""
     script = BLOCKED + textwrap.dedent("""
         import sys, torch
-        import densert.kernels as K
+        from densert import kernels
         from densert.kernels.dense_head import dense_head
         from densert.kernels.ntpm import ntpm_loss
         sys.path.insert(0, sys.argv[1])
         from test_kernels_fallback import on_device
-        assert not K.triton_available()
+        assert not kernels.triton_available()
         g = torch.Generator().manual_seed(0)
         h, w = torch.randn(12, 8, generator=g), torch.randn(5, 8, generator=g)
         dv = torch.linspace(1, 2, 5)

@@ -13,12 +13,12 @@ DEVICE = os.environ.get("DENSERT_GPU_TEST_DEVICE", "cuda")
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest  # noqa: E402 - after TRITON_INTERPRET
+import torch  # noqa: E402 - after TRITON_INTERPRET
+import torch.nn.functional as F  # noqa: E402 - after TRITON_INTERPRET
 
-from densert.kernels.dense_head import dense_head, dense_scores, upsample_unfused  # noqa: E402
-from densert.kernels.ntpm import ntpm_loss_reference, prepare_positives  # noqa: E402
+from densert.kernels.dense_head import dense_head, dense_scores, upsample_unfused  # noqa: E402 - after TRITON_INTERPRET
+from densert.kernels.ntpm import ntpm_loss_reference, prepare_positives  # noqa: E402 - after TRITON_INTERPRET
 
 ON_GPU = DEVICE != "cpu"
 pytestmark = [
@@ -134,7 +134,10 @@ def test_ntpm_against_reference(case):
     rh, rw = torch.autograd.grad(ref, (hr, wr))
     assert abs(float(loss) - float(ref)) <= 1e-5 * abs(float(ref))
     tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3}
-    rel = lambda a, b: float((a.double().cpu() - b).norm() / b.norm())  # noqa: E731
+
+    def rel(a, b):
+        return float((a.double().cpu() - b).norm() / b.norm())
+
     assert rel(gh, rh) <= tol.get(h.dtype, 1e-5) and rel(gw, rw) <= tol.get(w.dtype, 1e-5)
 
 

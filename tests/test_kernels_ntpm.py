@@ -3,14 +3,15 @@ import contextlib
 import os
 import sys
 
+# The interpreter flag is read when triton is imported: set it before anything imports triton.
 _TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import pytest  # noqa: E402 - after TRITON_INTERPRET
+import torch  # noqa: E402 - after TRITON_INTERPRET
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402 - after TRITON_INTERPRET
 
-from densert.kernels.ntpm import ntpm_loss, ntpm_loss_reference, ntpm_select_torch  # noqa: E402
+from densert.kernels.ntpm import ntpm_loss, ntpm_loss_reference, ntpm_select_torch  # noqa: E402 - after TRITON_INTERPRET
 
 needs_interp = pytest.mark.skipif(_TRITON_PREIMPORTED,
                                   reason="triton was imported before TRITON_INTERPRET=1 was set")
@@ -51,7 +52,10 @@ def _check(fn, h, w, pos, k, tm, vm, reduction, tol):
 @pytest.mark.parametrize("masks", [True, False])
 def test_torch_path_matches_reference(dtype, reduction, masks):
     h, w, pos, tm, vm = _problem(37, 1000, 24, 4, dtype, masks=masks)
-    fn = lambda h, w, p, k, t, v, r: ntpm_loss(h, w, p, k, t, v, chunk_size=128, reduction=r)  # noqa
+
+    def fn(h, w, p, k, t, v, r):
+        return ntpm_loss(h, w, p, k, t, v, chunk_size=128, reduction=r)
+
     _check(fn, h, w, pos, 8, tm, vm, reduction, 1e-6 if dtype == torch.float32 else 1e-12)
 
 
@@ -100,7 +104,10 @@ def test_topk_ties_lower_id_first(chunk):
         z.scatter_(1, pos, float("-inf"))
         expect = torch.sort(z, dim=1, descending=True, stable=True).indices[:, :16]
     assert torch.equal(ids, expect)
-    fn = lambda h, w, p, k, t, v, r: ntpm_loss(h, w, p, k, t, v, chunk_size=chunk, reduction=r)  # noqa
+
+    def fn(h, w, p, k, t, v, r):
+        return ntpm_loss(h, w, p, k, t, v, chunk_size=chunk, reduction=r)
+
     _check(fn, h, w, pos, 16, None, None, "sum", 1e-12)
 
 
@@ -144,8 +151,10 @@ def test_peak_intermediate_independent_of_vocab(chunked):
 def test_triton_path_interpreter():
     from densert.kernels._triton_ntpm import ntpm_loss_triton
     h, w, pos, tm, vm = _problem(37, 300, 24, 3, torch.float32)
-    fn = lambda h, w, p, k, t, v, r: ntpm_loss_triton(h, w, p, k, t, v, reduction=r,  # noqa
-                                                      BM=32, BN=32, BK=16, n_splits=3)
+
+    def fn(h, w, p, k, t, v, r):
+        return ntpm_loss_triton(h, w, p, k, t, v, reduction=r, BM=32, BN=32, BK=16, n_splits=3)
+
     a, ga = _check(fn, h, w, pos, 8, tm, vm, "mean", 1e-6)
     a2 = fn(h, w, pos, 8, tm, vm, "mean")  # deterministic: bitwise identical on a rerun
     assert float(a2) == float(a)
@@ -220,9 +229,12 @@ def test_mixed_precision_operands(route, case):
     k = MIXED_K
     if route == "triton":
         from densert.kernels._triton_ntpm import ntpm_loss_triton
-        fn = lambda h, w: ntpm_loss_triton(h, w, pos, k, tm, vm, **TILES)  # noqa
+
+        def fn(h, w):
+            return ntpm_loss_triton(h, w, pos, k, tm, vm, **TILES)
     else:
-        fn = lambda h, w: ntpm_loss(h, w, pos, k, tm, vm, chunk_size=32)  # noqa
+        def fn(h, w):
+            return ntpm_loss(h, w, pos, k, tm, vm, chunk_size=32)
     with _autocast(ac):
         assert operand_dtype(h, w) == op
         loss = fn(h, w)
@@ -284,10 +296,12 @@ def test_no_fp32_weight_gradient_for_a_bf16_weight(route):
     h, w = (x.detach().bfloat16().requires_grad_(True) for x in (h, w))
     if route == "triton":
         from densert.kernels._triton_ntpm import ntpm_loss_triton
-        fn = lambda: ntpm_loss_triton(h, w, pos, MIXED_K, tm, vm, BM=16, BN=128, BK=16,  # noqa
-                                      n_splits=1)
+
+        def fn():
+            return ntpm_loss_triton(h, w, pos, MIXED_K, tm, vm, BM=16, BN=128, BK=16, n_splits=1)
     else:
-        fn = lambda: ntpm_loss(h, w, pos, MIXED_K, tm, vm, chunk_size=64)  # noqa
+        def fn():
+            return ntpm_loss(h, w, pos, MIXED_K, tm, vm, chunk_size=64)
     mode = _Fp32WeightSized(w.numel())
     with mode:
         loss = fn()

@@ -11,12 +11,13 @@ import contextlib
 import os
 import sys
 
+# The interpreter flag is read when triton is imported: set it before anything imports triton.
 _TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 os.environ["TRITON_INTERPRET"] = "1"
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np  # noqa: E402 - after TRITON_INTERPRET
+import pytest  # noqa: E402 - after TRITON_INTERPRET
+import torch  # noqa: E402 - after TRITON_INTERPRET
 
 pytestmark = pytest.mark.skipif(_TRITON_PREIMPORTED,
                                 reason="triton was imported before TRITON_INTERPRET=1 was set")
@@ -70,26 +71,26 @@ class SparseMemory:
     @contextlib.contextmanager
     def active(self):
         """Route the interpreter's memory ops through this memory while the block runs."""
-        from triton.runtime import interpreter as I
-        b = I.interpreter_builder
+        from triton.runtime import interpreter
+        b = interpreter.interpreter_builder
         load0, store0 = b.create_masked_load, b.create_masked_store
 
         def load(ptrs, mask, other, *args):
             addr = ptrs.data.astype(np.uint64)
             real = self._is_real(addr)
-            ret = load0(ptrs, I.TensorHandle(mask.data & real, mask.dtype), other, *args)
+            ret = load0(ptrs, interpreter.TensorHandle(mask.data & real, mask.dtype), other, *args)
             out = ret.data.copy()
             for i in zip(*np.nonzero(mask.data & ~real)):
                 a = int(addr[i])
                 if a not in self.cells:
                     self.stray.append(a)
                 out[i] = self.cells.get(a, np.nan if out.dtype.kind == "f" else -1)
-            return I.TensorHandle(out, ret.dtype)
+            return interpreter.TensorHandle(out, ret.dtype)
 
         def store(ptrs, value, mask, *args):
             addr = ptrs.data.astype(np.uint64)
             real = self._is_real(addr)
-            store0(ptrs, value, I.TensorHandle(mask.data & real, mask.dtype), *args)
+            store0(ptrs, value, interpreter.TensorHandle(mask.data & real, mask.dtype), *args)
             vals = np.broadcast_to(value.data, addr.shape)
             for i in zip(*np.nonzero(mask.data & ~real)):
                 self.cells[int(addr[i])] = vals[i].item()

@@ -247,7 +247,8 @@ def test_top_level_folders_are_not_second_packages():
     second copy of a module, a clear error for a submodule, and transformers' probe for a
     `kernels` package sees none (importing transformers there used to fail)."""
     code = ("import sys\n"
-            "for stmt in ('from kernels import dense_head', 'import kernels.dense_head', 'from runtime import dense'):\n"
+            "for stmt in ('from kernels import dense_head', 'import kernels.dense_head',\n"
+            "             'from runtime import dense'):\n"
             "    try:\n        exec(stmt)\n    except ImportError as e:\n        print(type(e).__name__, e)\n"
             "print(sorted(m for m in sys.modules if m.startswith(('kernels.', 'runtime.'))))\n"
             "from transformers.utils.import_utils import is_kernels_available\n"

@@ -16,7 +16,7 @@ from densert.runtime.options import DenseOptions
 from densert.runtime.predictor import DensePredictor
 from densert.runtime.results import validate_sidecar
 from densert.tasks import prompts
-from densert.text import tokens as T
+from densert.text import tokens
 
 # The demo's prompts, verbatim (demo/demo.py of the official Youtu-VL repository).
 DEMO_POSE = (
@@ -126,7 +126,7 @@ def test_closed_set_scores_only_the_named_classes_in_their_order(tiny_checkpoint
     monkeypatch.setattr(p, "_generate", s)
     r = p.segment(IMG, classes=["floor", "sky", "wall"], background=True)
     assert r.flow == "closed-set:name-then-argmax" and r.class_names == ["wall", "<OTHERS>", "floor"]
-    assert p.vocab.token_id(T.MASK) in s.calls[0]["stop"] and r.prompt_classes == ["floor", "sky", "wall"]
+    assert p.vocab.token_id(tokens.MASK) in s.calls[0]["stop"] and r.prompt_classes == ["floor", "sky", "wall"]
     # the same map as the one-prefill flow over the named classes, labels in the written order
     q = _pred(tiny_checkpoint, fast=True)
     fast = q.segment(IMG, classes=["wall", "floor"], background=True)
@@ -160,7 +160,7 @@ def test_open_set_detects_then_segments_each_box(tiny_checkpoint, monkeypatch):
     """The demo's openseg: names -> "Detect every objects ..." -> each box, largest first, cropped
     and segmented ("Segment the core target."), later boxes overwriting; class ids 1-based in the
     named order, unknown names 1; at most open_set_max_boxes."""
-    import densert.runtime.predictor as P
+    from densert.runtime import predictor
     p = _pred(tiny_checkpoint)
     det = ("<ref>dog</ref><box><x_0><y_0><x_32><y_32></box>"
            "<ref>cat</ref><box><x_16><y_16><x_80><y_64></box>"
@@ -172,8 +172,8 @@ def test_open_set_detects_then_segments_each_box(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(p, "_prefill", lambda pre, emb, prompt, tm: asked.append(prompt.text)
                         or real_prefill(pre, emb, prompt, tm))
     crops = []
-    real = P.jpeg_round_trip
-    monkeypatch.setattr(P, "jpeg_round_trip", lambda img, q: crops.append((img, q)) or real(img, q))
+    real = predictor.jpeg_round_trip
+    monkeypatch.setattr(predictor, "jpeg_round_trip", lambda img, q: crops.append((img, q)) or real(img, q))
     r = p.segment(IMG)
     assert r.flow == "open-set:detect-then-segment" and r.class_names == ["<BG>", "cat", "dog"]
     assert [(d["label"], d["class_index"]) for d in r.detections] == [
@@ -206,18 +206,18 @@ def test_refer_crops_the_polygon_box_and_sends_it_as_the_demo(tiny_checkpoint, m
     as the demo sends it, a JPEG written by OpenCV (quality 95) and decoded like a file."""
     import cv2
 
-    import densert.runtime.predictor as P
+    from densert.runtime import predictor
     p = _pred(tiny_checkpoint)
     monkeypatch.setattr(p, "_generate", Script(p, [
         "<ins><poly><x_16><y_8><x_48><y_8><x_48><y_40></poly></ins>"]))
     seen = []
-    real = P.preprocess
-    monkeypatch.setattr(P, "preprocess", lambda img, *a: seen.append(img) or real(img, *a))
+    real = predictor.preprocess
+    monkeypatch.setattr(predictor, "preprocess", lambda img, *a: seen.append(img) or real(img, *a))
     r = p.refer(IMG, "thing")
     assert r.box == (15, 8, 45, 38) and r.polygons == [[(15, 8), (45, 8), (45, 38)]]
     crop = seen[1]
     ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(
-        P.grounding.referring_crop(IMG, r.box, np.random.default_rng(0), 1.2, 64).image[..., ::-1]))
+        predictor.grounding.referring_crop(IMG, r.box, np.random.default_rng(0), 1.2, 64).image[..., ::-1]))
     import io
     assert np.array_equal(crop, np.asarray(Image.open(io.BytesIO(buf.tobytes())).convert("RGB")))
     assert r.mask.shape == (60, 90) and r.crop_box == (12, 5, 48, 41)

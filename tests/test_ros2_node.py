@@ -16,9 +16,9 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy", reason="densert[ros2] is not installed (no rclpy): the ROS 2 "
                                             "node tests need pip install 'densert[ros2]'")
-from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402
-from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
-from std_msgs.msg import String  # noqa: E402
+from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402 - after importorskip
+from sensor_msgs.msg import CameraInfo, Image  # noqa: E402 - after importorskip
+from std_msgs.msg import String  # noqa: E402 - after importorskip
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = [((64, 96), "rgb8"), ((80, 60), "bgr8"), ((48, 64), "mono8")]

@@ -120,7 +120,7 @@ def test_crf_keeps_a_clean_map_and_needs_the_image():
 def test_crf_runs_at_its_pixel_cap_and_maps_back(monkeypatch):
     """Over crf_max_pixels the CRF runs on a smaller map whose labels are upsampled (nearest):
     its K x pixels probabilities stay bounded whatever the image size."""
-    import densert.runtime.dense as D
+    from densert.runtime import dense
     d = 8
     hidden = torch.zeros(4 * 4, d)
     hidden.view(4, 4, d)[:, :2, 0] = 3.0
@@ -129,21 +129,21 @@ def test_crf_runs_at_its_pixel_cap_and_maps_back(monkeypatch):
     img = np.zeros((300, 400, 3), np.uint8)
     img[:, 200:] = 255
     seen = []
-    real = D.crf_refine
-    monkeypatch.setattr(D, "crf_refine", lambda probs, image, o: seen.append(probs.shape) or real(probs, image, o))
+    real = dense.crf_refine
+    monkeypatch.setattr(dense, "crf_refine", lambda probs, image, o: seen.append(probs.shape) or real(probs, image, o))
     lab = segment_labels(hidden, w, (4, 4), (300, 400), DenseOptions(crf=True, crf_max_pixels=12_000),
                          image=img)
     assert seen == [(2, 95, 126)] and lab.shape == (300, 400) and lab.dtype == np.uint16
     assert (lab[:, :180] == 0).all() and (lab[:, 220:] == 1).all()
     with pytest.raises(ValueError, match=r"--crf needs 3000 x 95 x 126 float32 scores .* use fewer"):
-        monkeypatch.setattr(D, "DENSE_BYTES_LIMIT", 100 << 20)
+        monkeypatch.setattr(dense, "DENSE_BYTES_LIMIT", 100 << 20)
         segment_labels(hidden, torch.randn(3000, d), (4, 4), (300, 400),
                        DenseOptions(crf=True, crf_max_pixels=12_000), image=img)
 
 
 def test_depth_expectation_at_full_resolution_is_bounded(monkeypatch):
-    import densert.runtime.dense as D
-    monkeypatch.setattr(D, "DENSE_BYTES_LIMIT", 1 << 20)
+    from densert.runtime import dense
+    monkeypatch.setattr(dense, "DENSE_BYTES_LIMIT", 1 << 20)
     with pytest.raises(ValueError, match="use --depth-upsample patch"):
         depth_map(torch.randn(6, 16), torch.randn(1000, 16), (2, 3), (64, 96),
                   DenseOptions(depth_mode="expectation", depth_upsample="full"), "nyuv2")

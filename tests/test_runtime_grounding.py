@@ -3,41 +3,42 @@ from __future__ import annotations
 
 import numpy as np
 
-from densert.tasks import grounding as G
+from densert.tasks import grounding
 
 
 def test_parse_refs_box_polygons():
     text = "<ref>tree</ref><ref> sky </ref><ref>tree</ref><ref><OTHERS></ref><mask>(0,1)</mask><ref>x</ref>"
-    assert G.parse_refs(text) == ["tree", "sky", "<OTHERS>"]
-    assert G.parse_refs("garbage \x1f") == []
-    assert G.parse_box("<box><x_40><y_30><x_10><y_5></box>") == (10, 5, 40, 30)
-    assert G.parse_box("<box><x_40>") is None
-    polys = G.parse_polygons("is <ins><poly><x_1><y_2><x_3><y_4><x_5><y_0></poly><poly><x_9><y_9></poly></ins>.")
+    assert grounding.parse_refs(text) == ["tree", "sky", "<OTHERS>"]
+    assert grounding.parse_refs("garbage \x1f") == []
+    assert grounding.parse_box("<box><x_40><y_30><x_10><y_5></box>") == (10, 5, 40, 30)
+    assert grounding.parse_box("<box><x_40>") is None
+    polys = grounding.parse_polygons(
+        "is <ins><poly><x_1><y_2><x_3><y_4><x_5><y_0></poly><poly><x_9><y_9></poly></ins>.")
     assert polys == [[(1, 2), (3, 4), (5, 0)], [(9, 9)]]
-    assert G.parse_polygons("<ins><x_1><y_2><x_3><y_4>") == [[(1, 2), (3, 4)]]  # unterminated
+    assert grounding.parse_polygons("<ins><x_1><y_2><x_3><y_4>") == [[(1, 2), (3, 4)]]  # unterminated
 
 
 def test_coordinates_map_as_the_release_rewrites_them():
     """Separate x and y scales, rounded half to even (Python round, the release's nearbyint),
     clamped to the coordinate tokens' 0..2047 unless the side is longer."""
-    assert G.to_original([(64, 32)], resized_hw=(64, 128), original_hw=(100, 300)) == [(150, 50)]
+    assert grounding.to_original([(64, 32)], resized_hw=(64, 128), original_hw=(100, 300)) == [(150, 50)]
     # 5 * 3 / 2 = 7.5 -> 8, 3 * 3 / 2 = 4.5 -> 4 (half to even)
-    assert G.to_original([(5, 3)], (64, 64), (96, 96)) == [(8, 4)]
-    assert G.to_original([(2047, 2047)], (64, 64), (96, 96)) == [(2047, 2047)]
-    assert G.to_original([(2047, 10)], (64, 64), (3000, 3000)) == [(3000, 469)]
+    assert grounding.to_original([(5, 3)], (64, 64), (96, 96)) == [(8, 4)]
+    assert grounding.to_original([(2047, 2047)], (64, 64), (96, 96)) == [(2047, 2047)]
+    assert grounding.to_original([(2047, 10)], (64, 64), (3000, 3000)) == [(3000, 469)]
 
 
 def test_detections_and_poses_parse_the_release_formats():
     text = ("<box><x_1><y_2><x_3><y_4></box><ref> cat </ref><box><x_50><y_60><x_10><y_20></box>"
             "<box><x_0><y_0><x_5><y_5></box><ref>dog</ref><box><x_7>garbage<ref></ref>"
             "<box><x_1><y_1><x_2><y_2></box>")
-    dets = G.parse_detections(text)
+    dets = grounding.parse_detections(text)
     assert [(d.label, d.box) for d in dets] == [
         (None, (1, 2, 3, 4)), ("cat", (10, 20, 50, 60)), ("cat", (0, 0, 5, 5)), (None, (1, 1, 2, 2))]
-    assert [d.box for d in G.largest_first(dets, 2)] == [(10, 20, 50, 60), (0, 0, 5, 5)]
-    assert G.parse_detections("no boxes") == []
+    assert [d.box for d in grounding.largest_first(dets, 2)] == [(10, 20, 50, 60), (0, 0, 5, 5)]
+    assert grounding.parse_detections("no boxes") == []
     kpt = "".join(f"<kpt><x_{i}><y_{i + 1}><v_{i % 2}></kpt>" for i in range(16))
-    poses = G.parse_poses(f"<person><box><x_9><y_8><x_1><y_2></box>{kpt}</person>"
+    poses = grounding.parse_poses(f"<person><box><x_9><y_8><x_1><y_2></box>{kpt}</person>"
                           "<person><kpt><x_3><y_4></kpt><kpt></kpt><kpt><x_5><y_6><v_1><x_7><y_8><v_0>"
                           "<person>")
     assert len(poses) == 3
@@ -45,7 +46,7 @@ def test_detections_and_poses_parse_the_release_formats():
     assert poses[0].keypoints[3] == (3, 4, 1)
     assert poses[1].box is None
     assert poses[1].keypoints == [(3, 4, None), (None, None, None), (5, 6, 1), (7, 8, 0)]
-    assert poses[2] == G.PersonPose(None, [])
+    assert poses[2] == grounding.PersonPose(None, [])
 
 
 def test_crop_is_the_demos_opencv_crop():
@@ -57,7 +58,7 @@ def test_crop_is_the_demos_opencv_crop():
     rng = np.random.default_rng(3)
     img = rng.integers(0, 256, (90, 140, 3), np.uint8)
     box = (31, 17, 77, 58)
-    crop = G.referring_crop(img, box, np.random.default_rng(5), 1.2, 128)
+    crop = grounding.referring_crop(img, box, np.random.default_rng(5), 1.2, 128)
     cw, ch = (77 - 31) * 1.2, (58 - 17) * 1.2
     a0, b0 = max(int(54 - cw / 2), 0), max(int(37.5 - ch / 2), 0)
     a1, b1 = min(int(54 + cw / 2), 140), min(int(37.5 + ch / 2), 90)
@@ -79,15 +80,15 @@ def test_crop_is_the_demos_opencv_crop():
     # the source image is never drawn on, even when the window is a contiguous view of it
     whole = rng.integers(0, 256, (40, 50, 3), np.uint8)
     before = whole.copy()
-    G.referring_crop(whole, (0, 0, 50, 40), np.random.default_rng(0), 1.2, 32)
+    grounding.referring_crop(whole, (0, 0, 50, 40), np.random.default_rng(0), 1.2, 32)
     assert np.array_equal(whole, before)
 
 
 def test_rasterize_and_crop_and_paste():
-    m = G.rasterize_polygons([[(2, 2), (8, 2), (8, 6), (2, 6)], [(0, 0), (1, 1)]], (10, 12))
+    m = grounding.rasterize_polygons([[(2, 2), (8, 2), (8, 6), (2, 6)], [(0, 0), (1, 1)]], (10, 12))
     assert m.dtype == bool and m[4, 5] and not m[0, 11] and m.sum() == 7 * 5
     img = np.zeros((100, 200, 3), np.uint8)
-    crop = G.referring_crop(img, (50, 20, 100, 60), np.random.default_rng(0), 1.2, 64)
+    crop = grounding.referring_crop(img, (50, 20, 100, 60), np.random.default_rng(0), 1.2, 64)
     assert crop.box == (45, 16, 105, 64)            # 1.2x around the centre (75, 40), int()
     assert min(crop.image.shape[:2]) == 64
     assert crop.image.sum() > 0                     # the 1-px box was drawn
@@ -96,7 +97,7 @@ def test_rasterize_and_crop_and_paste():
 
 
 def test_degenerate_box_takes_whole_image():
-    crop = G.referring_crop(np.zeros((40, 50, 3), np.uint8), (10, 10, 10, 10),
+    crop = grounding.referring_crop(np.zeros((40, 50, 3), np.uint8), (10, 10, 10, 10),
                             np.random.default_rng(0), 1.2, 32)
     assert crop.box == (0, 0, 50, 40)
 

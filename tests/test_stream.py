@@ -226,14 +226,14 @@ def test_stream_keeps_the_latest_frame_of_a_live_source(pred):
 
 
 def test_stream_of_files_keeps_every_frame_and_overlaps_preprocessing(pred, monkeypatch):
-    import densert.runtime.stream as S
+    from densert.runtime import stream
     threads = {}
-    real = S.prepare_frame
+    real = stream.prepare_frame
 
     def spy(p, spec, frame, tm):
         threads.setdefault("prepare", set()).add(threading.current_thread().name)
         return real(p, spec, frame, tm)
-    monkeypatch.setattr(S, "prepare_frame", spy)
+    monkeypatch.setattr(stream, "prepare_frame", spy)
     paths = [SAMPLES / f"scene_{i}.png" for i in (0, 3, 4, 6)] * 2
     items = list(pred.stream([str(p) for p in paths], task="segment", classes=["floor", "wall"]))
     assert [it.frame.index for it in items] == list(range(8)) and sum(it.dropped for it in items) == 0

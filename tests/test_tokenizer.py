@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from densert.errors import ChatError, CheckpointError, TokenizerError
-from densert.text import tokens as T
+from densert.text import tokens
 from densert.text.chat import (
     CHAT_TEMPLATE,
     ChatTemplate,
@@ -25,12 +25,12 @@ from densert.text.tokenizer import build_tokenizer_json
 
 @pytest.fixture(scope="module")
 def tiny():
-    return T.Vocab.from_str(build_tokenizer_json("tiny"), "tiny")
+    return tokens.Vocab.from_str(build_tokenizer_json("tiny"), "tiny")
 
 
 @pytest.fixture(scope="module")
 def big():
-    return T.Vocab.from_str(build_tokenizer_json("youtu-vl-4b"), "youtu-vl-4b")
+    return tokens.Vocab.from_str(build_tokenizer_json("youtu-vl-4b"), "youtu-vl-4b")
 
 
 def test_build_is_deterministic_across_processes():
@@ -43,12 +43,12 @@ def test_build_is_deterministic_across_processes():
 
 def test_youtu_layout_verified_ids(big):
     assert len(big) == 283386
-    assert big.token_id(T.BOS) == 128000 and big.token_id(T.EOS) == 128001
-    assert [big.token_id(s) for s in (T.VISION_START, T.VISION_END, T.IMAGE_PAD, T.VIDEO_PAD)] == \
+    assert big.token_id(tokens.BOS) == 128000 and big.token_id(tokens.EOS) == 128001
+    assert [big.token_id(s) for s in (tokens.VISION_START, tokens.VISION_END, tokens.IMAGE_PAD, tokens.VIDEO_PAD)] == \
         [128262, 128263, 128264, 128265]
     for k in (0, 1, 777, 2047):
-        assert big.token_id(T.x_token(k)) == 278267 + 2 * k
-        assert big.token_id(T.y_token(k)) == 278268 + 2 * k
+        assert big.token_id(tokens.x_token(k)) == 278267 + 2 * k
+        assert big.token_id(tokens.y_token(k)) == 278268 + 2 * k
         assert big.coord_value(278267 + 2 * k) == ("x", k)
         assert big.coord_value(278268 + 2 * k) == ("y", k)
     assert big.coord_value(128000) is None
@@ -56,15 +56,15 @@ def test_youtu_layout_verified_ids(big):
     assert bins.dtype == torch.long and bins.shape == (1000,)
     assert int(bins.min()) >= 282363 and int(bins.max()) <= 283385
     assert torch.equal(bins, torch.arange(int(bins[0]), int(bins[0]) + 1000))
-    tags = [big.token_id(s) for s in T.TAG_TOKENS]
+    tags = [big.token_id(s) for s in tokens.TAG_TOKENS]
     assert min(tags) == 282363 and len(set(tags) | set(bins.tolist())) == len(tags) + 1000
 
 
 def test_tiny_layout_contiguous(tiny):
     n = len(tiny)
-    assert 1000 <= tiny.token_id(T.BOS) <= 2100   # base BPE vocab of ~1-2k
+    assert 1000 <= tiny.token_id(tokens.BOS) <= 2100   # base BPE vocab of ~1-2k
     assert sorted(tiny.tok.get_vocab(with_added_tokens=True).values()) == list(range(n))
-    ids = [tiny.token_id(s) for s in T.CONTROL_TOKENS]
+    ids = [tiny.token_id(s) for s in tokens.CONTROL_TOKENS]
     assert ids == list(range(ids[0], ids[0] + 6))
     assert tiny.coord_value(tiny.token_id("<y_5>")) == ("y", 5)
     assert tiny.depth_bin_ids()[-1] == n - 1
@@ -75,10 +75,10 @@ def test_special_strings_encode_to_one_id(layout, tiny, big):
     v = tiny if layout == "tiny" else big
     text = "a <ref>floor</ref><box><x_12><y_2047></box><mask>(0,3)</mask><custom_1000><|image_pad|>"
     ids = v.encode(text)
-    for s in ("<ref>", "</ref>", "<x_12>", "<y_2047>", "<custom_1000>", T.IMAGE_PAD, "<mask>"):
+    for s in ("<ref>", "</ref>", "<x_12>", "<y_2047>", "<custom_1000>", tokens.IMAGE_PAD, "<mask>"):
         assert ids.count(v.token_id(s)) == 1, s
     assert v.decode(ids) == text
-    assert T.BOS not in v.decode(v.encode("hello"))     # no implicit bos
+    assert tokens.BOS not in v.decode(v.encode("hello"))     # no implicit bos
     assert v.decode(v.encode("hello") + [v.eos_id], skip_special_tokens=True) == "hello"
 
 
@@ -98,17 +98,17 @@ def test_token_id_error_names_token_and_file(tiny):
     with pytest.raises(TokenizerError, match=r"<nope>.*tiny"):
         tiny.token_id("<nope>")
     with pytest.raises(ValueError, match="depth bin"):
-        T.custom_token(0)
+        tokens.custom_token(0)
     with pytest.raises(ValueError, match="x coordinate"):
-        T.x_token(2048)
+        tokens.x_token(2048)
 
 
 def test_vocab_from_missing_or_bad_file(tmp_path):
     with pytest.raises(TokenizerError, match="tokenizer.json"):
-        T.Vocab.from_file(tmp_path)
+        tokens.Vocab.from_file(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="not a valid"):
-        T.Vocab.from_file(tmp_path)
+        tokens.Vocab.from_file(tmp_path)
 
 
 # ---------------------------------------------------------------- chat template
@@ -151,7 +151,7 @@ def test_render_equals_transformers_renderer(msgs, counts, gen):
     trim_blocks, lstrip_blocks, special tokens), on the built-in template."""
     from transformers.utils.chat_template_utils import render_jinja_template
     ref, _ = render_jinja_template([msgs], chat_template=CHAT_TEMPLATE, add_generation_prompt=gen,
-                                   bos_token=T.BOS, eos_token=T.EOS, pad_token=T.EOS)
+                                   bos_token=tokens.BOS, eos_token=tokens.EOS, pad_token=tokens.EOS)
     assert render_jinja(msgs, gen) == ref[0]
     assert render_chat(msgs, counts, gen) == expand_image_pads(ref[0], counts)
 
@@ -198,14 +198,14 @@ def test_checkpoint_template_is_read_and_used(tiny_checkpoint, tmp_path, tiny):
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     t = read_chat_template(d)
     assert t.template == OWN_TEMPLATE and t.source.endswith("tokenizer_config.json")
-    assert t.special_tokens["bos_token"] == T.BOS
+    assert t.special_tokens["bos_token"] == tokens.BOS
     ids = encode_chat(tiny, [user_message("hi")], [4], template=t)[0].tolist()
-    assert ids == tiny.encode(f"{T.BOS}USER:{T.VISION_START}" + T.IMAGE_PAD * 4
-                              + f"{T.VISION_END} hiASSISTANT:")
+    assert ids == tiny.encode(f"{tokens.BOS}USER:{tokens.VISION_START}" + tokens.IMAGE_PAD * 4
+                              + f"{tokens.VISION_END} hiASSISTANT:")
     (d / "chat_template.jinja").write_text("{{ bos_token }}only {{ messages[0]['role'] }}")
     t = read_chat_template(d)
     assert t.source.endswith("chat_template.jinja")
-    assert render_jinja([{"role": "user", "content": "x"}], template=t) == f"{T.BOS}only user"
+    assert render_jinja([{"role": "user", "content": "x"}], template=t) == f"{tokens.BOS}only user"
     with pytest.raises(ChatError, match=r"rendered 0 image pad\(s\) for 1 image"):
         encode_chat(tiny, [user_message("hi")], [4], template=t)
     cfg["chat_template"] = 3

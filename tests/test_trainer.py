@@ -12,8 +12,8 @@ import torch
 
 from densert.tasks.prompts import CORE_TARGET_CLASSES
 from densert.tasks.rle import ref_tags
-from densert.text import tokens as T
-from densert.training import trainer as TR
+from densert.text import tokens
+from densert.training import trainer
 from densert.training.classes import CLASS_NAMES
 
 SMALL = dict(text_layers=1, vision_layers=1, batch=2, image_size=(64, 64), scenes=4,
@@ -23,44 +23,44 @@ SMALL = dict(text_layers=1, vision_layers=1, batch=2, image_size=(64, 64), scene
 def _cfg(tmp, **kw):
     d = dict(SMALL, out=str(tmp))
     d.update(kw)
-    return TR.TrainConfig(**d)
+    return trainer.TrainConfig(**d)
 
 
 def test_samples_follow_the_documented_chat_layout(tmp_path):
-    tr = TR.Trainer(_cfg(tmp_path, tasks=("depth", "segment", "refer"), batch=3))
+    tr = trainer.Trainer(_cfg(tmp_path, tasks=("depth", "segment", "refer"), batch=3))
     v = tr.vocab
     for s in tr.samples_for_step(0):
         text = v.decode(s.ids)
-        img = text.index(T.VISION_START)
+        img = text.index(tokens.VISION_START)
         if s.task == "depth":
             assert text.index("Cityscapes") < img           # prompt before the image
-            assert v.decode(s.ids[s.answer_start:]) == T.DEPTH + T.EOS
+            assert v.decode(s.ids[s.answer_start:]) == tokens.DEPTH + tokens.EOS
         elif s.task == "segment":
             assert text.index("Segment:") > img
             ans = v.decode(s.ids[s.answer_start:])
-            assert ans.startswith(T.REF) and ans.endswith(T.EOS)
-            for name in ans[: -len(T.EOS)].replace(T.REF_END, "").split(T.REF)[1:]:
+            assert ans.startswith(tokens.REF) and ans.endswith(tokens.EOS)
+            for name in ans[: -len(tokens.EOS)].replace(tokens.REF_END, "").split(tokens.REF)[1:]:
                 assert name in CLASS_NAMES
         else:
             assert "Segment the core target." in text
-            assert v.decode(s.ids[s.answer_start:]) == ref_tags(CORE_TARGET_CLASSES) + T.EOS
+            assert v.decode(s.ids[s.answer_start:]) == ref_tags(CORE_TARGET_CLASSES) + tokens.EOS
         assert s.ids.count(v.image_pad_id) == s.positives.shape[0] == 4
 
 
 def test_family_masks_exclude_other_tasks_labels(tmp_path):
-    tr = TR.Trainer(_cfg(tmp_path))
+    tr = trainer.Trainer(_cfg(tmp_path))
     m, sp = tr.masks, tr.space
     fg, b1 = sp.fg_id, int(sp.depth_table[1])
     cls0 = sp.class_ids[0][0]
     assert m["segment"][cls0] and not m["segment"][fg] and not m["segment"][b1]
     assert m["depth"][b1] and not m["depth"][cls0] and not m["depth"][fg]
     assert m["refer"][fg] and not m["refer"][cls0] and not m["refer"][b1]
-    assert m["segment"][tr.vocab.token_id(T.REF)]    # text ids stay valid negatives
+    assert m["segment"][tr.vocab.token_id(tokens.REF)]    # text ids stay valid negatives
 
 
 def test_short_run_lowers_loss_and_roundtrips_through_loader(tmp_path):
     from densert.checkpoint.loader import load_model
-    tr = TR.Trainer(_cfg(tmp_path / "a", steps=12, lr=3e-3))
+    tr = trainer.Trainer(_cfg(tmp_path / "a", steps=12, lr=3e-3))
     batch = tr.samples_for_step(0)
     losses = [tr.train_step(batch)["loss"] for _ in range(12)]
     assert losses[-1] < 0.7 * losses[0], losses
@@ -68,22 +68,22 @@ def test_short_run_lowers_loss_and_roundtrips_through_loader(tmp_path):
     back = load_model(p, "float32")
     img = batch[0].image
     tr.model.eval()
-    h1 = TR.vision_hidden(tr.model, tr.vocab, img, "Estimate the depth.", True)
-    h2 = TR.vision_hidden(back, T.Vocab.from_file(p / "tokenizer.json"), img, "Estimate the depth.", True)
+    h1 = trainer.vision_hidden(tr.model, tr.vocab, img, "Estimate the depth.", True)
+    h2 = trainer.vision_hidden(back, tokens.Vocab.from_file(p / "tokenizer.json"), img, "Estimate the depth.", True)
     torch.testing.assert_close(h1, h2, rtol=0, atol=0)
     cfg = json.loads((p / "train_config.json").read_text())
     assert cfg["text_layers"] == 1
 
 
 def test_resume_is_exact(tmp_path):
-    straight = TR.Trainer(_cfg(tmp_path / "s", steps=4))
+    straight = trainer.Trainer(_cfg(tmp_path / "s", steps=4))
     for _ in range(4):
         straight.train_step(straight.samples_for_step(straight.step))
-    first = TR.Trainer(_cfg(tmp_path / "r", steps=4))
+    first = trainer.Trainer(_cfg(tmp_path / "r", steps=4))
     for _ in range(2):
         first.train_step(first.samples_for_step(first.step))
     p = first.save(str(tmp_path / "half"))
-    resumed = TR.Trainer(_cfg(tmp_path / "r", steps=4), resume=str(p))
+    resumed = trainer.Trainer(_cfg(tmp_path / "r", steps=4), resume=str(p))
     assert resumed.step == 2
     for _ in range(2):
         resumed.train_step(resumed.samples_for_step(resumed.step))
@@ -92,25 +92,25 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    cfg = TR.TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1, progress=False)
-    f = [TR.lr_factor(s, cfg) for s in range(100)]
+    cfg = trainer.TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1, progress=False)
+    f = [trainer.lr_factor(s, cfg) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert TR.lr_factor(100, cfg) == pytest.approx(0.1)
+    assert trainer.lr_factor(100, cfg) == pytest.approx(0.1)
 
 
 def test_softmax_and_bce_losses_train(tmp_path):
     for kind in ("softmax", "bce"):
-        tr = TR.Trainer(_cfg(tmp_path / kind, loss=kind, steps=3))
+        tr = trainer.Trainer(_cfg(tmp_path / kind, loss=kind, steps=3))
         r = tr.train_step(tr.samples_for_step(0))
         assert np.isfinite(r["loss"]) and r["vision"] > 0
 
 
 _DDP_SCRIPT = r"""
 import hashlib, json, sys, torch
-from densert.training import trainer as TR
-cfg = TR.TrainConfig(**json.loads(sys.argv[1]))
-tr = TR.Trainer(cfg, resume=sys.argv[2] or None, log=lambda s: None)
+from densert.training import trainer
+cfg = trainer.TrainConfig(**json.loads(sys.argv[1]))
+tr = trainer.Trainer(cfg, resume=sys.argv[2] or None, log=lambda s: None)
 assert tr.distributed and tr.world == 2
 if cfg.data:
     tr.fit()                       # evaluation, best checkpoint and save: collective under FSDP

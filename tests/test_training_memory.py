@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from densert.resources import bundled_model_dir
-from densert.training import trainer as TR
+from densert.training import trainer
 from densert.training.memory import LiveTensorMeter
 
 TOLERANCE = 0.25
@@ -30,10 +30,10 @@ def test_meter_follows_storages_not_python_names():
 
 
 def _measure(tmp_path, steps=3, **kw):
-    cfg = TR.TrainConfig(out=str(tmp_path), init=str(bundled_model_dir()), batch=4,
+    cfg = trainer.TrainConfig(out=str(tmp_path), init=str(bundled_model_dir()), batch=4,
                          image_size=(128, 128), scenes=4, eval_n=0, progress=False, warmup=1,
                          threads=1, **kw)
-    tr = TR.Trainer(cfg)
+    tr = trainer.Trainer(cfg)
     samples = [tr.samples_for_step(i) for i in range(steps)]
     est = tr.memory_estimate()
     meter = LiveTensorMeter()
@@ -72,10 +72,10 @@ def test_options_shrink_the_estimate_where_they_should(tmp_path):
     """Without running a step: LoRA shrinks gradients and optimizer states, checkpointing the
     activations, and the estimate of a 4B-wide model is computed without allocating it."""
     pytest.importorskip("peft")
-    cfgs = {k: TR.TrainConfig(out=str(tmp_path), init=str(bundled_model_dir()), batch=4,
+    cfgs = {k: trainer.TrainConfig(out=str(tmp_path), init=str(bundled_model_dir()), batch=4,
                               image_size=(128, 128), scenes=4, eval_n=0, progress=False, threads=1, **kw)
             for k, kw in CASES.items() if k in ("full", "lora", "grad-checkpoint")}
-    tr = TR.Trainer(cfgs["full"])
+    tr = trainer.Trainer(cfgs["full"])
     from densert.training.memory import estimate_memory
     from densert.training.samples import Batch
     b = Batch(tr.samples_for_step(0), tr.vocab.eos_id)

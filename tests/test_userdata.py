@@ -220,16 +220,16 @@ def test_user_samples_use_the_processor_geometry(example):
     import random
 
     from densert.resources import bundled_model_dir
-    from densert.text import tokens as T
-    from densert.training import samples as SM
-    vocab = T.Vocab.from_file(bundled_model_dir() / "tokenizer.json")
+    from densert.text import tokens
+    from densert.training import samples
+    vocab = tokens.Vocab.from_file(bundled_model_dir() / "tokenizer.json")
     ds = UserData(example)
-    space = SM.label_space(vocab, ds.class_names)
+    space = samples.label_space(vocab, ds.class_names)
     cap = (64 // 16) * (96 // 16)
     kinds = set()
     for it in ds.items("all"):
         for seed in range(2):   # refer items alternate between the grounding and the crop pass
-            s = SM.user_sample(it, ds, vocab, space, cap, random.Random(seed))
+            s = samples.user_sample(it, ds, vocab, space, cap, random.Random(seed))
             kinds.add(s.task)
             h, w = s.image.shape[:2]
             assert h % 32 == 0 and w % 32 == 0 and (h // 16) * (w // 16) <= cap

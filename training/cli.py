@@ -139,7 +139,7 @@ def _eval(args) -> int:
 
     from densert.checkpoint.loader import load_model
     from densert.resources import bundled_model_dir
-    from densert.text import tokens as T
+    from densert.text import tokens
 
     from .trainer import HELD_OUT_SEED_BASE, evaluate, patch_cap
     if args.threads:
@@ -158,7 +158,7 @@ def _eval(args) -> int:
         datasets = open_datasets(args.data, args.val_fraction)   # checked before loading weights
         size = _size(args.image_size) if args.image_size else (cfg.image_size if trained else None)
         model = load_model(path, "float32")
-        vocab = T.Vocab.from_file(path / "tokenizer.json")
+        vocab = tokens.Vocab.from_file(path / "tokenizer.json")
         scores = evaluate_datasets(model, vocab, datasets,
                                    patch_cap(size) if size else DEFAULT_MAX_PATCHES,
                                    args.alignment or cfg.alignment, args.split)
@@ -166,7 +166,7 @@ def _eval(args) -> int:
         print(report, file=sys.stderr)
     else:
         model = load_model(path, "float32")
-        vocab = T.Vocab.from_file(path / "tokenizer.json")
+        vocab = tokens.Vocab.from_file(path / "tokenizer.json")
         base = HELD_OUT_SEED_BASE if args.seeds == "held-out" else cfg.seed * 1_000_003
         scores = evaluate(model, vocab, n=args.n, cfg=cfg, seed_base=base,
                           image_size=_size(args.image_size) if args.image_size else None,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from densert.errors import OptionError
 from densert.image import BLOCK
 from densert.model.config import DTYPES, MODEL_SIZES
-from densert.errors import OptionError
 from densert.options import check_choices, check_range, comma_list, hw_size, opt
 from densert.tasks import ALIGNMENTS, DENSE_TASKS
 from densert.tasks.depth_bins import PRESETS

@@ -176,7 +176,8 @@ def fit_to_multiple(height: int, width: int, multiple: int = CELL) -> tuple[int,
     return max(multiple, round(height / multiple) * multiple), max(multiple, round(width / multiple) * multiple)
 
 
-def color_jitter(image: np.ndarray, rng: np.random.Generator, brightness=0.25, contrast=0.25, saturation=0.25) -> np.ndarray:
+def color_jitter(image: np.ndarray, rng: np.random.Generator, brightness=0.25, contrast=0.25,
+                 saturation=0.25) -> np.ndarray:
     x = image.astype(np.float32)
     x *= 1 + rng.uniform(-brightness, brightness)
     mean = x.mean()
@@ -311,7 +312,8 @@ class SceneDataset(torch.utils.data.Dataset):
         scene = render_scene(seed, self.size[0], self.size[1], self.kind)
         rng = np.random.default_rng([seed, 0xA06, self.epoch])
         image = color_jitter(scene.image, rng) if self.augment else scene.image
-        item: dict[str, Any] = {"seed": seed, "kind": scene.kind, "intrinsics": torch.from_numpy(scene.intrinsics.as_array())}
+        item: dict[str, Any] = {"seed": seed, "kind": scene.kind,
+                                "intrinsics": torch.from_numpy(scene.intrinsics.as_array())}
         if self.task == "refer":
             return item | self._referring(scene, image, rng)
         depth, labels = scene.depth, scene.labels
@@ -327,7 +329,8 @@ class SceneDataset(torch.utils.data.Dataset):
         if self.task in ("depth", "all"):
             preset = _auto_preset(scene.kind, self.depth_preset)
             t = depth_targets(depth, preset, _depth_fx(preset, scene.intrinsics), self.cell, self.min_fraction)
-            item |= {"depth_targets": t.indices, "depth_valid": t.valid, "depth_median": t.median, "depth_preset": preset}
+            item |= {"depth_targets": t.indices, "depth_valid": t.valid, "depth_median": t.median,
+                     "depth_preset": preset}
         return item
 
     def _referring(self, scene: Scene, image: np.ndarray, rng) -> dict[str, Any]:

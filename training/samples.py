@@ -42,7 +42,7 @@ from densert.image import PATCH
 from densert.image.preprocess import normalize, patchify, resize_uint8, target_size
 from densert.tasks import DENSE_TASKS, classes, grounding, prompts, rle
 from densert.tasks.depth_bins import get_preset, open_world_resize_factor
-from densert.text import tokens as T
+from densert.text import tokens
 from densert.text.chat import encode_chat, user_message
 
 from . import data
@@ -73,10 +73,10 @@ class Sample:
 # ---------------------------------------------------------------------------------------------
 # Label spaces
 # ---------------------------------------------------------------------------------------------
-def label_space(vocab: T.Vocab, class_names=CLASS_NAMES) -> LabelSpace:
+def label_space(vocab: tokens.Vocab, class_names=CLASS_NAMES) -> LabelSpace:
     return LabelSpace(class_ids=[classes.name_ids(vocab, n) for n in class_names],
                       depth_ids=[-1] + vocab.depth_bin_ids().tolist(),
-                      fg_id=vocab.token_id(T.FG), bg_id=vocab.token_id(T.BG),
+                      fg_id=vocab.token_id(tokens.FG), bg_id=vocab.token_id(tokens.BG),
                       class_names=tuple(class_names))
 
 
@@ -92,7 +92,7 @@ def family_masks(spaces: list[LabelSpace], vocab_size: int) -> dict[str, torch.T
 # ---------------------------------------------------------------------------------------------
 # One sample per task, from arrays at network size
 # ---------------------------------------------------------------------------------------------
-def chat_ids(vocab: T.Vocab, prompt: prompts.Prompt, n_img: int, answer: str | None
+def chat_ids(vocab: tokens.Vocab, prompt: prompts.Prompt, n_img: int, answer: str | None
              ) -> tuple[list[int], int]:
     ids = encode_chat(vocab, [user_message(prompt.text, prompt.image_first)], [n_img])[0].tolist()
     start = len(ids)
@@ -105,9 +105,9 @@ def _n_img(image: np.ndarray) -> int:
     return (image.shape[0] // CELL) * (image.shape[1] // CELL)
 
 
-def depth_sample(vocab: T.Vocab, space: LabelSpace, image: np.ndarray, depth: np.ndarray,
+def depth_sample(vocab: tokens.Vocab, space: LabelSpace, image: np.ndarray, depth: np.ndarray,
                  preset: str, fx: float | None = None, gt: dict | None = None) -> Sample:
-    ids, start = chat_ids(vocab, prompts.depth(preset), _n_img(image), T.DEPTH)
+    ids, start = chat_ids(vocab, prompts.depth(preset), _n_img(image), tokens.DEPTH)
     t = data.depth_targets(depth, preset, fx)
     # The softmax baseline's single label is the cell's median bin (-1 where none).
     single = torch.where(t.median > 0, t.median, -1)[:, None]
@@ -115,7 +115,7 @@ def depth_sample(vocab: T.Vocab, space: LabelSpace, image: np.ndarray, depth: np
                   space.depth_positives(single), gt if gt is not None else {"depth": depth})
 
 
-def segment_sample(vocab: T.Vocab, space: LabelSpace, image: np.ndarray, labels: np.ndarray,
+def segment_sample(vocab: tokens.Vocab, space: LabelSpace, image: np.ndarray, labels: np.ndarray,
                    rng: random.Random, ignore_index: int = data.IGNORE_LABEL) -> Sample:
     """Prompt: the classes present plus 0-3 absent ones, shuffled; answer: the present ones."""
     names = space.class_names
@@ -130,7 +130,7 @@ def segment_sample(vocab: T.Vocab, space: LabelSpace, image: np.ndarray, labels:
                   space.class_positives(t.majority[:, None]), {"labels": np.ascontiguousarray(labels)})
 
 
-def refer_sample(vocab: T.Vocab, space: LabelSpace, crop: np.ndarray, fg: np.ndarray) -> Sample:
+def refer_sample(vocab: tokens.Vocab, space: LabelSpace, crop: np.ndarray, fg: np.ndarray) -> Sample:
     ids, start = chat_ids(vocab, prompts.core_target(), _n_img(crop),
                           rle.ref_tags(prompts.CORE_TARGET_CLASSES))
     t = data.fgbg_targets(fg)
@@ -141,11 +141,12 @@ def refer_sample(vocab: T.Vocab, space: LabelSpace, crop: np.ndarray, fg: np.nda
 def box_answer(box) -> str:
     """``<box><x_a><y_b><x_c><y_d></box>``: the grounding answer ``grounding.parse_box`` reads,
     in integer pixels of the image the vision tower saw."""
-    x0, y0, x1, y1 = (min(max(int(round(v)), 0), T.N_COORDS - 1) for v in box)
-    return T.BOX + T.x_token(x0) + T.y_token(y0) + T.x_token(x1) + T.y_token(y1) + T.BOX_END
+    x0, y0, x1, y1 = (min(max(int(round(v)), 0), tokens.N_COORDS - 1) for v in box)
+    return (tokens.BOX + tokens.x_token(x0) + tokens.y_token(y0) + tokens.x_token(x1) + tokens.y_token(y1)
+            + tokens.BOX_END)
 
 
-def ground_sample(vocab: T.Vocab, image: np.ndarray, box, expression: str) -> Sample:
+def ground_sample(vocab: tokens.Vocab, image: np.ndarray, box, expression: str) -> Sample:
     ids, start = chat_ids(vocab, prompts.referring(expression), _n_img(image), box_answer(box))
     none = torch.full((_n_img(image), 0), -1, dtype=torch.long)
     return Sample(GROUND, ids, start, np.ascontiguousarray(image), none, none, {"box": tuple(box)})
@@ -187,7 +188,7 @@ def _crop_refer(scene, rng: random.Random, size: tuple[int, int]):
     return crop.image, crop.take(scene.instances == inst)
 
 
-def scene_sample(task: str, scene, vocab: T.Vocab, space: LabelSpace, size: tuple[int, int],
+def scene_sample(task: str, scene, vocab: tokens.Vocab, space: LabelSpace, size: tuple[int, int],
                  depth_preset: str, rng: random.Random, augment: bool = True) -> Sample:
     if augment and task != "depth" and rng.random() < 0.5:   # no flip for depth (paper sec. 3)
         scene = _Flipped(scene)
@@ -209,7 +210,7 @@ def network_size(hw: tuple[int, int], cap: int, scale: float = 1.0) -> tuple[int
     return target_size(hw[0], hw[1], cap, scale)
 
 
-def user_sample(item, ds, vocab: T.Vocab, space: LabelSpace, cap: int, rng: random.Random,
+def user_sample(item, ds, vocab: tokens.Vocab, space: LabelSpace, cap: int, rng: random.Random,
                 augment: bool = True) -> Sample:
     """A sample of a ``userdata.Item``; ``space`` holds the dataset's class names."""
     image = ds.image(item.stem)

@@ -193,7 +193,8 @@ def _texture(m: Material, p: np.ndarray, n: np.ndarray) -> np.ndarray:
         # Facade with a grid of dark windows; the horizontal facade axis depends on the face.
         u = np.where(np.abs(n[:, 0]) > np.abs(n[:, 1]), p[:, 1], p[:, 0]) / s
         zz = p[:, 2] / s
-        win = ((u - np.floor(u)) > 0.3) & ((u - np.floor(u)) < 0.75) & ((zz - np.floor(zz)) > 0.35) & (np.abs(n[:, 2]) < 0.5)
+        win = (((u - np.floor(u)) > 0.3) & ((u - np.floor(u)) < 0.75) & ((zz - np.floor(zz)) > 0.35)
+               & (np.abs(n[:, 2]) < 0.5))
         col = _mix(m.c1, m.c1 * 0.85, _value_noise(3 * x, 3 * y, 3 * z))
         col[win] = m.c2 * (0.8 + 0.4 * _value_noise(np.floor(u[win]), np.floor(zz[win]), 0.0))[:, None]
         return col
@@ -215,21 +216,26 @@ def _jit(rng, c, amount=0.08):
 
 def _material(rng: np.random.Generator, cls: str) -> Material:
     """Class-typical appearance with per-instance variation."""
-    pick = lambda opts: opts[rng.integers(len(opts))]  # noqa: E731
+    def pick(opts):
+        return opts[rng.integers(len(opts))]
+
     wood = pick([_c(150, 100, 60), _c(120, 75, 40), _c(185, 140, 90), _c(95, 60, 35)])
     if cls == "floor":
         if rng.random() < 0.6:
             return Material("planks", _jit(rng, wood), _jit(rng, wood * 0.7), 1.0, axis=int(rng.integers(2)))
-        return Material("checker", _jit(rng, _c(220, 215, 205)), _jit(rng, pick([_c(60, 60, 70), _c(150, 60, 50), _c(90, 110, 140)])), rng.uniform(0.3, 0.6))
+        return Material("checker", _jit(rng, _c(220, 215, 205)),
+                        _jit(rng, pick([_c(60, 60, 70), _c(150, 60, 50), _c(90, 110, 140)])), rng.uniform(0.3, 0.6))
     if cls == "wall":
         base = pick([_c(235, 225, 200), _c(200, 215, 225), _c(225, 200, 195), _c(205, 225, 200), _c(230, 230, 230)])
         if rng.random() < 0.35:
-            return Material("stripes", _jit(rng, base), _jit(rng, base * 0.85), rng.uniform(0.2, 0.4), axis=int(rng.integers(2)))
+            return Material("stripes", _jit(rng, base), _jit(rng, base * 0.85), rng.uniform(0.2, 0.4),
+                            axis=int(rng.integers(2)))
         return Material("solid", _jit(rng, base), _jit(rng, base * 0.9))
     if cls == "ceiling":
         return Material("solid", _jit(rng, _c(245, 245, 240), 0.03), _c(225, 225, 220))
     if cls in ("table", "door"):
-        return Material("wood", _jit(rng, wood), _jit(rng, wood * 0.75), rng.uniform(0.5, 1.0), axis=int(rng.integers(3)))
+        return Material("wood", _jit(rng, wood), _jit(rng, wood * 0.75), rng.uniform(0.5, 1.0),
+                        axis=int(rng.integers(3)))
     if cls == "cabinet":
         return Material("wood", _jit(rng, wood * 0.85), _jit(rng, wood * 0.6), rng.uniform(0.3, 0.6), axis=2)
     if cls == "chair":
@@ -246,7 +252,8 @@ def _material(rng: np.random.Generator, cls: str) -> Material:
     if cls == "box":
         return Material("cardboard", _jit(rng, _c(190, 145, 95)), _c(210, 200, 170), 1.0, axis=int(rng.integers(2)))
     if cls == "ball":
-        c1, c2 = pick([(_c(240, 240, 240), _c(20, 20, 20)), (_c(230, 40, 40), _c(250, 250, 250)), (_c(40, 120, 230), _c(250, 220, 40))])
+        c1, c2 = pick([(_c(240, 240, 240), _c(20, 20, 20)), (_c(230, 40, 40), _c(250, 250, 250)),
+                       (_c(40, 120, 230), _c(250, 220, 40))])
         return Material("stripes", c1, c2, rng.uniform(0.1, 0.2), axis=int(rng.integers(3)))
     if cls in ("plant", "grass"):
         c = _c(60, 140, 50) if cls == "plant" else _c(90, 160, 60)
@@ -260,7 +267,8 @@ def _material(rng: np.random.Generator, cls: str) -> Material:
     if cls == "tree":
         return Material("noise", _jit(rng, _c(30, 90, 35)), _jit(rng, _c(70, 130, 40)), 0.4)
     if cls == "car":
-        c = pick([_c(200, 30, 30), _c(30, 60, 160), _c(230, 230, 235), _c(30, 30, 30), _c(200, 170, 40), _c(120, 125, 130)])
+        c = pick([_c(200, 30, 30), _c(30, 60, 160), _c(230, 230, 235), _c(30, 30, 30), _c(200, 170, 40),
+                  _c(120, 125, 130)])
         return Material("solid", _jit(rng, c), _jit(rng, c * 0.8))
     if cls == "building":
         c = pick([_c(170, 90, 70), _c(200, 190, 170), _c(150, 150, 155), _c(220, 200, 150)])
@@ -268,7 +276,8 @@ def _material(rng: np.random.Generator, cls: str) -> Material:
             return Material("bricks", _jit(rng, c), _c(200, 200, 195), 1.0)
         return Material("windows", _jit(rng, c), _jit(rng, _c(60, 80, 110)), rng.uniform(2.5, 3.5))
     if cls == "person":
-        return Material("solid", _jit(rng, pick([_c(200, 60, 60), _c(60, 100, 200), _c(240, 240, 240), _c(70, 160, 90), _c(230, 160, 40)])), _c(60, 60, 60))
+        shirt = pick([_c(200, 60, 60), _c(60, 100, 200), _c(240, 240, 240), _c(70, 160, 90), _c(230, 160, 40)])
+        return Material("solid", _jit(rng, shirt), _c(60, 60, 60))
     if cls in ("pole", "bench"):
         return Material("solid", _jit(rng, _c(110, 115, 120)), _c(80, 80, 85))
     if cls == "traffic sign":
@@ -305,7 +314,8 @@ class _Prim:
         self.lo, self.hi = w.min(0), w.max(0)
 
     def corners(self) -> np.ndarray:
-        return np.array([[x, y, z] for x in (self.lo[0], self.hi[0]) for y in (self.lo[1], self.hi[1]) for z in (self.lo[2], self.hi[2])])
+        return np.array([[x, y, z] for x in (self.lo[0], self.hi[0])
+                         for y in (self.lo[1], self.hi[1]) for z in (self.lo[2], self.hi[2])])
 
     def to_local(self, o, d):
         """Rays as component triples (o: scalars or arrays, d: arrays) in the local frame.
@@ -491,7 +501,8 @@ def _table(b, f, inst, m):
     b.add("box", f, (0, 0, h - 0.02), (hx, hy, 0.02), "table", inst, m)
     for sx in (-1, 1):
         for sy in (-1, 1):
-            b.add("box", f, (sx * (hx - 0.05), sy * (hy - 0.05), (h - 0.04) / 2), (0.025, 0.025, (h - 0.04) / 2), "table", inst, m)
+            b.add("box", f, (sx * (hx - 0.05), sy * (hy - 0.05), (h - 0.04) / 2), (0.025, 0.025, (h - 0.04) / 2),
+                  "table", inst, m)
 
 
 def _chair(b, f, inst, m):
@@ -568,7 +579,8 @@ def _car(b, f, inst, m, rng):
 
 def _person(b, f, inst, m, rng):
     legs = Material("solid", _jit(rng, _c(50, 55, 80)), _c(35, 35, 45))
-    skin = Material("solid", _jit(rng, rng.choice([_c(240, 200, 170), _c(190, 140, 100), _c(120, 80, 55)])), _c(100, 70, 50))
+    skin = Material("solid", _jit(rng, rng.choice([_c(240, 200, 170), _c(190, 140, 100), _c(120, 80, 55)])),
+                    _c(100, 70, 50))
     s = rng.uniform(0.85, 1.1)
     for sx in (-1, 1):
         b.add("cyl", f, (sx * 0.09 * s, 0, 0.43 * s), (0.075 * s, 0.43 * s), "person", inst, legs)
@@ -699,7 +711,8 @@ def _outdoor(rng, b: _Builder):
                 depth_half, len_half, h = rng.uniform(4, 8), rng.uniform(4, 10), rng.uniform(6, 25)
                 x = side * (edge + rng.uniform(0.0, 6.0) + depth_half)
                 inst = b.new_instance("building")
-                b.add("box", (x, y + len_half, 0.0), (0, 0, h / 2), (depth_half, len_half, h / 2), "building", inst, _material(rng, "building"))
+                b.add("box", (x, y + len_half, 0.0), (0, 0, h / 2), (depth_half, len_half, h / 2), "building", inst,
+                      _material(rng, "building"))
                 y += 2 * len_half + rng.uniform(0.5, 6)
     for _ in range(rng.integers(1, 7)):
         xy = _place(rng, spots, 2.5, ((-road_w / 2 + 0.2, road_w / 2 - 0.2), (4, 60)))
@@ -843,7 +856,8 @@ def render_scene(seed: int, height: int = 256, width: int = 256, kind: str = "an
         down = D[2] < -1e-9
         tbest = np.where(down, -cam[2] / np.where(down, D[2], -1.0), _INF)
         ax = np.abs(cam[0] + tbest * D[0])
-        stuff_cls = np.where(ax < road[0] / 2, CLASS_IDS["road"], np.where(ax < road[0] / 2 + road[1], CLASS_IDS["sidewalk"], CLASS_IDS["grass"]))
+        stuff_cls = np.where(ax < road[0] / 2, CLASS_IDS["road"],
+                             np.where(ax < road[0] / 2 + road[1], CLASS_IDS["sidewalk"], CLASS_IDS["grass"]))
         stuff_cls = np.where(down, stuff_cls, CLASS_IDS["sky"])
     pid = np.full((height, width), -1, dtype=np.int32)
 
@@ -935,7 +949,8 @@ def render_scene(seed: int, height: int = 256, width: int = 256, kind: str = "an
         rgb[sky] = _sky(np.stack(D, -1)[sky], light)
         depth = np.where(th > OUTDOOR_MAX_DEPTH, 0.0, th)
     image = np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8)
-    return Scene(int(seed), kind, image, depth.astype(np.float32), labels, instances, dict(b.inst_classes), k, c2w, light)
+    return Scene(int(seed), kind, image, depth.astype(np.float32), labels, instances, dict(b.inst_classes), k, c2w,
+                 light)
 
 
 def write_samples(out_dir: str | Path, seeds: Sequence[int] = (0, 1, 2, 3), height: int = 256, width: int = 320,

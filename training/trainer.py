@@ -37,11 +37,11 @@ from densert.errors import CheckpointError, DatasetError
 from densert.image import PATCH
 from densert.model.vision_meta import build_vision_meta
 from densert.tasks import DENSE_TASKS, prompts
-from densert.text import tokens as T
+from densert.text import tokens
 from densert.text.chat import encode_chat, user_message
 
 from . import finetune
-from . import state as S
+from . import state as train_state
 from .classes import CLASS_NAMES, NUM_CLASSES
 from .config import TrainConfig
 from .data import CELL
@@ -166,7 +166,7 @@ class Trainer:
         self.step = 0
         state = self._load_resume(resume) if resume else None
         self.model.to(self.device).train()
-        self.vocab = T.Vocab.from_str(self.tok_json)
+        self.vocab = tokens.Vocab.from_str(self.tok_json)
         self.space = label_space(self.vocab)
         self.spaces = [label_space(self.vocab, ds.class_names) if ds.class_names else self.space
                        for ds in self.datasets]
@@ -194,7 +194,7 @@ class Trainer:
         if state is not None:
             self._set_optimizer_state(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
-            S.set_rng_state(state["rng"])
+            train_state.set_rng_state(state["rng"])
             self.evals, self.best = state.get("evals", []), state.get("best")
         self.scenes = SceneCache(cfg.image_size, cfg.scenes, cfg.seed)
 
@@ -216,7 +216,7 @@ class Trainer:
         state, the frozen base from ``--init`` as rebuilt above) and the trainer state."""
         from densert.checkpoint.loader import load_model
         p = Path(path)
-        state, extra = S.load_state(p)   # refuses a pickle-only directory before reading weights
+        state, extra = train_state.load_state(p)   # refuses a pickle-only directory before reading weights
         was = state["config"]
         differ = [f"{k}: {was.get(k)!r} there, {getattr(self.cfg, k)!r} now" for k in SHAPING
                   if _plain(k, was.get(k)) != _plain(k, getattr(self.cfg, k))]
@@ -416,8 +416,8 @@ class Trainer:
             return None
         p = self._write_weights(weights, Path(out))
         lora = {f"lora.{n}": t for n, t in self.model.state_dict().items() if finetune.is_lora(n)}
-        S.save_state(p, {"step": self.step, "optimizer": osd, "scheduler": self.sched.state_dict(),
-                         "rng": S.rng_state(), "config": self.cfg.to_dict(), "evals": self.evals,
+        train_state.save_state(p, {"step": self.step, "optimizer": osd, "scheduler": self.sched.state_dict(),
+                         "rng": train_state.rng_state(), "config": self.cfg.to_dict(), "evals": self.evals,
                          "best": self.best}, lora)
         return p
 
@@ -431,7 +431,7 @@ class Trainer:
 # Evaluation: dense decoding of held-out scenes, exactly as the runtime decodes
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def vision_hidden(model, vocab: T.Vocab, image: np.ndarray, prompt: str, image_first: bool,
+def vision_hidden(model, vocab: tokens.Vocab, image: np.ndarray, prompt: str, image_first: bool,
                   alignment: str = "k") -> torch.Tensor:
     H, W = image.shape[:2]
     n_img = (H // CELL) * (W // CELL)
@@ -448,7 +448,7 @@ def vision_hidden(model, vocab: T.Vocab, image: np.ndarray, prompt: str, image_f
 
 
 @torch.no_grad()
-def evaluate(model, vocab: T.Vocab, n: int = 16, cfg: TrainConfig | None = None,
+def evaluate(model, vocab: tokens.Vocab, n: int = 16, cfg: TrainConfig | None = None,
              seed_base: int = HELD_OUT_SEED_BASE, tasks: tuple[str, ...] = ("depth", "segment"),
              image_size: tuple[int, int] | None = None, depth_preset: str | None = None,
              alignment: str | None = None) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from densert.tasks.depth_bins import get_preset
-from densert.text import tokens as T
+from densert.text import tokens
 
 from .metrics import CIoUMeter, DepthMeter, SegmentationMeter
 from .userdata import UserData, mask_box
@@ -33,7 +33,7 @@ HEADLINE = {"depth": "delta1", "segment": "miou", "refer": "ciou"}
 EVAL_MAX_NEW_TOKENS = 32
 
 
-def predictor_for(model, vocab: T.Vocab, cap: int, alignment: str):
+def predictor_for(model, vocab: tokens.Vocab, cap: int, alignment: str):
     """A ``DensePredictor`` over an in-memory torch model (puts it in eval mode)."""
     from densert.backend import TorchBackend
     from densert.runtime.options import DenseOptions
@@ -97,7 +97,7 @@ def evaluate_dataset(pred, ds: UserData, split: str = "val", tasks=("depth", "se
     return out
 
 
-def evaluate_datasets(model, vocab: T.Vocab, datasets: list[UserData], cap: int, alignment: str,
+def evaluate_datasets(model, vocab: tokens.Vocab, datasets: list[UserData], cap: int, alignment: str,
                       split: str = "val", tasks=("depth", "segment", "refer")) -> dict:
     pred = predictor_for(model, vocab, cap, alignment)
     rows = [evaluate_dataset(pred, ds, split, tasks) for ds in datasets]

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from densert.errors import CheckpointError, TokenizerError
-from densert.text import tokens as T
+from densert.text import tokens
 
 from .model_dir import read_all_headers, read_config
 
@@ -79,13 +79,13 @@ def _tokenizer_summary(path: Path, cfg) -> dict:
     if not (path / "tokenizer.json").is_file():
         return {"tokenizer": None}
     try:
-        vocab = T.Vocab.from_file(path / "tokenizer.json")
+        vocab = tokens.Vocab.from_file(path / "tokenizer.json")
     except TokenizerError as e:
         raise CheckpointError(str(e)) from None
     special = vocab.special_ids()
-    if special.get(T.IMAGE_PAD) not in (None, cfg.image_token_id):
+    if special.get(tokens.IMAGE_PAD) not in (None, cfg.image_token_id):
         raise CheckpointError(f"{path}: config image_token_id {cfg.image_token_id} but tokenizer.json "
-                              f"has {T.IMAGE_PAD} = {special[T.IMAGE_PAD]}")
+                              f"has {tokens.IMAGE_PAD} = {special[tokens.IMAGE_PAD]}")
     if len(vocab) > cfg.vocab_size:
         raise CheckpointError(f"{path}: tokenizer.json has {len(vocab)} ids but vocab_size is "
                               f"{cfg.vocab_size}")
@@ -95,7 +95,7 @@ def _tokenizer_summary(path: Path, cfg) -> dict:
                  "contiguous": bool((bins.diff() == 1).all())}
     except TokenizerError:
         depth = None
-    coords = [vocab.tok.token_to_id(s) for s in (T.x_token(0), T.y_token(T.N_COORDS - 1))]
+    coords = [vocab.tok.token_to_id(s) for s in (tokens.x_token(0), tokens.y_token(tokens.N_COORDS - 1))]
     return {"tokenizer": {"size": len(vocab), "special_ids": special, "depth_bins": depth,
                           "coord_ids": coords if None not in coords else None}}
 
@@ -105,7 +105,7 @@ def summarize_engine(path: str | Path) -> dict:
     path = Path(path)
     try:
         m = json.loads((path / "manifest.json").read_text())
-        m["precision"], m["checkpoint"]     # noqa: B018 (the keys every manifest has)
+        m["precision"], m["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / 'manifest.json'}: not a densert engine manifest ({e!r}); "
                               "re-run `densert export` into this directory") from None
@@ -144,7 +144,10 @@ def format_text(s: dict) -> str:
         return _format_engine(s)
     a, p = s["architecture"], s["parameters"]
     t, v = a["text"], a["vision"]
-    m = lambda n: f"{n / 1e6:,.2f} M"  # noqa: E731
+
+    def m(n):
+        return f"{n / 1e6:,.2f} M"
+
     lines = [
         f"checkpoint  {s['path']}",
         f"text        {t['layers']} layers, d={t['hidden_size']}, {t['heads']} heads, MLA q_lora "

@@ -263,7 +263,10 @@ def check_fits(path: str | Path, dtype, device: str | torch.device = "cpu", max_
     free, source = available_memory(str(device))
     if need <= free:
         return need
-    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+
+    def gib(b):
+        return f"{b / 2**30:.1f} GiB"
+
     fits = [d for d in (torch.bfloat16, torch.float16) if d.itemsize < dt.itemsize
             and count * d.itemsize + act <= free]
     hint = (f"; --dtype {str(fits[0]).removeprefix('torch.')} needs {gib(count * fits[0].itemsize + act)}"

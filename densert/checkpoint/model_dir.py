@@ -19,11 +19,17 @@ import torch
 
 from densert.errors import CheckpointError, ConfigError
 from densert.model.config import YoutuVLConfig
-from densert.text import tokens as T
+from densert.text import tokens
 from densert.text.chat import BUILTIN_TEMPLATE, CHAT_TEMPLATE, ChatTemplate
 
-from .safetensors import (MAX_HEADER_BYTES, TensorInfo, dtype_name, read_safetensors_header,
-                          resolve_dtype, write_safetensors)
+from .safetensors import (
+    MAX_HEADER_BYTES,
+    TensorInfo,
+    dtype_name,
+    read_safetensors_header,
+    resolve_dtype,
+    write_safetensors,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -263,11 +269,11 @@ def _dump(path: Path, obj) -> None:
 
 def write_side_files(out: Path, cfg: YoutuVLConfig, tokenizer_json: str) -> None:
     """config.json plus the tokenizer, template, generation and preprocessor files."""
-    vocab = T.Vocab.from_str(tokenizer_json, "tokenizer.json")
+    vocab = tokens.Vocab.from_str(tokenizer_json, "tokenizer.json")
     _check_ids(cfg, vocab)
     cfg.to_json_file(out / "config.json")
     (out / "tokenizer.json").write_text(tokenizer_json)
-    special = {"bos_token": T.BOS, "eos_token": T.EOS, "pad_token": T.EOS}
+    special = {"bos_token": tokens.BOS, "eos_token": tokens.EOS, "pad_token": tokens.EOS}
     _dump(out / "special_tokens_map.json", special)
     _dump(out / "tokenizer_config.json", {
         **special, "add_bos_token": False, "add_eos_token": False, "chat_template": CHAT_TEMPLATE,
@@ -289,12 +295,12 @@ def write_side_files(out: Path, cfg: YoutuVLConfig, tokenizer_json: str) -> None
         "max_image_patches": 36864})
 
 
-def _check_ids(cfg: YoutuVLConfig, vocab: T.Vocab) -> None:
-    want = {"vocab_size": len(vocab), "bos_token_id": vocab.token_id(T.BOS),
-            "eos_token_id": vocab.token_id(T.EOS), "image_token_id": vocab.token_id(T.IMAGE_PAD),
-            "video_token_id": vocab.token_id(T.VIDEO_PAD),
-            "vision_start_token_id": vocab.token_id(T.VISION_START),
-            "vision_end_token_id": vocab.token_id(T.VISION_END)}
+def _check_ids(cfg: YoutuVLConfig, vocab: tokens.Vocab) -> None:
+    want = {"vocab_size": len(vocab), "bos_token_id": vocab.token_id(tokens.BOS),
+            "eos_token_id": vocab.token_id(tokens.EOS), "image_token_id": vocab.token_id(tokens.IMAGE_PAD),
+            "video_token_id": vocab.token_id(tokens.VIDEO_PAD),
+            "vision_start_token_id": vocab.token_id(tokens.VISION_START),
+            "vision_end_token_id": vocab.token_id(tokens.VISION_END)}
     bad = {k: (getattr(cfg, k), v) for k, v in want.items() if getattr(cfg, k) != v}
     if bad:
         raise CheckpointError("config token ids disagree with tokenizer.json (config, tokenizer): "

@@ -99,7 +99,7 @@ class MappedTensor:
         return part.astype(np.float32)
 
     @property
-    def T(self):   # noqa: N802 (numpy's name)
+    def T(self):
         return _TransposedRows(self)
 
 

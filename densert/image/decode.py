@@ -93,7 +93,7 @@ def probe(path) -> tuple[int, int]:
         w, h = im.size
         try:
             orient = im.getexif().get(0x0112, 1)
-        except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as when decoding
+        except Exception:
             orient = 1
     return (w, h) if orient in (5, 6, 7, 8) else (h, w)
 
@@ -155,7 +155,7 @@ def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:
     """transformers' ``load_image`` from here on: EXIF transpose, then ``convert("RGB")``."""
     try:
         img = ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not make a readable image fail
+    except Exception:
         pass
     try:
         with warnings.catch_warnings():

@@ -36,7 +36,9 @@ class VisionMeta:
     image_segment_ids: torch.Tensor   # [N] int64: image id of each patch (window order)
 
     def to(self, device) -> "VisionMeta":
-        t = lambda x: x.to(device)  # noqa: E731
+        def t(x):
+            return x.to(device)
+
         return VisionMeta(self.grids, t(self.cos), t(self.sin), t(self.window_index),
                           t(self.reverse_index), self.window_seqlens, self.image_seqlens,
                           t(self.window_slots), t(self.window_inverse), t(self.image_segment_ids))

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from densert.text import tokens as T
+from densert.text import tokens
 
-_REF = re.compile(re.escape(T.REF) + r"(.*?)" + re.escape(T.REF_END), re.DOTALL)
+_REF = re.compile(re.escape(tokens.REF) + r"(.*?)" + re.escape(tokens.REF_END), re.DOTALL)
 _BOX = re.compile(r"<box>\s*<x_(\d+)>\s*<y_(\d+)>\s*<x_(\d+)>\s*<y_(\d+)>")
 _INS = re.compile(r"<ins>(.*?)(?:</ins>|\Z)", re.DOTALL)
 _POLY = re.compile(r"<poly>(.*?)(?:</poly>|\Z)", re.DOTALL)
@@ -35,7 +35,7 @@ def parse_refs(text: str) -> list[str]:
     """``<ref>`` names before ``<mask>`` in order of first appearance, stripped, without
     duplicates or empties."""
     out: list[str] = []
-    for name in _REF.findall(text.split(T.MASK)[0]):
+    for name in _REF.findall(text.split(tokens.MASK)[0]):
         n = name.strip()
         if n and n not in out:
             out.append(n)
@@ -117,7 +117,7 @@ def parse_poses(text: str) -> list[PersonPose]:
     in one ``<kpt>`` are read in order."""
     out = []
     for body in _PERSON.findall(text):
-        m = _BOX.search(body.split(T.KPT)[0])
+        m = _BOX.search(body.split(tokens.KPT)[0])
         kpts: list[tuple[float | None, float | None, int | None]] = []
         for block in _KPT.findall(body):
             pts = _KPOINT.findall(block)
@@ -133,8 +133,8 @@ def to_original(points, resized_hw, original_hw) -> list[tuple[int, int]]:
     0..2047 (a side longer than 2048 px keeps its own range)."""
     sy = original_hw[0] / resized_hw[0]
     sx = original_hw[1] / resized_hw[1]
-    hx = max(T.N_COORDS - 1, int(original_hw[1]))
-    hy = max(T.N_COORDS - 1, int(original_hw[0]))
+    hx = max(tokens.N_COORDS - 1, int(original_hw[1]))
+    hy = max(tokens.N_COORDS - 1, int(original_hw[0]))
     return [(min(max(round(x * sx), 0), hx), min(max(round(y * sy), 0), hy)) for x, y in points]
 
 

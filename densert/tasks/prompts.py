@@ -12,14 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from densert.errors import OptionError
-from densert.text import tokens as T
+from densert.text import tokens
 
 from .depth_bins import OPEN_WORLD, get_preset
 
 OPEN_SET_PROMPT = "Segment all objects in this image."
 CORE_TARGET_PROMPT = "Segment the core target."
 # The answer classes of "Segment the core target." in the order the demo writes them, FG first.
-CORE_TARGET_CLASSES = (T.FG, T.BG)
+CORE_TARGET_CLASSES = (tokens.FG, tokens.BG)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import re
 import numpy as np
 
 from densert.errors import RLEError
-from densert.text import tokens as T
+from densert.text import tokens
 
 _PAIR = re.compile(r"\(\s*(\d+)\s*,\s*(\d+)\s*\)")
 _MASK = re.compile(r"<mask>\s*(.*?)\s*</mask>", re.DOTALL)
@@ -50,7 +50,7 @@ def decode_runs(text: str, shape: tuple[int, ...] | None = None, dtype=np.int64)
 
 def ref_tags(class_names) -> str:
     """``<ref>a</ref><ref>b</ref>...``: the class list of a segmentation answer."""
-    return "".join(f"{T.REF}{n}{T.REF_END}" for n in class_names)
+    return "".join(f"{tokens.REF}{n}{tokens.REF_END}" for n in class_names)
 
 
 def encode_segmentation(labels: np.ndarray, class_names: list[str]) -> str:

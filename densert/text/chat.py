@@ -29,7 +29,7 @@ import torch
 
 from densert.errors import ChatError
 
-from . import tokens as T
+from . import tokens
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
@@ -59,7 +59,7 @@ class ChatTemplate:
     template: str
     source: str = "built-in"
     special_tokens: dict = field(default_factory=lambda: {
-        "bos_token": T.BOS, "eos_token": T.EOS, "pad_token": T.EOS})
+        "bos_token": tokens.BOS, "eos_token": tokens.EOS, "pad_token": tokens.EOS})
 
 
 BUILTIN_TEMPLATE = ChatTemplate(CHAT_TEMPLATE)
@@ -97,7 +97,7 @@ def _check_messages(messages: Sequence[dict], image_tokens: Sequence[int]) -> No
         raise ChatError(f"image_tokens must be positive ints, got {list(image_tokens)}")
     for i, m in enumerate(messages):
         for kind, text in _segments(m, i):
-            hit = [c for c in T.CONTROL_TOKENS if c in text]
+            hit = [c for c in tokens.CONTROL_TOKENS if c in text]
             if hit:
                 raise ChatError(f"message {i} text contains the control token {hit[0]!r}; remove it")
 
@@ -164,7 +164,7 @@ def render_chat(messages: Sequence[dict], image_tokens: Sequence[int] = (),
     return expand_image_pads(render_jinja(messages, add_generation_prompt, template), image_tokens)
 
 
-def encode_chat(vocab: T.Vocab, messages: Sequence[dict], image_tokens: Sequence[int] = (),
+def encode_chat(vocab: tokens.Vocab, messages: Sequence[dict], image_tokens: Sequence[int] = (),
                 add_generation_prompt: bool = True,
                 template: ChatTemplate | str = BUILTIN_TEMPLATE) -> torch.Tensor:
     """LongTensor [1, T]: the tokenizer's encoding of ``render_chat``. The text is encoded with one
@@ -189,12 +189,12 @@ def encode_chat(vocab: T.Vocab, messages: Sequence[dict], image_tokens: Sequence
 def expand_image_pads(text: str, image_tokens: Sequence[int]) -> str:
     """Replace the k-th single ``<|image_pad|>`` by ``image_tokens[k]`` copies (what the
     processor does after the HF template)."""
-    parts = text.split(T.IMAGE_PAD)
+    parts = text.split(tokens.IMAGE_PAD)
     if len(parts) - 1 != len(image_tokens):
         raise ChatError(f"text has {len(parts) - 1} image pads, image_tokens has {len(image_tokens)}")
     out = [parts[0]]
     for n, rest in zip(image_tokens, parts[1:]):
-        out += [T.IMAGE_PAD * n, rest]
+        out += [tokens.IMAGE_PAD * n, rest]
     return "".join(out)
 
 

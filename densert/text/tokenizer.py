@@ -22,11 +22,11 @@ import json
 
 from densert.model.config import MODEL_SIZES, YoutuVLConfig
 
-from . import tokens as T
+from . import tokens
 
 YOUTU_VOCAB_SIZE = 283386
-YOUTU_IDS = {T.BOS: 128000, T.EOS: 128001, T.VISION_START: 128262, T.VISION_END: 128263,
-             T.IMAGE_PAD: 128264, T.VIDEO_PAD: 128265}
+YOUTU_IDS = {tokens.BOS: 128000, tokens.EOS: 128001, tokens.VISION_START: 128262, tokens.VISION_END: 128263,
+             tokens.IMAGE_PAD: 128264, tokens.VIDEO_PAD: 128265}
 YOUTU_COORD_BASE = 278267      # <x_k> = base + 2k, <y_k> = base + 2k + 1 (spec sec. 6, ncnn)
 YOUTU_TAG_BASE = 282363        # ours: first id after <y_2047>
 YOUTU_CODEBOOK = (128266, 278266)  # visual codebook ids [start, stop) (spec sec. 6, [I])
@@ -62,14 +62,14 @@ WORDS = (
 ).split()
 def _prompts(a: str, b: str, c: str, d: str, n: int) -> list[str]:
     """The task prompts (from their one definition) and a few chat lines, filled with names."""
-    from densert.tasks import prompts as P
+    from densert.tasks import prompts
     from densert.tasks.depth_bins import PRESETS
 
     from .chat import DEFAULT_SYSTEM_PROMPT
-    return [DEFAULT_SYSTEM_PROMPT, P.semantic([a, b, c]).text,
-            P.semantic([a, b], background=True).text, P.open_set().text, P.core_target().text,
-            *(P.depth(k).text for k in PRESETS), P.referring(f"the {a} next to the {b}").text,
-            P.detect_categories([a, b, c]).text, "Describe this image.",
+    return [DEFAULT_SYSTEM_PROMPT, prompts.semantic([a, b, c]).text,
+            prompts.semantic([a, b], background=True).text, prompts.open_set().text, prompts.core_target().text,
+            *(prompts.depth(k).text for k in PRESETS), prompts.referring(f"the {a} next to the {b}").text,
+            prompts.detect_categories([a, b, c]).text, "Describe this image.",
             f"What is on the {a}? There is a {b} on the {a} and a {c} near the {d}.",
             f"How far is the {a} from the camera? About {n} metres."]
 
@@ -111,12 +111,12 @@ def _added(content: str, i: int, special: bool) -> dict:
 
 def _special_layout(layout: str, n_base: int) -> tuple[dict[str, int], set[str], int]:
     """(token -> id for every non-base token, the added-token set, vocab_size)."""
-    coords = [t for k in range(T.N_COORDS) for t in (T.x_token(k), T.y_token(k))]
-    tags = list(T.TAG_TOKENS) + [T.visibility_token(k) for k in range(T.N_VISIBILITY)]
-    customs = [T.custom_token(k) for k in range(1, T.N_DEPTH_BINS + 1)]
-    added = set(T.CONTROL_TOKENS) | set(coords) | set(tags) | set(customs)
+    coords = [t for k in range(tokens.N_COORDS) for t in (tokens.x_token(k), tokens.y_token(k))]
+    tags = list(tokens.TAG_TOKENS) + [tokens.visibility_token(k) for k in range(tokens.N_VISIBILITY)]
+    customs = [tokens.custom_token(k) for k in range(1, tokens.N_DEPTH_BINS + 1)]
+    added = set(tokens.CONTROL_TOKENS) | set(coords) | set(tags) | set(customs)
     if layout == "tiny":
-        ordered = list(T.CONTROL_TOKENS) + tags + coords + customs
+        ordered = list(tokens.CONTROL_TOKENS) + tags + coords + customs
         return {s: n_base + j for j, s in enumerate(ordered)}, added, n_base + len(ordered)
     if layout != "youtu-vl-4b":
         raise ValueError(f"unknown tokenizer layout {layout!r}; expected one of {MODEL_SIZES}")
@@ -158,7 +158,7 @@ def build_tokenizer_json(layout: str = "tiny") -> str:
     vocab = dict(vocab)
     vocab.update(extra)
     d["model"]["vocab"] = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
-    specials = set(T.CONTROL_TOKENS)
+    specials = set(tokens.CONTROL_TOKENS)
     d["added_tokens"] = [_added(s, extra[s], s in specials)
                          for s in sorted(added, key=lambda s: extra[s])]
     text = json.dumps(d, ensure_ascii=False, indent=None, separators=(",", ":")) + "\n"
@@ -169,22 +169,23 @@ def build_tokenizer_json(layout: str = "tiny") -> str:
 
 def _verify(text: str, ids: dict[str, int], size: int) -> None:
     """Load what we wrote and check the loader kept every pinned id (it would renumber silently)."""
-    v = T.Vocab.from_str(text, "<built tokenizer.json>")
+    v = tokens.Vocab.from_str(text, "<built tokenizer.json>")
     if len(v) != size:
         raise RuntimeError(f"built tokenizer has {len(v)} ids, expected {size}")
-    for s in T.CONTROL_TOKENS + T.TAG_TOKENS + (T.x_token(0), T.y_token(2047), T.custom_token(1000)):
+    samples = (tokens.x_token(0), tokens.y_token(2047), tokens.custom_token(1000))
+    for s in tokens.CONTROL_TOKENS + tokens.TAG_TOKENS + samples:
         if v.token_id(s) != ids[s]:
             raise RuntimeError(f"{s} got id {v.token_id(s)}, expected {ids[s]}")
 
 
-def apply_token_ids(cfg: YoutuVLConfig, vocab: T.Vocab) -> YoutuVLConfig:
+def apply_token_ids(cfg: YoutuVLConfig, vocab: tokens.Vocab) -> YoutuVLConfig:
     """Set the config's token ids and vocab_size from the tokenizer (in place; returns cfg)."""
     cfg.vocab_size = len(vocab)
-    cfg.bos_token_id = vocab.token_id(T.BOS)
-    cfg.eos_token_id = vocab.token_id(T.EOS)
-    cfg.pad_token_id = vocab.token_id(T.EOS)
-    cfg.image_token_id = vocab.token_id(T.IMAGE_PAD)
-    cfg.video_token_id = vocab.token_id(T.VIDEO_PAD)
-    cfg.vision_start_token_id = vocab.token_id(T.VISION_START)
-    cfg.vision_end_token_id = vocab.token_id(T.VISION_END)
+    cfg.bos_token_id = vocab.token_id(tokens.BOS)
+    cfg.eos_token_id = vocab.token_id(tokens.EOS)
+    cfg.pad_token_id = vocab.token_id(tokens.EOS)
+    cfg.image_token_id = vocab.token_id(tokens.IMAGE_PAD)
+    cfg.video_token_id = vocab.token_id(tokens.VIDEO_PAD)
+    cfg.vision_start_token_id = vocab.token_id(tokens.VISION_START)
+    cfg.vision_end_token_id = vocab.token_id(tokens.VISION_END)
     return cfg
