@@ -296,3 +296,16 @@ def test_camera_source_parsing_keeps_paths_and_urls_whole(tmp_path):
         "front": "0", "rear": "rtsp://host/cam?user=x"}
     with pytest.raises(SourceError, match="name each camera"):
         camera_sources(["front=0", str(odd)])
+
+
+@pytest.mark.parametrize("text, words", [
+    (" , ", "names no camera"),
+    ("front,front", "front given more than once"),
+    ("front,rear/x", "camera name 'rear/x': use a letter"),
+])
+def test_ros2_camera_list_is_checked_before_the_model_loads(text, words):
+    from densert.errors import CLIError
+    from densert.runtime.ros2_node import camera_names
+    with pytest.raises(CLIError, match=words):
+        camera_names(text)
+    assert camera_names("front, rear") == ["front", "rear"]
