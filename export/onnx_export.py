@@ -51,6 +51,7 @@ from densert.model.modeling import YoutuVLForConditionalGeneration
 from densert.model.vision_meta import VisionMeta, build_vision_meta, max_window_slots, window_slot_count
 from densert.tasks import DENSE_TASKS
 
+from . import ort_fused
 from . import quantize as Q
 from . import trt_rules
 from .graph_writer import GraphBuilder, placeholder
@@ -258,6 +259,20 @@ class _Parts:
         shutil.rmtree(d, ignore_errors=True)
         self.tick(prefix)
 
+    def add_written(self, prefix: str, model, *, kind: str) -> None:
+        """A part written node by node (``ort_fused``): its inputs and outputs are graph-level
+        names, like a traced part's."""
+        g = model.graph
+        self.builder.add(model, prefix, keep={v.name for v in (*g.input, *g.output)}, kind=kind)
+        self.tick(prefix)
+
+
+def fused(o: ExportOptions) -> bool:
+    """Whether the layers are written from ONNX Runtime's fused operators (``ort_fused``): the
+    onnxruntime target at fp32 / int8 / int4. fp16 (the GPU's engine; ONNX Runtime's CPU
+    attention is fp32 only) and the tensorrt target keep the traced standard-op layers."""
+    return o.target == "onnxruntime" and o.precision != "fp16"
+
 
 def example_grid(max_patches: int) -> tuple[int, int]:
     """Example image for tracing: not square, several windows, so nothing specialises to 1 or to
@@ -319,8 +334,15 @@ def make_vision(weights: WeightSource, out_dir: Path, tmp: Path, o: ExportOption
             h = part(px, *meta_args)
             parts.add("embed", part, [px, *meta_args], ["pixel_values", *meta_names], ["vh_0"],
                       kind="vision")
+        if fused(o):
+            parts.add_written("prep", ort_fused.vision_prep(vc, OPSET), kind="vision")
         for i in range(layers):
             with weights.part(f"{vt_name}.encoder.layers.{i}") as layer:
+                if fused(o):   # the example h only gives the merger's trace its shape
+                    parts.add_written(f"layer{i}", ort_fused.vision_layer(
+                        layer, vc, i in vt.full_attention, f"vh_{i}", f"vh_{i + 1}", OPSET,
+                        o.attention_chunk_mib << 20), kind="vision")
+                    continue
                 part = _VisionPart(lambda x, m, i=i: vt.layer(i, x, m), layer)
                 h_next = part(h, *meta_args)
                 parts.add(f"layer{i}", part, [h, *meta_args], [f"vh_{i}", *meta_names],
@@ -381,8 +403,18 @@ def make_llm(weights: WeightSource, out_dir: Path, tmp: Path, o: ExportOptions, 
         cos, sin = rope(emb, *past)
         parts.add("rope", rope, [emb, *past], ["inputs_embeds", *past_in], ["cos", "sin"], kind="decoder")
         h, presents = emb, []
+        fused_layers = fused(o) and layout == "latent"
+        if fused_layers:
+            parts.add_written("prep", ort_fused.decoder_prep(OPSET), kind="decoder")
         for i in range(n_layers):
             with weights.part(f"model.layers.{i}") as layer:
+                if fused_layers:   # example caches only give the tail's trace its shapes
+                    parts.add_written(f"layer{i}", ort_fused.decoder_layer(
+                        layer, cfg, i, "inputs_embeds" if i == 0 else f"h_{i}", f"h_{i + 1}",
+                        layer_out[i][0], OPSET, dec.score_budget), kind="decoder")
+                    presents.append(torch.cat([past[0][i], torch.randn(*past[0].shape[1:-2], t_len,
+                                                                       past[0].shape[-1], dtype=fdt)], dim=-2))
+                    continue
                 part = _DecoderLayerPart(layer, i, layout, dec.score_budget)
                 h_next, *full = part(h, cos, sin, *past)
                 ins = ["inputs_embeds" if i == 0 else f"h_{i}", "cos", "sin", *past_in]

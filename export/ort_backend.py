@@ -112,7 +112,7 @@ class OrtBackend:
         for g, info in m["graphs"].items():
             path = self.engine_dir / info["file"]
             try:
-                sess = make_session(path, self.providers, quantized=bool({"DequantizeLinear", "com.microsoft::MatMulNBits"}
+                sess = make_session(path, self.providers, quantized=bool({"DequantizeLinear", "com.microsoft::MatMulNBits", "com.microsoft::DynamicQuantizeMatMul"}
                                                    & set(info["op_types"])),
                                     intra_op_threads=intra_op_threads)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types

@@ -76,6 +76,22 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, s
 
 
+def quantize_int4_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] float -> (q int8 values in [-7, 7] [K, N], s float32 [N]): int4 with one scale per
+    output column (no blocks along K), so widening q to int8 is exact and an int8 GEMM with
+    per-column scales computes the same product (``qgemm`` layout)."""
+    k, n = w.shape
+    q = np.empty((k, n), np.int8)
+    s = np.empty(n, np.float32)
+    for a in range(0, n, _CHUNK):
+        blk = np.asarray(w[:, a:a + _CHUNK], dtype=np.float32)
+        sc = np.abs(blk).max(axis=0) / INT4_MAX
+        sc[sc == 0] = 1.0
+        q[:, a:a + _CHUNK] = np.clip(np.rint(blk / sc), -INT4_MAX, INT4_MAX)
+        s[a:a + _CHUNK] = sc
+    return q, s
+
+
 def int4_block_for(k: int, block: int) -> int | None:
     """The block an int4 weight with input size ``k`` takes: ``block``, or the largest smaller
     one that tiles ``k`` (the ViT's 4304-wide MLP input takes 16 at any setting); None when
