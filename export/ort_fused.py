@@ -54,12 +54,13 @@ MS = "com.microsoft"
 EMPTY_KEY = -1e30
 # Graph-level names the prep parts compute once for every layer.
 V_COS, V_SIN = "vfused/rope_cos", "vfused/rope_sin"
-V_SLOT_POS, V_FULL_POS = "vfused/slot_pos", "vfused/full_pos"
-V_Q_LANE, V_K_LANE, V_ONE_IMAGE = "vfused/q_lane", "vfused/k_lane", "vfused/one_image"
+V_SLOT_POS, V_SLOT_ROW, V_FULL_POS = "vfused/slot_pos", "vfused/slot_row", "vfused/full_pos"
+V_ONE_IMAGE = "vfused/one_image"
 D_POS, D_PAST = "dfused/pos", "dfused/past_len"
-VISION_SHARED = (V_COS, V_SIN, V_SLOT_POS, V_FULL_POS, V_Q_LANE, V_K_LANE, V_ONE_IMAGE)
-DECODER_SHARED = (D_POS, D_PAST)
-# ViT activations -> (op, domain, attributes): the exact function each config names.
+_VISION_SHARED = ((V_COS, FLOAT), (V_SIN, FLOAT), (V_SLOT_POS, INT64), (V_SLOT_ROW, INT64),
+                  (V_FULL_POS, INT64), (V_ONE_IMAGE, BOOL))
+# Activations -> (op, domain, attributes): the exact function each config names (SiLU is
+# QuickGelu's x * sigmoid(alpha * x) at alpha 1).
 ACTIVATIONS = {"gelu": ("Gelu", MS, {}), "gelu_pytorch_tanh": ("FastGelu", MS, {}),
                "gelu_new": ("FastGelu", MS, {}), "silu": ("QuickGelu", MS, {"alpha": 1.0})}
 
@@ -156,31 +157,27 @@ def register_default_domain_ops() -> None:
 # ---------------------------------------------------------------- vision
 def vision_prep(vc, opset: int):
     """Per-image tensors every fused ViT layer reads, computed once: the RoPE half-lane tables
-    with zero rows for empty slots, position ids of the slot layout and of the whole image, the
-    extra q / k lanes that mask empty window slots, and whether the call holds one image."""
+    with zero rows for empty slots, position ids of the slot layout (an empty slot: N) and of
+    the whole image, the row each slot reads (an empty slot: any real row, N - 1: what it holds
+    is masked or dropped), and whether the call holds one image."""
     p = Part("vision_prep", opset)
-    h, hd, s = vc.num_attention_heads, vc.head_dim, window_slots_per(vc)
+    hd, s = vc.head_dim, window_slots_per(vc)
     cos, sin = p.input("cos", FLOAT, ["patches", hd]), p.input("sin", FLOAT, ["patches", hd])
     slots = p.input("window_slots", INT64, ["slots"])
     seg = p.input("image_segment_ids", INT64, ["patches"])
-    # zero rows for the empty slots' position N; at least a window's worth, as RotaryEmbedding
-    # wants a table no shorter than the sequence it rotates (a window: S rows)
-    zero_row = p.const(np.zeros((s, hd // 2), np.float32), np.float32)
+    # zero rows for the empty slots' position N; a window's worth, as RotaryEmbedding wants a
+    # table no shorter than the sequence it rotates (a window: S rows)
+    zero_rows = p.const(np.zeros((s, hd // 2), np.float32), np.float32)
     for src, out in ((cos, V_COS), (sin, V_SIN)):
         half = p.op("Slice", src, p.const([0]), p.const([hd // 2]), p.const([1]))
-        p.op("Concat", half, zero_row, outs=[out], axis=0)
+        p.op("Concat", half, zero_rows, outs=[out], axis=0)
     n = p.dim(p.op("Shape", cos), 0)
     p.op("Reshape", slots, p.const([-1, s]), outs=[V_SLOT_POS])
+    p.op("Min", slots, p.op("Sub", n, p.const([1])), outs=[V_SLOT_ROW])
     rng = p.op("Range", p.const(0), p.op("Squeeze", n, p.const([0])), p.const(1))
     p.op("Unsqueeze", rng, p.const([0]), outs=[V_FULL_POS])
-    lane_shape = p.op("Concat", p.op("Shape", V_SLOT_POS), p.const([h, 1]), axis=0)
-    p.op("Expand", p.const(np.ones((1, 1, 1, 1), np.float32), np.float32), lane_shape, outs=[V_Q_LANE])
-    valid = p.op("Less", V_SLOT_POS, n)
-    key = p.op("Where", valid, p.const(np.float32(0), np.float32), p.const(np.float32(EMPTY_KEY), np.float32))
-    p.op("Expand", p.op("Unsqueeze", key, p.const([2, 3])), lane_shape, outs=[V_K_LANE])
     p.op("Equal", p.op("ReduceMin", seg, keepdims=0), p.op("ReduceMax", seg, keepdims=0), outs=[V_ONE_IMAGE])
-    for name, elem in ((V_COS, FLOAT), (V_SIN, FLOAT), (V_SLOT_POS, INT64), (V_FULL_POS, INT64),
-                       (V_Q_LANE, FLOAT), (V_K_LANE, FLOAT), (V_ONE_IMAGE, BOOL)):
+    for name, elem in _VISION_SHARED:
         p.output(name, elem)
     return p.model()
 
@@ -196,8 +193,7 @@ def vision_layer(layer, vc, full: bool, x_in: str, x_out: str, opset: int, budge
     p = Part("vision_layer", opset)
     d, h, hd = vc.hidden_size, vc.num_attention_heads, vc.head_dim
     x = p.input(x_in, FLOAT, ["patches", d])
-    for name, elem in ((V_COS, FLOAT), (V_SIN, FLOAT), (V_SLOT_POS, INT64), (V_FULL_POS, INT64),
-                       (V_Q_LANE, FLOAT), (V_K_LANE, FLOAT), (V_ONE_IMAGE, BOOL)):
+    for name, elem in _VISION_SHARED:
         p.input(name, elem)
     for name in ("window_slots", "window_inverse", "image_segment_ids"):
         p.input(name, INT64)
@@ -205,27 +201,34 @@ def vision_layer(layer, vc, full: bool, x_in: str, x_out: str, opset: int, budge
     ln1, ln2 = layer.layer_norm1, layer.layer_norm2
     y = p.op("LayerNormalization", x, p.weight("ln1.weight", _np(ln1.weight)), p.weight("ln1.bias", _np(ln1.bias)),
              axis=-1, epsilon=float(ln1.eps))
-    w_qkv = np.concatenate([_np(m.weight).T for m in (a.q_proj, a.k_proj, a.v_proj)], axis=1)
-    b_qkv = np.concatenate([_np(m.bias) for m in (a.q_proj, a.k_proj, a.v_proj)])
-    qkv = p.linear(y, w_qkv, b_qkv, "qkv", rank2=True)                         # [N, 3d]
+    wq, bq, wk, bk = _np(a.q_proj.weight).T, _np(a.q_proj.bias), _np(a.k_proj.weight).T, _np(a.k_proj.bias)
+    v = p.linear(y, _np(a.v_proj.weight).T, _np(a.v_proj.bias), "v_proj", rank2=True)      # [N, d]
     rope = dict(domain=MS, num_heads=h, rotary_embedding_dim=hd, interleaved=0)
     if full:
-        q, k, v = (p.op("Unsqueeze", t, p.const([0])) for t in p.op("Split", qkv, p.const([d] * 3), outs=3, axis=1))
+        q = p.op("Unsqueeze", p.linear(y, wq, bq, "q_proj", rank2=True), p.const([0]))       # [1, N, d]
+        k = p.op("Unsqueeze", p.linear(y, wk, bk, "k_proj", rank2=True), p.const([0]))
+        v = p.op("Unsqueeze", v, p.const([0]))
         q = p.op("RotaryEmbedding", q, V_FULL_POS, V_COS, V_SIN, **rope)
         k = p.op("RotaryEmbedding", k, V_FULL_POS, V_COS, V_SIN, **rope)
         o = _full_attention(p, q, k, v, h, hd, a.scale, budget)                  # [1, N, d]
         o = p.op("Squeeze", o, p.const([0]))
     else:
+        # One extra lane per head masks the empty slots as keys: q's lane is 1 (a bias), k's 0,
+        # and the row the empty slots read, N, has -1e30 there. RotaryEmbedding rotates the
+        # first hd lanes of each head and passes the lane through.
         s = window_slots_per(vc)
-        rows = p.op("Concat", qkv, p.const(np.zeros((1, 3 * d), np.float32), np.float32), axis=0)
-        win = p.op("Reshape", p.op("Gather", rows, "window_slots", axis=0), p.const([-1, s, 3 * d]))
-        q, k, v = p.op("Split", win, p.const([d] * 3), outs=3, axis=2)           # [W, S, d]
-        q = p.op("RotaryEmbedding", q, V_SLOT_POS, V_COS, V_SIN, **rope)
-        k = p.op("RotaryEmbedding", k, V_SLOT_POS, V_COS, V_SIN, **rope)
-        heads, lanes = p.const([0, 0, h, hd]), p.const([0, 0, h * (hd + 1)])
-        q = p.op("Reshape", p.op("Concat", p.op("Reshape", q, heads), V_Q_LANE, axis=-1), lanes)
-        k = p.op("Reshape", p.op("Concat", p.op("Reshape", k, heads), V_K_LANE, axis=-1), lanes)
-        o = p.op("MultiHeadAttention", q, k, v, domain=MS, num_heads=h, scale=float(a.scale))
+        q = p.linear(y, _with_lane(wq, h, 0.0), _with_lane(bq, h, 1.0), "q_proj", rank2=True)   # [N, h*(hd+1)]
+        k = p.linear(y, _with_lane(wk, h, 0.0), _with_lane(bk, h, 0.0), "k_proj", rank2=True)
+        empty = np.zeros((1, h, hd + 1), np.float32)
+        empty[..., hd] = EMPTY_KEY
+        k = p.op("Concat", k, p.const(empty.reshape(1, -1), np.float32), axis=0)             # [N + 1, .]
+
+        def window(t, rows, width):
+            return p.op("Reshape", p.op("Gather", t, rows, axis=0), p.const([-1, s, width]))
+
+        q = p.op("RotaryEmbedding", window(q, V_SLOT_ROW, h * (hd + 1)), V_SLOT_POS, V_COS, V_SIN, **rope)
+        k = p.op("RotaryEmbedding", window(k, "window_slots", h * (hd + 1)), V_SLOT_POS, V_COS, V_SIN, **rope)
+        o = p.op("MultiHeadAttention", q, k, window(v, V_SLOT_ROW, d), domain=MS, num_heads=h, scale=float(a.scale))
         o = p.op("Gather", p.op("Reshape", o, p.const([-1, d])), "window_inverse", axis=0)
     o = p.linear(o, _np(a.out_proj.weight).T, _np(a.out_proj.bias), "out_proj", rank2=True)
     y2, res = p.op("SkipLayerNormalization", o, x, p.weight("ln2.weight", _np(ln2.weight)),
@@ -238,6 +241,15 @@ def vision_layer(layer, vc, full: bool, x_in: str, x_out: str, opset: int, budge
     p.op("Add", res, f, outs=[x_out])
     p.output(x_out, FLOAT, ["patches", d])
     return p.model()
+
+
+def _with_lane(w: np.ndarray, heads: int, value: float) -> np.ndarray:
+    """Weight [K, heads * hd] (or bias [heads * hd]) with one more lane per head, ``value`` in
+    every lane (a weight's lane column: zeros)."""
+    lead = w.shape[:-1]
+    x = w.reshape(*lead, heads, -1)
+    lane = np.full((*lead, heads, 1), value if w.ndim == 1 else 0.0, np.float32)
+    return np.concatenate([x, lane], axis=-1).reshape(*lead, -1)
 
 
 def _full_attention(p: Part, q: str, k: str, v: str, h: int, hd: int, scale: float, budget: int) -> str:
@@ -304,7 +316,7 @@ def decoder_layer(layer, cfg, index: int, h_in: str, h_out: str, present: str, o
     order = rope_lane_order(rope, cfg.rope_interleave)
     # q heads stored [rope (RotaryEmbedding's lane order) ‖ nope]
     q_cols = np.concatenate([np.concatenate([hh * qk + nope + order, hh * qk + np.arange(nope)]) for hh in range(H)])
-    kv_a_rows = np.concatenate([np.arange(rank), rank + order])
+    kv_a_cols = np.concatenate([np.arange(rank), rank + order])
 
     def w(m):
         return _np(m.weight).T                                                   # [in, out]
@@ -317,19 +329,13 @@ def decoder_layer(layer, cfg, index: int, h_in: str, h_out: str, present: str, o
                     axis=-1, epsilon=float(norm.eps))
 
     y = rms(x, layer.input_layernorm, "input_layernorm")
-    kv_a_w, kv_a_b = w(a.kv_a_proj_with_mqa)[:, kv_a_rows], b(a.kv_a_proj_with_mqa)
-    if kv_a_b is not None:
-        kv_a_b = kv_a_b[kv_a_rows]
+    kv_a_b = b(a.kv_a_proj_with_mqa)
+    lat, k_rot = p.op("Split", p.linear(y, w(a.kv_a_proj_with_mqa)[:, kv_a_cols], None if kv_a_b is None else
+                                        kv_a_b[kv_a_cols], "kv_a", rank2=False), p.const([rank, rope]), outs=2, axis=-1)
     if cfg.q_lora_rank is not None:
-        qa_b = b(a.q_a_proj)
-        bias = None if qa_b is None else np.concatenate([qa_b, kv_a_b])
-        qa, lat, k_rot = p.op("Split", p.linear(y, np.concatenate([w(a.q_a_proj), kv_a_w], axis=1), bias, "qkv_a",
-                                                 rank2=False),
-                              p.const([cfg.q_lora_rank, rank, rope]), outs=3, axis=-1)
+        qa = p.linear(y, w(a.q_a_proj), b(a.q_a_proj), "q_a", rank2=False)
         q = p.linear(rms(qa, a.q_a_layernorm, "q_a_layernorm"), w(a.q_b_proj)[:, q_cols], None, "q_b", rank2=False)
     else:
-        lat, k_rot = p.op("Split", p.linear(y, kv_a_w, kv_a_b, "kv_a", rank2=False), p.const([rank, rope]),
-                          outs=2, axis=-1)
         q = p.linear(y, w(a.q_proj)[:, q_cols], None, "q", rank2=False)
     q = p.op("RotaryEmbedding", q, D_POS, cos, sin, domain=MS, num_heads=H, rotary_embedding_dim=rope)
     k_rot = p.op("RotaryEmbedding", k_rot, D_POS, cos, sin, domain=MS, num_heads=1, rotary_embedding_dim=rope)
@@ -337,12 +343,11 @@ def decoder_layer(layer, cfg, index: int, h_in: str, h_out: str, present: str, o
     past_i = p.op("Gather", past, p.const(index), axis=0)                                  # [1, P, rank+rope]
     p.op("Concat", past_i, new, outs=[present], axis=1)
     p.output(present, FLOAT, [1, "total_seq", rank + rope])
-    # keys and values of every cached token, from the latent: kv_b as [k_nope of all heads ‖ v]
+    # keys and values of every cached token, from the latent (kv_b's two halves)
     kv_b = w(a.kv_b_proj).reshape(rank, H, nope + vdim)
-    kv_b = np.concatenate([kv_b[:, :, :nope].reshape(rank, H * nope), kv_b[:, :, nope:].reshape(rank, H * vdim)], 1)
-    c_lat = p.op("Slice", present, p.const([0]), p.const([rank]), p.const([2]))
-    k_nope, v = p.op("Split", p.linear(c_lat, kv_b, None, "kv_b", rank2=False),
-                     p.const([H * nope, H * vdim]), outs=2, axis=-1)
+    c_lat = p.op("Slice", present, p.const([0]), p.const([rank]), p.const([2]))            # [1, Tk, rank]
+    k_nope = p.linear(c_lat, kv_b[:, :, :nope].reshape(rank, H * nope), None, "kv_b_k", rank2=False)
+    v = p.linear(c_lat, kv_b[:, :, nope:].reshape(rank, H * vdim), None, "kv_b_v", rank2=False)
     c_rot = p.op("Slice", present, p.const([rank]), p.const([rank + rope]), p.const([2]))    # [1, Tk, rope]
     shape_k = p.op("Shape", k_nope)
     heads_rot = p.op("Concat", p.op("Slice", shape_k, p.const([0]), p.const([2]), p.const([0])),
@@ -356,14 +361,10 @@ def decoder_layer(layer, cfg, index: int, h_in: str, h_out: str, present: str, o
     y2, res = p.op("SkipSimplifiedLayerNormalization", o, x, p.weight("post_norm.weight", _np(norm.weight)),
                    outs=[p.fresh("post_norm"), "", "", p.fresh("res")], domain=MS, epsilon=float(norm.eps))[::3]
     m = layer.mlp
-    inter = m.gate_proj.weight.shape[0]
-    gb, ub = b(m.gate_proj), b(m.up_proj)
-    bias = None if gb is None else np.concatenate([gb, ub])
-    gate, up = p.op("Split", p.linear(y2, np.concatenate([w(m.gate_proj), w(m.up_proj)], 1), bias, "gate_up",
-                                      rank2=False), p.const([inter, inter]), outs=2, axis=-1)
-    if cfg.hidden_act != "silu":
-        raise ValueError(f"fused decoder: hidden_act {cfg.hidden_act!r}; the MLA decoder's MLP is SiLU")
-    act = p.op("Mul", p.op("QuickGelu", gate, domain=MS, alpha=1.0), up)
+    gate = p.linear(y2, w(m.gate_proj), b(m.gate_proj), "gate_proj", rank2=False)
+    up = p.linear(y2, w(m.up_proj), b(m.up_proj), "up_proj", rank2=False)
+    op, dom, attrs = ACTIVATIONS[cfg.hidden_act]
+    act = p.op("Mul", p.op(op, gate, domain=dom, **attrs), up)
     p.op("Add", res, p.linear(act, w(m.down_proj), b(m.down_proj), "down", rank2=False), outs=[h_out])
     p.output(h_out, FLOAT, [1, "seq", d])
     return p.model()
