@@ -131,8 +131,10 @@ class Part:
         from onnx import helper
         register_default_domain_ops()
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset),
-                                                       helper.make_opsetid(MS, 1)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset),
+                                                        helper.make_opsetid(MS, 1)])
+        model.ir_version = 8      # what the engine graphs declare (GraphBuilder.finish)
+        return model
 
 
 def register_default_domain_ops() -> None:
