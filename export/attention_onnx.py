@@ -20,7 +20,6 @@ from densert.model.attention import ONNX_DOMAIN, ONNX_OP
 from .onnx_types import BOOL, FLOAT, FLOAT16, INT64
 
 
-
 class _Builder:
     """Nodes and constants of one expansion, with unique names."""
 

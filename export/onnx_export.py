@@ -51,9 +51,8 @@ from densert.model.modeling import YoutuVLForConditionalGeneration
 from densert.model.vision_meta import VisionMeta, build_vision_meta, max_window_slots, window_slot_count
 from densert.tasks import DENSE_TASKS
 
-from . import ort_fused
+from . import ort_fused, trt_rules
 from . import quantize as Q
-from . import trt_rules
 from .graph_writer import GraphBuilder, placeholder
 from .manifest import (FORMAT, FORMAT_VERSION, check_out_dir, checkpoint_identity, file_sha256,
                        write_manifest)

@@ -178,7 +178,8 @@ def test_quantized_graph_formats_and_sizes(bundled_engines):
                     w = n.input[1]
                     if fmt == "int4":
                         cast = made_by[w]
-                        assert cast.op_type == "Cast" and helper.get_attribute_value(cast.attribute[0]) == onnx.TensorProto.INT8
+                        to = helper.get_attribute_value(cast.attribute[0])
+                        assert cast.op_type == "Cast" and to == onnx.TensorProto.INT8
                         w = cast.input[0]
                     q, sc = inits[w], inits[n.input[2]]
                     assert q.data_type == (onnx.TensorProto.INT4 if fmt == "int4" else onnx.TensorProto.INT8)
