@@ -7,7 +7,8 @@ one layer whatever the depth (the ONNX Runtime GenAI model builder's way). Per p
 
 1. ``densert::ChunkedAttention`` nodes become Loops (``attention_onnx``);
 2. quantized precisions: every MatMul / Gemm whose weight is a 2-D constant gets
-   ``DequantizeLinear(q, s) -> MatMul`` (``quantize`` holds the formats and the policy);
+   ``DequantizeLinear(q, s) -> MatMul`` (tensorrt target), or an int8 GEMM / ``MatMulNBits``
+   (onnxruntime target, ``_layout``; ``quantize`` holds the formats and the policy);
 3. names inside the part get the part's prefix (the tracer names every part alike); the names
    of the part's inputs and outputs are the graph's own, so parts connect by name;
 4. every initializer is streamed into ``<stem>.onnx.data`` at a page-aligned offset (so ONNX
@@ -321,9 +322,10 @@ def _graphs(g):
 # ---------------------------------------------------------------- quantization
 def _quantize_weights(model, source, producers, precision, part, block, table_name, policy,
                       target: str = "tensorrt"):
-    """Rewrite MatMul/Gemm on constant weights to DequantizeLinear -> MatMul [+ Add], or, with
-    ``nbits`` (the onnxruntime target), int4 ones to ``com.microsoft.MatMulNBits`` with its
-    weight in MatMulNBits' own layout (``quantize.matmulnbits_weight``).
+    """Rewrite MatMul/Gemm on constant weights to DequantizeLinear -> MatMul [+ Add], or, for
+    the onnxruntime ``target`` (``_layout``), to ``com.microsoft.DynamicQuantizeMatMul`` (int8
+    GEMM, its bias fused; int4 weights per column, widened by a Cast) and the int4 tied table to
+    ``com.microsoft.MatMulNBits`` in its own layout (``quantize.matmulnbits_weight``).
 
     2-D weights take the part's format. 3-D weights (MLA's absorbed kv_b halves, [heads, K, N],
     one batched MatMul, the value half inside the attention Loop) take int8 with a scale per

@@ -20,7 +20,9 @@ merger; RoPE, each decoder layer, the tail) from the weights of that part alone,
 weights are quantized and streamed to disk before the next part is loaded (``graph_writer``):
 export memory is one layer's, not the model's. Attention is ``densert.model.attention`` (chunked, fp32 softmax), exported as
 Loops over chunks (``attention_onnx``), so its memory is bounded at any image size and the graph
-stays inside TensorRT's parser (``trt_rules``, checked at export).
+stays inside TensorRT's parser (``trt_rules``, checked at export). The onnxruntime target
+(fp32 / int8 / int4) writes the ViT and decoder layers instead from ONNX Runtime's fused
+operators, node by node (``ort_fused``).
 """
 from __future__ import annotations
 
@@ -574,11 +576,15 @@ PRECISION_POLICY = {
     "fp16": "fp16 weights/activations; LayerNorm, RMSNorm, attention scores+softmax and vision "
             "RoPE computed in fp32",
     "int8": "weight-only int8 (per output channel) for every Linear, MLA's batched kv_b halves and the "
-            "tied lm_head / embedding table; norms, biases, RoPE and the task rows fp32; fp32 activations",
-    "int4": "weight-only int4 (blocks of {block} along the input dim, fp16 scales) for the decoder "
-            "Linears, the tied lm_head / embedding table, the vision tower and merger; MLA's batched "
-            "kv_b halves int8; the task rows (depth bins, FG/BG) exact fp32 beside the table; norms, "
-            "biases, RoPE fp32; fp32 activations",
+            "tied lm_head / embedding table; norms, biases, RoPE and the task rows fp32; fp32 activations "
+            "(onnxruntime target: the Linears as int8 GEMMs, activations quantized to int8 per tensor at "
+            "run time)",
+    "int4": "weight-only int4 for the decoder Linears, the tied lm_head / embedding table, the vision "
+            "tower and merger (blocks of {block} along the input dim, fp16 scales; onnxruntime target: "
+            "the table so, the Linears one clip-searched scale per output column, run as int8 GEMMs with "
+            "activations quantized to int8 per tensor at run time); MLA's batched kv_b halves int8 "
+            "(onnxruntime target: int4 as the Linears); the task rows (depth bins, FG/BG) exact fp32 "
+            "beside the table; norms, biases, RoPE fp32; fp32 activations",
 }
 
 

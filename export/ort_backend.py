@@ -9,8 +9,9 @@ Prompt embeddings are rows of the engine's tied table (``TiedTable``), looked up
 Memory: the CPU arena is off, so each stage returns its activations (the peak is the largest
 stage, not the sum of all). Float graphs run without weight prepacking, so their weights stay
 memory-mapped from ``*.onnx.data`` instead of being copied; quantized graphs need prepacking
-(``MatMulNBits``' fast kernels run on prepacked weights; the onnxruntime target writes int4
-weights as MatMulNBits in its own layout, int8 ones as DequantizeLinear -> MatMul, fused at load).
+(``MatMulNBits``' and the int8 GEMMs' (``DynamicQuantizeMatMul``) fast kernels run on prepacked
+weights; the onnxruntime target writes its quantized Linears as int8 GEMMs and the int4 table as
+MatMulNBits in its own layout; the tensorrt target's DequantizeLinear -> MatMul is fused at load).
 
 Execution providers: ``providers=None`` picks TensorRT > CUDA > CPU among
 ``onnxruntime.get_available_providers()`` (onnxruntime-gpu exposes the first two when a GPU and

@@ -9,35 +9,39 @@ tail stay traced in both flavours: ONNX Runtime already fuses their norms and GE
 
 ViT layer (``vision_layer``)::
 
-    LayerNormalization -> Gemm (q|k|v in one weight) -> [window slots] -> RotaryEmbedding (q, k)
+    LayerNormalization -> Gemm q, k, v -> [window slots] -> RotaryEmbedding (q, k)
     -> MultiHeadAttention -> Gemm (out) -> SkipLayerNormalization (residual + norm)
     -> Gemm -> FastGelu / Gelu -> Gemm -> Add (residual)
 
-Windowed layers gather q|k|v into the padded [windows, 256 slots] layout once and attend per
-window. The empty slots are masked as keys by one extra lane per head (q: 1, k: 0 or -1e30),
-which leaves every real score unchanged and lets MultiHeadAttention take its flash-attention
+Windowed layers gather q, k and v into the padded [windows, 256 slots] layout and attend per
+window. The empty slots are masked as keys by one extra lane per head that the q / k GEMMs
+write themselves (a zero weight column; q's bias 1, k's 0) and that the row empty slots read
+holds at -1e30: every real score is unchanged, and MultiHeadAttention takes its flash-attention
 path (no mask input: bounded memory, ~1.5x faster than its masked path). Full-attention layers
 attend over the whole image; a call with several images (segment ids not all equal) takes the
 chunked, segment-masked attention of the standard graphs in an ``If`` branch.
 
 MLA decoder layer (``decoder_layer``, latent cache)::
 
-    SimplifiedLayerNormalization -> MatMul (q_a | kv_a in one weight) -> Split
-    q: SimplifiedLayerNormalization -> MatMul (q_b) -> RotaryEmbedding (first 64 lanes per head)
+    SimplifiedLayerNormalization -> MatMul kv_a -> Split (latent, rope key)
+    q: MatMul q_a -> SimplifiedLayerNormalization -> MatMul q_b -> RotaryEmbedding (first 64
+       lanes per head)
     latent: SimplifiedLayerNormalization; rope key: RotaryEmbedding; cache = past ++ [latent, key]
-    MatMul (kv_b on the whole cache: k_nope | v) -> MultiHeadAttention (causal, query chunks)
-    -> MatMul (o) -> SkipSimplifiedLayerNormalization -> MatMul (gate | up) -> QuickGelu(1) = SiLU
-    -> Mul -> MatMul (down) -> Add
+    MatMul kv_b (k_nope; v) on the whole cache -> MultiHeadAttention (causal, query chunks)
+    -> MatMul o -> SkipSimplifiedLayerNormalization -> MatMul gate, up -> QuickGelu(1) = SiLU
+    -> Mul -> MatMul down -> Add
 
-The cache is the latent (576 values per token per layer, as the torch model stores it), and the
-attention runs over keys and values decompressed from it (kv_b on every cached token): prefill
-attention at ~2x fewer FLOPs than the absorbed form and through MultiHeadAttention's kernels.
-Exact rewrites, no approximation: the rope lanes of q_b / kv_a are permuted in the weights so
-the interleaved (GPT-J) rotation becomes ONNX Runtime's rotate-half RotaryEmbedding on lanes
-already in the [evens ‖ odds] order the torch model caches, and each q head is stored
-[rope ‖ nope] so RotaryEmbedding rotates its first lanes in place. Causal masking is an additive
-bias built per query chunk; chunks keep the scores under the export's attention budget, like the
-standard graphs' Loop.
+Each Linear is its own GEMM: a Split of a fused GEMM's output copies it, and the quantized
+GEMMs (``DynamicQuantizeMatMul``) are efficient at these widths. The cache is the latent (576
+values per token per layer, as the torch model stores it), and the attention runs over keys and
+values decompressed from it (kv_b on every cached token): prefill attention at ~2x fewer FLOPs
+than the absorbed form and through MultiHeadAttention's kernels (a decode step pays kv_b on the
+whole cache instead). Exact rewrites, no approximation: the rope lanes of q_b / kv_a are
+permuted in the weights so the interleaved (GPT-J) rotation becomes ONNX Runtime's rotate-half
+RotaryEmbedding on lanes already in the [evens ‖ odds] order the torch model caches, and each q
+head is stored [rope ‖ nope] so RotaryEmbedding rotates its first lanes in place. Causal masking
+is an additive bias built per query chunk; chunks keep the scores under the export's attention
+budget, like the standard graphs' Loop.
 """
 from __future__ import annotations
 

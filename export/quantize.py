@@ -12,18 +12,25 @@ Formats (symmetric, no zero point: TensorRT's IDequantizeLayer takes only zero z
           Runtime fuses it into 4-bit ``MatMulNBits``, TensorRT 10 runs it as INT4 block
           weight-only quantization (2-D weights, blocks along K).
 
+The onnxruntime target writes its 2-D weights but the tied table as int8 GEMM operands
+(``graph_writer._layout`` "qgemm"): ``DynamicQuantizeMatMul(x, q, s)``, activations quantized
+per tensor at run time; int4 ones per output column (``quantize_int4_columns``: q in [-7, 7],
+one clip-searched fp32 scale per column), stored ONNX INT4 and widened to int8 by a ``Cast``
+folded at load. Its int4 table stays ``MatMulNBits`` blocks (``matmulnbits_weight``).
+
 Policy (``POLICY``), per precision:
 
 =================  ==========  ===========================================================
 tensor             int8        int4
 =================  ==========  ===========================================================
-decoder Linear     int8        int4 (block)
+decoder Linear     int8        int4 (block; onnxruntime target: per column)
 tied lm_head/emb   int8        int4 (block); the rows the dense heads read (1000 depth bins,
                                FG/BG/OTHERS) stay exact fp32 beside it (``head_rows``):
                                int4 depth-bin rows flip the depth argmax
-vision + merger    int8        int4 (block): a full model's int4 directory fits 2.8 GiB
-                               only so (``bench_fullscale``)
-MLA kv_b halves    int8        int8 (3-D, batched: one scale per output column)
+vision + merger    int8        int4 (as the decoder): a full model's int4 directory fits
+                               2.8 GiB only so (``bench_fullscale``)
+MLA kv_b halves    int8        int8 (3-D, batched: one scale per output column; onnxruntime
+                               target: kv_b as two 2-D int4 GEMMs)
 norms, biases,     fp32        fp32 (small; statistics and RoPE stay exact)
 RoPE, task rows
 =================  ==========  ===========================================================
