@@ -211,7 +211,7 @@ def speed(work: Path, ck: Path, img: Path, precisions: list[str], frames: int, t
     for specs in groups:
         print("speed:", " + ".join(x["label"] for x in specs), flush=True)
         load = [round(x, 2) for x in os.getloadavg()]
-        r = run_child("frames", [specs, str(img), frames, threads], lim, module=__name__)
+        r = run_child("frames", [specs, str(img), frames, threads], lim, module="densert.benchmarks.bench_fullscale")
         r.update(load_before=load, load_after=[round(x, 2) for x in os.getloadavg()])
         print("  ", {k: v for k, v in r.items() if k != "rounds"}, flush=True)
         out["runs"].append({"labels": [x["label"] for x in specs], **r})
@@ -343,8 +343,9 @@ def report_md(r: dict) -> str:
            f"Command: `{r['command']}`", "",
            f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; ISA: {', '.join(m['isa'])}; "
            f"load average at start {m['load_at_start']}, at end {r.get('load_at_end', '-')}. "
-           f"Started {r['started']}. Each row is one command in its own process (peak RSS of the process "
-           "tree); one run, not a median.", "",
+           f"Started {r['started']}." + (" Each row of the export, frame and verify tables is one command in "
+                                         "its own process (peak RSS of the process tree); one run, not a median."
+                                         if any(r.get(k) for k in ("export", "frame", "verify")) else ""), "",
            f"Checkpoint: Youtu-VL-4B widths ({lay['decoder']} decoder + {lay['vision']} ViT layers, random bf16 "
            "weights), "
            f"{r['checkpoint_bytes'] / 1e9:.2f} GB on disk.", ""]

@@ -364,10 +364,11 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
                 if w == table_name:
                     table = {"format": _FLOAT_NAMES[t.data_type], "layout": "vd", "tensors": {"weight": w}}
                 continue
-            blk = Q.int4_block_for(k, block) if fmt == "int4" and len(t.dims) == 2 else None
-            if fmt == "int4" and blk is None:
-                fmt = "int8"   # batched, or K not a whole number of any block (small test widths)
             layout = _layout(target, fmt, w == table_name, len(t.dims))
+            blk = Q.int4_block_for(k, block) if fmt == "int4" and len(t.dims) == 2 else None
+            if fmt == "int4" and blk is None and layout != "qgemm":   # (per column: any K)
+                fmt = "int8"   # batched, or K not a whole number of any block (small test widths)
+                layout = _layout(target, fmt, w == table_name, len(t.dims))
             qn, sn = f"{w}_q{fmt[3:]}", f"{w}_scale"
             if w not in replaced:
                 replaced[w] = (qn, sn, fmt, transpose, blk, layout)
