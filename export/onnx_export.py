@@ -260,11 +260,13 @@ class _Parts:
         shutil.rmtree(d, ignore_errors=True)
         self.tick(prefix)
 
-    def add_written(self, prefix: str, model, *, kind: str) -> None:
+    def add_written(self, prefix: str, part: ort_fused.Part, *, kind: str) -> None:
         """A part written node by node (``ort_fused``): its inputs and outputs are graph-level
-        names, like a traced part's."""
+        names, like a traced part's; its weights come from the module (``part.sources``)."""
+        model = part.model()
         g = model.graph
-        self.builder.add(model, prefix, keep={v.name for v in (*g.input, *g.output)}, kind=kind)
+        self.builder.add(model, prefix, keep={v.name for v in (*g.input, *g.output)}, sources=part.sources,
+                         kind=kind)
         self.tick(prefix)
 
 

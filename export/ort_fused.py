@@ -75,12 +75,15 @@ def _np(t) -> np.ndarray:
 
 class Part:
     """Nodes, weights and interface of one part, written directly; ``model()`` gives the
-    ModelProto that ``GraphBuilder.add`` takes (as it takes a traced part)."""
+    ModelProto that ``GraphBuilder.add`` takes (as it takes a traced part), ``sources`` its
+    weights' values: the graph holds placeholders, and the writer reads (and quantizes) each
+    weight from the module's own memory, so a layer's weights are not copied into protobuf."""
 
     def __init__(self, name: str, opset: int):
         self.name, self.opset = name, opset
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
+        self.sources: dict[str, np.ndarray] = {}
         self.inputs: list[Any] = []
         self.outputs: list[Any] = []
         self._n = itertools.count()
@@ -98,8 +101,11 @@ class Part:
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        from onnx import numpy_helper
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        from .graph_writer import placeholder
+        if array.dtype != np.float32:
+            raise ValueError(f"fused part {self.name}: weight {name} is {array.dtype}, expected float32")
+        self.inits.append(placeholder(name, FLOAT, list(array.shape)))
+        self.sources[name] = array
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -185,7 +191,7 @@ def vision_prep(vc, opset: int):
     p.op("Equal", p.op("ReduceMin", seg, keepdims=0), p.op("ReduceMax", seg, keepdims=0), outs=[V_ONE_IMAGE])
     for name, elem in _VISION_SHARED:
         p.output(name, elem)
-    return p.model()
+    return p
 
 
 def window_slots_per(vc) -> int:
@@ -246,7 +252,7 @@ def vision_layer(layer, vc, full: bool, x_in: str, x_out: str, opset: int, budge
     f = p.linear(f, _np(m.fc2.weight).T, _np(m.fc2.bias), "fc2", rank2=True)
     p.op("Add", res, f, outs=[x_out])
     p.output(x_out, FLOAT, ["patches", d])
-    return p.model()
+    return p
 
 
 def _with_lane(w: np.ndarray, heads: int, value: float) -> np.ndarray:
@@ -296,7 +302,7 @@ def decoder_prep(opset: int):
     p.op("Identity", p.dim(p.op("Shape", past), 2), outs=[D_PAST])
     p.output(D_POS, INT64)
     p.output(D_PAST, INT64)
-    return p.model()
+    return p
 
 
 def rope_lane_order(rope: int, interleave: bool) -> np.ndarray:
@@ -373,7 +379,7 @@ def decoder_layer(layer, cfg, index: int, h_in: str, h_out: str, present: str, o
     act = p.op("Mul", p.op(op, gate, domain=dom, **attrs), up)
     p.op("Add", res, p.linear(act, w(m.down_proj), b(m.down_proj), "down", rank2=False), outs=[h_out])
     p.output(h_out, FLOAT, [1, "seq", d])
-    return p.model()
+    return p
 
 
 def causal_attention(p: Part, q: str, k: str, v: str, heads: int, v_width: int, scale: float,
