@@ -117,10 +117,11 @@ def _tree_rss_gib(pid: int) -> float:
     return rss + sum(_tree_rss_gib(int(k)) for k in kids)
 
 
-def run_child(kind: str, args: list, limit_gb: float) -> dict:
+def run_child(kind: str, args: list, limit_gb: float, module: str = "densert.benchmarks.bench_engines") -> dict:
     """One measurement in a fresh process (its JSON line, with its own peak RSS); the process and
-    its children are killed when their resident memory passes ``limit_gb``."""
-    cmd = [sys.executable, "-m", "densert.benchmarks.bench_engines", _CHILD, kind, json.dumps(args)]
+    its children are killed when their resident memory passes ``limit_gb``. ``module``: whose
+    ``--child KIND`` entry runs it (a benchmark module with children of its own)."""
+    cmd = [sys.executable, "-m", module, _CHILD, kind, json.dumps(args)]
     with tempfile.TemporaryFile("w+") as out:
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)
         seen = 0.0

@@ -14,12 +14,25 @@
 4. ``blocks``: the int4 block size against accuracy, on the bundled trained model (random
    weights say little about accuracy): dense-map agreement with the fp32 reference (worst
    image of ``densert verify``'s defaults), worst cosine, directory size, per block size.
+5. ``speed``: per stage (vision, prefill, dense head) milliseconds of one 480x640 depth frame,
+   median of ``--speed-frames`` frames after a warm-up one, per ONNX Runtime engine
+   (``--speed-precisions``, exported when missing) beside torch fp32 and bf16, at equal thread
+   counts (``--threads``: torch's and ONNX Runtime's intra-op threads). Each quantized engine
+   shares one process with torch bf16, frames alternating, so the ratio to bf16 (the median of
+   the per-frame ratios) holds on a shared, loaded machine; the fp32 runtimes (~9 GB each) run
+   alone. The load average is recorded before and after each process.
 
 Each command runs in its own process (``bench_engines.run_child``: peak RSS of the process
 tree, stopped past ``--rss-limit-gb``). The report records the CPU, its ISA flags and the load
 average. Example (the committed ``benchmarks/results/fullscale.{json,md}``):
 
     python -m densert.benchmarks.bench_fullscale --work /tmp/fullscale --out benchmarks/results/fullscale
+
+and the fused ONNX Runtime engines' speed (``benchmarks/results/fused_ort.{json,md}``; 27 ViT + 12
+decoder layers, ~13 min on 2 quiet cores with the engines exported, ``--keep`` keeps them):
+
+    python -m densert.benchmarks.bench_fullscale --work /tmp/fused --out benchmarks/results/fused_ort \
+        --sections speed --text-layers 12 --rss-limit-gb 12 --keep
 """
 from __future__ import annotations
 
@@ -31,10 +44,14 @@ import time
 from pathlib import Path
 
 from . import report
-from .bench_engines import dir_bytes, run_child
+from .bench_engines import _CHILD, _rss_mib, dir_bytes, run_child
 
 FRAME = (480, 640)
 ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+STAGES = ("vision", "prefill", "dense_head")
+# The must-show of the fused engines (issue 22): int4 model time <= 0.6x, vision <= 0.7x the
+# faster torch dtype (bf16 on a CPU with native bf16).
+TARGETS = {"int4": {"model": 0.6, "vision": 0.7}}
 
 
 def machine() -> dict:
@@ -74,19 +91,35 @@ def main(argv=None) -> int:
     ap.add_argument("--verify-precisions", default="int4,int8",
                     help="engines verified (fp16 / fp32 engines are for GPUs: their ONNX Runtime CPU "
                          "session alone holds ~21 GB, so beside the reference they do not fit 24 GB)")
+    ap.add_argument("--text-layers", type=int, help="decoder layers of the checkpoint (default: the "
+                    "model's 40); with --vision-layers the checkpoint is work/ck-<V>v<T>t")
+    ap.add_argument("--vision-layers", type=int, help="ViT layers of the checkpoint (default: 27)")
+    ap.add_argument("--speed-precisions", default="int4,int8,fp32",
+                    help="engines timed by --sections speed (fp16 is the GPU's engine: on this CPU its "
+                         "matmuls run at fp32 speed)")
+    ap.add_argument("--speed-frames", type=int, default=3, help="frames per runtime (after a warm-up)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="intra-op threads of torch and ONNX Runtime in the speed section")
     ap.add_argument("--rss-limit-gb", type=float, default=22.0)
     ap.add_argument("--keep", action="store_true", help="keep the engine directories")
+    if argv[:1] == [_CHILD]:
+        print(json.dumps(CHILDREN[argv[1]](*json.loads(argv[2]))))
+        return 0
     a = ap.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    ck = work / "ck"
+    layers = [] if a.text_layers is None and a.vision_layers is None else \
+        ["--vision-layers", str(a.vision_layers or 27), "--text-layers", str(a.text_layers or 40)]
+    ck = work / ("ck" if not layers else f"ck-{layers[1]}v{layers[3]}t")
     res: dict = {"command": "python -m densert.benchmarks.bench_fullscale " + " ".join(argv),
                  "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     lim = a.rss_limit_gb
     if not (ck / "config.json").is_file():
         res["checkpoint"] = cli(["make-test-checkpoint", str(ck), "--model-size", "youtu-vl-4b",
-                                 "--shard-mb", "2000"], lim)
+                                 "--shard-mb", "2000", *layers], lim)
     res["checkpoint_bytes"] = dir_bytes(ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    res["layers"] = {"vision": cfg["vision_config"]["num_hidden_layers"], "decoder": cfg["num_hidden_layers"]}
     precisions = a.precisions.split(",")
     sections = a.sections.split(",")
     img = frame_image(work)
@@ -126,6 +159,9 @@ def main(argv=None) -> int:
                 r.update(timings_ms=s["timings_ms"], load_s=s.get("load_s"), dtype=s.get("dtype"))
             res["frame"].append({"backend": backend, "precision": what, **r})
             save()
+    if "speed" in sections:
+        res["speed"] = speed(work, ck, img, a.speed_precisions.split(","), a.speed_frames, a.threads, lim, save)
+        save()
     if "verify" in sections:
         for p in a.verify_precisions.split(","):
             eng = work / f"engine-{p}"
@@ -140,12 +176,90 @@ def main(argv=None) -> int:
             save()
     if not a.keep:
         import shutil
-        for p in precisions:
+        for p in {*precisions, *(a.speed_precisions.split(",") if "speed" in sections else ())}:
             shutil.rmtree(work / f"engine-{p}", ignore_errors=True)
     res["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     res["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
     save()
     return 0
+
+
+def speed(work: Path, ck: Path, img: Path, precisions: list[str], frames: int, threads: int, lim: float,
+          save) -> dict:
+    """Section 5: engines exported when missing (or from another checkpoint), then one process
+    per row group of the table."""
+    out: dict = {"threads": threads, "frames": frames, "export": [], "runs": []}
+    engines = {}
+    for p in precisions:
+        eng = work / f"engine-{p}"
+        m = eng / "manifest.json"
+        if not m.is_file() or json.loads(m.read_text())["checkpoint"]["path"] != str(ck.resolve()):
+            import shutil
+            shutil.rmtree(eng, ignore_errors=True)
+            r = cli(["export", "--model", str(ck), "--out", str(eng), "--precision", p,
+                     "--image-size", f"{FRAME[0]}x{FRAME[1]}", "--quiet"], lim)
+            out["export"].append({"precision": p, **r})
+        if m.is_file():
+            man = json.loads(m.read_text())
+            ops = set().union(*(g["op_types"] for g in man["graphs"].values()))
+            engines[p] = {"label": f"onnxruntime {p}", "backend": "onnxruntime", "engine_dir": str(eng),
+                          "target": man.get("target"), "ops": sorted(ops)}
+    bf16 = {"label": "torch bf16", "backend": "torch", "model": str(ck), "dtype": "bfloat16"}
+    groups = [[bf16, engines[p]] for p in precisions if p in engines and p not in ("fp32", "fp16")]
+    groups += [[{"label": "torch fp32", "backend": "torch", "model": str(ck), "dtype": "float32"}]]
+    groups += [[engines[p]] for p in ("fp32", "fp16") if p in engines]
+    for specs in groups:
+        print("speed:", " + ".join(x["label"] for x in specs), flush=True)
+        load = [round(x, 2) for x in os.getloadavg()]
+        r = run_child("frames", [specs, str(img), frames, threads], lim, module="densert.benchmarks.bench_fullscale")
+        r.update(load_before=load, load_after=[round(x, 2) for x in os.getloadavg()])
+        print("  ", {k: v for k, v in r.items() if k != "rounds"}, flush=True)
+        out["runs"].append({"labels": [x["label"] for x in specs], **r})
+        save()
+    out["engines"] = engines
+    return out
+
+
+def child_frames(specs: list[dict], image: str, frames: int, threads: int) -> dict:
+    """One process: every runtime of ``specs`` loaded, then ``frames`` + 1 rounds of one depth
+    frame each, in turn (the first round warms up and is not counted)."""
+    os.environ["DENSERT_ORT_THREADS"] = str(threads)
+    import statistics
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from densert.runtime.predictor import DensePredictor
+    torch.set_num_threads(threads)
+    img = np.asarray(Image.open(image).convert("RGB"))
+    preds = []
+    for s in specs:
+        t = time.perf_counter()
+        if s["backend"] == "torch":
+            p = DensePredictor(s["model"], backend="torch", dtype=s["dtype"])
+        else:
+            p = DensePredictor(None, backend="onnxruntime", engine_dir=s["engine_dir"])
+        preds.append((s["label"], p, time.perf_counter() - t))
+    rounds: dict[str, list[dict]] = {label: [] for label, _, _ in preds}
+    for _ in range(frames + 1):
+        for label, p, _ in preds:
+            t = p.depth(img).timings
+            ms = {k: t.get(k, 0.0) * 1000 for k in STAGES}
+            rounds[label].append({**ms, "model": sum(ms.values())})
+    out = {"load_s": {label: round(s, 1) for label, _, s in preds}, "rounds": rounds, "median_ms": {},
+           "ratio_to_first": {}, "peak_rss_mib": _rss_mib("VmHWM"), "torch_threads": torch.get_num_threads()}
+    ref = preds[0][0]
+    for label, rs in rounds.items():
+        rs = rs[1:]
+        out["median_ms"][label] = {k: statistics.median(x[k] for x in rs) for k in (*STAGES, "model")}
+        if label != ref:
+            out["ratio_to_first"][label] = {k: statistics.median(x[k] / y[k] for x, y in zip(rs, rounds[ref][1:]))
+                                            for k in ("vision", "prefill", "model")}
+    return out
+
+
+CHILDREN = {"frames": child_frames}
 
 
 def int4_blocks(work: Path) -> list[dict]:
@@ -169,6 +283,46 @@ def int4_blocks(work: Path) -> list[dict]:
     return rows
 
 
+def speed_md(sp: dict) -> list[str]:
+    out = [f"## Speed: one 480x640 depth frame, per stage (median of {sp['frames']} frames after a warm-up; "
+           f"{sp['threads']} intra-op threads for torch and ONNX Runtime)", "",
+           "Each quantized engine ran in one process with torch bf16, frames alternating: its ratio is the "
+           "median of the per-frame ratios to the bf16 frame beside it. The fp32 runtimes ran alone "
+           "(ratios to the median of all bf16 frames of the run).", "",
+           "| runtime | vision ms | prefill ms | dense head ms | model ms | vision / bf16 | prefill / bf16 | "
+           "model / bf16 | target | load avg (1 min) before, after | peak RSS GiB |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    bf16 = [x["median_ms"]["torch bf16"] for x in sp["runs"] if "torch bf16" in x.get("median_ms", {})]
+    bf16_med = {k: sorted(b[k] for b in bf16)[len(bf16) // 2] for k in ("vision", "prefill", "model")} if bf16 else {}
+    fmt = lambda z: f"{z:,.0f}" if z is not None else "-"  # noqa: E731
+    for run in sp["runs"]:
+        if "median_ms" not in run:
+            out.append(f"| {' + '.join(run['labels'])} | {_status(run)} | | | | | | | | | |")
+            continue
+        for label, m in run["median_ms"].items():
+            rat = run.get("ratio_to_first", {}).get(label)
+            if rat is None and label != "torch bf16" and bf16_med:
+                rat = {k: m[k] / bf16_med[k] for k in bf16_med}
+            prec = label.split()[-1]
+            tgt = TARGETS.get(prec) if label.startswith("onnxruntime") else None
+            verdict = "-"
+            if tgt and rat:
+                met = all(rat[k] <= v for k, v in tgt.items())
+                verdict = ("met" if met else "missed") + " (" + ", ".join(f"{k} <= {v}" for k, v in tgt.items()) + ")"
+            r3 = [f"{rat[k]:.3f}" if rat else "-" for k in ("vision", "prefill", "model")]
+            out.append(f"| {label} | {fmt(m['vision'])} | {fmt(m['prefill'])} | {fmt(m['dense_head'])} | "
+                       f"{fmt(m['model'])} | {' | '.join(r3)} | {verdict} | {run['load_before'][0]}, "
+                       f"{run['load_after'][0]} | {_gib(run.get('peak_rss_mib', 0) * 2**20)} |")
+    out.append("")
+    eng = sp.get("engines", {})
+    if eng:
+        fused = ("LayerNormalization", "SimplifiedLayerNormalization")
+        out += ["Engines (`densert export --image-size 480x640`, target onnxruntime), their fused operators: "
+                + "; ".join(f"{p}: {', '.join(o for o in e['ops'] if o.startswith('com.microsoft::') or o in fused)}"
+                            for p, e in eng.items()), ""]
+    return out
+
+
 def _gib(b) -> str:
     return f"{b / 2**30:.2f}" if b is not None else "-"
 
@@ -183,13 +337,17 @@ def _status(r: dict) -> str:
 
 def report_md(r: dict) -> str:
     m = r["machine"]
-    out = ["# The full-size model on one 24 GB CPU machine", "",
+    lay = r.get("layers", {"vision": 27, "decoder": 40})
+    out = ["# The full-size model on one 24 GB CPU machine" if lay["decoder"] == 40 else
+           f"# Real width, {lay['vision']} ViT + {lay['decoder']} decoder layers, on one CPU machine", "",
            f"Command: `{r['command']}`", "",
            f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; ISA: {', '.join(m['isa'])}; "
            f"load average at start {m['load_at_start']}, at end {r.get('load_at_end', '-')}. "
-           f"Started {r['started']}. Each row is one command in its own process (peak RSS of the process "
-           "tree); one run, not a median.", "",
-           f"Checkpoint: Youtu-VL-4B layout (40 decoder + 27 ViT layers, random bf16 weights), "
+           f"Started {r['started']}." + (" Each row of the export, frame and verify tables is one command in "
+                                         "its own process (peak RSS of the process tree); one run, not a median."
+                                         if any(r.get(k) for k in ("export", "frame", "verify")) else ""), "",
+           f"Checkpoint: Youtu-VL-4B widths ({lay['decoder']} decoder + {lay['vision']} ViT layers, random bf16 "
+           "weights), "
            f"{r['checkpoint_bytes'] / 1e9:.2f} GB on disk.", ""]
     if r.get("blocks"):
         out += ["## int4 block size, on the bundled trained model (`densert verify` defaults: 3 images)", "",
@@ -229,6 +387,8 @@ def report_md(r: dict) -> str:
                        f"{x.get('seconds', 0):.0f} | {fmt(x.get('load_s'))} | {fmt(v)} | {fmt(pf)} | "
                        f"{fmt(dh)} | {fmt(model)} |")
         out.append("")
+    if r.get("speed"):
+        out += speed_md(r["speed"])
     if r.get("verify"):
         out += ["## Parity gate (`densert verify --grids 30x40 --decode-steps 2`, streamed fp32 reference)", "",
                 "| precision | verdict | peak RSS GiB | worst cosine | depth agreement | segment | refer |",

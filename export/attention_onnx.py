@@ -19,7 +19,6 @@ from densert.model.attention import ONNX_DOMAIN, ONNX_OP
 
 from .onnx_types import BOOL, FLOAT, INT64, NAMES
 
-
 class _Builder:
     """Nodes and constants of one expansion, with unique names."""
 
@@ -48,25 +47,36 @@ class _Builder:
 
 
 def expand_chunked_attention(model, float_type: int = FLOAT) -> int:
-    """Replace every ChunkedAttention node of ``model`` (an onnx ModelProto, edited in place);
-    returns how many were expanded. ``float_type``: the ONNX dtype of q/k/v (float or float16)."""
-    g = model.graph
+    """Replace every ChunkedAttention node of ``model`` (an onnx ModelProto, edited in place),
+    in its graph and in subgraphs (an ``If`` branch of the fused graphs holds one); returns how
+    many were expanded. ``float_type``: the ONNX dtype of q/k/v (float or float16)."""
+    count = _expand_graph(model.graph, float_type, itertools.count())
+    keep = [o for o in model.opset_import if o.domain != ONNX_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return count
+
+
+def _expand_graph(g, float_type: int, counter) -> int:
+    from onnx import helper
     count = 0
     out_nodes = []
     for node in g.node:
         if node.domain != ONNX_DOMAIN or node.op_type != ONNX_OP:
+            for attr in node.attribute:
+                if attr.type == helper.AttributeProto.GRAPH:
+                    count += _expand_graph(attr.g, float_type, counter)
+                elif attr.type == helper.AttributeProto.GRAPHS:
+                    count += sum(_expand_graph(sub, float_type, counter) for sub in attr.graphs)
             out_nodes.append(node)
             continue
-        b = _Builder(f"/attn{count}")
+        b = _Builder(f"/attn{next(counter)}")
         _expand(b, node, float_type)
         out_nodes.extend(b.nodes)
         g.initializer.extend(b.inits)
         count += 1
     del g.node[:]
     g.node.extend(out_nodes)
-    keep = [o for o in model.opset_import if o.domain != ONNX_DOMAIN]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
     return count
 
 

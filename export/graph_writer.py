@@ -7,7 +7,8 @@ one layer whatever the depth (the ONNX Runtime GenAI model builder's way). Per p
 
 1. ``densert::ChunkedAttention`` nodes become Loops (``attention_onnx``);
 2. quantized precisions: every MatMul / Gemm whose weight is a 2-D constant gets
-   ``DequantizeLinear(q, s) -> MatMul`` (``quantize`` holds the formats and the policy);
+   ``DequantizeLinear(q, s) -> MatMul`` (tensorrt target), or an int8 GEMM / ``MatMulNBits``
+   (onnxruntime target, ``_layout``; ``quantize`` holds the formats and the policy);
 3. names inside the part get the part's prefix (the tracer names every part alike); the names
    of the part's inputs and outputs are the graph's own, so parts connect by name;
 4. every initializer is streamed into ``<stem>.onnx.data`` at a page-aligned offset (so ONNX
@@ -112,7 +113,7 @@ class GraphBuilder:
         producers: dict[str, Callable[[], Any]] = {}
         if self.quantized:
             tinfo = _quantize_weights(model, source, producers, self.precision, self.part,
-                                      self.block, table, self.policy, nbits=self.target == "onnxruntime")
+                                      self.block, table, self.policy, target=self.target)
         else:
             tinfo = ({"format": FLOAT_FORMATS[self.float_type], "layout": "vd", "tensors": {"weight": table}}
                      if table else None)
@@ -319,10 +320,11 @@ def _graphs(g):
 
 # ---------------------------------------------------------------- quantization
 def _quantize_weights(model, source, producers, precision, part, block, table_name, policy,
-                      nbits: bool = False):
-    """Rewrite MatMul/Gemm on constant weights to DequantizeLinear -> MatMul [+ Add], or, with
-    ``nbits`` (the onnxruntime target), int4 ones to ``com.microsoft.MatMulNBits`` with its
-    weight in MatMulNBits' own layout (``quantize.matmulnbits_weight``).
+                      target: str = "tensorrt"):
+    """Rewrite MatMul/Gemm on constant weights to DequantizeLinear -> MatMul [+ Add], or, for
+    the onnxruntime ``target`` (``_layout``), to ``com.microsoft.DynamicQuantizeMatMul`` (int8
+    GEMM, its bias fused; int4 weights per column, widened by a Cast) and the int4 tied table to
+    ``com.microsoft.MatMulNBits`` in its own layout (``quantize.matmulnbits_weight``).
 
     2-D weights take the part's format. 3-D weights (MLA's absorbed kv_b halves, [heads, K, N],
     one batched MatMul, the value half inside the attention Loop) take int8 with a scale per
@@ -361,15 +363,18 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
                 if w == table_name:
                     table = {"format": FLOAT_FORMATS[t.data_type], "layout": "vd", "tensors": {"weight": w}}
                 continue
+            layout = _layout(target, fmt, w == table_name, len(t.dims))
             blk = Q.int4_block_for(k, block) if fmt == "int4" and len(t.dims) == 2 else None
-            if fmt == "int4" and blk is None:
+            if fmt == "int4" and blk is None and layout != "qgemm":   # (per column: any K)
                 fmt = "int8"   # batched, or K not a whole number of any block (small test widths)
-            layout = "nbits" if fmt == "int4" and nbits else "dq"
+                layout = _layout(target, fmt, w == table_name, len(t.dims))
             qn, sn = f"{w}_q{fmt[3:]}", f"{w}_scale"
             if w not in replaced:
                 replaced[w] = (qn, sn, fmt, transpose, blk, layout)
                 scale_in = sn
-                if fmt == "int4":
+                if layout == "qgemm" and fmt == "int4":   # int4 -> int8, folded once at load
+                    dq_nodes.append(helper.make_node("Cast", [qn], [f"{qn}_i8"], name=f"{w}/widen", to=INT8))
+                elif fmt == "int4":
                     scale_in = f"{sn}_f32"
                     dq_nodes.append(helper.make_node("Cast", [sn], [scale_in], name=f"{w}/scale", to=FLOAT))
                 if layout == "dq":
@@ -382,7 +387,13 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
             if bias is not None and bias in inits and not np.asarray(source(inits[bias])).any():
                 bias = None   # a zero bias only chose Gemm over Transpose+MatMul
             mm_out = y if bias is None else f"{y}_nobias"
-            if layout == "nbits":
+            if layout == "qgemm":
+                wq = f"{qn}_i8" if fmt == "int4" else qn
+                new_nodes.append(helper.make_node(
+                    "DynamicQuantizeMatMul", [n.input[0], wq, sn, "", bias or ""], [y], name=f"{n.name}/mm",
+                    domain="com.microsoft"))
+                bias = None
+            elif layout == "nbits":
                 kn = (t.dims[1], t.dims[0]) if transpose else tuple(t.dims)
                 new_nodes.append(helper.make_node(
                     "MatMulNBits", [n.input[0], qn, f"{sn}_f32"], [mm_out], name=f"{n.name}/mm",
@@ -401,7 +412,7 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
     nodes = dq_nodes + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
-    if any(r[5] == "nbits" for r in replaced.values()) and \
+    if any(r[5] in ("nbits", "qgemm") for r in replaced.values()) and \
             not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     used = {i for sub in _graphs(g) for node in sub.node for i in node.input}
@@ -417,7 +428,9 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
                 if not cache:
                     a = source(src, name)
                     a = a.T if transpose else a
-                    if len(dims) == 3:     # per last-axis column over all heads
+                    if layout == "qgemm" and fmt == "int4":
+                        cache["q"], cache["s"] = Q.quantize_int4_columns(a)
+                    elif len(dims) == 3:     # per last-axis column over all heads
                         q, s = Q.quantize(np.asarray(a, dtype=np.float32).reshape(-1, dims[-1]), fmt)
                         cache["q"], cache["s"] = q.reshape(dims), s
                     else:
@@ -430,7 +443,10 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
             producers[qn] = lambda make=make: make().pop("q")
             producers[sn] = lambda make=make: make().pop("s")
             k, n_out = dims[-2], dims[-1]
-            if layout == "nbits":
+            if layout == "qgemm":
+                kept.append(placeholder(qn, INT8 if fmt == "int8" else INT4, dims))
+                kept.append(placeholder(sn, FLOAT, [n_out]))
+            elif layout == "nbits":
                 kept.append(placeholder(qn, UINT8, [n_out, k // blk, blk // 2]))
                 kept.append(placeholder(sn, FLOAT16, [n_out * (k // blk)]))
             else:
@@ -442,6 +458,19 @@ def _quantize_weights(model, source, producers, precision, part, block, table_na
     del g.initializer[:]
     g.initializer.extend(kept)
     return table
+
+
+def _layout(target: str, fmt: str, is_table: bool, rank: int) -> str:
+    """How a quantized weight is written. tensorrt: ``dq`` (standard DequantizeLinear -> MatMul).
+    onnxruntime: the tied table (read one row at a time, memory-bound) as int4 ``nbits``
+    (MatMulNBits, blocks along K); other 2-D weights as ``qgemm``: int8 (or int4 per output
+    column, widened to int8 by a Cast ONNX Runtime folds at load) into DynamicQuantizeMatMul,
+    whose int8 GEMM (VNNI / AMX) is several times faster than MatMulNBits on prompts."""
+    if target != "onnxruntime" or rank != 2:
+        return "dq"
+    if is_table:
+        return "nbits" if fmt == "int4" else "dq"
+    return "qgemm"
 
 
 def placeholder(name, data_type, dims):

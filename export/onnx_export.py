@@ -23,7 +23,8 @@ weights are quantized and streamed to disk before the next part is loaded (``gra
 export memory is one layer's, not the model's. Attention is ``densert.model.attention``
 (chunked, fp32 softmax), exported as Loops over chunks (``attention_onnx``), so its memory is
 bounded at any image size and the graph stays inside TensorRT's parser (``trt_rules``, checked
-at export).
+at export). The onnxruntime target (fp32 / int8 / int4) writes the ViT and decoder layers
+instead from ONNX Runtime's fused operators, node by node (``ort_fused``).
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ from densert.model.modeling import YoutuVLForConditionalGeneration
 from densert.model.vision_meta import VisionMeta, build_vision_meta, max_window_slots, window_slot_count
 from densert.tasks import DENSE_TASKS
 
+from . import ort_fused, trt_rules
 from . import quantize as Q
-from . import trt_rules
 from .graph_writer import GraphBuilder, placeholder
 from .manifest import BATCH_AXIS, build_manifest, check_out_dir, checkpoint_identity, write_manifest
 from .onnx_types import NAMES, float_type
@@ -259,6 +260,22 @@ class _Parts:
         shutil.rmtree(d, ignore_errors=True)
         self.tick(prefix)
 
+    def add_written(self, prefix: str, part: ort_fused.Part, *, kind: str) -> None:
+        """A part written node by node (``ort_fused``): its inputs and outputs are graph-level
+        names, like a traced part's; its weights come from the module (``part.sources``)."""
+        model = part.model()
+        g = model.graph
+        self.builder.add(model, prefix, keep={v.name for v in (*g.input, *g.output)}, sources=part.sources,
+                         kind=kind)
+        self.tick(prefix)
+
+
+def fused(o: ExportOptions) -> bool:
+    """Whether the layers are written from ONNX Runtime's fused operators (``ort_fused``): the
+    onnxruntime target at fp32 / int8 / int4. fp16 (the GPU's engine; ONNX Runtime's CPU
+    attention is fp32 only) and the tensorrt target keep the traced standard-op layers."""
+    return o.target == "onnxruntime" and o.precision != "fp16"
+
 
 def example_grid(max_patches: int) -> tuple[int, int]:
     """Example image for tracing: not square, several windows, so nothing specialises to 1 or to
@@ -320,8 +337,15 @@ def make_vision(weights: WeightSource, out_dir: Path, tmp: Path, o: ExportOption
             h = part(px, *meta_args)
             parts.add("embed", part, [px, *meta_args], ["pixel_values", *meta_names], ["vh_0"],
                       kind="vision")
+        if fused(o):
+            parts.add_written("prep", ort_fused.vision_prep(vc, OPSET), kind="vision")
         for i in range(layers):
             with weights.part(f"{vt_name}.encoder.layers.{i}") as layer:
+                if fused(o):   # the example h only gives the merger's trace its shape
+                    parts.add_written(f"layer{i}", ort_fused.vision_layer(
+                        layer, vc, i in vt.full_attention, f"vh_{i}", f"vh_{i + 1}", OPSET,
+                        o.attention_chunk_mib << 20), kind="vision")
+                    continue
                 part = _VisionPart(lambda x, m, i=i: vt.layer(i, x, m), layer)
                 h_next = part(h, *meta_args)
                 parts.add(f"layer{i}", part, [h, *meta_args], [f"vh_{i}", *meta_names],
@@ -386,8 +410,18 @@ def make_llm(weights: WeightSource, out_dir: Path, tmp: Path, o: ExportOptions, 
         cos, sin = rope(emb, *past)
         parts.add("rope", rope, [emb, *past], ["inputs_embeds", *past_in], ["cos", "sin"], kind="decoder")
         h, presents = emb, []
+        fused_layers = fused(o) and layout == "latent"
+        if fused_layers:
+            parts.add_written("prep", ort_fused.decoder_prep(OPSET), kind="decoder")
         for i in range(n_layers):
             with weights.part(f"model.layers.{i}") as layer:
+                if fused_layers:   # example caches only give the tail's trace its shapes
+                    parts.add_written(f"layer{i}", ort_fused.decoder_layer(
+                        layer, cfg, i, "inputs_embeds" if i == 0 else f"h_{i}", f"h_{i + 1}",
+                        layer_out[i][0], OPSET, dec.score_budget), kind="decoder")
+                    presents.append(torch.cat([past[0][i], torch.randn(*past[0].shape[1:-2], t_len,
+                                                                       past[0].shape[-1], dtype=fdt)], dim=-2))
+                    continue
                 part = _DecoderLayerPart(layer, i, layout, dec.score_budget)
                 h_next, *full = part(h, cos, sin, *past)
                 ins = ["inputs_embeds" if i == 0 else f"h_{i}", "cos", "sin", *past_in]
@@ -536,11 +570,15 @@ PRECISION_POLICY = {
     "fp16": "fp16 weights/activations; LayerNorm, RMSNorm, attention scores+softmax and vision "
             "RoPE computed in fp32",
     "int8": "weight-only int8 (per output channel) for every Linear, MLA's batched kv_b halves and the "
-            "tied lm_head / embedding table; norms, biases, RoPE and the task rows fp32; fp32 activations",
-    "int4": "weight-only int4 (blocks of {block} along the input dim, fp16 scales) for the decoder "
-            "Linears, the tied lm_head / embedding table, the vision tower and merger; MLA's batched "
-            "kv_b halves int8; the task rows (depth bins, FG/BG) exact fp32 beside the table; norms, "
-            "biases, RoPE fp32; fp32 activations",
+            "tied lm_head / embedding table; norms, biases, RoPE and the task rows fp32; fp32 activations "
+            "(onnxruntime target: the Linears as int8 GEMMs, activations quantized to int8 per tensor at "
+            "run time)",
+    "int4": "weight-only int4 for the decoder Linears, the tied lm_head / embedding table, the vision "
+            "tower and merger (blocks of {block} along the input dim, fp16 scales; onnxruntime target: "
+            "the table so, the Linears one clip-searched scale per output column, run as int8 GEMMs with "
+            "activations quantized to int8 per tensor at run time); MLA's batched kv_b halves int8 "
+            "(onnxruntime target: int4 as the Linears); the task rows (depth bins, FG/BG) exact fp32 "
+            "beside the table; norms, biases, RoPE fp32; fp32 activations",
 }
 
 

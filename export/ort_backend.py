@@ -9,8 +9,9 @@ Prompt embeddings are rows of the engine's tied table (``TiedTable``), looked up
 Memory: the CPU arena is off, so each stage returns its activations (the peak is the largest
 stage, not the sum of all). Float graphs run without weight prepacking, so their weights stay
 memory-mapped from ``*.onnx.data`` instead of being copied; quantized graphs need prepacking
-(``MatMulNBits``' fast kernels run on prepacked weights; the onnxruntime target writes int4
-weights as MatMulNBits in its own layout, int8 ones as DequantizeLinear -> MatMul, fused at load).
+(``MatMulNBits``' and the int8 GEMMs' (``DynamicQuantizeMatMul``) fast kernels run on prepacked
+weights; the onnxruntime target writes its quantized Linears as int8 GEMMs and the int4 table as
+MatMulNBits in its own layout; the tensorrt target's DequantizeLinear -> MatMul is fused at load).
 
 Execution providers (``pick_providers``): ``device`` "auto" takes the CUDA execution provider
 where onnxruntime-gpu (``densert[gpu]``) is installed and a GPU can run it, "cuda[:N]" asks for
@@ -249,7 +250,8 @@ class OrtBackend(Backend):
         for g, info in m["graphs"].items():
             path = self.engine_dir / info["file"]
             try:
-                quantized = bool({"DequantizeLinear", "com.microsoft::MatMulNBits"} & set(info["op_types"]))
+                quantized = bool({"DequantizeLinear", "com.microsoft::MatMulNBits",
+                                  "com.microsoft::DynamicQuantizeMatMul"} & set(info["op_types"]))
                 sess = make_session(path, choice.names, quantized=quantized,
                                     intra_op_threads=intra_op_threads, provider_options=choice.options)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types

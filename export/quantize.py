@@ -12,18 +12,25 @@ Formats (symmetric, no zero point: TensorRT's IDequantizeLayer takes only zero z
           Runtime fuses it into 4-bit ``MatMulNBits``, TensorRT 10 runs it as INT4 block
           weight-only quantization (2-D weights, blocks along K).
 
+The onnxruntime target writes its 2-D weights but the tied table as int8 GEMM operands
+(``graph_writer._layout`` "qgemm"): ``DynamicQuantizeMatMul(x, q, s)``, activations quantized
+per tensor at run time; int4 ones per output column (``quantize_int4_columns``: q in [-7, 7],
+one clip-searched fp32 scale per column), stored ONNX INT4 and widened to int8 by a ``Cast``
+folded at load. Its int4 table stays ``MatMulNBits`` blocks (``matmulnbits_weight``).
+
 Policy (``POLICY``), per precision:
 
 =================  ==========  ===========================================================
 tensor             int8        int4
 =================  ==========  ===========================================================
-decoder Linear     int8        int4 (block)
+decoder Linear     int8        int4 (block; onnxruntime target: per column)
 tied lm_head/emb   int8        int4 (block); the rows the dense heads read (1000 depth bins,
                                FG/BG/OTHERS) stay exact fp32 beside it (``head_rows``):
                                int4 depth-bin rows flip the depth argmax
-vision + merger    int8        int4 (block): a full model's int4 directory fits 2.8 GiB
-                               only so (``bench_fullscale``)
-MLA kv_b halves    int8        int8 (3-D, batched: one scale per output column)
+vision + merger    int8        int4 (as the decoder): a full model's int4 directory fits
+                               2.8 GiB only so (``bench_fullscale``)
+MLA kv_b halves    int8        int8 (3-D, batched: one scale per output column; onnxruntime
+                               target: kv_b as two 2-D int4 GEMMs)
 norms, biases,     fp32        fp32 (small; statistics and RoPE stay exact)
 RoPE, task rows
 =================  ==========  ===========================================================
@@ -73,6 +80,43 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sc[sc == 0] = 1.0
         q[:, a:a + _CHUNK] = np.clip(np.rint(blk / sc), -INT8_MAX, INT8_MAX)
         s[a:a + _CHUNK] = sc
+    return q, s
+
+
+# Scales tried per column by ``quantize_int4_columns``, as fractions of the column's absmax.
+INT4_COLUMN_CLIPS = np.linspace(0.5, 1.0, 16)
+_COLUMN_CHUNK = 1024       # columns per step of the clip search (bounds its fp32 scratch)
+
+
+def quantize_int4_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] float -> (q int8 values in [-7, 7] [K, N], s float32 [N]): int4 with one scale per
+    output column (no blocks along K), so widening q to int8 is exact and an int8 GEMM with
+    per-column scales computes the same product (the onnxruntime target's ``qgemm`` layout).
+
+    Each column's scale is the one of ``INT4_COLUMN_CLIPS`` x absmax / 7 with the least squared
+    error (a clip search, as llama.cpp's and AWQ's quantizers do): one scale over all of K
+    clips the column's few largest values instead of spending the 15 levels on them. On the
+    bundled model's Linears this gives a lower weight error than absmax blocks of 128 (mean
+    relative error 0.107 vs 0.109; absmax per column: 0.123)."""
+    k, n = w.shape
+    q = np.empty((k, n), np.int8)
+    s = np.empty(n, np.float32)
+    for a in range(0, n, _COLUMN_CHUNK):
+        blk = np.asarray(w[:, a:a + _COLUMN_CHUNK], dtype=np.float32)
+        amax = np.abs(blk).max(axis=0)
+        amax[amax == 0] = INT4_MAX
+        best_err = np.full(blk.shape[1], np.inf, np.float32)
+        best = np.empty(blk.shape[1], np.float32)
+        for clip in INT4_COLUMN_CLIPS:
+            sc = (amax * np.float32(clip / INT4_MAX)).astype(np.float32)
+            err = np.clip(np.rint(blk / sc), -INT4_MAX, INT4_MAX)
+            err *= sc
+            err -= blk
+            err = np.einsum("kn,kn->n", err, err)
+            better = err < best_err
+            best_err[better], best[better] = err[better], sc[better]
+        q[:, a:a + _COLUMN_CHUNK] = np.clip(np.rint(blk / best), -INT4_MAX, INT4_MAX)
+        s[a:a + _COLUMN_CHUNK] = best
     return q, s
 
 

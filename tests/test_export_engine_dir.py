@@ -165,13 +165,32 @@ def test_quantized_graph_formats_and_sizes(bundled_engines):
         for g in ("llm", "vision"):
             graph = onnx.load(str(d / f"{g}.onnx"), load_external_data=False).graph
             inits = {t.name: t for t in graph.initializer}
+            made_by = {o: n for n in graph.node for o in n.output}
             dqs = [n for n in graph.node if n.op_type == "DequantizeLinear"]
             nb = [n for n in graph.node if n.op_type == "MatMulNBits"]
-            assert (nb if nbits else dqs), f"{p} {g}: no quantized weights"
+            gemms = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"]
+            if p == "int4-tensorrt":
+                assert dqs and not gemms and not nb, f"{p} {g}: weights not as DequantizeLinear -> MatMul"
+            else:
+                # the onnxruntime target: Linears as int8 GEMMs; int4 ones stored int4 per output
+                # column and widened to int8 by a Cast (folded once at load); the tied table
+                # (llm) as MatMulNBits (int4) or DequantizeLinear (int8)
+                assert gemms, f"{p} {g}: no int8 GEMMs"
+                for n in gemms:
+                    w = n.input[1]
+                    if fmt == "int4":
+                        cast = made_by[w]
+                        to = helper.get_attribute_value(cast.attribute[0])
+                        assert cast.op_type == "Cast" and to == onnx.TensorProto.INT8
+                        w = cast.input[0]
+                    q, sc = inits[w], inits[n.input[2]]
+                    assert q.data_type == (onnx.TensorProto.INT4 if fmt == "int4" else onnx.TensorProto.INT8)
+                    assert list(sc.dims) == [q.dims[1]] and sc.data_type == onnx.TensorProto.FLOAT
+                assert g == "vision" or (nb if fmt == "int4" else dqs), f"{p} {g}: the table is not quantized"
             kinds = {inits[n.input[0]].data_type for n in dqs}
-            want = onnx.TensorProto.INT4 if fmt == "int4" and not nbits else onnx.TensorProto.INT8
+            want = onnx.TensorProto.INT4 if p == "int4-tensorrt" else onnx.TensorProto.INT8
             # batched (3-D) weights and K no block tiles stay int8
-            assert kinds <= {want, onnx.TensorProto.INT8} and (nbits or want in kinds), (p, g, kinds)
+            assert kinds <= {want, onnx.TensorProto.INT8} and (not dqs or want in kinds), (p, g, kinds)
             for n in dqs:
                 attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
                 q = inits[n.input[0]]
