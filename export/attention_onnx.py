@@ -19,6 +19,7 @@ from densert.model.attention import ONNX_DOMAIN, ONNX_OP
 
 from .onnx_types import BOOL, FLOAT, INT64, NAMES
 
+
 class _Builder:
     """Nodes and constants of one expansion, with unique names."""
 

@@ -292,13 +292,16 @@ def _full_attention(p: Part, q: str, k: str, v: str, h: int, hd: int, scale: flo
 
 # ---------------------------------------------------------------- decoder
 def decoder_prep(opset: int):
-    """Position ids of the new tokens ([1, T]: the RoPE tables already start at the past
-    length) and the past length, for every fused decoder layer."""
+    """Position ids of the new tokens ([B, T], one row per prompt of the batch axis: the RoPE
+    tables already start at the past length) and the past length, for every fused decoder
+    layer."""
     p = Part("decoder_prep", opset)
     emb = p.input("inputs_embeds", FLOAT)
     past = p.input("past_latent", FLOAT)
-    t = p.op("Squeeze", p.dim(p.op("Shape", emb), 1), p.const([0]))
-    p.op("Unsqueeze", p.op("Range", p.const(0), t, p.const(1)), p.const([0]), outs=[D_POS])
+    shape = p.op("Shape", emb)
+    t = p.op("Squeeze", p.dim(shape, 1), p.const([0]))
+    row = p.op("Unsqueeze", p.op("Range", p.const(0), t, p.const(1)), p.const([0]))
+    p.op("Expand", row, p.op("Slice", shape, p.const([0]), p.const([2]), p.const([0])), outs=[D_POS])
     p.op("Identity", p.dim(p.op("Shape", past), 2), outs=[D_PAST])
     p.output(D_POS, INT64)
     p.output(D_PAST, INT64)
@@ -313,13 +316,13 @@ def rope_lane_order(rope: int, interleave: bool) -> np.ndarray:
 
 
 def decoder_layer(layer, cfg, index: int, h_in: str, h_out: str, present: str, opset: int, budget: int):
-    """One MLA decoder layer (latent cache) from ``h_in`` [1, T, d] to ``h_out``, writing this
-    layer's whole cache (past ++ new) as ``present`` [1, P + T, rank + rope]."""
+    """One MLA decoder layer (latent cache) from ``h_in`` [B, T, d] to ``h_out``, writing this
+    layer's whole cache (past ++ new) as ``present`` [B, P + T, rank + rope]."""
     p = Part("decoder_layer", opset)
     d, H = cfg.hidden_size, cfg.num_attention_heads
     nope, rope, vdim, rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     qk = nope + rope
-    x = p.input(h_in, FLOAT, [1, "seq", d])
+    x = p.input(h_in, FLOAT, ["batch", "seq", d])
     cos, sin = p.input("cos", FLOAT, ["seq", rope // 2]), p.input("sin", FLOAT, ["seq", rope // 2])
     past = p.input("past_latent", FLOAT)
     p.input(D_POS, INT64)
@@ -351,23 +354,23 @@ def decoder_layer(layer, cfg, index: int, h_in: str, h_out: str, present: str, o
         q = p.linear(y, w(a.q_proj)[:, q_cols], None, "q", rank2=False)
     q = p.op("RotaryEmbedding", q, D_POS, cos, sin, domain=MS, num_heads=H, rotary_embedding_dim=rope)
     k_rot = p.op("RotaryEmbedding", k_rot, D_POS, cos, sin, domain=MS, num_heads=1, rotary_embedding_dim=rope)
-    new = p.op("Concat", rms(lat, a.kv_a_layernorm, "kv_a_layernorm"), k_rot, axis=-1)     # [1, T, rank+rope]
-    past_i = p.op("Gather", past, p.const(index), axis=0)                                  # [1, P, rank+rope]
+    new = p.op("Concat", rms(lat, a.kv_a_layernorm, "kv_a_layernorm"), k_rot, axis=-1)     # [B, T, rank+rope]
+    past_i = p.op("Gather", past, p.const(index), axis=0)                                  # [B, P, rank+rope]
     p.op("Concat", past_i, new, outs=[present], axis=1)
-    p.output(present, FLOAT, [1, "total_seq", rank + rope])
+    p.output(present, FLOAT, ["batch", "total_seq", rank + rope])
     # keys and values of every cached token, from the latent (kv_b's two halves)
     kv_b = w(a.kv_b_proj).reshape(rank, H, nope + vdim)
-    c_lat = p.op("Slice", present, p.const([0]), p.const([rank]), p.const([2]))            # [1, Tk, rank]
+    c_lat = p.op("Slice", present, p.const([0]), p.const([rank]), p.const([2]))            # [B, Tk, rank]
     k_nope = p.linear(c_lat, kv_b[:, :, :nope].reshape(rank, H * nope), None, "kv_b_k", rank2=False)
     v = p.linear(c_lat, kv_b[:, :, nope:].reshape(rank, H * vdim), None, "kv_b_v", rank2=False)
-    c_rot = p.op("Slice", present, p.const([rank]), p.const([rank + rope]), p.const([2]))    # [1, Tk, rope]
+    c_rot = p.op("Slice", present, p.const([rank]), p.const([rank + rope]), p.const([2]))    # [B, Tk, rope]
     shape_k = p.op("Shape", k_nope)
     heads_rot = p.op("Concat", p.op("Slice", shape_k, p.const([0]), p.const([2]), p.const([0])),
                      p.const([H, rope]), axis=0)
-    k_rot_h = p.op("Expand", p.op("Unsqueeze", c_rot, p.const([2])), heads_rot)            # [1, Tk, H, rope]
+    k_rot_h = p.op("Expand", p.op("Unsqueeze", c_rot, p.const([2])), heads_rot)            # [B, Tk, H, rope]
     k = p.op("Reshape", p.op("Concat", k_rot_h, p.op("Reshape", k_nope, p.const([0, 0, H, nope])), axis=-1),
              p.const([0, 0, H * qk]))
-    o = causal_attention(p, q, k, v, H, H * vdim, float(cfg.softmax_scale), budget)                  # [1, T, H*vdim]
+    o = causal_attention(p, q, k, v, H, H * vdim, float(cfg.softmax_scale), budget)                  # [B, T, H*vdim]
     o = p.linear(o, w(a.o_proj), b(a.o_proj), "o_proj", rank2=False)
     norm = layer.post_attention_layernorm
     y2, res = p.op("SkipSimplifiedLayerNormalization", o, x, p.weight("post_norm.weight", _np(norm.weight)),
@@ -378,13 +381,13 @@ def decoder_layer(layer, cfg, index: int, h_in: str, h_out: str, present: str, o
     op, dom, attrs = ACTIVATIONS[cfg.hidden_act]
     act = p.op("Mul", p.op(op, gate, domain=dom, **attrs), up)
     p.op("Add", res, p.linear(act, w(m.down_proj), b(m.down_proj), "down", rank2=False), outs=[h_out])
-    p.output(h_out, FLOAT, [1, "seq", d])
+    p.output(h_out, FLOAT, ["batch", "seq", d])
     return p
 
 
 def causal_attention(p: Part, q: str, k: str, v: str, heads: int, v_width: int, scale: float,
                      budget: int) -> str:
-    """MultiHeadAttention of q [1, T, H*qk] over k [1, P+T, H*qk], v [1, P+T, H*vd], query i
+    """MultiHeadAttention of q [B, T, H*qk] over k [B, P+T, H*qk], v [B, P+T, H*vd], query i
     seeing keys <= P + i, in chunks of query rows whose fp32 scores [H, rows, P+T] stay under
     ``budget`` bytes (a Loop; one iteration for a frame's prompt). Every iteration takes exactly
     ``rows`` rows (the last chunk overlaps the one before, as in ``attention_onnx``)."""
@@ -417,7 +420,7 @@ def causal_attention(p: Part, q: str, k: str, v: str, heads: int, v_width: int, 
         [helper.make_tensor_value_info(cond_out, BOOL, []), helper.make_tensor_value_info(o, FLOAT, None)],
         body.inits)
     stacked = p.op("Loop", p.op("Squeeze", iters, p.const([0])), p.const(np.array(True), np.bool_), body=graph)
-    flat = p.op("Reshape", p.op("Transpose", stacked, perm=[1, 0, 2, 3]), p.const([1, -1, v_width]))
+    flat = p.op("Reshape", p.op("Transpose", stacked, perm=[1, 0, 2, 3]), p.const([0, -1, v_width]))
     head_end = p.op("Mul", p.op("Sub", iters, one), rows)
     tail_start = p.op("Sub", p.op("Add", head_end, head_end), last)
     axis = p.const([1])
