@@ -20,6 +20,8 @@ reads) and saves the weight-free graph beside its data.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -147,6 +149,7 @@ class GraphBuilder:
         for o in model.opset_import:
             d = o.domain or ""
             self.opsets[d] = max(self.opsets.get(d, 0), o.version)
+        _trim_heap()
 
     def add_raw(self, name: str, arr: np.ndarray, kind: str) -> dict[str, Any]:
         """Bytes in the data file that no graph node reads (the runtime maps them itself)."""
@@ -230,6 +233,23 @@ class GraphBuilder:
                                   "dtype": "int4" if t.data_type == INT4 else dt.name,
                                   "shape": list(t.dims)}
         return nbytes
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Give the heap a written part freed back to the OS. glibc keeps freed pages of a
+    fragmented heap, so without this the export's peak grew with depth (12 vs 4 decoder layers of
+    the real widths: +1.2 GiB); with it the RSS after each layer stays flat. No-op off glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _prefix_names(g, prefix: str, keep: set[str]) -> None:
