@@ -39,6 +39,8 @@ from .quantize import NBITS_ACCURACY_LEVEL
 from .tied_table import TiedTable
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+# Ops of a quantized graph: its weights are prepacked (what these kernels run on).
+QUANTIZED_OPS = {"DequantizeLinear", "com.microsoft::MatMulNBits", "com.microsoft::DynamicQuantizeMatMul"}
 _PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
@@ -113,8 +115,7 @@ class OrtBackend:
         for g, info in m["graphs"].items():
             path = self.engine_dir / info["file"]
             try:
-                sess = make_session(path, self.providers, quantized=bool({"DequantizeLinear", "com.microsoft::MatMulNBits", "com.microsoft::DynamicQuantizeMatMul"}
-                                                   & set(info["op_types"])),
+                sess = make_session(path, self.providers, quantized=bool(QUANTIZED_OPS & set(info["op_types"])),
                                     intra_op_threads=intra_op_threads)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise EngineError(f"engine dir {self.engine_dir}: ONNX Runtime cannot load {info['file']} "
