@@ -20,7 +20,9 @@
    counts (``--threads``: torch's and ONNX Runtime's intra-op threads). Each quantized engine
    shares one process with torch bf16, frames alternating, so the ratio to bf16 (the median of
    the per-frame ratios) holds on a shared, loaded machine; the fp32 runtimes (~9 GB each) run
-   alone. The load average is recorded before and after each process.
+   alone. The load average is recorded before and after each process. Then, per runtime, the
+   milliseconds of a greedy decode step after a 330-token prompt (a frame's length). An engine
+   named ``int4-nbits`` is the int4 export with ``--ort-matmul nbits``.
 
 Each command runs in its own process (``bench_engines.run_child``: peak RSS of the process
 tree, stopped past ``--rss-limit-gb``). The report records the CPU, its ISA flags and the load
@@ -49,6 +51,7 @@ from .bench_engines import _CHILD, _rss_mib, dir_bytes, run_child
 FRAME = (480, 640)
 ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 STAGES = ("vision", "prefill", "dense_head")
+DECODE_PROMPT, DECODE_STEPS = 330, 8      # decode timing: a frame-long prompt, then greedy steps
 # The must-show of the fused engines (issue 22): int4 model time <= 0.6x, vision <= 0.7x the
 # faster torch dtype (bf16 on a CPU with native bf16).
 TARGETS = {"int4": {"model": 0.6, "vision": 0.7}}
@@ -196,7 +199,9 @@ def speed(work: Path, ck: Path, img: Path, precisions: list[str], frames: int, t
         if not m.is_file() or json.loads(m.read_text())["checkpoint"]["path"] != str(ck.resolve()):
             import shutil
             shutil.rmtree(eng, ignore_errors=True)
-            r = cli(["export", "--model", str(ck), "--out", str(eng), "--precision", p,
+            prec, _, matmul = p.partition("-")     # int4-nbits: --ort-matmul nbits
+            r = cli(["export", "--model", str(ck), "--out", str(eng), "--precision", prec,
+                     *(["--ort-matmul", matmul] if matmul else []),
                      "--image-size", f"{FRAME[0]}x{FRAME[1]}", "--quiet"], lim)
             out["export"].append({"precision": p, **r})
         if m.is_file():
@@ -206,6 +211,7 @@ def speed(work: Path, ck: Path, img: Path, precisions: list[str], frames: int, t
                           "target": man.get("target"), "ops": sorted(ops)}
     bf16 = {"label": "torch bf16", "backend": "torch", "model": str(ck), "dtype": "bfloat16"}
     groups = [[bf16, engines[p]] for p in precisions if p in engines and p not in ("fp32", "fp16")]
+    # (each group: one process; bf16 beside each quantized engine, the ~9 GB fp32 runtimes alone)
     groups += [[{"label": "torch fp32", "backend": "torch", "model": str(ck), "dtype": "float32"}]]
     groups += [[engines[p]] for p in ("fp32", "fp16") if p in engines]
     for specs in groups:
@@ -247,7 +253,17 @@ def child_frames(specs: list[dict], image: str, frames: int, threads: int) -> di
             t = p.depth(img).timings
             ms = {k: t.get(k, 0.0) * 1000 for k in STAGES}
             rounds[label].append({**ms, "model": sum(ms.values())})
+    decode = {}
+    for label, p, _ in preds:     # ms per generated token after a prompt as long as the frame's
+        be = p.backend
+        pf = be.prefill(torch.arange(DECODE_PROMPT).view(1, -1) % 500 + 10, None)   # plain text ids
+        logits, cache = be.decode(int(pf.last_logits.argmax()), pf.cache)     # a warm-up step
+        t = time.perf_counter()
+        for _ in range(DECODE_STEPS):
+            logits, cache = be.decode(int(logits.argmax()), cache)
+        decode[label] = (time.perf_counter() - t) / DECODE_STEPS * 1000
     out = {"load_s": {label: round(s, 1) for label, _, s in preds}, "rounds": rounds, "median_ms": {},
+           "decode_ms_per_token": decode,
            "ratio_to_first": {}, "peak_rss_mib": _rss_mib("VmHWM"), "torch_threads": torch.get_num_threads()}
     ref = preds[0][0]
     for label, rs in rounds.items():
@@ -290,14 +306,14 @@ def speed_md(sp: dict) -> list[str]:
            "median of the per-frame ratios to the bf16 frame beside it. The fp32 runtimes ran alone "
            "(ratios to the median of all bf16 frames of the run).", "",
            "| runtime | vision ms | prefill ms | dense head ms | model ms | vision / bf16 | prefill / bf16 | "
-           "model / bf16 | target | load avg (1 min) before, after | peak RSS GiB |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+           "model / bf16 | target | decode ms / token | load avg (1 min) before, after | peak RSS GiB |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     bf16 = [x["median_ms"]["torch bf16"] for x in sp["runs"] if "torch bf16" in x.get("median_ms", {})]
     bf16_med = {k: sorted(b[k] for b in bf16)[len(bf16) // 2] for k in ("vision", "prefill", "model")} if bf16 else {}
     fmt = lambda z: f"{z:,.0f}" if z is not None else "-"  # noqa: E731
     for run in sp["runs"]:
         if "median_ms" not in run:
-            out.append(f"| {' + '.join(run['labels'])} | {_status(run)} | | | | | | | | | |")
+            out.append(f"| {' + '.join(run['labels'])} | {_status(run)} | | | | | | | | | | |")
             continue
         for label, m in run["median_ms"].items():
             rat = run.get("ratio_to_first", {}).get(label)
@@ -311,7 +327,8 @@ def speed_md(sp: dict) -> list[str]:
                 verdict = ("met" if met else "missed") + " (" + ", ".join(f"{k} <= {v}" for k, v in tgt.items()) + ")"
             r3 = [f"{rat[k]:.3f}" if rat else "-" for k in ("vision", "prefill", "model")]
             out.append(f"| {label} | {fmt(m['vision'])} | {fmt(m['prefill'])} | {fmt(m['dense_head'])} | "
-                       f"{fmt(m['model'])} | {' | '.join(r3)} | {verdict} | {run['load_before'][0]}, "
+                       f"{fmt(m['model'])} | {' | '.join(r3)} | {verdict} | "
+                       f"{fmt(run.get('decode_ms_per_token', {}).get(label))} | {run['load_before'][0]}, "
                        f"{run['load_after'][0]} | {_gib(run.get('peak_rss_mib', 0) * 2**20)} |")
     out.append("")
     eng = sp.get("engines", {})

@@ -326,7 +326,7 @@ def make_vision(weights: WeightSource, out_dir: Path, tmp: Path, o: ExportOption
         dyn[f"vh_{i}"] = {0: "patches"}
     b = GraphBuilder(out_dir, "vision", precision=precision, part="vision",
                      float_type=float_type(precision), block=o.int4_block, policy=quant_policy,
-                     target=o.target)
+                     target=o.target, ort_matmul=o.ort_matmul)
     parts = _Parts(b, tmp, dyn, tick)
     vt_name = "siglip2.vision_model"
     try:
@@ -401,7 +401,7 @@ def make_llm(weights: WeightSource, out_dir: Path, tmp: Path, o: ExportOptions, 
            **{f"scores_{t}": {0: "cells"} for t in subsets},
            **{n: {1: B, seq_axis: "total_seq"} for n in pres_out}}
     b = GraphBuilder(out_dir, "llm", precision=precision, part="llm", float_type=float_type(precision),
-                     block=o.int4_block, policy=quant_policy, target=o.target)
+                     block=o.int4_block, policy=quant_policy, target=o.target, ort_matmul=o.ort_matmul)
     parts = _Parts(b, tmp, dyn, tick)
     dec = weights.model.model
     dec.score_budget = o.attention_chunk_mib << 20
@@ -571,14 +571,14 @@ PRECISION_POLICY = {
             "RoPE computed in fp32",
     "int8": "weight-only int8 (per output channel) for every Linear, MLA's batched kv_b halves and the "
             "tied lm_head / embedding table; norms, biases, RoPE and the task rows fp32; fp32 activations "
-            "(onnxruntime target: the Linears as int8 GEMMs, activations quantized to int8 per tensor at "
-            "run time)",
+            "(onnxruntime target, --ort-matmul int8-gemm: the Linears as int8 GEMMs, activations quantized "
+            "to int8 per tensor at run time)",
     "int4": "weight-only int4 for the decoder Linears, the tied lm_head / embedding table, the vision "
-            "tower and merger (blocks of {block} along the input dim, fp16 scales; onnxruntime target: "
-            "the table so, the Linears one clip-searched scale per output column, run as int8 GEMMs with "
-            "activations quantized to int8 per tensor at run time); MLA's batched kv_b halves int8 "
-            "(onnxruntime target: int4 as the Linears); the task rows (depth bins, FG/BG) exact fp32 "
-            "beside the table; norms, biases, RoPE fp32; fp32 activations",
+            "tower and merger (blocks of {block} along the input dim, fp16 scales; onnxruntime target "
+            "with --ort-matmul int8-gemm: the table so, the Linears one clip-searched scale per output "
+            "column, run as int8 GEMMs with activations quantized to int8 per tensor at run time); MLA's "
+            "batched kv_b halves int8 (onnxruntime target: int4 as the Linears); the task rows (depth "
+            "bins, FG/BG) exact fp32 beside the table; norms, biases, RoPE fp32; fp32 activations",
 }
 
 

@@ -26,6 +26,9 @@ DEFAULT_MAX_IMAGE_TOKENS = 1024
 # DequantizeLinear fusion copying every weight at load); tensorrt: standard ONNX ops only
 # (weight-only DequantizeLinear -> MatMul), checked against TensorRT 10.3's parser.
 TARGETS = ("onnxruntime", "tensorrt")
+# How the onnxruntime target's quantized Linears run (export/README.md, "The onnxruntime target's
+# GEMMs"): int8 GEMMs (CPU) or MatMulNBits (weight-only; ONNX Runtime's CUDA kernels).
+ORT_MATMULS = ("int8-gemm", "nbits")
 
 
 @dataclass
@@ -34,6 +37,13 @@ class ExportOptions:
                                      "int4 MatMulNBits) or tensorrt (standard ONNX ops that "
                                      "TensorRT 10.3 parses; `densert build-engine` needs it)",
                       choices=TARGETS)
+    ort_matmul: str = opt("int8-gemm", "onnxruntime target, int8 / int4 engines: how the quantized "
+                                       "Linears run. int8-gemm: int8 GEMMs (VNNI / AMX; the fastest "
+                                       "images and prompts on CPU; int4 weights one scale per output "
+                                       "column, int8-sized in memory); nbits: MatMulNBits (weight-only, "
+                                       "int4 in blocks: half the weight memory, faster decode, and ONNX "
+                                       "Runtime's CUDA kernels: use it for --device cuda)",
+                          choices=ORT_MATMULS)
     precision: str = opt("fp32", "fp32; fp16 (norms, attention softmax and RoPE stay fp32); int8 "
                                  "/ int4: weight-only quantized decoder (int8 per channel / int4 "
                                  "in blocks), lm_head table and vision tower int8, fp32 "

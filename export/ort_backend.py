@@ -56,6 +56,8 @@ _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32":
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 _GPU_EPS = (CUDA_EP, "TensorrtExecutionProvider")
+# Ops of a quantized graph: its weights are prepacked (what these kernels run on).
+QUANTIZED_OPS = {"DequantizeLinear", "com.microsoft::MatMulNBits", "com.microsoft::DynamicQuantizeMatMul"}
 
 
 @dataclass
@@ -250,9 +252,7 @@ class OrtBackend(Backend):
         for g, info in m["graphs"].items():
             path = self.engine_dir / info["file"]
             try:
-                quantized = bool({"DequantizeLinear", "com.microsoft::MatMulNBits",
-                                  "com.microsoft::DynamicQuantizeMatMul"} & set(info["op_types"]))
-                sess = make_session(path, choice.names, quantized=quantized,
+                sess = make_session(path, choice.names, quantized=bool(QUANTIZED_OPS & set(info["op_types"])),
                                     intra_op_threads=intra_op_threads, provider_options=choice.options)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise EngineError(f"engine dir {self.engine_dir}: ONNX Runtime cannot load {info['file']} "

@@ -12,11 +12,13 @@ Formats (symmetric, no zero point: TensorRT's IDequantizeLayer takes only zero z
           Runtime fuses it into 4-bit ``MatMulNBits``, TensorRT 10 runs it as INT4 block
           weight-only quantization (2-D weights, blocks along K).
 
-The onnxruntime target writes its 2-D weights but the tied table as int8 GEMM operands
-(``graph_writer._layout`` "qgemm"): ``DynamicQuantizeMatMul(x, q, s)``, activations quantized
-per tensor at run time; int4 ones per output column (``quantize_int4_columns``: q in [-7, 7],
-one clip-searched fp32 scale per column), stored ONNX INT4 and widened to int8 by a ``Cast``
-folded at load. Its int4 table stays ``MatMulNBits`` blocks (``matmulnbits_weight``).
+The onnxruntime target (``--ort-matmul int8-gemm``, its default) writes its 2-D weights but
+the tied table as int8 GEMM operands (``graph_writer._layout`` "qgemm"):
+``DynamicQuantizeMatMul(x, q, s)``, activations quantized per tensor at run time; int4 ones
+per output column (``quantize_int4_columns``: q in [-7, 7], one clip-searched fp32 scale per
+column), stored ONNX INT4 and widened to int8 by a ``Cast`` folded at load. Its int4 table
+stays ``MatMulNBits`` blocks (``matmulnbits_weight``); ``--ort-matmul nbits`` writes every int4
+weight so (and int8 ones as ``DequantizeLinear -> MatMul``).
 
 Policy (``POLICY``), per precision:
 

@@ -114,10 +114,13 @@ def bundled_engines(tmp_path_factory):
     engines["int4-tensorrt"] = (root / "int4-trt", export_engine(
         ck, root / "int4-trt", precision="int4", progress=False, model=model, tasks=["depth", "segment"],
         target="tensorrt"))
+    engines["int4-nbits"] = (root / "int4-nbits", export_engine(
+        ck, root / "int4-nbits", precision="int4", progress=False, model=model, tasks=["depth", "segment"],
+        ort_matmul="nbits"))
     return ck, model, engines
 
 
-@pytest.mark.parametrize("precision", ["int4", pytest.param("int8", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("precision", ["int4", "int4-nbits", pytest.param("int8", marks=pytest.mark.slow)])
 def test_quantized_engines_pass_their_gate(bundled_engines, precision):
     """Quantized engines of the bundled (trained) model against the fp32 torch reference, with
     the documented thresholds of export.verify.THRESHOLDS (all verify grids: ``-m slow``)."""
@@ -125,7 +128,7 @@ def test_quantized_engines_pass_their_gate(bundled_engines, precision):
     grids = ((12, 20),) if precision == "int4" else ((8, 8), (12, 20), (34, 18))
     rep = verify(engines[precision][0], ck, grids=grids, decode_steps=3, model=model, log=lambda s: None)
     assert rep.ok, rep.format()
-    assert rep.precision == precision and rep.dense and rep.agreement
+    assert rep.precision == precision.split("-")[0] and rep.dense and rep.agreement
 
 
 def test_thresholds_are_enforced(bundled_engines, monkeypatch, capsys):
@@ -147,9 +150,9 @@ def test_quantized_graph_formats_and_sizes(bundled_engines):
     ck, model, engines = bundled_engines
     size = {p: sum(f.stat().st_size for f in d.iterdir()) for p, (d, _) in engines.items()}
     assert size["int4"] < size["int8"]     # the real-width ratios to fp32: test_export_realwidth.py
-    for p in ("int8", "int4", "int4-tensorrt"):
+    for p in ("int8", "int4", "int4-tensorrt", "int4-nbits"):
         d, m = engines[p]
-        fmt, nbits = m["precision"], p == "int4"     # the onnxruntime target's int4: MatMulNBits
+        fmt, nbits = m["precision"], p in ("int4", "int4-nbits")   # the onnxruntime int4 table: MatMulNBits
         assert m["tied_table"]["format"] == fmt and m["tied_table"]["layout"] == ("nbits" if nbits else "dv")
         # the task rows the dense heads read stay exact beside a quantized table; the other rows
         # come back as the graph dequantizes them
@@ -171,6 +174,8 @@ def test_quantized_graph_formats_and_sizes(bundled_engines):
             gemms = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"]
             if p == "int4-tensorrt":
                 assert dqs and not gemms and not nb, f"{p} {g}: weights not as DequantizeLinear -> MatMul"
+            elif p == "int4-nbits":    # --ort-matmul nbits: every int4 weight a MatMulNBits
+                assert nb and not gemms, f"{p} {g}: weights not as MatMulNBits"
             else:
                 # the onnxruntime target: Linears as int8 GEMMs; int4 ones stored int4 per output
                 # column and widened to int8 by a Cast (folded once at load); the tied table
